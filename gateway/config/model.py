@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from functools import cached_property
 from decimal import Decimal
 from typing import Literal
 
@@ -186,6 +187,11 @@ class Settings:
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     source_files: tuple[str, ...] = ()       # every file read, for the reload watcher
+
+    @cached_property
+    def key_index(self) -> dict[str, ApiKey]:
+        """Client keys by digest."""
+        return {key.sha256: key for key in self.keys}
 
     def route_for(self, model: str) -> Route | None:
         """The route serving `model`: an exact name wins over globs, then globs in file order."""

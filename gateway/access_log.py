@@ -1,0 +1,67 @@
+"""One JSON access-log line per request: who, which model, where, what it cost. Never a key or a prompt."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from gateway.pricing import Usage, nano_to_usd
+
+__all__ = ["AccessRecord", "AccessLog"]
+
+
+@dataclass
+class AccessRecord:
+    """What the gateway learned about one request while serving it."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    caller: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: int = 0
+    usage: Usage | None = None
+    cost_nano: int | None = None
+    attempts: int = 0
+    stream: bool = False
+    error: str | None = None
+
+    def line(self) -> bytes:
+        """The JSON log line."""
+        usage = self.usage
+        return orjson.dumps({
+            "ts": round(time.time(), 3),
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "caller": self.caller,
+            "model": self.model,
+            "provider": self.provider,
+            "status": self.status,
+            "stream": self.stream,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cached_tokens": usage.cached_tokens if usage else None,
+            "usage_estimated": usage.estimated if usage else None,
+            "cost_usd": str(nano_to_usd(self.cost_nano)) if self.cost_nano is not None else None,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "attempts": self.attempts,
+            "error": self.error,
+        })
+
+
+class AccessLog:
+    """Writes access records to the `gateway.access` logger."""
+
+    def __init__(self, enabled: bool = True, logger: logging.Logger | None = None) -> None:
+        self.enabled = enabled
+        self.logger = logger or logging.getLogger("gateway.access")
+
+    def write(self, record: AccessRecord) -> None:
+        if self.enabled and self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(record.line().decode())

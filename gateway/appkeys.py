@@ -1,0 +1,22 @@
+"""Typed keys for the objects the aiohttp application shares (no module-level singletons)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.access_log import AccessLog
+    from gateway.budget.engine import BudgetEngine
+    from gateway.clock import Clock
+    from gateway.config.holder import ConfigHolder
+    from gateway.proxy.providers import ProviderPool
+
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG"]
+
+CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+PROVIDERS: web.AppKey[ProviderPool] = web.AppKey("providers")
+BUDGET: web.AppKey[BudgetEngine] = web.AppKey("budget")
+ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")

@@ -1,0 +1,107 @@
+"""The `gateway` command: run, check, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses: where `auth: none` is allowed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Plain messages: access lines are JSON already, other lines are short sentences."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+    from gateway.config.loader import load_settings, startup_line
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    server = dataclasses.replace(settings.server, host=args.host or settings.server.host,
+                                 port=args.port or settings.server.port)
+    if server.auth == "none" and not is_loopback(server.host):
+        print(f"{args.config}: server.auth: 'none' is only allowed on a loopback host, not {server.host}",
+              file=sys.stderr)
+        return 2
+    settings = dataclasses.replace(settings, server=server)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))
+    web.run_app(create_app(settings, config_path=args.config), host=server.host, port=server.port,
+                print=None, access_log=None, reuse_port=args.reuse_port)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.config.loader import load_settings, summarize
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK")
+    print(summarize(settings))
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from gateway.mock_upstream import run_mock
+
+    run_mock(args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the gateway")
+    run.add_argument("--config", default="config.yaml")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--reuse-port", action="store_true", help="share the port with other processes")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate the configuration and print a summary")
+    check.add_argument("--config", default="config.yaml")
+    check.set_defaults(func=cmd_check)
+    mock = sub.add_parser("mock-upstream", help="serve the bundled OpenAI-compatible mock provider")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
+    mock.set_defaults(func=cmd_mock_upstream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    return args.func(args)

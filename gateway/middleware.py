@@ -1,0 +1,61 @@
+"""Middleware: a request id and access record for every request, and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.access_log import AccessRecord
+from gateway.appkeys import ACCESS_LOG
+from gateway.errors import GatewayError, PayloadTooLarge, error_body
+
+__all__ = ["RECORD", "error_middleware", "error_response"]
+
+RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
+log = logging.getLogger("gateway")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: GatewayError) -> web.Response:
+    """The JSON response for a gateway error."""
+    return web.Response(body=orjson.dumps(error.body()), status=error.status,
+                        content_type="application/json", headers=error.headers)
+
+
+def _unexpected() -> web.Response:
+    body = error_body("The gateway hit an internal error.", "server_error", "internal_error")
+    return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into OpenAI's error shape, tag the response, and write the access log."""
+    record = AccessRecord(request_id=uuid.uuid4().hex, method=request.method, path=request.path)
+    request[RECORD] = record
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        record.error = exc.code
+        response = error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        record.error = "request_too_large"
+        response = error_response(PayloadTooLarge("Request body is over the size limit."))
+    except web.HTTPException as exc:
+        record.error = exc.reason
+        response = web.Response(
+            body=orjson.dumps(error_body(exc.reason, "invalid_request_error", "not_found"
+                                         if exc.status == 404 else None)),
+            status=exc.status, content_type="application/json")
+    except Exception:
+        log.exception("unhandled error serving request %s", record.request_id)
+        record.error = "internal_error"
+        response = _unexpected()
+    record.status = response.status
+    if not response.prepared:
+        response.headers["x-request-id"] = record.request_id
+    request.app[ACCESS_LOG].write(record)
+    return response

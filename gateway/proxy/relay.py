@@ -1,0 +1,115 @@
+"""Passing an upstream answer to the client: JSON whole, SSE event by event as it arrives."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.pricing import Usage
+from gateway.proxy.usage import usage_from
+from gateway.redact import Redactor
+
+__all__ = ["PASSED_HEADERS", "StreamOutcome", "relay_json", "relay_stream", "is_event_stream"]
+
+# Upstream headers a client may see; everything else (cookies, server, provider internals) stays here.
+PASSED_HEADERS = ("Content-Type", "Retry-After", "retry-after-ms", "x-ratelimit-limit-requests",
+                  "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
+                  "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+_DONE = b"data: [DONE]"
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+TRUNCATED_EVENT = orjson.dumps({"error": {
+    "message": "The upstream stream ended before it was complete; the answer is truncated.",
+    "type": "upstream_error", "param": None, "code": "stream_truncated"}})
+
+
+def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """The upstream headers that are passed on to the client."""
+    return {name: response.headers[name] for name in PASSED_HEADERS if name in response.headers}
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor) -> tuple[web.Response, Usage | None]:
+    """Read the whole upstream answer and build the client's response, with usage on success."""
+    body = redactor.bytes(await response.read())
+    usage = None
+    if 200 <= response.status < 300:
+        try:
+            usage = usage_from(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            usage = None
+    return web.Response(body=body, status=response.status, headers=passed_headers(response)), usage
+
+
+@dataclass
+class StreamOutcome:
+    """What a relayed stream delivered: usage when the upstream sent it, else an estimate."""
+
+    usage: Usage | None = None
+    content_events: int = 0
+    complete: bool = False           # [DONE] was relayed
+    client_gone: bool = False
+
+
+class _SseSplitter:
+    """Splits a byte stream into whole SSE events; a partial event waits for the next chunk."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._pending + chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        events = data.split(b"\n\n")
+        self._pending = events.pop()
+        return [event + b"\n\n" for event in events if event]
+
+
+def _inspect(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
+    """Update `outcome` from one event; False when the event must not reach the client."""
+    if event.startswith(_DONE):
+        outcome.complete = True
+        return True
+    if b'"usage"' in event and not any(null in event for null in _NULL_USAGE):
+        try:
+            chunk = orjson.loads(event[event.index(b"{"):])
+        except (ValueError, orjson.JSONDecodeError):
+            return True
+        outcome.usage = usage_from(chunk) or outcome.usage
+        if not chunk.get("choices"):
+            return wants_usage
+    outcome.content_events += 1
+    return True
+
+
+async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse,
+                       wants_usage: bool, redactor: Redactor) -> StreamOutcome:
+    """Relay SSE events as they arrive; a stream that ends early gets an error event, never a clean end."""
+    outcome, splitter = StreamOutcome(), _SseSplitter()
+    try:
+        async for chunk in upstream.content.iter_any():
+            out = b"".join(e for e in splitter.feed(chunk) if _inspect(e, outcome, wants_usage))
+            if out:
+                await client.write(redactor.bytes(out))
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        pass  # the upstream broke off: reported to the client below
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.client_gone = True
+        return outcome
+    if not outcome.complete:
+        await _write_truncated(client, outcome)
+    return outcome
+
+
+async def _write_truncated(client: web.StreamResponse, outcome: StreamOutcome) -> None:
+    try:
+        await client.write(b"data: " + TRUNCATED_EVENT + b"\n\n")
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome.client_gone = True

@@ -1,0 +1,108 @@
+"""Reading a client's proxy request: only the fields the gateway needs, original bytes kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "read_proxy_request", "upstream_body"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI endpoint the gateway forwards."""
+
+    kind: str            # chat | completions | embeddings
+    path: str            # appended to the provider's base_url
+    streams: bool        # whether `"stream": true` is allowed
+
+
+ENDPOINTS = {
+    "chat": Endpoint("chat", "/chat/completions", True),
+    "completions": Endpoint("completions", "/completions", True),
+    "embeddings": Endpoint("embeddings", "/embeddings", False),
+}
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """A validated client request."""
+
+    endpoint: Endpoint
+    body: bytes
+    payload: dict[str, Any]
+    model: str
+    stream: bool
+    wants_usage: bool            # the client itself asked for the streamed usage chunk
+    max_tokens: int | None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refusing non-JSON content types and bodies over `limit` bytes."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Unsupported content type '{request.content_type}': send 'Content-Type: application/json'.")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the {limit}-byte limit.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """The JSON object in `body`; anything else is a 400."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return payload
+
+
+def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        return value
+    return None
+
+
+async def read_proxy_request(request: web.Request, endpoint: Endpoint, limit: int) -> ProxyRequest:
+    """Read and check a client request for `endpoint`."""
+    body = await read_body(request, limit)
+    payload = parse_payload(body)
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    stream = payload.get("stream") is True
+    if stream and not endpoint.streams:
+        raise InvalidRequest(f"Streaming is not supported on {endpoint.path}.", param="stream")
+    options = payload.get("stream_options")
+    wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    max_tokens = _optional_int(payload, "max_completion_tokens", "max_tokens")
+    return ProxyRequest(endpoint, body, payload, model, stream, wants_usage, max_tokens)
+
+
+def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:
+    """The bytes to send upstream: the client's own unless the model or usage option must change."""
+    rename = upstream_model is not None and upstream_model != req.model
+    ask_usage = req.stream and not req.wants_usage
+    if not rename and not ask_usage:
+        return req.body
+    payload = dict(req.payload)
+    if rename:
+        payload["model"] = upstream_model
+    if ask_usage:
+        options = payload.get("stream_options")
+        payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return orjson.dumps(payload)

@@ -1,0 +1,30 @@
+"""Reading token usage out of OpenAI-compatible answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.pricing import Usage
+
+__all__ = ["usage_from"]
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_from(obj: Any) -> Usage | None:
+    """The usage block of a response or chunk, or None when it has none."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))   # DeepSeek's name for it
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    if not completion and not prompt:
+        prompt = _int(usage.get("total_tokens"))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
