@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from gateway.access_log import AccessLog
 from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, PROVIDERS
-from gateway.budget.engine import BudgetEngine
+from gateway.budget.factory import create_engine
+from gateway.budget.status import add_budget_status_routes
+from gateway.budget.store import BudgetStore
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
@@ -19,18 +23,22 @@ from gateway.proxy.providers import ProviderPool
 
 __all__ = ["create_app"]
 
+RECOVERY_INTERVAL_S = 1.0
+
 
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
-               budget: BudgetEngine | None = None, access_log: AccessLog | None = None) -> web.Application:
+               store: BudgetStore | None = None, access_log: AccessLog | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
-    app[CLOCK] = clock or SystemClock()
-    app[BUDGET] = budget or BudgetEngine()
+    app[CLOCK] = clock = clock or SystemClock()
+    app[BUDGET] = create_engine(settings.store, clock, store)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
     app.cleanup_ctx.append(provider_pool)
+    app.cleanup_ctx.append(budget_recovery)
     add_proxy_routes(app)
     add_info_routes(app)
+    add_budget_status_routes(app)
     return app
 
 
@@ -39,3 +47,20 @@ async def provider_pool(app: web.Application) -> AsyncIterator[None]:
     app[PROVIDERS] = ProviderPool(app[CONFIG].current.providers)
     yield
     await app[PROVIDERS].close()
+
+
+async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
+    """Replay journaled spend at start and whenever the store comes back; close the store at the end."""
+    engine = app[BUDGET]
+
+    async def loop() -> None:
+        while True:
+            await engine.recover()
+            await asyncio.sleep(RECOVERY_INTERVAL_S)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await engine.close()

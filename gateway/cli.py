@@ -54,10 +54,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    app = create_app(settings, config_path=args.config)
+    if args.with_mock:
+        app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
     log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))
-    web.run_app(create_app(settings, config_path=args.config), host=server.host, port=server.port,
-                print=None, access_log=None, reuse_port=args.reuse_port)
+    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
+                reuse_port=args.reuse_port)
     return 0
+
+
+def mock_upstream_ctx(address: str):
+    """Serve the bundled mock provider beside the gateway, for a first run without a provider account."""
+    from gateway.mock_upstream import MockUpstream
+
+    host, _, port = address.rpartition(":")
+
+    async def serve(_app: web.Application):
+        runner = web.AppRunner(MockUpstream().app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+        log.info("mock upstream listening on http://%s:%s/v1", host or "127.0.0.1", port)
+        yield
+        await runner.cleanup()
+
+    return serve
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -89,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--reuse-port", action="store_true", help="share the port with other processes")
+    run.add_argument("--with-mock", nargs="?", const="127.0.0.1:9000", metavar="HOST:PORT",
+                     help="also serve the bundled mock provider (default 127.0.0.1:9000)")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate the configuration and print a summary")
     check.add_argument("--config", default="config.yaml")

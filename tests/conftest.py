@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.canary import CanaryLogHandler
 
-pytest_plugins = ["tests.support.gateway"]
+pytest_plugins = ["tests.support.gateway", "tests.support.redis_server"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,15 +1,35 @@
-"""Budget enforcement: reserve the worst case before the upstream call, settle the real cost after."""
+"""Budget enforcement: reserve the worst case before the upstream call, settle the real cost after.
+
+One store round trip reserves every matched policy window at once (all or nothing) and one settles
+it. A store outage answers 503 (`fail_closed`) or serves within a local allowance (`fail_open`);
+spend the store could not take goes to a durable journal that is replayed when it is back.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from gateway.config.model import CallerIdentity, Settings
-from gateway.pricing import Charge
-from gateway.proxy.plan import Plan
+from gateway.budget.allowance import LocalAllowance
+from gateway.budget.journal import SpendJournal
+from gateway.budget.matching import matching_policies
+from gateway.budget.store import BudgetStore, CounterKey, ReserveLine, ReserveOutcome
+from gateway.budget.windows import Window, seconds_until_reset, window_for
+from gateway.budget.worst_case import worst_case_charge
+from gateway.clock import Clock
+from gateway.config.model import BudgetLimit, CallerIdentity, Policy, Settings, StoreConfig
+from gateway.errors import BudgetExceeded, StoreError, StoreUnavailable
+from gateway.pricing import Charge, nano_to_usd, usd_to_nano
+from gateway.proxy.plan import Plan, plan_for
 from gateway.proxy.request import ProxyRequest
 
-__all__ = ["Reservation", "BudgetEngine"]
+__all__ = ["Reservation", "BudgetEngine", "budget_lines", "limits_of", "KEY_GRACE_S"]
+
+log = logging.getLogger("gateway.budget")
+KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
+RETRY_STORE_AFTER_S = 1.0   # after a store error, requests skip the store this long (the replayer probes)
 
 
 @dataclass(frozen=True)
@@ -18,17 +38,176 @@ class Reservation:
 
     request_id: str
     plan: Plan
+    lines: tuple[ReserveLine, ...] = ()
+    local: bool = False                 # held in this replica's fail-open allowance, not in the store
+    downgraded_from: str | None = None
+
+
+def limits_of(budget: BudgetLimit) -> tuple[int | None, int | None, int | None]:
+    """A budget's limits in store units (nano-USD, tokens, requests)."""
+    return (None if budget.usd is None else usd_to_nano(budget.usd), budget.tokens, budget.requests)
+
+
+def budget_lines(policies: Sequence[Policy], amount: Charge, now: float) -> list[tuple[ReserveLine, Policy, Window]]:
+    """One reserve line per policy budget window, with the policy and window it came from."""
+    lines = []
+    for policy in policies:
+        for budget in policy.budgets:
+            window = window_for(budget.period, policy.timezone, now)
+            counter = CounterKey(policy.name, budget.period, window.id)
+            lines.append((ReserveLine(counter, amount, limits_of(budget), window.end_ts + KEY_GRACE_S),
+                          policy, window))
+    return lines
+
+
+def _format_limit(unit: str, limit: int) -> str:
+    return f"{nano_to_usd(limit).normalize():f} USD" if unit == "usd" else f"{limit} {unit}"
+
+
+def exceeded_error(policy: Policy, window: Window, unit: str, limit: int, now: float) -> BudgetExceeded:
+    """The 429 a refused request gets: which policy, which period, which limit, when it resets."""
+    resets_at = window.end.isoformat()
+    message = (f"Budget exceeded: policy '{policy.name}' {policy_period(window)} limit of "
+               f"{_format_limit(unit, limit)} does not allow this request; the window resets at {resets_at}.")
+    return BudgetExceeded(message, headers={
+        "Retry-After": str(seconds_until_reset(window, now)), "x-should-retry": "false"})
+
+
+def policy_period(window: Window) -> str:
+    return "daily" if window.id.startswith("d") else "monthly"
 
 
 class BudgetEngine:
-    """Placeholder until the store lands: reserves nothing."""
+    """Reserves, settles and releases budget for requests; reads the store for status."""
+
+    def __init__(self, store: BudgetStore | None, clock: Clock, config: StoreConfig,
+                 journal: SpendJournal | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.journal = journal
+        self.allowance = LocalAllowance(float(config.fail_open_allowance))
+        self._store_down_until = 0.0
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
-        return Reservation(request_id, plan)
+        """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
+        policies = matching_policies(settings.policies, caller, plan.model)
+        if not policies or self.store is None:
+            return Reservation(request_id, plan)
+        now = self.clock.now()
+        described = budget_lines(policies, worst_case_charge(req, plan, policies), now)
+        outcome = await self._reserve_lines(request_id, [line for line, _, _ in described], now)
+        if outcome is None:
+            return Reservation(request_id, plan, tuple(line for line, _, _ in described), local=True)
+        if outcome.ok:
+            return Reservation(request_id, plan, tuple(line for line, _, _ in described))
+        line, policy, window = described[outcome.refused_index or 0]
+        downgrade = await self._downgrade(request_id, settings, caller, req, policy, plan)
+        if downgrade is not None:
+            return downgrade
+        unit = outcome.refused_unit or "usd"
+        limit = line.limits[("usd", "tokens", "requests").index(unit)] or 0
+        raise exceeded_error(policy, window, unit, limit, now)
+
+    async def _downgrade(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
+                         policy: Policy, plan: Plan) -> Reservation | None:
+        """Serve with the refusing policy's cheaper model while that model is within budget."""
+        if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
+            return None
+        cheaper = plan_for(settings, policy.downgrade_to)
+        cheaper = replace(cheaper, model=plan.model)  # budgets and logs still name the client's model
+        policies = matching_policies(settings.policies, caller, policy.downgrade_to)
+        now = self.clock.now()
+        lines = [line for line, _, _ in budget_lines(policies, worst_case_charge(req, cheaper, policies), now)]
+        outcome = await self._reserve_lines(request_id, lines, now)
+        if outcome is not None and not outcome.ok:
+            return None
+        return Reservation(request_id, cheaper, tuple(lines), local=outcome is None,
+                           downgraded_from=plan.model)
+
+    async def _reserve_lines(self, request_id: str, lines: list[ReserveLine], now: float) -> ReserveOutcome | None:
+        """The store's answer, or None when the request is admitted on the local fail-open allowance."""
+        assert self.store is not None
+        if self.clock.monotonic() >= self._store_down_until:
+            try:
+                async with asyncio.timeout(self._hard_timeout()):
+                    return await self.store.reserve(request_id, lines, now, now + self.config.lease_s)
+            except (StoreError, TimeoutError) as exc:
+                self._mark_down(exc)
+        if self.config.on_outage == "fail_open" and self.allowance.try_take(lines):
+            return None
+        raise StoreUnavailable("The budget store is unreachable, so the gateway cannot check this request's "
+                               "budget; try again shortly.", headers={"Retry-After": "1"})
 
     async def settle(self, reservation: Reservation, charge: Charge | None) -> None:
-        return None
+        """Charge the request's real cost (None: it was not served, release it)."""
+        if not reservation.lines:
+            return
+        if reservation.local:
+            self.allowance.adjust(reservation.lines, charge)
+            self._journal(reservation, charge)
+            return
+        assert self.store is not None
+        now = self.clock.now()
+        try:
+            async with asyncio.timeout(self._hard_timeout()):
+                if charge is None:
+                    await self.store.release(reservation.request_id, now)
+                else:
+                    await self.store.settle(reservation.request_id,
+                                            [(line.counter, charge) for line in reservation.lines], now)
+        except (StoreError, TimeoutError) as exc:
+            self._mark_down(exc)
+            self._journal(reservation, charge)
+
+    def _journal(self, reservation: Reservation, charge: Charge | None) -> None:
+        """Keep spend the store could not take; a release is journaled as zero spend."""
+        if self.journal is None:
+            log.error("budget store unreachable and no journal configured: request %s not settled",
+                      reservation.request_id)
+            return
+        spent = charge or Charge()
+        self.journal.append(reservation.request_id,
+                            [(line.counter, spent, line.expires_at) for line in reservation.lines])
+
+    async def recover(self) -> bool:
+        """Replay the journal when the store answers again; True when the store is healthy."""
+        if self.store is None:
+            return True
+        try:
+            async with asyncio.timeout(self._hard_timeout()):
+                healthy = await self.store.ping()
+            if healthy and self.journal is not None and self.journal.has_entries():
+                replayed = await self.journal.replay(self.store, self.clock.now())
+                log.info("budget store is back: replayed %d journaled requests", replayed)
+        except (StoreError, TimeoutError) as exc:
+            self._mark_down(exc)
+            return False
+        if healthy:
+            self._store_down_until = 0.0
+            self.allowance.clear()
+        return healthy
 
     async def ping(self) -> bool:
-        return True
+        """True when the store answers (always, without policies' store)."""
+        if self.store is None:
+            return True
+        try:
+            async with asyncio.timeout(self._hard_timeout()):
+                return await self.store.ping()
+        except (StoreError, TimeoutError):
+            return False
+
+    def _hard_timeout(self) -> float:
+        return max(1.0, 4 * self.config.timeout_s)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._store_down_until == 0.0:
+            log.warning("budget store unreachable (%s); mode %s", type(exc).__name__, self.config.on_outage)
+        self._store_down_until = self.clock.monotonic() + RETRY_STORE_AFTER_S
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+

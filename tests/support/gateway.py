@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +17,7 @@ from multidict import CIMultiDict
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
-from gateway.config.model import Settings
+from gateway.config.model import Settings, StoreConfig
 from gateway.mock_upstream import MockUpstream
 from tests.support.canary import CanaryTransport, assert_no_canary
 from tests.support.settings import CLIENT_KEY
@@ -76,13 +78,24 @@ async def backup_upstream() -> AsyncIterator[MockUpstream]:
         yield mock
 
 
+def in_tmp(settings: Settings, tmp_path: Path) -> Settings:
+    """Settings whose default embedded store and journal live in the test's own directory."""
+    defaults = StoreConfig()
+    store = settings.store
+    if store.path == defaults.path:
+        store = dataclasses.replace(store, path=str(tmp_path / "gateway.db"))
+    if store.journal_path == defaults.journal_path:
+        store = dataclasses.replace(store, journal_path=str(tmp_path / "journal.jsonl"))
+    return dataclasses.replace(settings, store=store)
+
+
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     """Start the real gateway app with the given Settings and create_app keyword arguments."""
     running: list[TestServer] = []
 
     async def start(settings: Settings, **kwargs: Any) -> RunningGateway:
-        app = create_app(settings, **kwargs)
+        app = create_app(in_tmp(settings, tmp_path), **kwargs)
         server = await _serve(app)
         running.append(server)
         return RunningGateway(app, server)

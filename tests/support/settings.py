@@ -8,12 +8,12 @@ from typing import Any
 
 from gateway.auth import key_digest
 from gateway.config.model import (
-    ApiKey, CallerIdentity, ModelPrice, ProviderConfig, ProviderTimeouts, Route, RouteTarget,
+    ApiKey, BudgetLimit, CallerIdentity, Policy, PolicyMatch, ModelPrice, ProviderConfig, ProviderTimeouts, Route, RouteTarget,
     ServerConfig, Settings, StoreConfig,
 )
 from tests.support.canary import CANARY_KEY
 
-__all__ = ["CLIENT_KEY", "OTHER_KEY", "ADMIN_KEY", "PRICES", "make_settings"]
+__all__ = ["CLIENT_KEY", "OTHER_KEY", "ADMIN_KEY", "PRICES", "make_settings", "make_policy"]
 
 CLIENT_KEY = "sk-client-web-0001"
 OTHER_KEY = "sk-client-data-0002"
@@ -51,3 +51,13 @@ def make_settings(upstreams: dict[str, str], *, routes: dict[str, list[Any]] | N
         providers=providers, routes=route_list, pricing=dict(PRICES), keys=keys,
     )
     return dataclasses.replace(settings, **overrides)
+
+
+def make_policy(name: str, *, period: str = "daily", usd: str | None = None, tokens: int | None = None,
+                requests: int | None = None, timezone: str = "UTC", downgrade_to: str | None = None,
+                **match: Any) -> Policy:
+    """A one-budget policy; `match` takes keys=, teams=, tags=, models= as tuples."""
+    limit = BudgetLimit(period=period, usd=None if usd is None else Decimal(usd), tokens=tokens,
+                        requests=requests)
+    return Policy(name=name, match=PolicyMatch(**match), budgets=(limit,), timezone=timezone,
+                  on_exceed="downgrade" if downgrade_to else "block", downgrade_to=downgrade_to)

@@ -1,0 +1,94 @@
+"""Budget status: how much is left in every window, and until when; scoped to what a caller may see."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.appkeys import BUDGET, CONFIG
+from gateway.auth import authenticate
+from gateway.budget.engine import BudgetEngine, limits_of
+from gateway.budget.matching import applies_to_caller
+from gateway.budget.store import UNITS, CounterKey, CounterState
+from gateway.budget.windows import window_for
+from gateway.config.model import CallerIdentity, Policy, Settings
+from gateway.errors import NotFound, StoreError, StoreUnavailable
+from gateway.pricing import Charge, nano_to_usd
+
+__all__ = ["visible_policies", "budget_report", "add_budget_status_routes"]
+
+
+def visible_policies(settings: Settings, caller: CallerIdentity, name: str | None) -> list[Policy]:
+    """The admin sees every policy; a client only those that apply to it. Others look nonexistent."""
+    policies = [p for p in settings.policies if caller.admin or applies_to_caller(p, caller)]
+    if name is None:
+        return policies
+    found = [p for p in policies if p.name == name]
+    if not found:
+        raise NotFound(f"No budget policy named '{name}'.", code="policy_not_found", param="policy")
+    return found
+
+
+def _amount(unit: str, value: int) -> int | str:
+    """USD as an exact decimal string, other units as integers."""
+    return f"{nano_to_usd(value).normalize():f}" if unit == "usd" else value
+
+
+def _state(spent: int, limit: int, warn_at: tuple[Decimal, ...]) -> str:
+    if spent >= limit:
+        return "exceeded"
+    return "warning" if warn_at and Decimal(spent) >= min(warn_at) * limit else "ok"
+
+
+def window_entries(policy: Policy, state: CounterState, budget_index: int, now: float) -> list[dict[str, Any]]:
+    """One status entry per limited unit of one budget window."""
+    budget = policy.budgets[budget_index]
+    window = window_for(budget.period, policy.timezone, now)
+    entries = []
+    for unit, limit, spent, reserved in zip(UNITS, limits_of(budget), _units(state.spent), _units(state.reserved)):
+        if limit is None:
+            continue
+        entries.append({
+            "policy": policy.name, "period": budget.period, "unit": unit,
+            "limit": _amount(unit, limit), "spent": _amount(unit, spent), "reserved": _amount(unit, reserved),
+            "remaining": _amount(unit, max(0, limit - spent - reserved)),
+            "utilization": round(spent / limit, 6) if limit else 1.0,
+            "window_start": window.start.isoformat(), "resets_at": window.end.isoformat(),
+            "timezone": policy.timezone, "state": _state(spent, limit, policy.warn_at),
+        })
+    return entries
+
+
+def _units(charge: Charge) -> tuple[int, int, int]:
+    return charge.usd_nano, charge.tokens, charge.requests
+
+
+async def budget_report(engine: BudgetEngine, policies: list[Policy], now: float) -> list[dict[str, Any]]:
+    """Status entries of every budget window of `policies`, read in one store call."""
+    slots = [(p, i, CounterKey(p.name, b.period, window_for(b.period, p.timezone, now).id))
+             for p in policies for i, b in enumerate(p.budgets)]
+    if engine.store is None or not slots:
+        return []
+    states = await engine.store.read([counter for _, _, counter in slots], now)
+    return [entry for (policy, index, _), state in zip(slots, states)
+            for entry in window_entries(policy, state, index, now)]
+
+
+async def budget_status(request: web.Request) -> web.Response:
+    """GET /v1/budget/status[?policy=NAME]."""
+    settings = request.app[CONFIG].current
+    caller = authenticate(request, settings)
+    policies = visible_policies(settings, caller, request.query.get("policy"))
+    engine = request.app[BUDGET]
+    try:
+        data = await budget_report(engine, policies, engine.clock.now())
+    except StoreError:
+        raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+def add_budget_status_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/budget/status", budget_status)
