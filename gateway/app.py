@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from gateway.access_log import AccessLog
-from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, PROVIDERS
+from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, PROVIDERS, RELOADER, RESILIENCE
 from gateway.budget.factory import create_engine
 from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
+from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
 from gateway.middleware import error_middleware
 from gateway.proxy.handler import add_proxy_routes
+from gateway.proxy.provider_status import add_provider_status_routes
 from gateway.proxy.providers import ProviderPool
+from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["create_app"]
 
@@ -27,17 +30,22 @@ RECOVERY_INTERVAL_S = 1.0
 
 
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
-               store: BudgetStore | None = None, access_log: AccessLog | None = None) -> web.Application:
+               store: BudgetStore | None = None, access_log: AccessLog | None = None,
+               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[CLOCK] = clock = clock or SystemClock()
     app[BUDGET] = create_engine(settings.store, clock, store)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
+    app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
+    if config_path is not None:
+        app.cleanup_ctx.append(config_reload)
     add_proxy_routes(app)
     add_info_routes(app)
+    add_provider_status_routes(app)
     add_budget_status_routes(app)
     return app
 
@@ -64,3 +72,18 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await engine.close()
+
+
+async def config_reload(app: web.Application) -> AsyncIterator[None]:
+    """Watch the config files and apply valid edits to every component that follows the config."""
+    holder = app[CONFIG]
+    assert holder.path is not None
+    app[RELOADER] = reloader = ConfigReloader(holder, holder.path, on_change=[
+        lambda fresh: app[PROVIDERS].sync(fresh.providers),
+        app[RESILIENCE].sync,
+    ])
+    task = asyncio.create_task(reloader.watch())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -11,12 +11,16 @@ if TYPE_CHECKING:
     from gateway.budget.engine import BudgetEngine
     from gateway.clock import Clock
     from gateway.config.holder import ConfigHolder
+    from gateway.config.reload import ConfigReloader
     from gateway.proxy.providers import ProviderPool
+    from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 PROVIDERS: web.AppKey[ProviderPool] = web.AppKey("providers")
 BUDGET: web.AppKey[BudgetEngine] = web.AppKey("budget")
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
+RESILIENCE: web.AppKey[ResilienceRegistry] = web.AppKey("resilience")
+RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")

@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
     log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))
     web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
-                reuse_port=args.reuse_port)
+                reuse_port=args.reuse_port, handler_cancellation=True)
     return 0
 
 
@@ -100,6 +100,12 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.status_cli import run_status
+
+    return run_status(args.url, args.key, args.policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
     parser.add_argument("--log-level", default="INFO")
@@ -115,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and print a summary")
     check.add_argument("--config", default="config.yaml")
     check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="how much budget is left, until when; provider breakers")
+    status.add_argument("--url", default="http://127.0.0.1:8080")
+    status.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
+    status.add_argument("--policy")
+    status.set_defaults(func=cmd_status)
     mock = sub.add_parser("mock-upstream", help="serve the bundled OpenAI-compatible mock provider")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=9000)

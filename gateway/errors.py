@@ -84,6 +84,14 @@ class StoreUnavailable(GatewayError):
 class UpstreamFailure(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_error"
 
+    def __init__(self, message: str, *, upstream_body: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.upstream_body = upstream_body
+
+    def body(self) -> dict[str, Any]:
+        """The upstream's own OpenAI-shaped error (already redacted) when it sent one, else the gateway's."""
+        return self.upstream_body or super().body()
+
 
 class StoreError(Exception):
     """The budget store failed (connection, timeout, bad reply); the driver's error is chained."""

@@ -40,6 +40,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except GatewayError as exc:
         record.error = exc.code
+        record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
         response = error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         record.error = "request_too_large"

@@ -200,11 +200,12 @@ class BudgetEngine:
             return False
 
     def _hard_timeout(self) -> float:
-        return max(1.0, 4 * self.config.timeout_s)
+        """A bound on one store call even if a driver timeout fails: connecting plus one command."""
+        return max(1.0, 4 * self.config.timeout_s) + 2 * self.config.timeout_s
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._store_down_until == 0.0:
-            log.warning("budget store unreachable (%s); mode %s", type(exc).__name__, self.config.on_outage)
+            log.warning("budget store unreachable (%s); mode %s", exc, self.config.on_outage)
         self._store_down_until = self.clock.monotonic() + RETRY_STORE_AFTER_S
 
     async def close(self) -> None:

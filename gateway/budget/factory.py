@@ -18,7 +18,8 @@ __all__ = ["create_store", "create_engine"]
 def create_store(config: StoreConfig) -> BudgetStore:
     """Redis when a URL is configured, else the embedded SQLite file."""
     if config.url:
-        return RedisBudgetStore(create_redis_client(config.url, config.timeout_s, config.pool_size))
+        client = create_redis_client(config.url, config.timeout_s, config.pool_size)
+        return RedisBudgetStore(client, max_in_flight=config.pool_size)
     Path(config.path).parent.mkdir(parents=True, exist_ok=True)
     return SqliteBudgetStore(config.path)
 

@@ -1,18 +1,40 @@
-"""Sending a request to the plan's providers until one answers."""
+"""Sending a request to the plan's providers until one answers: breaker gate, retries, failover.
+
+For each target, in plan order:
+
+    breaker rejects the call        -> skip to the next target, with zero calls
+    2xx or 4xx answer               -> returned unread, so nothing has reached the client yet
+    retryable status, connect error -> retried under the provider's policy and retry budget,
+                                       then the next target
+
+Every attempt holds its own breaker permit, so a breaker that opens during the retries stops them and
+the request fails over. When every target fails, `UpstreamFailure` describes the last upstream error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
+from tenacity import RetryCallState
 
 from gateway.errors import UpstreamFailure
 from gateway.proxy.plan import Plan, Target
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.request import ProxyRequest, upstream_body
+from gateway.resilience.breaker import BreakerState, CircuitBreaker, Permit
+from gateway.resilience.registry import ResilienceRegistry
+from gateway.resilience.retry import RetryableStatus, UpstreamConnectError, build_retrying
 
 __all__ = ["UpstreamReply", "dispatch"]
+
+_DEFAULT_RETRY_AFTER_S = 1.0   # told to a rate-limited client when the upstream named no wait
+_UpstreamError = RetryableStatus | UpstreamConnectError
 
 
 @dataclass
@@ -24,16 +46,202 @@ class UpstreamReply:
     attempts: int
 
 
-async def dispatch(req: ProxyRequest, plan: Plan, pool: ProviderPool) -> UpstreamReply:
-    """Call the primary provider once and return its answer, whatever its status."""
-    target = plan.targets[0]
-    client = pool[target.provider]
+class _BreakerOpen(Exception):
+    """The provider's breaker rejects calls: fail over, never retry."""
+
+
+@dataclass
+class _Call:
+    """One client request on its way through the plan, and what has happened to it so far."""
+
+    req: ProxyRequest
+    pool: ProviderPool
+    resilience: ResilienceRegistry
+    deadline_at: float                       # monotonic
+    attempts: int = 0
+    last_provider: str | None = None
+    last_error: _UpstreamError | None = None
+
+    def remaining(self) -> float:
+        """Seconds left before the request's deadline."""
+        return self.deadline_at - self.resilience.clock.monotonic()
+
+
+class _Gate:
+    """Hands out one breaker permit per attempt; the first one was taken before the first attempt."""
+
+    def __init__(self, breaker: CircuitBreaker, first: Permit) -> None:
+        self.breaker = breaker
+        self._first: Permit | None = first
+
+    def permit(self) -> Permit:
+        """A permit for the next attempt; _BreakerOpen when the breaker has opened meanwhile."""
+        permit, self._first = self._first or self.breaker.acquire(), None
+        if permit is None:
+            raise _BreakerOpen(self.breaker.name)
+        return permit
+
+
+async def dispatch(req: ProxyRequest, plan: Plan, pool: ProviderPool, resilience: ResilienceRegistry,
+                   *, deadline_s: float) -> UpstreamReply:
+    """The first good answer from the plan's targets, in order; UpstreamFailure when none gives one."""
+    call = _Call(req, pool, resilience, resilience.clock.monotonic() + deadline_s)
+    targets = plan.targets
+    for index, target in enumerate(targets):
+        if call.remaining() <= 0:
+            break
+        reply = await _try_provider(call, target)
+        if reply is not None:
+            return reply
+        if index + 1 < len(targets):
+            resilience.failed_over(target.provider, targets[index + 1].provider)
+    raise _all_failed(call, plan)
+
+
+async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
+    """One provider under its breaker, retry policy and retry budget; None when it failed or was skipped."""
+    resilience = call.resilience
+    breaker = resilience.breaker(target.provider)
+    first = breaker.acquire()
+    if first is None:
+        return None
+    budget = resilience.budget(target.provider)
+    retrying = build_retrying(resilience.retry, budget=budget, deadline_at=call.deadline_at,
+                              clock=resilience.clock, sleep=resilience.sleep,
+                              on_retry=_retry_reporter(resilience, target.provider))
+    budget.start()
     try:
-        response = await client.post(req.endpoint.path, upstream_body(req, target.upstream_model))
-    except asyncio.TimeoutError:
-        raise UpstreamFailure(f"Provider '{target.provider}' timed out.", status=504,
-                              code="upstream_timeout") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure(f"Provider '{target.provider}' is unreachable ({type(exc).__name__}).",
-                              code="upstream_unreachable") from None
-    return UpstreamReply(target, response, attempts=1)
+        response = await retrying(_attempt, call, target, _Gate(breaker, first))
+    except (_BreakerOpen, RetryableStatus, UpstreamConnectError):
+        return None
+    finally:
+        first.ignore()                       # no-op once used; frees a probe slot if never used
+        budget.finish()
+    return UpstreamReply(target, response, call.attempts)
+
+
+async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientResponse:
+    """One upstream call under its own permit; raises what the retry policy decides on."""
+    permit = gate.permit()
+    call.attempts += 1
+    try:
+        response = await _send(call, target)
+        _settle(permit, response.status)
+        if response.status in call.resilience.retry.statuses:
+            raise await _retryable(call, response)
+        return response
+    except (RetryableStatus, UpstreamConnectError) as exc:
+        permit.failure()                     # no-op when the status already settled it
+        call.last_provider, call.last_error = target.provider, exc
+        if gate.breaker.state is BreakerState.OPEN:
+            raise _BreakerOpen(target.provider) from exc
+        raise
+    finally:
+        permit.ignore()                      # settles only a cancelled call: a probe slot is handed back
+
+
+async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
+    """POST the request to one provider within what is left of the deadline; the response head."""
+    body = upstream_body(call.req, target.upstream_model)
+    try:
+        async with asyncio.timeout(call.remaining()):
+            return await call.pool[target.provider].post(call.req.endpoint.path, body)
+    except asyncio.TimeoutError as exc:
+        raise UpstreamConnectError(f"Provider '{target.provider}' timed out.") from exc
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise UpstreamConnectError(
+            f"Provider '{target.provider}' is unreachable ({type(exc).__name__}).") from exc
+
+
+async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> RetryableStatus:
+    """A retryable answer with its body read (within the deadline) and its connection released."""
+    try:
+        async with asyncio.timeout(max(call.remaining(), 0.0)):
+            body = await response.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+        body = b""
+    finally:
+        response.release()
+    return RetryableStatus(response.status, response.headers, body)
+
+
+def _settle(permit: Permit, status: int) -> None:
+    """Report an answer to the breaker: 2xx succeeds; 429 and 5xx fail; other answers say nothing."""
+    if 200 <= status < 300:
+        permit.success()
+    elif status == 429 or status >= 500:
+        permit.failure()
+    else:
+        permit.ignore()
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether an UpstreamConnectError was a timeout."""
+    return isinstance(error.__cause__, asyncio.TimeoutError)
+
+
+def _retry_reason(error: BaseException | None) -> str:
+    """A short label for why an attempt is retried: the status, `timeout` or `connect_error`."""
+    if isinstance(error, RetryableStatus):
+        return str(error.status)
+    return "timeout" if error is not None and _timed_out(error) else "connect_error"
+
+
+def _retry_reporter(resilience: ResilienceRegistry, provider: str) -> Callable[[RetryCallState], None]:
+    """A tenacity `before_sleep` hook telling the registry's `on_retry` callbacks."""
+    def report(state: RetryCallState) -> None:
+        outcome = state.outcome
+        resilience.retried(provider, _retry_reason(outcome.exception() if outcome else None))
+    return report
+
+
+def _all_failed(call: _Call, plan: Plan) -> UpstreamFailure:
+    """The client's error when no target answered: shaped after the last upstream error."""
+    headers = {"x-gateway-attempts": str(call.attempts)}
+    error, provider = call.last_error, call.last_provider
+    if error is None and call.remaining() <= 0:
+        return UpstreamFailure("The request deadline passed before any provider was called.",
+                               status=504, code="upstream_timeout", headers=headers)
+    if error is None:
+        return _providers_unavailable(call, plan, headers)
+    if isinstance(error, RetryableStatus):
+        return _status_failure(call, provider, error, headers)
+    if _timed_out(error):
+        return UpstreamFailure(f"Provider '{provider}' timed out.", status=504, code="upstream_timeout",
+                               headers=headers)
+    return UpstreamFailure(str(error), status=502, code="upstream_unreachable", headers=headers)
+
+
+def _providers_unavailable(call: _Call, plan: Plan, headers: dict[str, str]) -> UpstreamFailure:
+    """Every breaker rejected the call: 503, Retry-After until the first one half-opens."""
+    wait = call.resilience.reopens_in(t.provider for t in plan.targets)
+    retry_after = max(1, math.ceil(wait)) if wait is not None else 1
+    return UpstreamFailure(f"Every provider of '{plan.model}' is unavailable (circuit breakers open).",
+                           status=503, code="providers_unavailable",
+                           headers={**headers, "Retry-After": str(retry_after)})
+
+
+def _status_failure(call: _Call, provider: str | None, error: RetryableStatus,
+                    headers: dict[str, str]) -> UpstreamFailure:
+    """The last answer was an HTTP error: 429 passes on with its wait, 503/504 stay, the rest is 502."""
+    message = f"Provider '{provider}' answered {error.status}."
+    if error.status != 429:
+        status = error.status if error.status in (503, 504) else 502
+        return UpstreamFailure(message, status=status, code="upstream_error", headers=headers)
+    retry = call.resilience.retry
+    asked = error.retry_after(call.resilience.clock.now())
+    wait = min(_DEFAULT_RETRY_AFTER_S if asked is None else asked, retry.retry_after_cap_s)
+    return UpstreamFailure(message, status=429, code="rate_limit_exceeded",
+                           headers={**headers, "Retry-After": str(math.ceil(wait))},
+                           upstream_body=_openai_error(error.body, call.pool))
+
+
+def _openai_error(body: bytes, pool: ProviderPool) -> dict[str, Any] | None:
+    """The upstream's OpenAI-shaped error, secrets redacted, or None when the body is no such thing."""
+    try:
+        parsed = orjson.loads(pool.redactor.bytes(body))
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return {"error": parsed["error"]}
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.appkeys import BUDGET, CONFIG, PROVIDERS
+from gateway.appkeys import BUDGET, CONFIG, PROVIDERS, RESILIENCE
 from gateway.auth import authenticate
 from gateway.budget.engine import Reservation
 from gateway.middleware import RECORD
@@ -38,7 +38,8 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     reply: UpstreamReply | None = None
     usage: Usage | None = None
     try:
-        reply = await dispatch(req, reservation.plan, app[PROVIDERS])
+        reply = await dispatch(req, reservation.plan, app[PROVIDERS], app[RESILIENCE],
+                               deadline_s=settings.retry.deadline_s)
         record.provider, record.attempts = reply.target.provider, reply.attempts
         response, usage = await respond(request, req, reply)
     finally:

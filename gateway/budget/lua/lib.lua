@@ -1,0 +1,128 @@
+-- Helpers shared by the budget scripts; prepended to each operation script when it is registered.
+--
+-- Keys (prefix = ARGV[1], e.g. "{gw}:"; the hash tag keeps every key on one Cluster slot):
+--   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
+--   <prefix>resv:<request id>               hash: counter key -> "usd tokens requests expires_ms"
+--   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
+--   <prefix>spent:<request id>              marker: this request already added its spend
+-- Amounts are integers below 2^53, exact in Lua's doubles; they reach HINCRBY formatted with '%d'.
+
+local FIELDS = {
+  'spent_usd', 'spent_tokens', 'spent_requests', 'reserved_usd', 'reserved_tokens', 'reserved_requests',
+}
+local NOTHING = {0, 0, 0}
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+local function negated(amounts)
+  return {-amounts[1], -amounts[2], -amounts[3]}
+end
+
+-- Three amounts (usd, tokens, requests) from ARGV[base + 1 .. base + 3].
+local function amounts_at(base)
+  return {tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])}
+end
+
+-- {spent usd, tokens, requests, reserved usd, tokens, requests} of one counter (0 when absent).
+local function counter_state(counter)
+  local values = redis.call('HMGET', counter, unpack(FIELDS))
+  local state = {}
+  for i = 1, 6 do
+    state[i] = tonumber(values[i]) or 0
+  end
+  return state
+end
+
+local function append_states(out, counters)
+  for _, counter in ipairs(counters) do
+    for _, value in ipairs(counter_state(counter)) do
+      out[#out + 1] = value
+    end
+  end
+  return out
+end
+
+-- Adds deltas to a counter's reserved and spent totals, then (re)sets its expiry.
+local function apply(counter, reserved_delta, spent_delta, expires_ms)
+  for i = 1, 3 do
+    if reserved_delta[i] ~= 0 then
+      redis.call('HINCRBY', counter, FIELDS[i + 3], int(reserved_delta[i]))
+    end
+    if spent_delta[i] ~= 0 then
+      redis.call('HINCRBY', counter, FIELDS[i], int(spent_delta[i]))
+    end
+  end
+  redis.call('PEXPIREAT', counter, expires_ms)
+end
+
+local function reservation_lines(prefix, request_id)
+  local flat = redis.call('HGETALL', prefix .. 'resv:' .. request_id)
+  local lines = {}
+  for i = 1, #flat, 2 do
+    local usd, tokens, requests, expires_ms = string.match(flat[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+    lines[#lines + 1] = {
+      counter = flat[i],
+      amounts = {tonumber(usd), tonumber(tokens), tonumber(requests)},
+      expires_ms = expires_ms,
+    }
+  end
+  return lines
+end
+
+local function latest_expiry_ms(lines)
+  local latest = 0
+  for _, line in ipairs(lines) do
+    latest = math.max(latest, tonumber(line.expires_ms))
+  end
+  return latest
+end
+
+local function mark_spent(prefix, request_id, expires_ms)
+  redis.call('SET', prefix .. 'spent:' .. request_id, '1', 'PXAT', int(expires_ms))
+end
+
+-- Removes a reservation: its amounts leave `reserved`; spend[counter] (if any) is added to `spent`.
+local function close_reservation(prefix, request_id, lines, spend)
+  for _, line in ipairs(lines) do
+    apply(line.counter, negated(line.amounts), spend[line.counter] or NOTHING, line.expires_ms)
+  end
+  redis.call('DEL', prefix .. 'resv:' .. request_id)
+  redis.call('ZREM', prefix .. 'leases', request_id)
+end
+
+-- A reservation whose lease ended becomes spend of its full reserved amounts.
+local function expire_into_spend(prefix, request_id, lines)
+  local spend = {}
+  for _, line in ipairs(lines) do
+    spend[line.counter] = line.amounts
+  end
+  close_reservation(prefix, request_id, lines, spend)
+  if #lines > 0 then
+    mark_spent(prefix, request_id, latest_expiry_ms(lines))
+  end
+end
+
+-- The lines of request_id's reservation while its lease runs; nil when there is none or it ended
+-- (an ended one is turned into spend first).
+local function live_reservation(prefix, request_id, now)
+  local lease = redis.call('ZSCORE', prefix .. 'leases', request_id)
+  if not lease then
+    return nil
+  end
+  local lines = reservation_lines(prefix, request_id)
+  if tonumber(lease) < now or #lines == 0 then
+    expire_into_spend(prefix, request_id, lines)
+    return nil
+  end
+  return lines
+end
+
+-- Turns up to max_count reservations whose lease ended before now into spend.
+local function sweep_expired(prefix, now, max_count)
+  local ended = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, max_count)
+  for _, request_id in ipairs(ended) do
+    expire_into_spend(prefix, request_id, reservation_lines(prefix, request_id))
+  end
+end

@@ -1,0 +1,240 @@
+"""The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
+
+Key layout (prefix "gw"):
+
+    {gw}:ctr:<policy>:<period>:<window_id>   hash spent_usd, spent_tokens, spent_requests,
+                                             reserved_usd, reserved_tokens, reserved_requests;
+                                             PEXPIREAT the line's expires_at (window end + grace)
+    {gw}:resv:<request_id>                   hash <counter key> -> "usd tokens requests expires_ms"
+    {gw}:leases                              zset request_id scored by lease_until
+    {gw}:spent:<request_id>                  marker: the request already added its spend
+
+Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
+that is the price of atomic reservations across policies (a request reserves on all its counters in
+one script). Needs Redis >= 6.2 (SET ... PXAT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from gateway.budget.store import (
+    SWEEP_MAX, UNITS, CounterKey, CounterState, ReserveLine, ReserveOutcome, check_record_lines,
+    check_reserve_lines, check_spend,
+)
+from gateway.errors import StoreError
+from gateway.pricing import Charge
+
+__all__ = ["RedisBudgetStore", "create_redis_client"]
+
+HEALTH_CHECK_S = 30
+_SCRIPTS = ("reserve", "settle", "release", "record", "read")
+
+RedisClient = Redis | RedisCluster
+
+
+class RedisBudgetStore:
+    """BudgetStore on a redis-py asyncio client (Redis, RedisCluster or a Sentinel master).
+
+    RedisCluster's per-node pool raises instead of waiting when all its connections are busy; give
+    `max_in_flight` (the pool size) to queue store calls instead.
+    """
+
+    def __init__(self, client: RedisClient, *, prefix: str = "gw", max_in_flight: int | None = None) -> None:
+        self._client = client
+        self._prefix = f"{{{prefix}}}:"
+        self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
+        self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._cluster_pending = isinstance(client, RedisCluster)
+        self._cluster_lock = asyncio.Lock()
+
+    def counter_key(self, counter: CounterKey) -> str:
+        """The Redis key of a counter."""
+        return f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+
+    async def reserve(
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+    ) -> ReserveOutcome:
+        """Reserve every line or none (see `BudgetStore`)."""
+        check_reserve_lines(lines)
+        if not lines:
+            return ReserveOutcome(True, None, None, [])
+        args = [self._prefix, request_id, repr(now), repr(lease_until), SWEEP_MAX]
+        for line in lines:
+            limits = [-1 if limit is None else limit for limit in line.limits]
+            args += [*_amounts(line.amount), *limits, _ms(line.expires_at)]
+        counters = [line.counter for line in lines]
+        keys = [self._key("leases"), self._key("resv", request_id), *map(self.counter_key, counters)]
+        reply = await self._run("reserve", keys, args)
+        if reply[0] == -1:
+            raise ValueError(f"request {request_id!r} already holds a reservation")
+        if reply[0] == 1:
+            return ReserveOutcome(True, None, None, _states(counters, reply[3:]))
+        return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], _states(counters, reply[3:]))
+
+    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float) -> bool:
+        """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
+        check_spend(actual)
+        args = [self._prefix, request_id, repr(now)]
+        for _, charge in actual:
+            args += _amounts(charge)
+        reply = await self._run("settle", self._request_keys(request_id, [c for c, _ in actual]), args)
+        if reply == -1:
+            raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
+        return reply == 1
+
+    async def release(self, request_id: str, now: float) -> bool:
+        """Drop the live reservation without spend (see `BudgetStore`)."""
+        keys = [self._key("leases"), self._key("resv", request_id)]
+        return await self._run("release", keys, [self._prefix, request_id, repr(now)]) == 1
+
+    async def record(
+        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float
+    ) -> bool:
+        """Add spend without a reservation, once per request id (see `BudgetStore`)."""
+        check_record_lines(lines)
+        args = [self._prefix, request_id, repr(now)]
+        for _, charge, expires_at in lines:
+            args += [*_amounts(charge), _ms(expires_at)]
+        keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
+        return await self._run("record", keys, args) == 1
+
+    async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+        """The state of each counter, in order."""
+        keys = [self._key("leases"), *map(self.counter_key, counters)]
+        reply = await self._run("read", keys, [self._prefix, repr(now), SWEEP_MAX])
+        return _states(counters, reply)
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING."""
+        try:
+            return bool(await self._client.ping())
+        except (RedisError, RedisClusterException, OSError):
+            return False
+
+    async def close(self) -> None:
+        """Close the client and its connection pool."""
+        try:
+            await self._client.aclose()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise StoreError(f"closing redis failed: {exc}") from exc
+
+    def _key(self, kind: str, request_id: str | None = None) -> str:
+        return f"{self._prefix}{kind}" if request_id is None else f"{self._prefix}{kind}:{request_id}"
+
+    def _request_keys(self, request_id: str, counters: Sequence[CounterKey]) -> list[str]:
+        """KEYS of settle and record: leases, reservation, spent marker, counters."""
+        return [
+            self._key("leases"), self._key("resv", request_id), self._key("spent", request_id),
+            *map(self.counter_key, counters),
+        ]
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one script; every driver error becomes StoreError."""
+        try:
+            if self._cluster_pending:
+                await self._initialize_cluster()
+            async with self._in_flight or contextlib.nullcontext():
+                return await self._scripts[name](keys=keys, args=args)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _initialize_cluster(self) -> None:
+        """Discover the cluster once: redis-py's RedisCluster races when first commands run concurrently."""
+        async with self._cluster_lock:
+            if self._cluster_pending:
+                await self._client.initialize()
+                self._cluster_pending = False
+
+
+def connect_timeout(timeout_s: float) -> float:
+    """How long opening a connection, or waiting for a free one, may take."""
+    return max(1.0, 4 * timeout_s)
+
+
+def create_redis_client(url: str, timeout_s: float, pool_size: int) -> RedisClient:
+    """A client for redis://, rediss://, redis+cluster://host:port or redis+sentinel://host:port/service.
+
+    Commands time out after `timeout_s` and the client never retries, so a frozen Redis turns into
+    StoreError within about `timeout_s`. Opening a connection and waiting for a free one may take up to
+    `connect_timeout(timeout_s)`: a burst of new connections on a busy event loop is load, not an outage
+    (a Redis that is down refuses connections at once). Redis and Sentinel masters wait for a
+    free connection from a pool of `pool_size`; a cluster has `pool_size` connections per node.
+    """
+    scheme, _, rest = url.partition("://")
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s, "socket_connect_timeout": connect_timeout(timeout_s),
+        "health_check_interval": HEALTH_CHECK_S, "retry": Retry(NoBackoff(), 0),
+    }
+    if scheme in ("redis", "rediss"):
+        pool = BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=connect_timeout(timeout_s),
+                                               **options)
+        return Redis.from_pool(pool)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        plain_scheme = scheme.removesuffix("+cluster")
+        return RedisCluster.from_url(f"{plain_scheme}://{rest}", max_connections=pool_size, **options)
+    if scheme == "redis+sentinel":
+        return _sentinel_master(rest, timeout_s, pool_size, options)
+    raise ValueError(f"unsupported store url {scheme}://: use redis, rediss, redis+cluster or redis+sentinel")
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection like BlockingConnectionPool."""
+
+
+def _sentinel_master(rest: str, timeout_s: float, pool_size: int, options: dict[str, Any]) -> Redis:
+    """The master client of `[user:password@]host:port[,host:port...]/service_name`."""
+    parts = urlsplit(f"//{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    service = parts.path.strip("/")
+    if not service:
+        raise ValueError("redis+sentinel url needs a service name: redis+sentinel://host:port/service_name")
+    username, _, password = userinfo.partition(":")
+    sentinel_options = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout", "retry")}
+    addresses = [_host_port(host) for host in hosts.split(",")]
+    sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)
+    return sentinel.master_for(
+        service, connection_pool_class=_BlockingSentinelPool, max_connections=pool_size,
+        timeout=connect_timeout(timeout_s),
+        username=unquote(username) or None, password=unquote(password) or None,
+    )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _script_source(name: str) -> str:
+    """The Lua source of one operation, after the shared helpers of lib.lua."""
+    lua = resources.files("gateway.budget").joinpath("lua")
+    return "\n".join(lua.joinpath(file).read_text("utf-8") for file in ("lib.lua", f"{name}.lua"))
+
+
+def _amounts(charge: Charge) -> list[int]:
+    return [charge.usd_nano, charge.tokens, charge.requests]
+
+
+def _ms(epoch_s: float) -> int:
+    return round(epoch_s * 1000)
+
+
+def _states(counters: Sequence[CounterKey], flat: Sequence[int]) -> list[CounterState]:
+    """CounterStates from the six integers per counter a script returns."""
+    if len(flat) != 6 * len(counters):
+        raise StoreError(f"redis answered {len(flat)} values for {len(counters)} counters")
+    return [
+        CounterState(counter, Charge(*flat[6 * i:6 * i + 3]), Charge(*flat[6 * i + 3:6 * i + 6]))
+        for i, counter in enumerate(counters)
+    ]

@@ -1,0 +1,318 @@
+"""The embedded budget store: one SQLite file, for a single gateway process without Redis.
+
+One connection lives on one dedicated worker thread; every operation is one `BEGIN IMMEDIATE`
+transaction run there through `loop.run_in_executor`, so the event loop never blocks on disk and
+operations are serialized. WAL mode with synchronous=NORMAL: a committed operation survives a
+process crash (an OS crash may lose the last few). Rows past their `expires_at` are deleted lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, TypeVar
+
+from gateway.budget.store import (
+    SWEEP_MAX, UNITS, CounterKey, CounterState, ReserveLine, ReserveOutcome, Unit, check_record_lines,
+    check_reserve_lines, check_spend,
+)
+from gateway.errors import StoreError
+from gateway.pricing import Charge
+
+__all__ = ["SqliteBudgetStore"]
+
+T = TypeVar("T")
+Db = sqlite3.Connection
+Spend = Sequence[tuple[CounterKey, Charge]]
+SpendLines = Sequence[tuple[CounterKey, Charge, float]]
+_NOTHING = Charge()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    policy TEXT NOT NULL, period TEXT NOT NULL, window_id TEXT NOT NULL,
+    spent_usd INTEGER NOT NULL DEFAULT 0, spent_tokens INTEGER NOT NULL DEFAULT 0,
+    spent_requests INTEGER NOT NULL DEFAULT 0, reserved_usd INTEGER NOT NULL DEFAULT 0,
+    reserved_tokens INTEGER NOT NULL DEFAULT 0, reserved_requests INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (policy, period, window_id)
+);
+CREATE INDEX IF NOT EXISTS counters_expiry ON counters (expires_at);
+CREATE TABLE IF NOT EXISTS reservation_lines (
+    request_id TEXT NOT NULL, policy TEXT NOT NULL, period TEXT NOT NULL, window_id TEXT NOT NULL,
+    usd INTEGER NOT NULL, tokens INTEGER NOT NULL, requests INTEGER NOT NULL,
+    lease_until REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (request_id, policy, period, window_id)
+);
+CREATE INDEX IF NOT EXISTS reservation_lease ON reservation_lines (lease_until);
+CREATE TABLE IF NOT EXISTS spent_ids (
+    request_id TEXT PRIMARY KEY, expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spent_ids_expiry ON spent_ids (expires_at);
+"""
+
+_ADD = """
+INSERT INTO counters (policy, period, window_id, reserved_usd, reserved_tokens, reserved_requests,
+                      spent_usd, spent_tokens, spent_requests, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (policy, period, window_id) DO UPDATE SET
+    reserved_usd = reserved_usd + excluded.reserved_usd,
+    reserved_tokens = reserved_tokens + excluded.reserved_tokens,
+    reserved_requests = reserved_requests + excluded.reserved_requests,
+    spent_usd = spent_usd + excluded.spent_usd,
+    spent_tokens = spent_tokens + excluded.spent_tokens,
+    spent_requests = spent_requests + excluded.spent_requests,
+    expires_at = excluded.expires_at
+"""
+
+
+class _Line(NamedTuple):
+    """One line of a stored reservation (or of recorded spend)."""
+
+    counter: CounterKey
+    amount: Charge
+    expires_at: float
+
+
+class SqliteBudgetStore:
+    """BudgetStore in a SQLite file; same semantics as the Redis store (see `BudgetStore`)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budget-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def reserve(
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+    ) -> ReserveOutcome:
+        """Reserve every line or none."""
+        check_reserve_lines(lines)
+        if not lines:
+            return ReserveOutcome(True, None, None, [])
+        return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until))
+
+    async def settle(self, request_id: str, actual: Spend, now: float) -> bool:
+        """Turn the live reservation into `actual` spend."""
+        check_spend(actual)
+        return await self._transaction(lambda db: self._settle(db, request_id, actual, now))
+
+    async def release(self, request_id: str, now: float) -> bool:
+        """Drop the live reservation without spend."""
+        return await self._transaction(lambda db: self._release(db, request_id, now))
+
+    async def record(self, request_id: str, lines: SpendLines, now: float) -> bool:
+        """Add spend without a reservation, once per request id."""
+        check_record_lines(lines)
+        return await self._transaction(lambda db: self._record(db, request_id, lines, now))
+
+    async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+        """The state of each counter, in order."""
+        return await self._transaction(lambda db: self._read(db, counters, now))
+
+    async def ping(self) -> bool:
+        """True when the database answers a query."""
+        try:
+            await self._transaction(lambda db: db.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_connection)
+        self._executor.shutdown(wait=False)
+
+    # --- operations, each run inside one transaction on the worker thread ---
+
+    def _reserve(
+        self, db: Db, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+    ) -> ReserveOutcome:
+        self._drop_expired(db, now)
+        self._sweep_leases(db, now)
+        if self._live_reservation(db, request_id, now) is not None:
+            raise ValueError(f"request {request_id!r} already holds a reservation")
+        states = [self._state(db, line.counter) for line in lines]
+        for index, (line, state) in enumerate(zip(lines, states)):
+            unit = _exceeded_unit(line, state)
+            if unit is not None:
+                return ReserveOutcome(False, index, unit, states)
+        for line in lines:
+            self._add(db, line.counter, line.amount, _NOTHING, line.expires_at)
+            db.execute(
+                "INSERT INTO reservation_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, *_key_columns(line.counter), *_amounts(line.amount), lease_until, line.expires_at),
+            )
+        return ReserveOutcome(True, None, None, [self._state(db, line.counter) for line in lines])
+
+    def _settle(self, db: Db, request_id: str, actual: Spend, now: float) -> bool:
+        lines = self._live_reservation(db, request_id, now)
+        if lines is None:
+            return False
+        spend = dict(actual)
+        if not spend.keys() <= {line.counter for line in lines}:
+            raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
+        self._close_reservation(db, request_id, lines, spend)
+        self._mark_spent(db, request_id, lines)
+        return True
+
+    def _release(self, db: Db, request_id: str, now: float) -> bool:
+        lines = self._live_reservation(db, request_id, now)
+        if lines is None:
+            return False
+        self._close_reservation(db, request_id, lines, {})
+        return True
+
+    def _record(self, db: Db, request_id: str, lines: SpendLines, now: float) -> bool:
+        self._drop_expired(db, now)
+        if self._is_spent(db, request_id):
+            return False
+        live = self._live_reservation(db, request_id, now)
+        if self._is_spent(db, request_id):
+            return False  # the lease had ended: the reservation became this request's spend
+        if live is not None:
+            self._close_reservation(db, request_id, live, {})
+        for counter, charge, expires_at in lines:
+            self._add(db, counter, _NOTHING, charge, expires_at)
+        self._mark_spent(db, request_id, [_Line(*line) for line in lines])
+        return True
+
+    def _read(self, db: Db, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+        self._drop_expired(db, now)
+        self._sweep_leases(db, now)
+        return [self._state(db, counter) for counter in counters]
+
+    # --- building blocks ---
+
+    def _state(self, db: Db, counter: CounterKey) -> CounterState:
+        row = db.execute(
+            "SELECT spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests"
+            " FROM counters WHERE policy = ? AND period = ? AND window_id = ?",
+            _key_columns(counter),
+        ).fetchone() or (0,) * 6
+        return CounterState(counter, Charge(*row[:3]), Charge(*row[3:]))
+
+    def _add(self, db: Db, counter: CounterKey, reserved: Charge, spent: Charge, expires_at: float) -> None:
+        """Add (signed) amounts to a counter's reserved and spent totals; its expiry becomes `expires_at`."""
+        db.execute(_ADD, (*_key_columns(counter), *_amounts(reserved), *_amounts(spent), expires_at))
+
+    def _reservation(self, db: Db, request_id: str) -> tuple[float, list[_Line]] | None:
+        rows = db.execute(
+            "SELECT policy, period, window_id, usd, tokens, requests, lease_until, expires_at"
+            " FROM reservation_lines WHERE request_id = ?",
+            (request_id,),
+        ).fetchall()
+        if not rows:
+            return None
+        lines = [_Line(CounterKey(*row[:3]), Charge(*row[3:6]), row[7]) for row in rows]
+        return rows[0][6], lines
+
+    def _live_reservation(self, db: Db, request_id: str, now: float) -> list[_Line] | None:
+        """The reservation's lines while its lease runs; an ended one is turned into spend first."""
+        found = self._reservation(db, request_id)
+        if found is None:
+            return None
+        lease_until, lines = found
+        if lease_until < now:
+            self._expire_into_spend(db, request_id, lines)
+            return None
+        return lines
+
+    def _expire_into_spend(self, db: Db, request_id: str, lines: list[_Line]) -> None:
+        self._close_reservation(db, request_id, lines, {line.counter: line.amount for line in lines})
+        self._mark_spent(db, request_id, lines)
+
+    def _sweep_leases(self, db: Db, now: float) -> None:
+        """Turn up to SWEEP_MAX reservations whose lease ended into spend."""
+        ended = db.execute(
+            "SELECT request_id FROM reservation_lines WHERE lease_until < ?"
+            " GROUP BY request_id ORDER BY MIN(lease_until) LIMIT ?",
+            (now, SWEEP_MAX),
+        ).fetchall()
+        for (request_id,) in ended:
+            found = self._reservation(db, request_id)
+            if found is not None:
+                self._expire_into_spend(db, request_id, found[1])
+
+    def _close_reservation(
+        self, db: Db, request_id: str, lines: list[_Line], spend: dict[CounterKey, Charge]
+    ) -> None:
+        """Remove a reservation: its amounts leave `reserved`; spend[counter] is added to `spent`."""
+        for line in lines:
+            spent = spend.get(line.counter, _NOTHING)
+            self._add(db, line.counter, _negated(line.amount), spent, line.expires_at)
+        db.execute("DELETE FROM reservation_lines WHERE request_id = ?", (request_id,))
+
+    def _mark_spent(self, db: Db, request_id: str, lines: Sequence[_Line]) -> None:
+        expires_at = max(line.expires_at for line in lines)
+        db.execute("INSERT OR REPLACE INTO spent_ids VALUES (?, ?)", (request_id, expires_at))
+
+    def _is_spent(self, db: Db, request_id: str) -> bool:
+        found = db.execute("SELECT 1 FROM spent_ids WHERE request_id = ?", (request_id,)).fetchone()
+        return found is not None
+
+    def _drop_expired(self, db: Db, now: float) -> None:
+        """Delete counters and spent markers past their expiry, as Redis expires their keys."""
+        db.execute("DELETE FROM counters WHERE expires_at < ?", (now,))
+        db.execute("DELETE FROM spent_ids WHERE expires_at < ?", (now,))
+
+    # --- the worker thread ---
+
+    async def _transaction(self, operation: Callable[[Db], T]) -> T:
+        """Run `operation` in one BEGIN IMMEDIATE transaction on the worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_transaction, operation)
+
+    def _run_transaction(self, operation: Callable[[Db], T]) -> T:
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = operation(db)
+            except BaseException:
+                db.rollback()
+                raise
+            db.commit()
+            return result
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite budget store {self._path!r} failed: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        """The worker thread's connection, opened (and the schema created) on first use."""
+        if self._conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, timeout=5.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _exceeded_unit(line: ReserveLine, state: CounterState) -> Unit | None:
+    """The first limited unit in which spent + reserved + amount would pass the line's limit."""
+    totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
+    for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
+        if limit is not None and spent + reserved + amount > limit:
+            return unit
+    return None
+
+
+def _key_columns(counter: CounterKey) -> tuple[str, str, str]:
+    return counter.policy, counter.period, counter.window_id
+
+
+def _amounts(charge: Charge) -> tuple[int, int, int]:
+    return charge.usd_nano, charge.tokens, charge.requests
+
+
+def _negated(charge: Charge) -> Charge:
+    return Charge(-charge.usd_nano, -charge.tokens, -charge.requests)

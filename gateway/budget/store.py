@@ -1,0 +1,157 @@
+"""The budget store seam: domain operations on budget counters, implemented by every backend.
+
+A counter is one window of one policy's budget (`CounterKey`); it holds what was spent and what is
+reserved by requests in flight, in three integer units (nano-USD, tokens, requests). A request
+reserves its worst case on every matching counter at once, then settles with its real usage, or
+releases the reservation when it fails. A reservation not settled by its lease turns into spend, so
+a crashed replica never under-counts. Every request id adds spend at most once: settling, lease
+expiry and `record` (journal replay) each leave a marker that makes a later `record` a no-op.
+
+Backends: `gateway.budget.redis_store.RedisBudgetStore`, `gateway.budget.sqlite_store.SqliteBudgetStore`.
+All raise `gateway.errors.StoreError` when the storage fails, and ValueError for invalid arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from gateway.pricing import Charge
+
+__all__ = [
+    "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
+    "ReserveOutcome", "BudgetStore", "check_reserve_lines", "check_record_lines", "check_spend",
+]
+
+Unit = Literal["usd", "tokens", "requests"]
+UNITS: tuple[Unit, ...] = ("usd", "tokens", "requests")
+MAX_AMOUNT = 2**53 - 1
+"""Largest amount or limit: Redis Lua numbers are doubles, exact only up to 2^53 (~9M USD in nano-USD)."""
+
+SWEEP_MAX = 16
+"""Reservations whose lease ended that one `reserve` or `read` turns into spend (bounded work per call)."""
+
+Limits = tuple[int | None, int | None, int | None]
+"""Limits in (usd_nano, tokens, requests) order; None means that unit is not limited."""
+
+
+@dataclass(frozen=True)
+class CounterKey:
+    """Identifies one window of one policy's budget."""
+
+    policy: str
+    period: str
+    window_id: str
+
+
+@dataclass(frozen=True)
+class ReserveLine:
+    """What one request reserves on one counter; the counter may be dropped after `expires_at`."""
+
+    counter: CounterKey
+    amount: Charge
+    limits: Limits
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class CounterState:
+    """A counter's spend and its reservations in flight."""
+
+    counter: CounterKey
+    spent: Charge
+    reserved: Charge
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    """The answer to `reserve`; `states` are the lines' counters after it (unchanged when refused)."""
+
+    ok: bool
+    refused_index: int | None
+    refused_unit: Unit | None
+    states: list[CounterState]
+
+
+class BudgetStore(Protocol):
+    """Atomic budget operations; `now` is the caller's clock, in epoch seconds, on every call.
+
+    `reserve` is all-or-nothing: when any line's spent + reserved + amount would exceed its limit in
+    any limited unit, nothing changes and the outcome names the first such line and unit. Otherwise
+    every amount is added to its counter's reserved total and the reservation is kept under
+    `request_id` until `lease_until`. `reserve` and `read` also turn a bounded number of reservations
+    whose lease ended (lease_until < now) into spend; `settle`, `release` and `record` do that for
+    their own request id, and then return False.
+    """
+
+    async def reserve(
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+    ) -> ReserveOutcome:
+        """Reserve every line or none; ValueError if `request_id` already holds a reservation.
+
+        No lines: ok, and nothing is stored (a later settle or release returns False).
+        """
+
+    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float) -> bool:
+        """Turn the live reservation into `actual` spend; False (no change) if there is none.
+
+        Counters of the reservation missing from `actual` get no spend; ValueError (no change) if
+        `actual` names a counter the reservation does not hold.
+        """
+
+    async def release(self, request_id: str, now: float) -> bool:
+        """Drop the live reservation without spend; False (no change) if there is none."""
+
+    async def record(
+        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float
+    ) -> bool:
+        """Add spend without a reservation (journal replay); lines are (counter, spend, expires_at).
+
+        False (no change) if `request_id` already added spend (settled, expired or recorded). A live
+        reservation under the same id is dropped, as the recorded spend replaces it. ValueError if
+        `lines` is empty.
+        """
+
+    async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+        """The state of each counter, in order; one never written (or dropped after expiry) reads zero."""
+
+    async def ping(self) -> bool:
+        """True when the storage answers."""
+
+    async def close(self) -> None:
+        """Release connections or files."""
+
+
+def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:
+    """Raise ValueError for an out-of-range amount or a counter named twice."""
+    _check_distinct([counter for counter, _ in spend])
+    for _, charge in spend:
+        for unit, value in zip(UNITS, (charge.usd_nano, charge.tokens, charge.requests)):
+            _check_amount(value, unit)
+
+
+def check_record_lines(lines: Sequence[tuple[CounterKey, Charge, float]]) -> None:
+    """Raise ValueError for no lines, an out-of-range amount or a counter named twice."""
+    if not lines:
+        raise ValueError("record needs at least one line")
+    check_spend([(counter, charge) for counter, charge, _ in lines])
+
+
+def check_reserve_lines(lines: Sequence[ReserveLine]) -> None:
+    """Raise ValueError for an out-of-range amount or limit, or a counter named twice."""
+    check_spend([(line.counter, line.amount) for line in lines])
+    for line in lines:
+        for unit, limit in zip(UNITS, line.limits):
+            if limit is not None:
+                _check_amount(limit, f"{unit} limit")
+
+
+def _check_distinct(counters: Sequence[CounterKey]) -> None:
+    if len(set(counters)) != len(counters):
+        raise ValueError("the same counter is named twice")
+
+
+def _check_amount(value: int, what: str) -> None:
+    if not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT:
+        raise ValueError(f"{what} must be an integer in [0, 2^53): {value!r}")

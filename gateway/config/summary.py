@@ -1,0 +1,75 @@
+"""Human summaries of loaded Settings for `gateway check` and the startup log; never a secret or a userinfo."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from gateway.config.model import RouteTarget, Settings
+
+__all__ = ["summarize", "startup_line"]
+
+
+def summarize(settings: Settings) -> str:
+    """A few lines describing what the config sets up."""
+    server = settings.server
+    lines = [
+        f"server: {server.host}:{server.port}, auth: {_auth(settings)}",
+        f"store: {_store(settings, detail=True)}",
+        "providers: " + ", ".join(f"{p.name} ({_url_host(p.base_url)})" for p in settings.providers.values()),
+        f"routes: {len(settings.routes)}",
+        *(f"  {route.pattern} -> {', '.join(map(_target, route.targets))}" for route in settings.routes),
+        f"pricing: {len(settings.pricing)} models",
+        f"keys: {len(settings.keys)}",
+        f"policies: {len(settings.policies)}" + _names(policy.name for policy in settings.policies),
+    ]
+    return "\n".join(lines)
+
+
+def startup_line(settings: Settings) -> str:
+    """One log line: providers, routes, store, keys, policies, auth."""
+    return "; ".join([
+        "providers: " + ", ".join(settings.providers),
+        f"routes: {len(settings.routes)}",
+        f"store: {_store(settings, detail=False)}",
+        f"keys: {len(settings.keys)}",
+        f"policies: {len(settings.policies)}",
+        f"auth: {_auth(settings)}",
+    ])
+
+
+def _auth(settings: Settings) -> str:
+    """The auth mode, flagged when there is none."""
+    return "none (loopback only)" if settings.server.auth == "none" else "keys"
+
+
+def _store(settings: Settings, *, detail: bool) -> str:
+    """`redis (hosts)` or `embedded`, with the SQLite path when `detail`."""
+    store = settings.store
+    if store.url:
+        return f"redis ({_redis_hosts(store.url)})"
+    return f"embedded (SQLite {store.path})" if detail else "embedded"
+
+
+def _redis_hosts(url: str) -> str:
+    """The host[:port] list of a Redis URL, without its userinfo, database or query."""
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc and "@" in url.partition("://")[2]:
+        return "host hidden"  # a password with an unencoded / ? or # cut the netloc short
+    return netloc.rpartition("@")[2]
+
+
+def _url_host(url: str) -> str:
+    """host[:port] of an http(s) URL, without its userinfo."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _target(target: RouteTarget) -> str:
+    """A route target as `provider` or `provider as upstream-model`."""
+    return f"{target.provider} as {target.upstream_model}" if target.upstream_model else target.provider
+
+
+def _names(names: Iterable[str]) -> str:
+    """` (a, b, c)`, or nothing when there are no names."""
+    joined = ", ".join(names)
+    return f" ({joined})" if joined else ""

@@ -1,0 +1,73 @@
+"""`gateway status`: budgets (and, for the admin key, provider breakers) as a table with bars."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import aiohttp
+
+__all__ = ["fetch_status", "render_budgets", "render_providers", "run_status"]
+
+BAR_WIDTH = 20
+
+
+def bar(utilization: float) -> str:
+    """A utilization bar: '#' for used, '.' for left."""
+    filled = min(BAR_WIDTH, round(max(0.0, utilization) * BAR_WIDTH))
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def render_budgets(entries: list[dict[str, Any]]) -> str:
+    """Budget windows, one row each."""
+    if not entries:
+        return "no budget policies apply to this key"
+    rows = [[e["policy"], e["period"], e["unit"], str(e["spent"]), str(e["reserved"]), str(e["limit"]),
+             str(e["remaining"]), f"{bar(e['utilization'])} {e['utilization'] * 100:5.1f}%", e["state"],
+             e["resets_at"]] for e in entries]
+    return table(rows, ["POLICY", "PERIOD", "UNIT", "SPENT", "IN FLIGHT", "LIMIT", "REMAINING", "USED",
+                        "STATE", "RESETS AT"])
+
+
+def render_providers(entries: list[dict[str, Any]]) -> str:
+    """Provider breakers, one row each."""
+    rows = [[e["provider"], e["state"], f"{e['failure_rate'] * 100:.1f}%", str(e.get("calls_in_window", "")),
+             e.get("open_until") or "-"] for e in entries]
+    return table(rows, ["PROVIDER", "BREAKER", "FAILURES", "CALLS", "OPEN UNTIL"])
+
+
+async def fetch_status(url: str, key: str | None, path: str) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(url.rstrip("/") + path, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def collect(url: str, key: str | None, policy: str | None) -> tuple[str, int]:
+    """The printed report and the exit code."""
+    path = "/v1/budget/status" + (f"?policy={policy}" if policy else "")
+    status, body = await fetch_status(url, key, path)
+    if status != 200:
+        return f"error {status}: {body.get('error', {}).get('message', body)}", 1
+    report = render_budgets(body["data"])
+    status, providers = await fetch_status(url, key, "/v1/providers/status")
+    if status == 200:
+        report += "\n\n" + render_providers(providers["data"])
+    return report, 0
+
+
+def run_status(url: str, key: str | None, policy: str | None) -> int:
+    """Print the status report; the key defaults to $GATEWAY_KEY."""
+    try:
+        report, code = asyncio.run(collect(url, key or os.environ.get("GATEWAY_KEY"), policy))
+    except aiohttp.ClientError as exc:
+        report, code = f"cannot reach the gateway at {url}: {exc}", 2
+    print(report)
+    return code

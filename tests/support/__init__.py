@@ -1,0 +1,1 @@
+"""Test helpers: fixtures and builders shared by test modules."""

@@ -1,0 +1,429 @@
+"""One contract for every BudgetStore backend: fakeredis, redis-server, Redis Cluster, Sentinel, SQLite.
+
+Time is a FakeClock started at the real time (Redis expires keys on its own clock), moved by tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio.connection import Connection
+
+from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
+from gateway.budget.sqlite_store import SqliteBudgetStore
+from gateway.budget.store import (
+    MAX_AMOUNT, SWEEP_MAX, BudgetStore, CounterKey, CounterState, Limits, ReserveLine,
+)
+from gateway.budget.windows import window_for
+from gateway.clock import FakeClock
+from gateway.errors import StoreError
+from gateway.pricing import Charge
+from tests.support.redis_server import RedisServer
+
+GRACE_S = 86_400.0
+LEASE_S = 900.0
+POOL_SIZE = 16
+UNLIMITED: Limits = (None, None, None)
+REDIS_BACKENDS = ("fakeredis", "redis", "cluster", "sentinel")
+URL_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url", "sentinel": "redis_sentinel_url"}
+
+
+@dataclass
+class Backend:
+    """A store under test, with its Redis client when it has one."""
+
+    store: BudgetStore
+    client: Any = None
+
+
+async def _open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    name = request.param
+    if name == "sqlite":
+        return Backend(SqliteBudgetStore(str(tmp_path / "budget.db")))
+    if name == "fakeredis":
+        pytest.importorskip("lupa", reason="fakeredis runs Lua only with lupa, which is not installed")
+        from fakeredis.aioredis import FakeRedis
+
+        client: Any = FakeRedis()
+    else:
+        url = request.getfixturevalue(URL_FIXTURES[name])
+        client = create_redis_client(url, timeout_s=5.0, pool_size=POOL_SIZE)
+    return Backend(RedisBudgetStore(client, max_in_flight=POOL_SIZE), client)
+
+
+@pytest.fixture(params=[*REDIS_BACKENDS, "sqlite"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    opened = await _open_backend(request, tmp_path)
+    yield opened
+    await opened.store.close()
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+async def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    opened = await _open_backend(request, tmp_path)
+    yield opened
+    await opened.store.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(time.time())
+
+
+def counter(clock: FakeClock, policy: str = "team-a", period: str = "daily") -> CounterKey:
+    return CounterKey(policy, period, window_for(period, "UTC", clock.now()).id)  # type: ignore[arg-type]
+
+
+def expiry(clock: FakeClock, period: str = "daily") -> float:
+    return window_for(period, "UTC", clock.now()).end_ts + GRACE_S  # type: ignore[arg-type]
+
+
+def line(clock: FakeClock, key: CounterKey, amount: Charge, limits: Limits = UNLIMITED) -> ReserveLine:
+    return ReserveLine(key, amount, limits, expiry(clock, key.period))
+
+
+async def reserve(store: BudgetStore, clock: FakeClock, request_id: str, *lines: ReserveLine) -> bool:
+    outcome = await store.reserve(request_id, lines, clock.now(), clock.now() + LEASE_S)
+    return outcome.ok
+
+
+async def state(store: BudgetStore, clock: FakeClock, key: CounterKey) -> CounterState:
+    [found] = await store.read([key], clock.now())
+    return found
+
+
+async def test_reserve_within_limit_adds_to_reserved(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    amount = Charge(usd_nano=1_500_000, tokens=1200, requests=1)
+    outcome = await backend.store.reserve(
+        "r1", [line(clock, key, amount, (10**9, 10**6, 100))], clock.now(), clock.now() + LEASE_S
+    )
+    assert outcome.ok and outcome.refused_index is None and outcome.refused_unit is None
+    assert outcome.states == [CounterState(key, Charge(), amount)]
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), amount)
+
+
+async def test_read_of_unknown_counter_is_zero(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock, "nobody")
+    assert await backend.store.read([key], clock.now()) == [CounterState(key, Charge(), Charge())]
+
+
+async def test_limit_is_inclusive(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    limits: Limits = (None, 1000, None)
+    assert await reserve(backend.store, clock, "a", line(clock, key, Charge(tokens=600), limits))
+    assert await reserve(backend.store, clock, "b", line(clock, key, Charge(tokens=400), limits))
+    assert not await reserve(backend.store, clock, "c", line(clock, key, Charge(tokens=1), limits))
+
+
+async def test_refusal_of_one_line_leaves_every_line_unchanged(backend: Backend, clock: FakeClock) -> None:
+    keys = [counter(clock, "org"), counter(clock, "team"), counter(clock, "user", "monthly")]
+    assert await reserve(backend.store, clock, "warm", *(line(clock, k, Charge(100, 10, 1)) for k in keys))
+    before = await backend.store.read(keys, clock.now())
+    limits: list[Limits] = [(10**6, None, None), (None, 50, None), (None, None, 10)]
+    wanted = [line(clock, k, Charge(200, 41, 1), lim) for k, lim in zip(keys, limits)]  # team: 10 + 41 > 50
+    outcome = await backend.store.reserve("big", wanted, clock.now(), clock.now() + LEASE_S)
+    assert (outcome.ok, outcome.refused_index, outcome.refused_unit) == (False, 1, "tokens")
+    assert outcome.states == before
+    assert await backend.store.read(keys, clock.now()) == before
+    assert not await backend.store.release("big", clock.now())
+
+
+async def test_settle_moves_reservation_to_actual_spend(backend: Backend, clock: FakeClock) -> None:
+    key, other = counter(clock), counter(clock, "team-b", "monthly")
+    reserved = Charge(usd_nano=9_000, tokens=900, requests=1)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, reserved), line(clock, other, reserved))
+    actual = Charge(usd_nano=4_321, tokens=432, requests=1)
+    assert await backend.store.settle("r1", [(key, actual), (other, actual)], clock.now())
+    assert await backend.store.read([key, other], clock.now()) == [
+        CounterState(key, actual, Charge()), CounterState(other, actual, Charge()),
+    ]
+
+
+async def test_settle_twice_counts_once(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000, 100, 1)))
+    assert await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now())
+    assert not await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(700, 70, 1), Charge())
+
+
+async def test_settle_spends_nothing_where_no_usage_is_given(backend: Backend, clock: FakeClock) -> None:
+    key, other = counter(clock, "a"), counter(clock, "b")
+    both = line(clock, key, Charge(10)), line(clock, other, Charge(10))
+    assert await reserve(backend.store, clock, "r1", *both)
+    assert await backend.store.settle("r1", [(key, Charge(7))], clock.now())
+    assert await backend.store.read([key, other], clock.now()) == [
+        CounterState(key, Charge(7), Charge()), CounterState(other, Charge(), Charge()),
+    ]
+
+
+async def test_settle_naming_a_foreign_counter_changes_nothing(backend: Backend, clock: FakeClock) -> None:
+    key, stranger = counter(clock, "a"), counter(clock, "stranger")
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(10)))
+    with pytest.raises(ValueError):
+        await backend.store.settle("r1", [(key, Charge(5)), (stranger, Charge(5))], clock.now())
+    assert await backend.store.read([key, stranger], clock.now()) == [
+        CounterState(key, Charge(), Charge(10)), CounterState(stranger, Charge(), Charge()),
+    ]
+    assert await backend.store.settle("r1", [(key, Charge(5))], clock.now())
+
+
+async def test_release_returns_the_reservation(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000, 100, 1)))
+    assert await backend.store.release("r1", clock.now())
+    assert not await backend.store.release("r1", clock.now())
+    assert not await backend.store.settle("r1", [(key, Charge(1))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), Charge())
+
+
+async def test_ended_lease_turns_into_spend(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    amount = Charge(5_000, 500, 1)
+    assert await reserve(backend.store, clock, "crashed", line(clock, key, amount))
+    clock.advance(LEASE_S)
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), amount)  # lease_until == now
+    clock.advance(1)
+    assert await state(backend.store, clock, key) == CounterState(key, amount, Charge())
+    assert not await backend.store.settle("crashed", [(key, Charge(1))], clock.now())
+    assert not await backend.store.release("crashed", clock.now())
+    assert not await backend.store.record("crashed", [(key, Charge(1), expiry(clock))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, amount, Charge())
+
+
+async def test_settle_after_lease_end_is_refused_before_any_sweep(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "late", line(clock, key, Charge(800)))
+    clock.advance(LEASE_S + 1)
+    assert not await backend.store.settle("late", [(key, Charge(300))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(800), Charge())
+
+
+async def test_reserve_sweeps_at_most_sweep_max_ended_leases(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    for index in range(SWEEP_MAX + 4):
+        assert await reserve(backend.store, clock, f"crashed-{index}", line(clock, key, Charge(tokens=1)))
+    clock.advance(LEASE_S + 1)
+    outcome = await backend.store.reserve("fresh", [line(clock, key, Charge(tokens=100))], clock.now(),
+                                          clock.now() + LEASE_S)
+    assert outcome.states == [CounterState(key, Charge(tokens=SWEEP_MAX), Charge(tokens=4 + 100))]
+    after_read = await state(backend.store, clock, key)
+    assert after_read == CounterState(key, Charge(tokens=SWEEP_MAX + 4), Charge(tokens=100))
+
+
+async def test_record_is_idempotent_by_request_id(backend: Backend, clock: FakeClock) -> None:
+    key, monthly = counter(clock), counter(clock, period="monthly")
+    cost = Charge(250, 25, 1)
+    spend = [(key, cost, expiry(clock)), (monthly, cost, expiry(clock, "monthly"))]
+    assert await backend.store.record("replayed", spend, clock.now())
+    assert not await backend.store.record("replayed", spend, clock.now())
+    assert await backend.store.read([key, monthly], clock.now()) == [
+        CounterState(key, cost, Charge()), CounterState(monthly, cost, Charge()),
+    ]
+
+
+async def test_record_after_settle_does_not_count_twice(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now())
+    assert not await backend.store.record("r1", [(key, Charge(600), expiry(clock))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+
+
+async def test_record_replaces_a_live_reservation(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    assert await backend.store.record("r1", [(key, Charge(600), expiry(clock))], clock.now())
+    assert not await backend.store.settle("r1", [(key, Charge(600))], clock.now())
+    clock.advance(LEASE_S + 1)
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+
+
+async def test_concurrent_reserves_admit_exactly_what_fits(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    cost, budget = Charge(usd_nano=7_000_000, tokens=10, requests=1), 1_000_000_000
+    lines = [line(clock, key, cost, (budget, None, None))]
+    outcomes = await asyncio.gather(*(
+        backend.store.reserve(f"r{i}", lines, clock.now(), clock.now() + LEASE_S) for i in range(300)
+    ))
+    admitted = sum(outcome.ok for outcome in outcomes)
+    assert admitted == budget // cost.usd_nano == 142
+    assert all(o.refused_unit == "usd" for o in outcomes if not o.ok)
+    assert await state(backend.store, clock, key) == CounterState(
+        key, Charge(), Charge(admitted * cost.usd_nano, admitted * 10, admitted)
+    )
+
+
+async def test_unlimited_units_never_refuse(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    huge = Charge(usd_nano=10**15, tokens=10**15, requests=10**15)
+    for index in range(3):
+        assert await reserve(backend.store, clock, f"r{index}", line(clock, key, huge))
+    capped: Limits = (None, None, 4 * 10**15)
+    assert await reserve(backend.store, clock, "requests-capped", line(clock, key, huge, capped))
+    assert not await reserve(backend.store, clock, "over", line(clock, key, Charge(requests=1), capped))
+    assert (await state(backend.store, clock, key)).reserved == Charge(4 * 10**15, 4 * 10**15, 4 * 10**15)
+
+
+async def test_largest_exact_amounts_compare_exactly(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    limit: Limits = (MAX_AMOUNT, None, None)
+    assert await reserve(backend.store, clock, "a", line(clock, key, Charge(MAX_AMOUNT - 1), limit))
+    assert not await reserve(backend.store, clock, "b", line(clock, key, Charge(2), limit))
+    assert await reserve(backend.store, clock, "c", line(clock, key, Charge(1), limit))
+    assert (await state(backend.store, clock, key)).reserved == Charge(MAX_AMOUNT)
+
+
+async def test_reserving_nothing_is_ok_and_stores_nothing(backend: Backend, clock: FakeClock) -> None:
+    outcome = await backend.store.reserve("empty", [], clock.now(), clock.now() + LEASE_S)
+    assert (outcome.ok, outcome.states) == (True, [])
+    assert not await backend.store.release("empty", clock.now())
+    with pytest.raises(ValueError):
+        await backend.store.record("empty", [], clock.now())
+
+
+async def test_a_request_id_reserves_once(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(10)))
+    with pytest.raises(ValueError):
+        await reserve(backend.store, clock, "r1", line(clock, key, Charge(10)))
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), Charge(10))
+
+
+@pytest.mark.parametrize("bad", [Charge(-1), Charge(MAX_AMOUNT + 1), Charge(tokens=1.5)])  # type: ignore
+async def test_out_of_range_amounts_are_rejected(backend: Backend, clock: FakeClock, bad: Charge) -> None:
+    key = counter(clock)
+    with pytest.raises(ValueError):
+        await reserve(backend.store, clock, "r1", line(clock, key, bad))
+    with pytest.raises(ValueError):
+        await backend.store.record("r2", [(key, bad, expiry(clock))], clock.now())
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), Charge())
+
+
+async def test_counters_expire_after_their_window(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    expires_at = expiry(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(10)))
+    if isinstance(backend.store, RedisBudgetStore):
+        ttl_ms = await backend.client.pttl(backend.store.counter_key(key))
+        assert abs(ttl_ms / 1000 - (expires_at - time.time())) < 5
+    else:
+        clock.set(expires_at - 1)
+        assert (await state(backend.store, clock, key)).spent == Charge(10)  # the lease ended: spend
+        clock.set(expires_at + 1)
+        assert await state(backend.store, clock, key) == CounterState(key, Charge(), Charge())
+
+
+async def test_ping(backend: Backend) -> None:
+    assert await backend.store.ping()
+
+
+async def test_scripts_are_reloaded_after_script_flush(redis_backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    reserve_sha = redis_backend.store._scripts["reserve"].sha  # type: ignore[attr-defined]
+    assert await reserve(redis_backend.store, clock, "before", line(clock, key, Charge(10)))
+    await redis_backend.client.script_flush()
+    assert await redis_backend.client.script_exists(reserve_sha) == [False]
+    assert await reserve(redis_backend.store, clock, "after", line(clock, key, Charge(10)))
+    assert await redis_backend.client.script_exists(reserve_sha) == [True]
+    assert await redis_backend.store.settle("after", [(key, Charge(5))], clock.now())
+    assert await state(redis_backend.store, clock, key) == CounterState(key, Charge(5), Charge(10))
+
+
+async def test_reserve_and_settle_take_one_round_trip_each(
+    redis_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisBudgetStore(create_redis_client(redis_url, timeout_s=5.0, pool_size=4))
+    key = counter(clock)
+    sent: list[bytes] = []
+    send = Connection.send_packed_command
+
+    async def counting_send(self: Connection, command: Any, check_health: bool = True) -> None:
+        sent.append(bytes(command[0] if isinstance(command, list) else command)[:40])
+        await send(self, command, check_health)
+
+    try:
+        assert await reserve(store, clock, "warm-up", line(clock, key, Charge(10)))  # loads scripts, connects
+        assert await store.settle("warm-up", [(key, Charge(10))], clock.now())
+        monkeypatch.setattr(Connection, "send_packed_command", counting_send)
+        assert await reserve(store, clock, "r1", line(clock, key, Charge(10)))
+        assert await store.settle("r1", [(key, Charge(10))], clock.now())
+    finally:
+        await store.close()
+    assert len(sent) == 2 and all(b"EVALSHA" in command for command in sent)
+
+
+async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clock: FakeClock) -> None:
+    assert await reserve(redis_backend.store, clock, "r1", line(clock, counter(clock), Charge(10)))
+    recorded = [(counter(clock, "b"), Charge(1), expiry(clock))]
+    assert await redis_backend.store.record("r2", recorded, clock.now())
+    keys = [key async for key in redis_backend.client.scan_iter(match="*")]
+    assert len(keys) >= 4 and all(key.startswith(b"{gw}:") for key in keys)
+
+
+async def test_sqlite_state_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:
+    path = str(tmp_path / "budget.db")
+    key = counter(clock)
+    store = SqliteBudgetStore(path)
+    assert await store.record("done", [(key, Charge(100), expiry(clock))], clock.now())
+    assert await reserve(store, clock, "in-flight", line(clock, key, Charge(40)))
+    await store.close()
+
+    reopened = SqliteBudgetStore(path)
+    try:
+        assert await state(reopened, clock, key) == CounterState(key, Charge(100), Charge(40))
+        assert not await reopened.record("done", [(key, Charge(100), expiry(clock))], clock.now())
+        assert await reopened.settle("in-flight", [(key, Charge(30))], clock.now())
+        assert await state(reopened, clock, key) == CounterState(key, Charge(130), Charge())
+    finally:
+        await reopened.close()
+
+
+async def test_killed_redis_fails_fast(fresh_redis_server: RedisServer, clock: FakeClock) -> None:
+    store = RedisBudgetStore(create_redis_client(fresh_redis_server.url, timeout_s=0.25, pool_size=4))
+    key = counter(clock)
+    try:
+        assert await reserve(store, clock, "r1", line(clock, key, Charge(10)))
+        fresh_redis_server.kill()
+        await _assert_store_error_within(store.reserve("r2", [line(clock, key, Charge(1))], clock.now(), 0.0))
+        await _assert_store_error_within(store.settle("r1", [(key, Charge(5))], clock.now()))
+        assert not await store.ping()
+        fresh_redis_server.restart()  # an empty dataset: the scripts are gone too
+        assert await reserve(store, clock, "r3", line(clock, key, Charge(10)))
+    finally:
+        await store.close()
+
+
+async def test_frozen_redis_fails_within_the_timeout(fresh_redis_server: RedisServer, clock: FakeClock) -> None:
+    store = RedisBudgetStore(create_redis_client(fresh_redis_server.url, timeout_s=0.25, pool_size=4))
+    key = counter(clock)
+    try:
+        assert await reserve(store, clock, "r1", line(clock, key, Charge(10)))
+        fresh_redis_server.pause()
+        await _assert_store_error_within(store.read([key], clock.now()))
+        await _assert_store_error_within(store.reserve("r2", [line(clock, key, Charge(1))], clock.now(), 0.0))
+        fresh_redis_server.resume()
+        assert await state(store, clock, key) == CounterState(key, Charge(), Charge(10))
+    finally:
+        fresh_redis_server.resume()
+        await store.close()
+
+
+async def _assert_store_error_within(call: Any, seconds: float = 1.0) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(call, timeout=5)
+    assert time.monotonic() - started < seconds
+
+
+@pytest.mark.parametrize("url", ["memcached://127.0.0.1:11211", "redis+sentinel://127.0.0.1:26379"])
+def test_unusable_store_urls_are_rejected(url: str) -> None:
+    with pytest.raises(ValueError):
+        create_redis_client(url, timeout_s=0.25, pool_size=4)

@@ -1,0 +1,272 @@
+"""Config loading: every validation rule has a fixture named after the mistake it catches."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.config.interpolate import interpolate
+from gateway.config.loader import load_settings, startup_line, summarize
+from gateway.config.model import RouteTarget, Settings
+from gateway.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "config"
+PROVIDER_ENV = {"HOLYSHEEP_API_KEY": "sk-holy", "OPENAI_API_KEY": "sk-open"}
+CLIENT_ENV = {"WEB_APP_KEY": "web-secret", "BATCH_JOBS_KEY": "batch-secret"}
+MINIMAL = """\
+providers:
+  mock:
+    base_url: http://127.0.0.1:9000/v1
+    api_key: ${MOCK_API_KEY:-sk-mock}
+routes:
+  gpt-4.1: [mock]
+pricing:
+  gpt-4.1: {input: 2.00, output: 8.00}
+"""
+
+
+def load_fixture(name: str, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> Settings:
+    """Load a fixture's config.yaml from inside its directory, so messages name files as a user would."""
+    monkeypatch.chdir(FIXTURES / name)
+    return load_settings("config.yaml", env=env or {})
+
+
+def fixture_issues(name: str, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None) -> list[str]:
+    """Every issue a broken fixture raises, as `file: path: message` lines."""
+    with pytest.raises(ConfigError) as caught:
+        load_fixture(name, monkeypatch, env)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def write_config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    """A config file in tmp_path."""
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- the shipped files -------------------------------------------------------------------------------------
+
+def test_shipped_config_loads_with_provider_and_client_keys_from_env() -> None:
+    settings = load_settings(REPO / "config.yaml", env={**PROVIDER_ENV, **CLIENT_ENV})
+    assert list(settings.providers) == ["holysheep", "openai"]
+    assert settings.providers["holysheep"].base_url == "https://api.holysheep.ai/v1"
+    assert settings.providers["openai"].api_key == "sk-open"
+    assert settings.store.url is None
+    assert settings.keys[0].sha256 == hashlib.sha256(b"web-secret").hexdigest()
+    assert settings.route_for("claude-sonnet-4.5").targets[1] == RouteTarget("openai", "gpt-4.1")
+    assert {policy.name for policy in settings.policies} == {"global", "team-web", "team-data"}
+
+
+def test_demo_config_loads_with_an_empty_environment() -> None:
+    settings = load_settings(REPO / "demo.yaml", env={})
+    assert settings.server.auth == "none"
+    assert settings.providers["mock"].base_url == "http://127.0.0.1:9000/v1"
+    assert {route.pattern for route in settings.routes} == set(settings.pricing)
+
+
+def test_shipped_prices_are_exact_decimals() -> None:
+    prices = load_settings(REPO / "demo.yaml", env={}).pricing
+    assert prices["gpt-4o-mini"].cached_input == Decimal("0.075")
+    assert prices["gpt-4.1"].input == Decimal("2.00")
+    assert prices["deepseek-v3.2"].output == Decimal("0.42")
+    assert len(prices) >= 9
+
+
+def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
+    settings = load_settings(REPO / "demo.yaml", env={})
+    web = next(policy for policy in settings.policies if policy.name == "team-web")
+    assert (web.on_exceed, web.downgrade_to) == ("downgrade", "gpt-4o-mini")
+    assert web.budgets[0].requests is not None
+    assert web.source == str(REPO / "policies" / "teams.yaml")
+
+
+# --- one fixture per mistake ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fixture", "expected"), [
+    ("missing_env_var", "config.yaml: providers.mock.api_key: environment variable MOCK_KEY_NOT_SET is not set"),
+    ("port_not_integer", "config.yaml: server.port: must be an integer"),
+    ("port_out_of_range", "config.yaml: server.port: must be between 0 and 65535"),
+    ("base_url_not_http", "config.yaml: providers.mock.base_url: must be an http(s) URL"),
+    ("route_unknown_provider", "config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
+    ("route_provider_twice",
+     "config.yaml: routes.gpt-4.1[1].provider: provider 'mock' is already listed at routes.gpt-4.1[0]"),
+    ("route_model_unpriced", "config.yaml: routes.gpt-4o: model 'gpt-4o' has no price"),
+    ("auth_none_public_host", "config.yaml: server.auth: 'none' is only allowed when server.host is a loopback "
+                              "address (127.0.0.0/8, ::1, localhost)"),
+    ("key_digest_invalid", "config.yaml: keys[0].sha256: must be a SHA-256 hex digest (64 hex characters)"),
+    ("key_duplicate_name", "config.yaml: keys[1].name: duplicate key name 'web-app' (also at keys[0].name)"),
+    ("key_duplicate_digest", "config.yaml: keys[1]: same key as keys[0]"),
+    ("key_env_missing", "config.yaml: keys[0].key_env: environment variable WEB_APP_KEY is not set"),
+    ("pricing_file_missing", "config.yaml: pricing: file not found: prices.yaml"),
+    ("price_negative", "pricing.yaml: models.gpt-4.1.input: must be >= 0"),
+    ("yaml_syntax_error",
+     "config.yaml: invalid YAML at line 9, column 3: expected the node content, but found '-'"),
+    ("yaml_duplicate_key", "config.yaml: invalid YAML at line 8, column 1: duplicate key 'routes'"),
+    ("policy_negative_limit", "policies/team.yaml: budgets[0].usd: must be >= 0"),
+    ("policy_duplicate_name",
+     "policies/b.yaml: policies[0].name: duplicate policy name 'web' (also in policies/a.yaml)"),
+    ("policy_unknown_timezone",
+     "policies/team.yaml: timezone: unknown time zone: must be an IANA name such as UTC or Europe/Paris"),
+    ("policy_unknown_key", "policies/team.yaml: on_exceeded: unknown key"),
+    ("policy_file_empty", "policies/team.yaml: file is empty"),
+    ("policy_file_truncated", "policies/team.yaml: policies[0].budgets[0].period: must be one of: daily, monthly"),
+    ("policy_period_twice", "policies/team.yaml: budgets[1].period: daily budget already set at budgets[0]"),
+    ("policy_budget_without_limit",
+     "policies/team.yaml: budgets[0]: needs at least one limit: usd, tokens or requests"),
+    ("policy_downgrade_unpriced", "policies/team.yaml: on_exceed.downgrade: model 'gpt-4o-mini' has no price"),
+])
+def test_mistake_is_reported_with_file_and_key_path(fixture: str, expected: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert expected in fixture_issues(fixture, monkeypatch)
+
+
+def test_unknown_keys_are_reported_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fixture_issues("unknown_key", monkeypatch) == [
+        "config.yaml: server.hots: unknown key",
+        "config.yaml: providers.mock.timeouts.conect_s: unknown key",
+        "config.yaml: routes.gpt-4.1[0].modle: unknown key",
+        "config.yaml: pricing.gpt-4.1.cached: unknown key",
+        "config.yaml: rate_limits: unknown key",
+    ]
+
+
+def test_every_problem_is_reported_not_just_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sorted(fixture_issues("many_mistakes", monkeypatch)) == sorted([
+        "config.yaml: server.colour: unknown key",
+        "config.yaml: server.port: must be an integer",
+        "config.yaml: providers.mock.base_url: must be an http(s) URL",
+        "config.yaml: pricing.gpt-4.1.input: must be >= 0",
+        "config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'",
+    ])
+
+
+def test_a_misshapen_file_stops_after_pass_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fixture_issues("wrong_shape", monkeypatch) == [
+        "config.yaml: providers: must be a mapping",
+        "config.yaml: routes.gpt-4.1: must be a list",
+    ]
+
+
+def test_admin_key_and_its_digest_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    issues = fixture_issues("admin_key_twice", monkeypatch, env={"ADMIN_KEY": "s3cret"})
+    assert issues == ["config.yaml: server.admin_key: set admin_key or admin_key_sha256, not both"]
+
+
+def test_store_url_must_be_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    issues = fixture_issues("store_url_not_redis", monkeypatch, env={"STORE_URL": "http://cache:6379"})
+    assert issues == ["config.yaml: store.url: must be a redis://, rediss://, redis+cluster:// or "
+                      "redis+sentinel:// URL, or empty"]
+
+
+def test_glob_routes_and_unpriced_upstream_models_are_fine(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_fixture("glob_and_upstream_unpriced_ok", monkeypatch)
+    assert settings.route_for("gpt-4.1").targets[1] == RouteTarget("backup", "my-gpt-4.1-deployment")
+    assert settings.route_for("claude-opus-4").pattern == "claude-*"
+
+
+# --- interpolation and secrets -----------------------------------------------------------------------------
+
+def test_interpolation_uses_defaults_and_names_missing_variables() -> None:
+    assert interpolate("${A}/${B:-x}/${C:-}", {"A": "1", "B": ""}) == ("1/x/", [])
+    assert interpolate("${NOPE}-${NOPE}", {}) == ("-", ["NOPE"])
+
+
+def test_a_secret_with_yaml_syntax_is_taken_literally(tmp_path: Path) -> None:
+    secret = "a: [b, {c: d}] # ${NOT_A_REF} '\"\n- e"
+    settings = load_settings(write_config(tmp_path, MINIMAL), env={"MOCK_API_KEY": secret})
+    assert settings.providers["mock"].api_key == secret
+
+
+def test_error_text_never_contains_an_environment_secret(tmp_path: Path) -> None:
+    secrets = {
+        "ADMIN": "adm1n-s3cret", "STORE": "http://user:redis-s3cret@cache:6379", "URL": "ftp://u:url-s3cret@x",
+        "PORT": "port-s3cret", "PROVIDER": "provider-s3cret", "KEY": "key-s3cret", "TZ_SECRET": "tz-s3cret",
+    }
+    config = write_config(tmp_path, f"""\
+server: {{host: 0.0.0.0, auth: none, port: "${{PORT}}", admin_key: "${{ADMIN}}", admin_key_sha256: "${{ADMIN}}"}}
+store: {{url: "${{STORE}}"}}
+providers:
+  mock: {{base_url: "${{URL}}", api_key: "${{KEY}}", headers: {{X-Key: "${{KEY}}"}}}}
+routes:
+  gpt-4.1: ["${{PROVIDER}}", mock, "${{PROVIDER}}"]
+pricing: {{gpt-4.1: {{input: 2, output: 8}}}}
+keys: [{{name: "${{KEY}}", key_env: KEY}}, {{name: a, sha256: "${{KEY}}"}}]
+""")
+    (tmp_path / "policies").mkdir()
+    write_config(tmp_path, 'name: p\nbudgets: [{period: daily, usd: 1}]\ntimezone: "${TZ_SECRET}"\n'
+                           'on_exceed: {downgrade: "${PROVIDER}"}\n', "policies/p.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, env=secrets)
+    text = str(caught.value)
+    assert len(caught.value.issues) >= 8
+    assert not [value for value in secrets.values() if value in text]
+
+
+def test_summaries_never_show_secrets(tmp_path: Path) -> None:
+    env = {**PROVIDER_ENV, **CLIENT_ENV, "GATEWAY_ADMIN_KEY": "adm1n-s3cret",
+           "GATEWAY_REDIS_URL": "redis://default:redis-s3cret@cache.internal:6379/0"}
+    settings = load_settings(REPO / "config.yaml", env=env)
+    line, summary = startup_line(settings), summarize(settings)
+    assert "store: redis (cache.internal:6379)" in line
+    assert not [value for value in env.values() if value in line + summary]
+
+
+# --- decoding details ----------------------------------------------------------------------------------------
+
+def test_floats_are_exact_decimals(tmp_path: Path) -> None:
+    text = MINIMAL.replace("{input: 2.00, output: 8.00}", "{input: 0.1, output: 0.30000000000000004}")
+    price = load_settings(write_config(tmp_path, text), env={}).pricing["gpt-4.1"]
+    assert (price.input, price.output) == (Decimal("0.1"), Decimal("0.30000000000000004"))
+
+
+def test_empty_store_url_means_embedded_and_paths_follow_the_config_dir(tmp_path: Path) -> None:
+    text = 'store: {url: "${GATEWAY_REDIS_URL:-}", path: state/gw.db}\n' + MINIMAL
+    store = load_settings(write_config(tmp_path, text), env={"GATEWAY_REDIS_URL": ""}).store
+    assert store.url is None
+    assert store.path == str(tmp_path / "state" / "gw.db")
+
+
+def test_admin_key_from_env_is_kept_only_as_its_digest(tmp_path: Path) -> None:
+    text = 'server: {admin_key: "${GATEWAY_ADMIN_KEY:-}"}\n' + MINIMAL
+    server = load_settings(write_config(tmp_path, text), env={"GATEWAY_ADMIN_KEY": "open-sesame"}).server
+    assert server.admin_key_sha256 == hashlib.sha256(b"open-sesame").hexdigest()
+
+
+def test_numbers_from_the_environment_are_decoded(tmp_path: Path) -> None:
+    text = 'server: {port: "${PORT:-8080}", access_log: "${LOG:-false}"}\n' + MINIMAL
+    server = load_settings(write_config(tmp_path, text), env={"PORT": "9090"}).server
+    assert (server.port, server.access_log) == (9090, False)
+
+
+def test_policies_listed_as_files_keep_their_order_and_source(tmp_path: Path) -> None:
+    for name in ("b", "a"):
+        write_config(tmp_path, f"name: {name}\nbudgets: [{{period: monthly, tokens: 5}}]\n", f"{name}.yaml")
+    settings = load_settings(write_config(tmp_path, MINIMAL + "policies: [b.yaml, a.yaml]\n"), env={})
+    assert [(policy.name, Path(policy.source).name) for policy in settings.policies] == [("b", "b.yaml"),
+                                                                                          ("a", "a.yaml")]
+    assert str(tmp_path / "a.yaml") in settings.source_files
+
+
+def test_a_missing_policies_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="policies: directory not found"):
+        load_settings(write_config(tmp_path, MINIMAL + "policies: team-policies\n"), env={})
+
+
+def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_a_copied_demo_resolves_pricing_and_policies_beside_it(tmp_path: Path) -> None:
+    for name in ("demo.yaml", "pricing.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    settings = load_settings(tmp_path / "demo.yaml", env={})
+    assert len(settings.source_files) == 4
+    assert all(path.startswith(str(tmp_path)) for path in settings.source_files)
