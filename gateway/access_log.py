@@ -23,12 +23,16 @@ class AccessRecord:
     started: float = field(default_factory=time.perf_counter)
     caller: str | None = None
     model: str | None = None
+    route: str | None = None                 # the route pattern that served the model (a bounded label)
+    policies: tuple[str, ...] = ()           # budget policies the request was matched and charged against
+    downgraded_from: str | None = None
     provider: str | None = None
     status: int = 0
     usage: Usage | None = None
     cost_nano: int | None = None
     attempts: int = 0
     stream: bool = False
+    first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event
     error: str | None = None
 
     def line(self) -> bytes:
@@ -41,6 +45,8 @@ class AccessRecord:
             "path": self.path,
             "caller": self.caller,
             "model": self.model,
+            "downgraded_from": self.downgraded_from,
+            "policies": self.policies,
             "provider": self.provider,
             "status": self.status,
             "stream": self.stream,

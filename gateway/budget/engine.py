@@ -42,6 +42,11 @@ class Reservation:
     local: bool = False                 # held in this replica's fail-open allowance, not in the store
     downgraded_from: str | None = None
 
+    @property
+    def policies(self) -> tuple[str, ...]:
+        """Names of the policies this reservation holds budget on."""
+        return tuple(dict.fromkeys(line.counter.policy for line in self.lines))
+
 
 def limits_of(budget: BudgetLimit) -> tuple[int | None, int | None, int | None]:
     """A budget's limits in store units (nano-USD, tokens, requests)."""

@@ -34,7 +34,9 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     req = await read_proxy_request(request, endpoint, settings.server.max_body_bytes)
     record.model, record.stream = req.model, req.stream
     plan = plan_for(settings, req.model)
+    record.route = plan.route
     reservation = await app[BUDGET].reserve(record.request_id, settings, caller, plan, req)
+    record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     reply: UpstreamReply | None = None
     usage: Usage | None = None
     try:
@@ -63,6 +65,8 @@ async def respond(request: web.Request, req: ProxyRequest,
             "x-request-id": request[RECORD].request_id, **served_by})
         await client.prepare(request)
         outcome = await relay_stream(upstream, client, req.wants_usage, redactor)
+        if outcome.first_write_at is not None:
+            request[RECORD].first_byte_s = outcome.first_write_at - request[RECORD].started
         if not outcome.client_gone:
             await client.write_eof()
         return client, stream_usage(outcome, req)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -55,6 +56,7 @@ class StreamOutcome:
     content_events: int = 0
     complete: bool = False           # [DONE] was relayed
     client_gone: bool = False
+    first_write_at: float | None = None   # perf_counter() when the first event went to the client
 
 
 class _SseSplitter:
@@ -97,6 +99,8 @@ async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamRespo
         async for chunk in upstream.content.iter_any():
             out = b"".join(e for e in splitter.feed(chunk) if _inspect(e, outcome, wants_usage))
             if out:
+                if outcome.first_write_at is None:
+                    outcome.first_write_at = time.perf_counter()
                 await client.write(redactor.bytes(out))
     except (aiohttp.ClientError, asyncio.TimeoutError):
         pass  # the upstream broke off: reported to the client below
