@@ -161,3 +161,20 @@ async def test_concurrent_requests_never_overspend(upstream, start_gateway, http
     assert sum(r.status == 200 for r in replies) == 37 == upstream.hits
     entry = (await status(http, replicas[0]))[("global", "daily", "requests")]
     assert entry["spent"] == 37 and entry["reserved"] == 0
+
+
+async def test_a_truncated_stream_is_charged_its_partial_usage_and_releases_the_rest(upstream, start_gateway,
+                                                                                     http, store_config):
+    from gateway.mock_upstream import Action
+    from gateway.tokens import prompt_upper_bound
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store_config,
+                                                policies=(make_policy("global", usd="10"),)))
+    upstream.script(Action(truncate_after=2))
+    body = {**CHAT, "stream": True}
+    reply = await http(gateway, "POST", "/v1/chat/completions", json=body)
+
+    assert reply.status == 200 and b"stream_truncated" in reply.body and b"[DONE]" not in reply.body
+    partial = Usage(prompt_tokens=prompt_upper_bound(body), completion_tokens=2, estimated=True)
+    usd = (await status(http, gateway))[("global", "daily", "usd")]
+    assert Decimal(usd["spent"]) == nano_to_usd(cost_nano(PRICES["gpt-4.1"], partial))
+    assert Decimal(usd["reserved"]) == 0

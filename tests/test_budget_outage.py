@@ -1,0 +1,112 @@
+"""redis-server killed or frozen mid-run: each outage mode behaves as documented, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+
+from gateway.appkeys import BUDGET
+from gateway.config.model import StoreConfig
+from gateway.pricing import Usage, cost_nano, nano_to_usd
+from tests.support.redis_server import RedisServer
+from tests.support.settings import PRICES, make_policy, make_settings
+
+CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "outage drill"}], "max_tokens": 5}
+DECISION_BOUND_S = 2.0   # connect bound (1 s) + one command (0.25 s), with slack for a loaded CI machine
+
+
+@pytest.fixture
+def durable_redis(tmp_path) -> RedisServer:
+    """A redis-server with an fsync'd append-only file, so a kill and restart keeps its data."""
+    server = RedisServer(tmp_path, args=("--save", "", "--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def billing(upstream) -> Decimal:
+    billed = upstream.billed.models["gpt-4.1"]
+    return nano_to_usd(cost_nano(PRICES["gpt-4.1"], Usage(billed.prompt_tokens, billed.completion_tokens)))
+
+
+async def spent_and_reserved(http, gateway) -> tuple[Decimal, Decimal]:
+    from tests.support.settings import ADMIN_KEY
+    [entry] = (await http(gateway, "GET", "/v1/budget/status", key=ADMIN_KEY)).json()["data"]
+    return Decimal(entry["spent"]), Decimal(entry["reserved"])
+
+
+async def timed_chat(http, gateway, body=CHAT):
+    started = time.monotonic()
+    reply = await http(gateway, "POST", "/v1/chat/completions", json=body)
+    return reply, time.monotonic() - started
+
+
+async def gateway_on(start_gateway, upstream, redis: RedisServer, mode: str, allowance: str = "0.5"):
+    store = StoreConfig(url=redis.url, on_outage=mode, fail_open_allowance=Decimal(allowance))
+    return await start_gateway(make_settings({"primary": upstream.url}, store=store,
+                                             policies=(make_policy("global", usd="1"),)))
+
+
+async def test_fail_closed_refuses_quickly_while_down_and_counts_exactly_after(durable_redis, upstream,
+                                                                              start_gateway, http):
+    gateway = await gateway_on(start_gateway, upstream, durable_redis, "fail_closed")
+    for _ in range(3):
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+
+    durable_redis.kill()
+    for _ in range(3):
+        reply, took = await timed_chat(http, gateway)
+        assert reply.status == 503 and reply.json()["error"]["code"] == "budget_store_unavailable"
+        assert took < DECISION_BOUND_S
+    assert upstream.hits == 3                      # nothing was served unchecked
+
+    durable_redis.start()
+    assert await gateway.app[BUDGET].recover()
+    for _ in range(3):
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)
+
+
+async def test_a_frozen_redis_is_answered_within_the_timeout(durable_redis, upstream, start_gateway, http):
+    gateway = await gateway_on(start_gateway, upstream, durable_redis, "fail_closed")
+    assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    durable_redis.pause()
+    try:
+        reply, took = await timed_chat(http, gateway)
+    finally:
+        durable_redis.resume()
+    assert reply.status == 503 and took < DECISION_BOUND_S
+
+
+async def test_fail_open_serves_within_the_allowance_and_replays_the_journal(durable_redis, upstream,
+                                                                            start_gateway, http):
+    gateway = await gateway_on(start_gateway, upstream, durable_redis, "fail_open")
+    for _ in range(3):
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+
+    upstream.stream_gate = asyncio.Event()         # one stream is in flight when Redis dies
+    in_flight = asyncio.create_task(timed_chat(http, gateway, {**CHAT, "stream": True}))
+    while upstream.hits < 4:
+        await asyncio.sleep(0.01)
+    durable_redis.kill()
+    upstream.stream_gate.set()
+    assert (await in_flight)[0].status == 200      # its settle fails and goes to the journal
+    upstream.stream_gate = None
+    for _ in range(3):
+        reply, took = await timed_chat(http, gateway)
+        assert reply.status == 200 and took < DECISION_BOUND_S
+
+    durable_redis.start()
+    assert await gateway.app[BUDGET].recover()
+    assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)
+    assert upstream.billed.models["gpt-4.1"].requests == 7
+
+
+async def test_fail_open_stops_at_the_local_allowance(durable_redis, upstream, start_gateway, http):
+    gateway = await gateway_on(start_gateway, upstream, durable_redis, "fail_open", allowance="0")
+    durable_redis.kill()
+    reply, _ = await timed_chat(http, gateway)
+    assert reply.status == 503 and upstream.hits == 0

@@ -1,0 +1,128 @@
+"""Two gateway processes sharing one real Redis (or a three-master Cluster) never overspend."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.auth import key_digest
+from gateway.config.model import ModelPrice
+from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.tokens import prompt_upper_bound
+from tests.support.canary import CANARY_KEY
+from tests.support.redis_server import free_port
+from tests.support.settings import ADMIN_KEY, CLIENT_KEY
+
+PRICE = ModelPrice(Decimal("2.00"), Decimal("8.00"), max_output_tokens=100)
+CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "spend carefully"}], "max_tokens": 5,
+        "stream": True}
+CLIENTS = 300
+SERVED_BUDGET = 10   # B = 10.5 W, so exactly floor(B / W) = 10 requests fit
+
+CONFIG = """
+server: {{host: 127.0.0.1, port: {port}, admin_key_sha256: {admin}}}
+store: {{url: "{store}", journal_path: {tmp}/journal-{port}.jsonl}}
+providers:
+  primary: {{base_url: "{upstream}", api_key: "{key}"}}
+routes: {{gpt-4.1: [primary]}}
+pricing: {{gpt-4.1: {{input: 2.00, output: 8.00, max_output_tokens: 100}}}}
+keys: [{{name: web-app, team: web, sha256: {client}}}]
+policies: policies
+"""
+
+
+def worst_case_nano() -> int:
+    return cost_nano(PRICE, Usage(prompt_upper_bound(CHAT), CHAT["max_tokens"]))
+
+
+async def start_replica(tmp_path: Path, store_url: str, upstream_url: str) -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    config = tmp_path / f"config-{port}.yaml"
+    config.write_text(CONFIG.format(port=port, admin=key_digest(ADMIN_KEY), store=store_url, tmp=tmp_path,
+                                    upstream=upstream_url, key=CANARY_KEY, client=key_digest(CLIENT_KEY)))
+    log = open(tmp_path / f"gateway-{port}.log", "wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--log-level", "WARNING", "run", "--config", str(config),
+        stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
+    for _ in range(300):
+        assert process.returncode is None, "a gateway replica exited"
+        try:
+            async with session.get(url + "/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)  # readiness polling of a process we started
+    pytest.fail(f"replica {url} did not become healthy")
+
+
+async def settled_status(session: aiohttp.ClientSession, url: str) -> dict:
+    """The global window once every reservation is settled (settling follows the last byte sent)."""
+    for _ in range(200):
+        async with session.get(url + "/v1/budget/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+            [entry] = (await r.json())["data"]
+        if Decimal(entry["reserved"]) == 0:
+            return entry
+        await asyncio.sleep(0.025)
+    pytest.fail(f"reservations never returned to 0: {entry}")
+
+
+@pytest.fixture
+async def replicas(tmp_path, upstream, request):
+    store_url = request.getfixturevalue(request.param)
+    (tmp_path / "policies").mkdir()
+    budget = nano_to_usd(worst_case_nano() * SERVED_BUDGET + worst_case_nano() // 2)
+    (tmp_path / "policies" / "global.yaml").write_text(f"name: global\nbudgets:\n  - {{period: daily, usd: {budget}}}\n")
+    started = [await start_replica(tmp_path, store_url, upstream.url) for _ in range(2)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        try:
+            for process, url in started:
+                await wait_healthy(session, url, process)
+            yield session, [url for _, url in started], budget
+        finally:
+            for process, _ in started:
+                process.send_signal(signal.SIGTERM)
+            for process, _ in started:
+                await asyncio.wait_for(process.wait(), timeout=20)
+
+
+@pytest.mark.parametrize("replicas", ["redis_url", "redis_cluster_url"], indirect=True)
+async def test_300_concurrent_requests_through_two_processes_serve_exactly_floor_b_over_w(replicas, upstream):
+    session, urls, budget = replicas
+    upstream.stream_gate = asyncio.Event()          # admitted requests hold their reservation until all are decided
+    decided: list[int] = []
+    all_decided = asyncio.Event()
+
+    async def client(i: int) -> int:
+        async with session.post(urls[i % 2] + "/v1/chat/completions", json=CHAT,
+                                headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as response:
+            decided.append(response.status)
+            if len(decided) == CLIENTS:
+                all_decided.set()
+            await response.read()
+            return response.status
+
+    tasks = [asyncio.create_task(client(i)) for i in range(CLIENTS)]
+    await asyncio.wait_for(all_decided.wait(), timeout=60)
+    upstream.stream_gate.set()
+    statuses = await asyncio.gather(*tasks)
+
+    assert statuses.count(200) == SERVED_BUDGET and statuses.count(429) == CLIENTS - SERVED_BUDGET
+    assert upstream.hits == SERVED_BUDGET
+    entry = await settled_status(session, urls[0])
+    billed = upstream.billed.models["gpt-4.1"]
+    mock_billing = nano_to_usd(cost_nano(PRICE, Usage(billed.prompt_tokens, billed.completion_tokens)))
+    assert Decimal(entry["spent"]) == mock_billing <= budget
+    assert Decimal(entry["reserved"]) == 0
