@@ -7,17 +7,21 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
-from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, PROVIDERS, RELOADER, RESILIENCE
+from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, METRICS, PROVIDERS, RELOADER, RESILIENCE
+from gateway.budget.alerts import add_budget_alerts
 from gateway.budget.factory import create_engine
 from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
+from gateway.budget.usage import add_budget_usage_routes
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
+from gateway.metrics import GatewayMetrics, add_metrics_routes, metrics_middleware
 from gateway.middleware import error_middleware
 from gateway.proxy.handler import add_proxy_routes
 from gateway.proxy.provider_status import add_provider_status_routes
@@ -31,22 +35,29 @@ RECOVERY_INTERVAL_S = 1.0
 
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
                store: BudgetStore | None = None, access_log: AccessLog | None = None,
-               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> web.Application:
-    """The gateway application; tests pass fakes, production passes nothing."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
+               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+               registry: CollectorRegistry | None = None) -> web.Application:
+    """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry)."""
+    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+                          client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[CLOCK] = clock = clock or SystemClock()
-    app[BUDGET] = create_engine(settings.store, clock, store)
+    app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
+    app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
+    metrics.follow(app[RESILIENCE])
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
+    add_budget_alerts(app, sleep=sleep)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
     add_proxy_routes(app)
     add_info_routes(app)
     add_provider_status_routes(app)
     add_budget_status_routes(app)
+    add_budget_usage_routes(app)
+    add_metrics_routes(app)
     return app
 
 

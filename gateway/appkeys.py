@@ -8,14 +8,16 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.access_log import AccessLog
+    from gateway.budget.alerts import AlertSender
     from gateway.budget.engine import BudgetEngine
     from gateway.clock import Clock
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
+    from gateway.metrics import GatewayMetrics
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -24,3 +26,5 @@ BUDGET: web.AppKey[BudgetEngine] = web.AppKey("budget")
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 RESILIENCE: web.AppKey[ResilienceRegistry] = web.AppKey("resilience")
 RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
+METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
+ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")

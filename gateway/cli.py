@@ -49,6 +49,13 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     settings = dataclasses.replace(settings, server=server)
+    if args.workers > 1:
+        from gateway.workers import WorkerSpec, supervise
+        return supervise(WorkerSpec(args.config, server.host, server.port, args.workers, args.log_level,
+                                    args.with_mock), settings)
+    if args.worker_index is not None:
+        from gateway.workers import worker_settings
+        settings = worker_settings(settings, args.worker_index)
     try:
         import uvloop
         uvloop.install()
@@ -106,6 +113,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_status(args.url, args.key, args.policy)
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from gateway.usage_cli import run_usage
+
+    return run_usage(args.url, args.key, args.since, args.until, args.group_by, args.csv)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
     parser.add_argument("--log-level", default="INFO")
@@ -115,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--reuse-port", action="store_true", help="share the port with other processes")
+    run.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                     help="serve with N processes sharing the port (SO_REUSEPORT) under one supervisor")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.add_argument("--with-mock", nargs="?", const="127.0.0.1:9000", metavar="HOST:PORT",
                      help="also serve the bundled mock provider (default 127.0.0.1:9000)")
     run.set_defaults(func=cmd_run)
@@ -126,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
     status.add_argument("--policy")
     status.set_defaults(func=cmd_status)
+    usage = sub.add_parser("usage", help="spend from the ledger per model, key, team, policy or provider")
+    usage.add_argument("--url", default="http://127.0.0.1:8080")
+    usage.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
+    usage.add_argument("--since", help="ISO 8601 or epoch seconds (default: start of this month, UTC)")
+    usage.add_argument("--until", help="ISO 8601 or epoch seconds (default: now)")
+    usage.add_argument("--group-by", default="model", choices=["model", "key", "team", "policy", "provider"])
+    usage.add_argument("--csv", action="store_true", help="print CSV: a header row, then one row per group")
+    usage.set_defaults(func=cmd_usage)
     mock = sub.add_parser("mock-upstream", help="serve the bundled OpenAI-compatible mock provider")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=9000)

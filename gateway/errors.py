@@ -4,6 +4,7 @@ GatewayError                      -> an HTTP error answered in OpenAI's error sh
  ├── InvalidRequest        400    invalid_request_error (malformed JSON, missing model, ...)
  ├── Unauthorized          401    invalid_api_key
  ├── NotFound              404    model_not_found / policy_not_found
+ ├── RequestTimeout        408    the client was too slow to send its body
  ├── PayloadTooLarge       413
  ├── UnsupportedMediaType  415
  ├── BudgetExceeded        429    budget_exceeded (x-should-retry: false, Retry-After)
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "GatewayError", "InvalidRequest", "Unauthorized", "NotFound", "PayloadTooLarge",
+    "GatewayError", "InvalidRequest", "Unauthorized", "NotFound", "RequestTimeout", "PayloadTooLarge",
     "UnsupportedMediaType", "BudgetExceeded", "StoreUnavailable", "UpstreamFailure",
     "ConfigError", "ConfigIssue", "StoreError", "error_body",
 ]
@@ -65,6 +66,10 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
@@ -75,6 +80,8 @@ class UnsupportedMediaType(GatewayError):
 
 class BudgetExceeded(GatewayError):
     status, type, code = 429, "budget_exceeded", "budget_exceeded"
+    policy: str | None = None                # the refusing policy and period, a metrics label
+    period: str | None = None
 
 
 class StoreUnavailable(GatewayError):

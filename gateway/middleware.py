@@ -13,9 +13,10 @@ from gateway.access_log import AccessRecord
 from gateway.appkeys import ACCESS_LOG
 from gateway.errors import GatewayError, PayloadTooLarge, error_body
 
-__all__ = ["RECORD", "error_middleware", "error_response"]
+__all__ = ["RECORD", "FAILURE", "error_middleware", "error_response"]
 
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
+FAILURE: web.RequestKey[GatewayError] = web.RequestKey("failure", GatewayError)  # the error answered
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,6 +40,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except GatewayError as exc:
+        request[FAILURE] = exc
         record.error = exc.code
         record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
         response = error_response(exc)

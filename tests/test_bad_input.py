@@ -72,3 +72,20 @@ async def test_upstream_errors_pass_through_with_status_and_body(gateway, upstre
     upstream.script(Action(status=400, body=body))
     reply = await http(gateway, "POST", CHAT, json=GOOD)
     assert reply.status == 400 and reply.json() == body
+
+
+async def test_a_client_too_slow_to_send_its_body_gets_408(upstream, start_gateway, http):
+    import asyncio
+    import dataclasses
+    settings = make_settings({"primary": upstream.url})
+    settings = dataclasses.replace(settings, server=dataclasses.replace(settings.server, client_timeout_s=0.2))
+    gateway = await start_gateway(settings)
+    never = asyncio.Event()
+
+    async def stalled_body():
+        yield b'{"model": "gpt-4.1", '
+        await never.wait()
+
+    reply = await http(gateway, "POST", CHAT, data=stalled_body(), headers={"Content-Type": "application/json"})
+    assert_openai_error(reply, 408, "request_timeout")
+    assert upstream.hits == 0

@@ -18,7 +18,7 @@ from redis.asyncio.connection import Connection
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import (
-    MAX_AMOUNT, SWEEP_MAX, BudgetStore, CounterKey, CounterState, Limits, ReserveLine,
+    MAX_AMOUNT, SWEEP_MAX, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits, ReserveLine, time_ms,
 )
 from gateway.budget.windows import window_for
 from gateway.clock import FakeClock
@@ -98,6 +98,20 @@ async def state(store: BudgetStore, clock: FakeClock, key: CounterKey) -> Counte
     return found
 
 
+def entry(clock: FakeClock, request_id: str, *, cost: int = 700, status: str = "served",
+          policies: tuple[str, ...] = ("team-a",)) -> LedgerEntry:
+    """A ledger row at the clock's time (whole milliseconds, as the ledger keeps it)."""
+    return LedgerEntry(time=time_ms(clock.now()) / 1000, request_id=request_id, caller="web-app", team="web",
+                       policies=policies, model="gpt-4.1", provider="primary", prompt_tokens=50,
+                       completion_tokens=20, cached_tokens=10, cost_nano=cost, status=status,  # type: ignore[arg-type]
+                       latency_ms=42, attempts=1)
+
+
+async def ledger(store: BudgetStore, clock: FakeClock, limit: int = 1000) -> list[LedgerEntry]:
+    """Every ledger row of the last day and the next."""
+    return await store.ledger(clock.now() - 86_400, clock.now() + 86_400, limit)
+
+
 async def test_reserve_within_limit_adds_to_reserved(backend: Backend, clock: FakeClock) -> None:
     key = counter(clock)
     amount = Charge(usd_nano=1_500_000, tokens=1200, requests=1)
@@ -140,8 +154,8 @@ async def test_settle_moves_reservation_to_actual_spend(backend: Backend, clock:
     reserved = Charge(usd_nano=9_000, tokens=900, requests=1)
     assert await reserve(backend.store, clock, "r1", line(clock, key, reserved), line(clock, other, reserved))
     actual = Charge(usd_nano=4_321, tokens=432, requests=1)
-    assert await backend.store.settle("r1", [(key, actual), (other, actual)], clock.now())
-    assert await backend.store.read([key, other], clock.now()) == [
+    settled = await backend.store.settle("r1", [(key, actual), (other, actual)], clock.now())
+    assert settled == await backend.store.read([key, other], clock.now()) == [
         CounterState(key, actual, Charge()), CounterState(other, actual, Charge()),
     ]
 
@@ -149,9 +163,10 @@ async def test_settle_moves_reservation_to_actual_spend(backend: Backend, clock:
 async def test_settle_twice_counts_once(backend: Backend, clock: FakeClock) -> None:
     key = counter(clock)
     assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000, 100, 1)))
-    assert await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now())
-    assert not await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now())
+    assert await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now(), entry(clock, "r1"))
+    assert await backend.store.settle("r1", [(key, Charge(700, 70, 1))], clock.now(), entry(clock, "r1")) is None
     assert await state(backend.store, clock, key) == CounterState(key, Charge(700, 70, 1), Charge())
+    assert await ledger(backend.store, clock) == [entry(clock, "r1")]
 
 
 async def test_settle_spends_nothing_where_no_usage_is_given(backend: Backend, clock: FakeClock) -> None:
@@ -244,6 +259,90 @@ async def test_record_replaces_a_live_reservation(backend: Backend, clock: FakeC
     assert not await backend.store.settle("r1", [(key, Charge(600))], clock.now())
     clock.advance(LEASE_S + 1)
     assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+
+
+async def test_settle_release_and_record_write_their_rows_in_order(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "served", line(clock, key, Charge(1000, 100, 1)))
+    assert await reserve(backend.store, clock, "failed", line(clock, key, Charge(1000, 100, 1)))
+    served = entry(clock, "served")
+    assert await backend.store.settle("served", [(key, Charge(700, 70, 1))], clock.now(), served)
+    clock.advance(1)
+    failed = entry(clock, "failed", cost=0, status="failed")
+    assert await backend.store.release("failed", clock.now(), failed)
+    clock.advance(1)
+    replayed = entry(clock, "replayed")
+    assert await backend.store.record("replayed", [(key, Charge(700, 70, 1), expiry(clock))], clock.now(), replayed)
+    assert not await backend.store.record("replayed", [(key, Charge(700), expiry(clock))], clock.now(), replayed)
+    assert not await backend.store.release("failed", clock.now(), failed)
+    assert await ledger(backend.store, clock) == [served, failed, replayed]
+
+
+async def test_an_ended_lease_writes_a_lease_expired_row_of_its_reserved_amounts(
+        backend: Backend, clock: FakeClock) -> None:
+    keys = [counter(clock, "team-b"), counter(clock, "team-a"), counter(clock, "team-a", "monthly")]
+    assert await reserve(backend.store, clock, "crashed", *(line(clock, k, Charge(5_000, 500, 1)) for k in keys))
+    clock.advance(LEASE_S + 1)
+    assert (await state(backend.store, clock, keys[0])).spent == Charge(5_000, 500, 1)
+    assert await ledger(backend.store, clock) == [LedgerEntry(
+        time=time_ms(clock.now()) / 1000, request_id="crashed", caller=None, team=None, policies=("team-a", "team-b"),
+        model=None, provider=None, prompt_tokens=500, completion_tokens=0, cached_tokens=0, cost_nano=5_000,
+        status="lease_expired", latency_ms=0, attempts=0)]
+
+
+async def test_ledger_range_is_half_open_and_limited(backend: Backend, clock: FakeClock) -> None:
+    key, start = counter(clock), clock.now()
+    for index in range(3):
+        rows = [(key, Charge(1), expiry(clock))]
+        assert await backend.store.record(f"r{index}", rows, clock.now(), entry(clock, f"r{index}"))
+        clock.advance(1)
+    ids = [[row.request_id for row in await backend.store.ledger(*span)]
+           for span in [(start, start + 2, 10), (start, start + 3, 2), (start + 1, start + 1, 10)]]
+    assert ids == [["r0", "r1"], ["r0", "r1"], []]
+
+
+async def test_a_row_older_than_the_last_is_filed_at_the_last_rows_time(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    clock.advance(10)
+    assert await backend.store.record("late-clock", [(key, Charge(1), expiry(clock))], clock.now(),
+                                      entry(clock, "late-clock"))
+    latest = time_ms(clock.now()) / 1000
+    clock.set(clock.now() - 10)
+    assert await backend.store.record("replayed", [(key, Charge(1), expiry(clock))], clock.now(),
+                                      entry(clock, "replayed"))
+    rows = await ledger(backend.store, clock)
+    assert [(row.request_id, row.time) for row in rows] == [("late-clock", latest), ("replayed", latest)]
+
+
+async def test_the_ledger_keeps_about_the_newest_max_entries(backend: Backend, clock: FakeClock,
+                                                             tmp_path: Path) -> None:
+    small: BudgetStore
+    if isinstance(backend.store, RedisBudgetStore):
+        small = RedisBudgetStore(backend.client, max_in_flight=POOL_SIZE, ledger_max_entries=5)
+    else:
+        small = SqliteBudgetStore(str(tmp_path / "small.db"), ledger_max_entries=5)
+    key = counter(clock)
+    for index in range(250):
+        row = entry(clock, f"r{index}")
+        assert await small.record(row.request_id, [(key, Charge(1), expiry(clock))], clock.now(), row)
+    rows = await ledger(small, clock)
+    assert 5 <= len(rows) <= 5 + 100  # Redis trims whole stream nodes (MAXLEN ~)
+    assert rows[-1].request_id == "r249"
+    if isinstance(small, SqliteBudgetStore):
+        await small.close()
+
+
+async def test_an_alert_is_claimed_once_until_it_expires(backend: Backend, clock: FakeClock) -> None:
+    expires_at = clock.now() + 3600
+    assert await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at, clock.now())
+    assert not await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at, clock.now())
+    assert await backend.store.claim_alert("team-a:daily:d1:0.9", expires_at, clock.now())
+    if isinstance(backend.store, RedisBudgetStore):
+        ttl_ms = await backend.client.pttl("{gw}:alert:team-a:daily:d1:0.7")
+        assert abs(ttl_ms / 1000 - (expires_at - time.time())) < 5
+    else:
+        clock.set(expires_at)
+        assert await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at + 3600, clock.now())
 
 
 async def test_concurrent_reserves_admit_exactly_what_fits(backend: Backend, clock: FakeClock) -> None:
@@ -354,7 +453,7 @@ async def test_reserve_and_settle_take_one_round_trip_each(
         assert await store.settle("warm-up", [(key, Charge(10))], clock.now())
         monkeypatch.setattr(Connection, "send_packed_command", counting_send)
         assert await reserve(store, clock, "r1", line(clock, key, Charge(10)))
-        assert await store.settle("r1", [(key, Charge(10))], clock.now())
+        assert await store.settle("r1", [(key, Charge(10))], clock.now(), entry(clock, "r1"))
     finally:
         await store.close()
     assert len(sent) == 2 and all(b"EVALSHA" in command for command in sent)
@@ -363,9 +462,11 @@ async def test_reserve_and_settle_take_one_round_trip_each(
 async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clock: FakeClock) -> None:
     assert await reserve(redis_backend.store, clock, "r1", line(clock, counter(clock), Charge(10)))
     recorded = [(counter(clock, "b"), Charge(1), expiry(clock))]
-    assert await redis_backend.store.record("r2", recorded, clock.now())
+    assert await redis_backend.store.record("r2", recorded, clock.now(), entry(clock, "r2"))
+    assert await redis_backend.store.claim_alert("b:daily:d1:0.7", expiry(clock), clock.now())
     keys = [key async for key in redis_backend.client.scan_iter(match="*")]
-    assert len(keys) >= 4 and all(key.startswith(b"{gw}:") for key in keys)
+    assert {b"{gw}:ledger", b"{gw}:alert:b:daily:d1:0.7"} <= set(keys)
+    assert len(keys) >= 6 and all(key.startswith(b"{gw}:") for key in keys)
 
 
 async def test_sqlite_state_survives_a_restart(tmp_path: Path, clock: FakeClock) -> None:

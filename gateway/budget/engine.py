@@ -1,21 +1,25 @@
 """Budget enforcement: reserve the worst case before the upstream call, settle the real cost after.
 
 One store round trip reserves every matched policy window at once (all or nothing) and one settles
-it. A store outage answers 503 (`fail_closed`) or serves within a local allowance (`fail_open`);
-spend the store could not take goes to a durable journal that is replayed when it is back.
+it, writing the request's ledger row in the same operation; `on_settled` listeners (budget alerts)
+then get the counters' states. A store outage answers 503 (`fail_closed`) or serves within a local
+allowance (`fail_open`); spend the store could not take goes to a durable journal that is replayed
+when it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from gateway.access_log import AccessRecord
 from gateway.budget.allowance import LocalAllowance
 from gateway.budget.journal import SpendJournal
+from gateway.budget.ledger import ledger_entry
 from gateway.budget.matching import matching_policies
-from gateway.budget.store import BudgetStore, CounterKey, ReserveLine, ReserveOutcome
+from gateway.budget.store import BudgetStore, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
 from gateway.budget.windows import Window, seconds_until_reset, window_for
 from gateway.budget.worst_case import worst_case_charge
 from gateway.clock import Clock
@@ -25,7 +29,7 @@ from gateway.pricing import Charge, nano_to_usd, usd_to_nano
 from gateway.proxy.plan import Plan, plan_for
 from gateway.proxy.request import ProxyRequest
 
-__all__ = ["Reservation", "BudgetEngine", "budget_lines", "limits_of", "KEY_GRACE_S"]
+__all__ = ["Reservation", "SettleListener", "BudgetEngine", "budget_lines", "limits_of", "KEY_GRACE_S"]
 
 log = logging.getLogger("gateway.budget")
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
@@ -41,11 +45,15 @@ class Reservation:
     lines: tuple[ReserveLine, ...] = ()
     local: bool = False                 # held in this replica's fail-open allowance, not in the store
     downgraded_from: str | None = None
+    caller: CallerIdentity | None = None
 
     @property
     def policies(self) -> tuple[str, ...]:
         """Names of the policies this reservation holds budget on."""
         return tuple(dict.fromkeys(line.counter.policy for line in self.lines))
+
+
+SettleListener = Callable[[Sequence[CounterState]], None]   # the settled counters' states
 
 
 def limits_of(budget: BudgetLimit) -> tuple[int | None, int | None, int | None]:
@@ -74,8 +82,10 @@ def exceeded_error(policy: Policy, window: Window, unit: str, limit: int, now: f
     resets_at = window.end.isoformat()
     message = (f"Budget exceeded: policy '{policy.name}' {policy_period(window)} limit of "
                f"{_format_limit(unit, limit)} does not allow this request; the window resets at {resets_at}.")
-    return BudgetExceeded(message, headers={
+    error = BudgetExceeded(message, headers={
         "Retry-After": str(seconds_until_reset(window, now)), "x-should-retry": "false"})
+    error.policy, error.period = policy.name, policy_period(window)
+    return error
 
 
 def policy_period(window: Window) -> str:
@@ -92,6 +102,7 @@ class BudgetEngine:
         self.config = config
         self.journal = journal
         self.allowance = LocalAllowance(float(config.fail_open_allowance))
+        self.on_settled: list[SettleListener] = []
         self._store_down_until = 0.0
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
@@ -103,10 +114,9 @@ class BudgetEngine:
         now = self.clock.now()
         described = budget_lines(policies, worst_case_charge(req, plan, policies), now)
         outcome = await self._reserve_lines(request_id, [line for line, _, _ in described], now)
-        if outcome is None:
-            return Reservation(request_id, plan, tuple(line for line, _, _ in described), local=True)
-        if outcome.ok:
-            return Reservation(request_id, plan, tuple(line for line, _, _ in described))
+        if outcome is None or outcome.ok:
+            lines = tuple(line for line, _, _ in described)
+            return Reservation(request_id, plan, lines, local=outcome is None, caller=caller)
         line, policy, window = described[outcome.refused_index or 0]
         downgrade = await self._downgrade(request_id, settings, caller, req, policy, plan)
         if downgrade is not None:
@@ -129,7 +139,7 @@ class BudgetEngine:
         if outcome is not None and not outcome.ok:
             return None
         return Reservation(request_id, cheaper, tuple(lines), local=outcome is None,
-                           downgraded_from=plan.model)
+                           downgraded_from=plan.model, caller=caller)
 
     async def _reserve_lines(self, request_id: str, lines: list[ReserveLine], now: float) -> ReserveOutcome | None:
         """The store's answer, or None when the request is admitted on the local fail-open allowance."""
@@ -145,36 +155,49 @@ class BudgetEngine:
         raise StoreUnavailable("The budget store is unreachable, so the gateway cannot check this request's "
                                "budget; try again shortly.", headers={"Retry-After": "1"})
 
-    async def settle(self, reservation: Reservation, charge: Charge | None) -> None:
-        """Charge the request's real cost (None: it was not served, release it)."""
+    async def settle(self, reservation: Reservation, charge: Charge | None,
+                     record: AccessRecord | None = None) -> None:
+        """Charge the request's real cost (None: it was not served, release it); ledger it from `record`."""
         if not reservation.lines:
             return
+        now = self.clock.now()
+        entry = ledger_entry(reservation, charge, record, now)
         if reservation.local:
             self.allowance.adjust(reservation.lines, charge)
-            self._journal(reservation, charge)
+            self._journal(reservation, charge, entry)
             return
         assert self.store is not None
-        now = self.clock.now()
         try:
             async with asyncio.timeout(self._hard_timeout()):
                 if charge is None:
-                    await self.store.release(reservation.request_id, now)
-                else:
-                    await self.store.settle(reservation.request_id,
-                                            [(line.counter, charge) for line in reservation.lines], now)
+                    await self.store.release(reservation.request_id, now, entry)
+                    return
+                states = await self.store.settle(
+                    reservation.request_id, [(line.counter, charge) for line in reservation.lines], now, entry)
         except (StoreError, TimeoutError) as exc:
             self._mark_down(exc)
-            self._journal(reservation, charge)
+            self._journal(reservation, charge, entry)
+            return
+        if states:
+            self._notify_settled(states)
 
-    def _journal(self, reservation: Reservation, charge: Charge | None) -> None:
-        """Keep spend the store could not take; a release is journaled as zero spend."""
+    def _notify_settled(self, states: Sequence[CounterState]) -> None:
+        """Hand the settled counters to every listener; a failing listener never fails the request."""
+        for listener in self.on_settled:
+            try:
+                listener(states)
+            except Exception:
+                log.exception("a budget settle listener failed")
+
+    def _journal(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
+        """Keep spend the store could not take, with its ledger row; a release is journaled as zero spend."""
         if self.journal is None:
             log.error("budget store unreachable and no journal configured: request %s not settled",
                       reservation.request_id)
             return
         spent = charge or Charge()
         self.journal.append(reservation.request_id,
-                            [(line.counter, spent, line.expires_at) for line in reservation.lines])
+                            [(line.counter, spent, line.expires_at) for line in reservation.lines], entry)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""

@@ -1,19 +1,22 @@
 """A durable local journal of spend the store could not take, replayed idempotently when it is back.
 
-Each line is one request's spend (JSON). Replay moves the file aside atomically, records every entry
-with `BudgetStore.record` (idempotent by request id, so a crash mid-replay double counts nothing) and
-puts back what still fails.
+Each line is one request's spend (JSON), with its ledger row under "entry". Replay moves the file aside
+atomically, records every entry with `BudgetStore.record` (idempotent by request id, so a crash
+mid-replay double counts nothing) and puts back what still fails. Lines written before the ledger
+existed have no "entry" and replay without a ledger row; older gateways ignore the key.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from gateway.budget.store import BudgetStore, CounterKey
+from gateway.budget.store import BudgetStore, CounterKey, LedgerEntry
 from gateway.errors import StoreError
 from gateway.pricing import Charge
 
@@ -22,14 +25,23 @@ __all__ = ["SpendJournal", "SpendLine"]
 SpendLine = tuple[CounterKey, Charge, float]
 
 
-def _encode(request_id: str, lines: Sequence[SpendLine]) -> bytes:
-    return orjson.dumps({"id": request_id, "lines": [
-        [c.policy, c.period, c.window_id, ch.usd_nano, ch.tokens, ch.requests, exp] for c, ch, exp in lines]})
+Journaled = tuple[str, list[SpendLine], LedgerEntry | None]
 
 
-def _decode(raw: bytes) -> tuple[str, list[SpendLine]]:
-    entry = orjson.loads(raw)
-    return entry["id"], [(CounterKey(p, per, w), Charge(u, t, r), exp) for p, per, w, u, t, r, exp in entry["lines"]]
+def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None) -> bytes:
+    encoded: dict[str, Any] = {"id": request_id, "lines": [
+        [c.policy, c.period, c.window_id, ch.usd_nano, ch.tokens, ch.requests, exp] for c, ch, exp in lines]}
+    if entry is not None:
+        encoded["entry"] = asdict(entry)
+    return orjson.dumps(encoded)
+
+
+def _decode(raw: bytes) -> Journaled:
+    decoded = orjson.loads(raw)
+    lines = [(CounterKey(p, per, w), Charge(u, t, r), exp) for p, per, w, u, t, r, exp in decoded["lines"]]
+    row = decoded.get("entry")
+    entry = LedgerEntry(**{**row, "policies": tuple(row["policies"])}) if row else None
+    return decoded["id"], lines, entry
 
 
 class SpendJournal:
@@ -40,10 +52,10 @@ class SpendJournal:
         self._replaying = self.path.with_suffix(self.path.suffix + ".replaying")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def append(self, request_id: str, lines: Sequence[SpendLine]) -> None:
-        """Write one request's spend durably before anyone is told it was counted."""
+    def append(self, request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None = None) -> None:
+        """Write one request's spend (and ledger row) durably before anyone is told it was counted."""
         with open(self.path, "ab") as journal:
-            journal.write(_encode(request_id, lines) + b"\n")
+            journal.write(_encode(request_id, lines, entry) + b"\n")
             journal.flush()
             os.fsync(journal.fileno())
 
@@ -61,16 +73,16 @@ class SpendJournal:
             if not raw.strip():
                 continue
             try:
-                request_id, lines = _decode(raw)
-            except (orjson.JSONDecodeError, KeyError, ValueError):
+                request_id, lines, entry = _decode(raw)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line torn by a crash mid-write was never acknowledged to anyone
             try:
-                await store.record(request_id, lines, now)
+                await store.record(request_id, lines, now, entry)
                 replayed += 1
             except StoreError:
-                failed.append((request_id, lines))
-        for request_id, lines in failed:
-            self.append(request_id, lines)
+                failed.append((request_id, lines, entry))
+        for request_id, lines, entry in failed:
+            self.append(request_id, lines, entry)
         self._replaying.unlink()
         if failed:
             raise StoreError(f"{len(failed)} journal entries could not be replayed yet")

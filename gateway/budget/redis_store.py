@@ -1,5 +1,7 @@
 """The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
 
+Ledger reads (XRANGE) and alert claims (SET NX) are single commands and need no script.
+
 Key layout (prefix "gw"):
 
     {gw}:ctr:<policy>:<period>:<window_id>   hash spent_usd, spent_tokens, spent_requests,
@@ -8,6 +10,8 @@ Key layout (prefix "gw"):
     {gw}:resv:<request_id>                   hash <counter key> -> "usd tokens requests expires_ms"
     {gw}:leases                              zset request_id scored by lease_until
     {gw}:spent:<request_id>                  marker: the request already added its spend
+    {gw}:ledger                              stream: one row per request (id = its time), MAXLEN ~ N
+    {gw}:alert:<key>                         marker: this alert was claimed; PXAT the window end
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
 that is the price of atomic reservations across policies (a request reserves on all its counters in
@@ -18,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
@@ -30,8 +34,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.budget.store import (
-    SWEEP_MAX, UNITS, CounterKey, CounterState, ReserveLine, ReserveOutcome, check_record_lines,
-    check_reserve_lines, check_spend,
+    SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
+    check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -39,9 +43,11 @@ from gateway.pricing import Charge
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
+LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "read")
 
 RedisClient = Redis | RedisCluster
+T = TypeVar("T")
 
 
 class RedisBudgetStore:
@@ -51,8 +57,10 @@ class RedisBudgetStore:
     `max_in_flight` (the pool size) to queue store calls instead.
     """
 
-    def __init__(self, client: RedisClient, *, prefix: str = "gw", max_in_flight: int | None = None) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "gw", max_in_flight: int | None = None,
+                 ledger_max_entries: int = 1_000_000) -> None:
         self._client = client
+        self._ledger_max = ledger_max_entries
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
         self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
@@ -70,7 +78,7 @@ class RedisBudgetStore:
         check_reserve_lines(lines)
         if not lines:
             return ReserveOutcome(True, None, None, [])
-        args = [self._prefix, request_id, repr(now), repr(lease_until), SWEEP_MAX]
+        args = [self._prefix, request_id, repr(now), repr(lease_until), SWEEP_MAX, self._ledger_max]
         for line in lines:
             limits = [-1 if limit is None else limit for limit in line.limits]
             args += [*_amounts(line.amount), *limits, _ms(line.expires_at)]
@@ -83,38 +91,64 @@ class RedisBudgetStore:
             return ReserveOutcome(True, None, None, _states(counters, reply[3:]))
         return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], _states(counters, reply[3:]))
 
-    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float) -> bool:
+    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
+                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
         """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
         check_spend(actual)
-        args = [self._prefix, request_id, repr(now)]
+        args = [self._prefix, request_id, repr(now), self._ledger_max]
         for _, charge in actual:
             args += _amounts(charge)
-        reply = await self._run("settle", self._request_keys(request_id, [c for c, _ in actual]), args)
-        if reply == -1:
+        counters = [counter for counter, _ in actual]
+        reply = await self._run("settle", self._request_keys(request_id, counters), args + _row(entry))
+        if reply[0] == -1:
             raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
-        return reply == 1
+        return _states(counters, reply[1:]) if reply[0] == 1 else None
 
-    async def release(self, request_id: str, now: float) -> bool:
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = [self._key("leases"), self._key("resv", request_id)]
-        return await self._run("release", keys, [self._prefix, request_id, repr(now)]) == 1
+        args = [self._prefix, request_id, repr(now), self._ledger_max, *_row(entry)]
+        return await self._run("release", keys, args) == 1
 
     async def record(
-        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float
+        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
+        entry: LedgerEntry | None = None,
     ) -> bool:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
-        args = [self._prefix, request_id, repr(now)]
+        args = [self._prefix, request_id, repr(now), self._ledger_max]
         for _, charge, expires_at in lines:
             args += [*_amounts(charge), _ms(expires_at)]
         keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
-        return await self._run("record", keys, args) == 1
+        return await self._run("record", keys, args + _row(entry)) == 1
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""
         keys = [self._key("leases"), *map(self.counter_key, counters)]
-        reply = await self._run("read", keys, [self._prefix, repr(now), SWEEP_MAX])
+        reply = await self._run("read", keys, [self._prefix, repr(now), SWEEP_MAX, self._ledger_max])
         return _states(counters, reply)
+
+    async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
+        """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
+        rows: list[LedgerEntry] = []
+        start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
+        if time_ms(until) <= time_ms(since):
+            return rows
+        while len(rows) < limit:
+            count = min(LEDGER_PAGE, limit - len(rows))
+            page = await self._command(
+                "ledger", lambda: self._client.xrange(self._key("ledger"), start, end, count))
+            rows += [_entry(stream_id, fields) for stream_id, fields in page]
+            if len(page) < count:
+                break
+            start = "(" + _text(page[-1][0])
+        return rows
+
+    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
+        """SET NX of the alert's marker, expiring at `expires_at` (Redis's clock, like every key)."""
+        marker = self._key("alert", key)
+        return bool(await self._command("claim_alert",
+                                        lambda: self._client.set(marker, "1", nx=True, pxat=_ms(expires_at))))
 
     async def ping(self) -> bool:
         """True when Redis answers PING."""
@@ -142,11 +176,15 @@ class RedisBudgetStore:
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script; every driver error becomes StoreError."""
+        return await self._command(name, lambda: self._scripts[name](keys=keys, args=args))
+
+    async def _command(self, name: str, command: Callable[[], Awaitable[T]]) -> T:
+        """Run one command; every driver error becomes StoreError."""
         try:
             if self._cluster_pending:
                 await self._initialize_cluster()
             async with self._in_flight or contextlib.nullcontext():
-                return await self._scripts[name](keys=keys, args=args)
+                return await command()
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -228,6 +266,41 @@ def _amounts(charge: Charge) -> list[int]:
 
 def _ms(epoch_s: float) -> int:
     return round(epoch_s * 1000)
+
+
+_ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
+
+
+def _row(entry: LedgerEntry | None) -> list[Any]:
+    """A ledger row as script arguments: its time in ms, then field, value pairs (None is '')."""
+    if entry is None:
+        return []
+    fields = {
+        "id": entry.request_id, "caller": entry.caller, "team": entry.team, "policies": ",".join(entry.policies),
+        "model": entry.model, "provider": entry.provider, "prompt": entry.prompt_tokens,
+        "completion": entry.completion_tokens, "cached": entry.cached_tokens, "cost": entry.cost_nano,
+        "status": entry.status, "latency_ms": entry.latency_ms, "attempts": entry.attempts,
+    }
+    return [time_ms(entry.time), *(item for name, value in fields.items()
+                                   for item in (name, "" if value is None else value))]
+
+
+def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
+    """A ledger row read back; its time is its stream id's."""
+    fields = {_text(key): _text(value) for key, value in raw.items()}
+    ints = {name: int(fields[name] or 0) for name in _ROW_INTS}
+    return LedgerEntry(
+        time=int(_text(stream_id).partition("-")[0]) / 1000, request_id=fields["id"],
+        caller=fields["caller"] or None, team=fields["team"] or None,
+        policies=tuple(filter(None, fields["policies"].split(","))), model=fields["model"] or None,
+        provider=fields["provider"] or None, prompt_tokens=ints["prompt"], completion_tokens=ints["completion"],
+        cached_tokens=ints["cached"], cost_nano=ints["cost"], status=fields["status"],  # type: ignore[arg-type]
+        latency_ms=ints["latency_ms"], attempts=ints["attempts"],
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _states(counters: Sequence[CounterKey], flat: Sequence[int]) -> list[CounterState]:

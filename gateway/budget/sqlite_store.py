@@ -4,6 +4,7 @@ One connection lives on one dedicated worker thread; every operation is one `BEG
 transaction run there through `loop.run_in_executor`, so the event loop never blocks on disk and
 operations are serialized. WAL mode with synchronous=NORMAL: a committed operation survives a
 process crash (an OS crash may lose the last few). Rows past their `expires_at` are deleted lazily.
+The ledger table keeps the newest `ledger_max_entries` rows: each insert deletes what falls behind.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, TypeVar
 
 from gateway.budget.store import (
-    SWEEP_MAX, UNITS, CounterKey, CounterState, ReserveLine, ReserveOutcome, Unit, check_record_lines,
-    check_reserve_lines, check_spend,
+    SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, Unit,
+    check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -50,7 +51,22 @@ CREATE TABLE IF NOT EXISTS spent_ids (
     request_id TEXT PRIMARY KEY, expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS spent_ids_expiry ON spent_ids (expires_at);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, request_id TEXT NOT NULL, caller TEXT, team TEXT,
+    policies TEXT NOT NULL, model TEXT, provider TEXT, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,
+    status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
+CREATE TABLE IF NOT EXISTS alerts (
+    key TEXT PRIMARY KEY, expires_at REAL NOT NULL
+);
 """
+
+_LEDGER_COLUMNS = (
+    "time_ms, request_id, caller, team, policies, model, provider, prompt_tokens, completion_tokens,"
+    " cached_tokens, cost_nano, status, latency_ms, attempts"
+)
 
 _ADD = """
 INSERT INTO counters (policy, period, window_id, reserved_usd, reserved_tokens, reserved_requests,
@@ -78,8 +94,9 @@ class _Line(NamedTuple):
 class SqliteBudgetStore:
     """BudgetStore in a SQLite file; same semantics as the Redis store (see `BudgetStore`)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, ledger_max_entries: int = 1_000_000) -> None:
         self._path = path
+        self._ledger_max = ledger_max_entries
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budget-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -93,23 +110,33 @@ class SqliteBudgetStore:
             return ReserveOutcome(True, None, None, [])
         return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until))
 
-    async def settle(self, request_id: str, actual: Spend, now: float) -> bool:
-        """Turn the live reservation into `actual` spend."""
+    async def settle(self, request_id: str, actual: Spend, now: float,
+                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
+        """Turn the live reservation into `actual` spend; the counters' states after it."""
         check_spend(actual)
-        return await self._transaction(lambda db: self._settle(db, request_id, actual, now))
+        return await self._transaction(lambda db: self._settle(db, request_id, actual, now, entry))
 
-    async def release(self, request_id: str, now: float) -> bool:
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
         """Drop the live reservation without spend."""
-        return await self._transaction(lambda db: self._release(db, request_id, now))
+        return await self._transaction(lambda db: self._release(db, request_id, now, entry))
 
-    async def record(self, request_id: str, lines: SpendLines, now: float) -> bool:
+    async def record(self, request_id: str, lines: SpendLines, now: float,
+                     entry: LedgerEntry | None = None) -> bool:
         """Add spend without a reservation, once per request id."""
         check_record_lines(lines)
-        return await self._transaction(lambda db: self._record(db, request_id, lines, now))
+        return await self._transaction(lambda db: self._record(db, request_id, lines, now, entry))
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""
         return await self._transaction(lambda db: self._read(db, counters, now))
+
+    async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
+        """The oldest `limit` ledger rows with since <= time < until."""
+        return await self._transaction(lambda db: self._ledger(db, since, until, limit))
+
+    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
+        """True for the first claim of `key` until `expires_at`."""
+        return await self._transaction(lambda db: self._claim_alert(db, key, expires_at, now))
 
     async def ping(self) -> bool:
         """True when the database answers a query."""
@@ -149,25 +176,28 @@ class SqliteBudgetStore:
             )
         return ReserveOutcome(True, None, None, [self._state(db, line.counter) for line in lines])
 
-    def _settle(self, db: Db, request_id: str, actual: Spend, now: float) -> bool:
+    def _settle(self, db: Db, request_id: str, actual: Spend, now: float,
+                entry: LedgerEntry | None) -> list[CounterState] | None:
         lines = self._live_reservation(db, request_id, now)
         if lines is None:
-            return False
+            return None
         spend = dict(actual)
         if not spend.keys() <= {line.counter for line in lines}:
             raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
         self._close_reservation(db, request_id, lines, spend)
         self._mark_spent(db, request_id, lines)
-        return True
+        self._append_row(db, entry)
+        return [self._state(db, counter) for counter, _ in actual]
 
-    def _release(self, db: Db, request_id: str, now: float) -> bool:
+    def _release(self, db: Db, request_id: str, now: float, entry: LedgerEntry | None) -> bool:
         lines = self._live_reservation(db, request_id, now)
         if lines is None:
             return False
         self._close_reservation(db, request_id, lines, {})
+        self._append_row(db, entry)
         return True
 
-    def _record(self, db: Db, request_id: str, lines: SpendLines, now: float) -> bool:
+    def _record(self, db: Db, request_id: str, lines: SpendLines, now: float, entry: LedgerEntry | None) -> bool:
         self._drop_expired(db, now)
         if self._is_spent(db, request_id):
             return False
@@ -179,12 +209,24 @@ class SqliteBudgetStore:
         for counter, charge, expires_at in lines:
             self._add(db, counter, _NOTHING, charge, expires_at)
         self._mark_spent(db, request_id, [_Line(*line) for line in lines])
+        self._append_row(db, entry)
         return True
 
     def _read(self, db: Db, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         self._drop_expired(db, now)
         self._sweep_leases(db, now)
         return [self._state(db, counter) for counter in counters]
+
+    def _ledger(self, db: Db, since: float, until: float, limit: int) -> list[LedgerEntry]:
+        rows = db.execute(
+            f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE time_ms >= ? AND time_ms < ? ORDER BY seq LIMIT ?",
+            (time_ms(since), time_ms(until), limit),
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def _claim_alert(self, db: Db, key: str, expires_at: float, now: float) -> bool:
+        db.execute("DELETE FROM alerts WHERE expires_at <= ?", (now,))
+        return db.execute("INSERT OR IGNORE INTO alerts VALUES (?, ?)", (key, expires_at)).rowcount == 1
 
     # --- building blocks ---
 
@@ -218,13 +260,14 @@ class SqliteBudgetStore:
             return None
         lease_until, lines = found
         if lease_until < now:
-            self._expire_into_spend(db, request_id, lines)
+            self._expire_into_spend(db, request_id, lines, now)
             return None
         return lines
 
-    def _expire_into_spend(self, db: Db, request_id: str, lines: list[_Line]) -> None:
+    def _expire_into_spend(self, db: Db, request_id: str, lines: list[_Line], now: float) -> None:
         self._close_reservation(db, request_id, lines, {line.counter: line.amount for line in lines})
         self._mark_spent(db, request_id, lines)
+        self._append_row(db, _expired_row(request_id, lines, now))
 
     def _sweep_leases(self, db: Db, now: float) -> None:
         """Turn up to SWEEP_MAX reservations whose lease ended into spend."""
@@ -236,7 +279,7 @@ class SqliteBudgetStore:
         for (request_id,) in ended:
             found = self._reservation(db, request_id)
             if found is not None:
-                self._expire_into_spend(db, request_id, found[1])
+                self._expire_into_spend(db, request_id, found[1], now)
 
     def _close_reservation(
         self, db: Db, request_id: str, lines: list[_Line], spend: dict[CounterKey, Charge]
@@ -250,6 +293,19 @@ class SqliteBudgetStore:
     def _mark_spent(self, db: Db, request_id: str, lines: Sequence[_Line]) -> None:
         expires_at = max(line.expires_at for line in lines)
         db.execute("INSERT OR REPLACE INTO spent_ids VALUES (?, ?)", (request_id, expires_at))
+
+    def _append_row(self, db: Db, entry: LedgerEntry | None) -> None:
+        """File a ledger row at max(its time, the latest row's time); drop rows past the newest N."""
+        if entry is None:
+            return
+        latest = db.execute("SELECT MAX(time_ms) FROM ledger").fetchone()[0] or 0
+        cursor = db.execute(
+            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (max(time_ms(entry.time), latest), entry.request_id, entry.caller, entry.team, ",".join(entry.policies),
+             entry.model, entry.provider, entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens,
+             entry.cost_nano, entry.status, entry.latency_ms, entry.attempts),
+        )
+        db.execute("DELETE FROM ledger WHERE seq <= ?", (cursor.lastrowid - self._ledger_max,))
 
     def _is_spent(self, db: Db, request_id: str) -> bool:
         found = db.execute("SELECT 1 FROM spent_ids WHERE request_id = ?", (request_id,)).fetchone()
@@ -304,6 +360,19 @@ def _exceeded_unit(line: ReserveLine, state: CounterState) -> Unit | None:
         if limit is not None and spent + reserved + amount > limit:
             return unit
     return None
+
+
+def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerEntry:
+    """The ledger row of a reservation whose lease ended: its policies and largest line amounts."""
+    usd, tokens = max(line.amount.usd_nano for line in lines), max(line.amount.tokens for line in lines)
+    policies = tuple(sorted({line.counter.policy for line in lines}))
+    return LedgerEntry(now, request_id, None, None, policies, None, None, tokens, 0, 0, usd, "lease_expired", 0, 0)
+
+
+def _entry(row: tuple) -> LedgerEntry:
+    """A ledger row read back."""
+    time_ms_, request_id, caller, team, policies, *rest = row
+    return LedgerEntry(time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))), *rest)
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:

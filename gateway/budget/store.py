@@ -7,12 +7,18 @@ releases the reservation when it fails. A reservation not settled by its lease t
 a crashed replica never under-counts. Every request id adds spend at most once: settling, lease
 expiry and `record` (journal replay) each leave a marker that makes a later `record` a no-op.
 
+The spend ledger keeps one row per request (`LedgerEntry`), written in the same atomic operation as
+the spend it explains, so ledger totals always equal the counters: settle, release and record file
+the caller's row; a lease that ends files a `lease_expired` row with the reserved amounts. Rows are
+kept in time order and trimmed to about `ledger_max_entries` (oldest first).
+
 Backends: `gateway.budget.redis_store.RedisBudgetStore`, `gateway.budget.sqlite_store.SqliteBudgetStore`.
 All raise `gateway.errors.StoreError` when the storage fails, and ValueError for invalid arguments.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -21,7 +27,8 @@ from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
-    "ReserveOutcome", "BudgetStore", "check_reserve_lines", "check_record_lines", "check_spend",
+    "ReserveOutcome", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
+    "check_record_lines", "check_spend", "time_ms",
 ]
 
 Unit = Literal["usd", "tokens", "requests"]
@@ -74,6 +81,35 @@ class ReserveOutcome:
     states: list[CounterState]
 
 
+LedgerStatus = Literal["served", "failed", "lease_expired"]
+"""served: charged its real cost; failed: released, no spend; lease_expired: charged what it reserved."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One request's row in the spend ledger; money in nano-USD, `time` in epoch seconds (ms precision).
+
+    A `lease_expired` row is written by the store, which knows only the reservation: it has no
+    caller, team, model or provider, its cost is the reserved amount and its reserved tokens count as
+    `prompt_tokens`.
+    """
+
+    time: float
+    request_id: str
+    caller: str | None
+    team: str | None
+    policies: tuple[str, ...]
+    model: str | None
+    provider: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_nano: int
+    status: LedgerStatus
+    latency_ms: int
+    attempts: int
+
+
 class BudgetStore(Protocol):
     """Atomic budget operations; `now` is the caller's clock, in epoch seconds, on every call.
 
@@ -82,7 +118,11 @@ class BudgetStore(Protocol):
     every amount is added to its counter's reserved total and the reservation is kept under
     `request_id` until `lease_until`. `reserve` and `read` also turn a bounded number of reservations
     whose lease ended (lease_until < now) into spend; `settle`, `release` and `record` do that for
-    their own request id, and then return False.
+    their own request id, and then return False (settle: None).
+
+    `settle`, `release` and `record` write `entry` to the ledger when they change anything, in the same
+    atomic operation. `ledger` rows are filed at max(their time, the latest row's time), so the ledger
+    stays in order when a replica's clock lags or a journal is replayed.
     """
 
     async def reserve(
@@ -93,18 +133,21 @@ class BudgetStore(Protocol):
         No lines: ok, and nothing is stored (a later settle or release returns False).
         """
 
-    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float) -> bool:
-        """Turn the live reservation into `actual` spend; False (no change) if there is none.
+    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
+                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
+        """Turn the live reservation into `actual` spend; the states of `actual`'s counters after it.
 
-        Counters of the reservation missing from `actual` get no spend; ValueError (no change) if
-        `actual` names a counter the reservation does not hold.
+        None (no change) if there is no live reservation. Counters of the reservation missing from
+        `actual` get no spend; ValueError (no change) if `actual` names a counter the reservation does
+        not hold.
         """
 
-    async def release(self, request_id: str, now: float) -> bool:
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
         """Drop the live reservation without spend; False (no change) if there is none."""
 
     async def record(
-        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float
+        self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
+        entry: LedgerEntry | None = None,
     ) -> bool:
         """Add spend without a reservation (journal replay); lines are (counter, spend, expires_at).
 
@@ -116,11 +159,22 @@ class BudgetStore(Protocol):
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order; one never written (or dropped after expiry) reads zero."""
 
+    async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
+        """The oldest `limit` ledger rows with since <= time < until, in time order."""
+
+    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
+        """True for the first claim of `key` until `expires_at`, False for every later one (any replica)."""
+
     async def ping(self) -> bool:
         """True when the storage answers."""
 
     async def close(self) -> None:
         """Release connections or files."""
+
+
+def time_ms(epoch_s: float) -> int:
+    """Epoch seconds as whole milliseconds: the precision of ledger times."""
+    return math.floor(epoch_s * 1000 + 0.5)
 
 
 def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:

@@ -127,7 +127,8 @@ def _server(node: Node) -> ServerConfig:
         max_body_bytes=node.at("max_body_bytes").integer(_SERVER.max_body_bytes, at_least(1)),
         client_timeout_s=node.at("client_timeout_s").number(_SERVER.client_timeout_s, above(0)),
         auth=auth,
-        admin_key_sha256=_admin_digest(node),
+        admin_key_sha256=_server_key_digest(node, "admin_key"),
+        metrics_key_sha256=_server_key_digest(node, "metrics_key"),
         access_log=node.at("access_log").flag(_SERVER.access_log),
     )
 
@@ -142,12 +143,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _admin_digest(server: Node) -> str | None:
-    """The admin key's digest, from `admin_key` (plaintext, hashed here) or `admin_key_sha256`."""
-    plain = server.at("admin_key").text("")
-    digest = server.at("admin_key_sha256").parse(_sha256_hex, None)
+def _server_key_digest(server: Node, name: str) -> str | None:
+    """A server key's digest, from `<name>` (plaintext, hashed here) or `<name>_sha256`."""
+    plain = server.at(name).text("")
+    digest = server.at(f"{name}_sha256").parse(_sha256_hex, None)
     if plain and digest:
-        server.at("admin_key").report("set admin_key or admin_key_sha256, not both")
+        server.at(name).report(f"set {name} or {name}_sha256, not both")
     return key_digest(plain) if plain else digest
 
 
@@ -162,6 +163,7 @@ def _store(node: Node, base_dir: Path) -> StoreConfig:
         fail_open_allowance=node.at("fail_open_allowance").decimal(_STORE.fail_open_allowance, between(0, 1)),
         lease_s=node.at("lease_s").number(_STORE.lease_s, above(0)),
         journal_path=str(base_dir / node.at("journal_path").text(_STORE.journal_path)),
+        ledger_max_entries=node.at("ledger_max_entries").integer(_STORE.ledger_max_entries, at_least(1)),
     )
 
 

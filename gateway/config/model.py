@@ -10,7 +10,7 @@ from typing import Literal
 
 __all__ = [
     "ServerConfig", "StoreConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
-    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "Policy",
+    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "AlertConfig", "Policy",
     "RetryConfig", "BreakerConfig", "Settings",
 ]
 
@@ -22,9 +22,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 4 * 1024 * 1024
-    client_timeout_s: float = 600.0          # whole request, upstream included
+    client_timeout_s: float = 60.0           # how long a client may take to send its request body
     auth: Literal["keys", "none"] = "keys"
     admin_key_sha256: str | None = None      # hex digest; from `admin_key` (env) or `admin_key_sha256`
+    metrics_key_sha256: str | None = None    # set: GET /metrics needs this bearer key (`metrics_key` or digest)
     access_log: bool = True
 
 
@@ -40,6 +41,7 @@ class StoreConfig:
     fail_open_allowance: Decimal = Decimal("0.01")   # share of each limit one replica may spend blind
     lease_s: float = 900.0                   # a reservation not settled by then turns into spend
     journal_path: str = "./data/journal.jsonl"
+    ledger_max_entries: int = 1_000_000      # spend ledger rows kept (the oldest are trimmed)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,14 @@ class BudgetLimit:
 
 
 @dataclass(frozen=True)
+class AlertConfig:
+    """Where a policy's budget alerts go; the webhook URL is a secret (never logged)."""
+
+    webhook: str = field(repr=False)
+    format: Literal["slack", "discord"] = "slack"
+
+
+@dataclass(frozen=True)
 class Policy:
     """A named budget policy from `policies/*.yaml`."""
 
@@ -144,6 +154,7 @@ class Policy:
     downgrade_to: str | None = None
     max_output_tokens: int | None = None     # overrides the model's cap for the reservation
     source: str = ""                         # file the policy came from
+    alerts: AlertConfig | None = None        # webhook for warn_at and exceeded alerts
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.config.model import BudgetLimit, Policy, PolicyMatch, Route
+from gateway.config.model import AlertConfig, BudgetLimit, Policy, PolicyMatch, Route
 from gateway.config.node import FRACTION, InvalidValue, Node, as_name, as_text, at_least, repeats
 from gateway.config.prices import Prices
 
@@ -15,6 +16,7 @@ __all__ = ["decode_policies", "report_duplicate_names"]
 
 _PERIODS: tuple[Literal["daily", "monthly"], ...] = ("daily", "monthly")
 _LIMITS = ("usd", "tokens", "requests")
+_ALERT_FORMATS: tuple[Literal["slack", "discord"], ...] = ("slack", "discord")
 _DEFAULT = Policy(name="", match=PolicyMatch(), budgets=())
 
 OnExceed = tuple[Literal["block", "downgrade"], str | None]
@@ -56,6 +58,7 @@ def _policy(node: Node, prices: Prices, routes: Sequence[Route]) -> Policy:
         downgrade_to=downgrade_to,
         max_output_tokens=node.at("max_output_tokens").integer(None, at_least(1)),
         source=node.doc.file,
+        alerts=_alerts(node.at("alerts")),
     )
 
 
@@ -108,6 +111,27 @@ def _warn_at(node: Node) -> tuple[Decimal, ...]:
         return _DEFAULT.warn_at
     shares = (element.decimal(None, FRACTION) for element in node.elements())
     return tuple(sorted({share for share in shares if share is not None}))
+
+
+def _alerts(node: Node) -> AlertConfig | None:
+    """The alert webhook (`${VAR}` allowed) and its message format; None when absent."""
+    if node.absent:
+        return None
+    webhook = node.at("webhook", required=True).parse(_webhook_url, None)
+    message_format = node.at("format").choice(_ALERT_FORMATS, "slack")
+    return AlertConfig(webhook, message_format) if webhook else None
+
+
+def _webhook_url(value: Any) -> str:
+    """An http(s) URL with a host."""
+    text = as_text(value)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidValue("must be an http(s) URL")
+    return text
 
 
 def _on_exceed(node: Node, prices: Prices, routes: Sequence[Route]) -> OnExceed:

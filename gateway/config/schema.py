@@ -14,10 +14,11 @@ def _scalars(*names: str, **shapes: Shape) -> Keys:
 
 _SERVER = _scalars(
     "host", "port", "max_body_bytes", "client_timeout_s", "auth", "admin_key", "admin_key_sha256",
-    "access_log",
+    "access_log", "metrics_key", "metrics_key_sha256",
 )
 _STORE = _scalars(
     "url", "path", "timeout_s", "pool_size", "on_outage", "fail_open_allowance", "lease_s", "journal_path",
+    "ledger_max_entries",
 )
 _PROVIDER = _scalars(
     "base_url", "api_key", "max_connections",
@@ -58,5 +59,6 @@ _POLICY = _scalars(
     budgets=ListOf(_BUDGET),
     warn_at=ListOf(SCALAR),
     on_exceed=Either((SCALAR, _scalars("downgrade")), "'block' or a mapping {downgrade: <model>}"),
+    alerts=_scalars("webhook", "format"),
 )
 POLICY_FILE = IfKey("policies", Keys({"policies": ListOf(_POLICY)}), _POLICY)

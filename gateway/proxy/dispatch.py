@@ -141,16 +141,27 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
 
 
 async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
-    """POST the request to one provider within what is left of the deadline; the response head."""
+    """POST the request to one provider within what is left of the deadline; the response head.
+
+    Every call is reported to the registry's `on_attempt` callbacks: its time to the response head and
+    its status, `timeout`, `connect_error` or `cancelled`.
+    """
     body = upstream_body(call.req, target.upstream_model)
+    started, outcome = call.resilience.clock.monotonic(), "cancelled"
     try:
         async with asyncio.timeout(call.remaining()):
-            return await call.pool[target.provider].post(call.req.endpoint.path, body)
+            response = await call.pool[target.provider].post(call.req.endpoint.path, body)
+        outcome = str(response.status)
+        return response
     except asyncio.TimeoutError as exc:
+        outcome = "timeout"
         raise UpstreamConnectError(f"Provider '{target.provider}' timed out.") from exc
     except (aiohttp.ClientError, ConnectionError) as exc:
+        outcome = "connect_error"
         raise UpstreamConnectError(
             f"Provider '{target.provider}' is unreachable ({type(exc).__name__}).") from exc
+    finally:
+        call.resilience.attempted(target.provider, call.resilience.clock.monotonic() - started, outcome)
 
 
 async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> RetryableStatus:

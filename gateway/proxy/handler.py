@@ -31,7 +31,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     settings = app[CONFIG].current
     caller = authenticate(request, settings)
     record.caller = caller.name
-    req = await read_proxy_request(request, endpoint, settings.server.max_body_bytes)
+    req = await read_proxy_request(request, endpoint, settings.server)
     record.model, record.stream = req.model, req.stream
     plan = plan_for(settings, req.model)
     record.route = plan.route
@@ -65,8 +65,11 @@ async def respond(request: web.Request, req: ProxyRequest,
             "x-request-id": request[RECORD].request_id, **served_by})
         await client.prepare(request)
         outcome = await relay_stream(upstream, client, req.wants_usage, redactor)
+        record = request[RECORD]
         if outcome.first_write_at is not None:
-            request[RECORD].first_byte_s = outcome.first_write_at - request[RECORD].started
+            record.first_byte_s = outcome.first_write_at - record.started
+        if not outcome.complete:
+            record.error = "client_disconnected" if outcome.client_gone else "stream_truncated"
         if not outcome.client_gone:
             await client.write_eof()
         return client, stream_usage(outcome, req)
@@ -90,7 +93,7 @@ async def settle(request: web.Request, reservation: Reservation, reply: Upstream
     if reply is not None and usage is not None:
         charge = charge_for(reply.target.price, usage)
         record.usage, record.cost_nano = usage, charge.usd_nano
-    await request.app[BUDGET].settle(reservation, charge)
+    await request.app[BUDGET].settle(reservation, charge, record)
 
 
 def add_proxy_routes(app: web.Application) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.config.model import ServerConfig
+from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 __all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "read_proxy_request", "upstream_body"]
 
@@ -42,17 +44,20 @@ class ProxyRequest:
     max_tokens: int | None
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refusing non-JSON content types and bodies over `limit` bytes."""
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body, refusing non-JSON content types, bodies over `limit` bytes and slow senders."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Unsupported content type '{request.content_type}': send 'Content-Type: application/json'.")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the {limit}-byte limit.")
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body was not received within {timeout_s:g} s.") from None
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
@@ -77,9 +82,9 @@ def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
     return None
 
 
-async def read_proxy_request(request: web.Request, endpoint: Endpoint, limit: int) -> ProxyRequest:
+async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: ServerConfig) -> ProxyRequest:
     """Read and check a client request for `endpoint`."""
-    body = await read_body(request, limit)
+    body = await read_body(request, server.max_body_bytes, server.client_timeout_s)
     payload = parse_payload(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:

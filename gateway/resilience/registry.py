@@ -1,7 +1,7 @@
 """One circuit breaker and one retry budget per provider, kept across requests and config reloads.
 
 The registry is the seam between the request path and later observers: metrics and logs append to
-`on_transition`, `on_retry` and `on_failover`; this module imports neither.
+`on_transition`, `on_retry`, `on_failover` and `on_attempt`; this module imports neither.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from gateway.config.model import ProviderConfig, RetryConfig, Settings
 from gateway.resilience.breaker import CircuitBreaker, Transition, TransitionCallback
 from gateway.resilience.retry import RetryBudget
 
-__all__ = ["RetryCallback", "FailoverCallback", "Sleep", "ResilienceRegistry"]
+__all__ = ["RetryCallback", "FailoverCallback", "AttemptCallback", "Sleep", "ResilienceRegistry"]
 
 logger = logging.getLogger(__name__)
 
 RetryCallback = Callable[[str, str], None]        # (provider, reason)
 FailoverCallback = Callable[[str, str], None]     # (from_provider, to_provider)
+AttemptCallback = Callable[[str, float, str], None]  # (provider, seconds to response head, status or error)
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -34,6 +35,7 @@ class ResilienceRegistry:
         self.on_transition: list[TransitionCallback] = []
         self.on_retry: list[RetryCallback] = []
         self.on_failover: list[FailoverCallback] = []
+        self.on_attempt: list[AttemptCallback] = []
         self._breakers: dict[str, CircuitBreaker] = {}
         self._budgets: dict[str, RetryBudget] = {}
         self._providers: dict[str, ProviderConfig] = {}
@@ -87,6 +89,10 @@ class ResilienceRegistry:
     def failed_over(self, from_provider: str, to_provider: str) -> None:
         """Tell the `on_failover` callbacks that a request moved on from one provider to the next."""
         self._notify(self.on_failover, from_provider, to_provider)
+
+    def attempted(self, provider: str, seconds: float, outcome: str) -> None:
+        """Tell the `on_attempt` callbacks how long one upstream call took to answer, and how it ended."""
+        self._notify(self.on_attempt, provider, seconds, outcome)
 
     def _transitioned(self, event: Transition) -> None:
         """Fan one breaker transition out to the current `on_transition` callbacks."""

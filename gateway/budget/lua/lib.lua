@@ -5,6 +5,7 @@
 --   <prefix>resv:<request id>               hash: counter key -> "usd tokens requests expires_ms"
 --   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
 --   <prefix>spent:<request id>              marker: this request already added its spend
+--   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows
 -- Amounts are integers below 2^53, exact in Lua's doubles; they reach HINCRBY formatted with '%d'.
 
 local FIELDS = {
@@ -79,6 +80,53 @@ local function latest_expiry_ms(lines)
   return latest
 end
 
+-- The stream id of a row at time_ms: rows stay in order, so a row older than the last one (a lagging
+-- replica clock, a journal replay) is filed at the last row's time.
+local function ledger_id(ledger, time_ms)
+  local last = redis.call('XREVRANGE', ledger, '+', '-', 'COUNT', 1)[1]
+  if last then
+    local ms, seq = string.match(last[1], '^(%d+)-(%d+)$')
+    if tonumber(ms) >= time_ms then
+      return ms .. '-' .. int(tonumber(seq) + 1)
+    end
+  end
+  return int(time_ms) .. '-0'
+end
+
+-- Appends one row (a flat list of field, value pairs) to the ledger.
+local function append_ledger(prefix, ledger_max, time_ms, fields)
+  local ledger = prefix .. 'ledger'
+  redis.call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
+end
+
+-- Appends the caller's row when it sent one: its time (ms) at ARGV[at], its field, value pairs after.
+local function append_request_row(prefix, ledger_max, at)
+  if #ARGV > at then
+    append_ledger(prefix, ledger_max, tonumber(ARGV[at]), {unpack(ARGV, at + 1)})
+  end
+end
+
+-- The row of a reservation whose lease ended: its policies and, per unit, its largest line amount.
+local function expired_row(request_id, lines)
+  local policies, seen, most = {}, {}, {0, 0, 0}
+  for _, line in ipairs(lines) do
+    local policy = string.match(line.counter, 'ctr:([^:]+):[^:]+:[^:]+$')
+    if policy and not seen[policy] then
+      seen[policy] = true
+      policies[#policies + 1] = policy
+    end
+    for i = 1, 3 do
+      most[i] = math.max(most[i], line.amounts[i])
+    end
+  end
+  table.sort(policies)
+  return {
+    'id', request_id, 'caller', '', 'team', '', 'policies', table.concat(policies, ','), 'model', '',
+    'provider', '', 'prompt', int(most[2]), 'completion', '0', 'cached', '0', 'cost', int(most[1]),
+    'status', 'lease_expired', 'latency_ms', '0', 'attempts', '0',
+  }
+end
+
 local function mark_spent(prefix, request_id, expires_ms)
   redis.call('SET', prefix .. 'spent:' .. request_id, '1', 'PXAT', int(expires_ms))
 end
@@ -92,8 +140,8 @@ local function close_reservation(prefix, request_id, lines, spend)
   redis.call('ZREM', prefix .. 'leases', request_id)
 end
 
--- A reservation whose lease ended becomes spend of its full reserved amounts.
-local function expire_into_spend(prefix, request_id, lines)
+-- A reservation whose lease ended becomes spend of its full reserved amounts, with a ledger row.
+local function expire_into_spend(prefix, request_id, lines, now, ledger_max)
   local spend = {}
   for _, line in ipairs(lines) do
     spend[line.counter] = line.amounts
@@ -101,28 +149,29 @@ local function expire_into_spend(prefix, request_id, lines)
   close_reservation(prefix, request_id, lines, spend)
   if #lines > 0 then
     mark_spent(prefix, request_id, latest_expiry_ms(lines))
+    append_ledger(prefix, ledger_max, math.floor(tonumber(now) * 1000 + 0.5), expired_row(request_id, lines))
   end
 end
 
 -- The lines of request_id's reservation while its lease runs; nil when there is none or it ended
 -- (an ended one is turned into spend first).
-local function live_reservation(prefix, request_id, now)
+local function live_reservation(prefix, request_id, now, ledger_max)
   local lease = redis.call('ZSCORE', prefix .. 'leases', request_id)
   if not lease then
     return nil
   end
   local lines = reservation_lines(prefix, request_id)
   if tonumber(lease) < now or #lines == 0 then
-    expire_into_spend(prefix, request_id, lines)
+    expire_into_spend(prefix, request_id, lines, now, ledger_max)
     return nil
   end
   return lines
 end
 
 -- Turns up to max_count reservations whose lease ended before now into spend.
-local function sweep_expired(prefix, now, max_count)
+local function sweep_expired(prefix, now, max_count, ledger_max)
   local ended = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, max_count)
   for _, request_id in ipairs(ended) do
-    expire_into_spend(prefix, request_id, reservation_lines(prefix, request_id))
+    expire_into_spend(prefix, request_id, reservation_lines(prefix, request_id), now, ledger_max)
   end
 end

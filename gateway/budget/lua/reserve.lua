@@ -1,13 +1,13 @@
 -- reserve: all-or-nothing reservation of one request's worst case on every line.
 -- KEYS: leases, reservation, counter of each line.
--- ARGV: prefix, request id, now, lease_until, sweep max, then 7 per line:
+-- ARGV: prefix, request id, now, lease_until, sweep max, ledger max, then 7 per line:
 --       usd, tokens, requests, usd limit, tokens limit, requests limit (-1 = unlimited), expires_ms.
 -- Returns {1, 0, 0, states...} reserved, {0, line, unit, states...} refused, {-1} id already reserved.
 local prefix, request_id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local counters = {unpack(KEYS, 3)}
 
 local function line_base(i)
-  return 5 + (i - 1) * 7
+  return 6 + (i - 1) * 7
 end
 
 -- The first line and unit where spent + reserved + amount would pass the limit; nil when all fit.
@@ -25,8 +25,8 @@ local function first_excess()
   return nil
 end
 
-sweep_expired(prefix, ARGV[3], tonumber(ARGV[5]))
-if live_reservation(prefix, request_id, now) then
+sweep_expired(prefix, ARGV[3], tonumber(ARGV[5]), ARGV[6])
+if live_reservation(prefix, request_id, now, ARGV[6]) then
   return {-1}
 end
 local refused_line, refused_unit = first_excess()

@@ -1,0 +1,34 @@
+-- wrk script of bench/bench.py: POST one JSON body to the target, then print one result line.
+--
+-- Environment: BENCH_BODY     path of the request body (JSON)
+--              BENCH_HEADERS  extra request headers, one "Name: value" per line (optional)
+-- Output (stdout, last line): BENCH_RESULT {...} with completed requests, error counts and
+-- latency percentiles in microseconds, for bench.py to parse instead of wrk's text report.
+
+local function read_file(path)
+  local file = assert(io.open(path, "rb"), "cannot open BENCH_BODY " .. tostring(path))
+  local data = file:read("*a")
+  file:close()
+  return data
+end
+
+wrk.method = "POST"
+wrk.body = read_file(os.getenv("BENCH_BODY"))
+wrk.headers["Content-Type"] = "application/json"
+for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+  local name, value = line:match("^%s*([^:]-)%s*:%s*(.-)%s*$")
+  if name and name ~= "" then
+    wrk.headers[name] = value
+  end
+end
+
+function done(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests": %d, "duration_us": %d, "bytes": %d, "non2xx": %d, ' ..
+    '"connect_errors": %d, "read_errors": %d, "write_errors": %d, "timeouts": %d, ' ..
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f}\n',
+    summary.requests, summary.duration, summary.bytes, errors.status,
+    errors.connect, errors.read, errors.write, errors.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end

@@ -1,0 +1,178 @@
+"""GET /v1/budget/usage: the spend ledger summed per model, key, team, policy or provider.
+
+Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
+requests, and grouped by policy only the policies that apply to it. `requests` counts charged
+requests (a failed request costs nothing and is not counted); a row with several policies counts
+once in each of its policy groups and once in the total.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from gateway.appkeys import BUDGET, CONFIG
+from gateway.auth import authenticate
+from gateway.budget.status import visible_policies
+from gateway.budget.store import BudgetStore, LedgerEntry
+from gateway.budget.windows import window_for
+from gateway.config.model import CallerIdentity, Settings
+from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
+from gateway.pricing import nano_to_usd
+
+__all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "add_budget_usage_routes"]
+
+log = logging.getLogger("gateway.budget")
+GroupBy = Literal["model", "key", "team", "policy", "provider"]
+GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider")
+PAGE = 10_000
+NOW_INCLUDED_S = 0.001   # the default `until` is exclusive: one ledger tick past now
+_FIELDS: dict[str, Callable[[LedgerEntry], str | None]] = {
+    "model": lambda entry: entry.model, "key": lambda entry: entry.caller, "team": lambda entry: entry.team,
+    "provider": lambda entry: entry.provider,
+}
+
+
+@dataclass
+class Totals:
+    """Sums over ledger rows."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_nano: int = 0
+
+    def add(self, entry: LedgerEntry) -> None:
+        """Count one row."""
+        self.requests += entry.status != "failed"
+        self.prompt_tokens += entry.prompt_tokens
+        self.completion_tokens += entry.completion_tokens
+        self.cached_tokens += entry.cached_tokens
+        self.cost_nano += entry.cost_nano
+
+    def as_json(self) -> dict[str, Any]:
+        """Token counts as integers, cost as an exact decimal string of USD."""
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
+                "cost_usd": f"{nano_to_usd(self.cost_nano).normalize():f}"}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which rows and policy groups a caller may see; None means all of them (the admin)."""
+
+    caller: str | None
+    policies: frozenset[str] | None
+
+    @classmethod
+    def of(cls, settings: Settings, caller: CallerIdentity) -> Scope:
+        """The admin's scope, or a client's own rows and visible policies."""
+        if caller.admin:
+            return cls(None, None)
+        return cls(caller.name, frozenset(p.name for p in visible_policies(settings, caller, None)))
+
+    def sees(self, entry: LedgerEntry) -> bool:
+        return self.caller is None or entry.caller == self.caller
+
+    def groups(self, entry: LedgerEntry, group_by: GroupBy) -> list[str | None]:
+        """The groups one row counts in."""
+        if group_by == "policy":
+            return [p for p in entry.policies if self.policies is None or p in self.policies]
+        return [_FIELDS[group_by](entry)]
+
+
+async def ledger_rows(store: BudgetStore, since: float, until: float, page: int = PAGE) -> AsyncIterator[LedgerEntry]:
+    """Every ledger row with since <= time < until, read page by page; rows sharing a time are read once."""
+    read_at_edge: set[str] = set()
+    while True:
+        rows = await store.ledger(since, until, page)
+        fresh = [row for row in rows if row.request_id not in read_at_edge]
+        for row in fresh:
+            yield row
+        if len(rows) < page:
+            return
+        if not fresh:
+            log.warning("usage report cut short: more than %d ledger rows share the time %s", page, since)
+            return
+        last = rows[-1].time
+        at_last = {row.request_id for row in rows if row.time == last}
+        read_at_edge = at_last | read_at_edge if last == since else at_last
+        since = last
+
+
+async def usage_totals(rows: AsyncIterator[LedgerEntry], scope: Scope,
+                    group_by: GroupBy) -> tuple[dict[str | None, Totals], Totals]:
+    """Totals per group and overall, over the rows `scope` sees."""
+    groups: dict[str | None, Totals] = {}
+    total = Totals()
+    async for entry in rows:
+        if not scope.sees(entry):
+            continue
+        total.add(entry)
+        for group in scope.groups(entry, group_by):
+            groups.setdefault(group, Totals()).add(entry)
+    return groups, total
+
+
+def parse_instant(text: str, param: str) -> float:
+    """Epoch seconds from epoch seconds or ISO 8601 (a time without an offset is UTC)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise InvalidRequest(f"'{param}' must be an ISO 8601 time or epoch seconds.", param=param) from None
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    if not math.isfinite(seconds):
+        raise InvalidRequest(f"'{param}' must be a finite time.", param=param)
+    return seconds
+
+
+def _query(request: web.Request, now: float) -> tuple[float, float, GroupBy]:
+    """since (default: the start of this UTC month), until (exclusive; default: now) and group_by (model)."""
+    query = request.query
+    since = parse_instant(query["since"], "since") if "since" in query else window_for("monthly", "UTC", now).start_ts
+    until = parse_instant(query["until"], "until") if "until" in query else now + NOW_INCLUDED_S
+    group_by = query.get("group_by", "model")
+    if group_by not in GROUPS:
+        raise InvalidRequest(f"'group_by' must be one of: {', '.join(GROUPS)}.", param="group_by")
+    if since > until:
+        raise InvalidRequest("'since' must not be after 'until'.", param="since")
+    return since, until, group_by  # type: ignore[return-value]
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
+
+
+async def budget_usage(request: web.Request) -> web.Response:
+    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider."""
+    settings = request.app[CONFIG].current
+    caller = authenticate(request, settings)
+    engine = request.app[BUDGET]
+    since, until, group_by = _query(request, engine.clock.now())
+    if engine.store is None:
+        groups, total = {}, Totals()
+    else:
+        try:
+            rows = ledger_rows(engine.store, since, until)
+            groups, total = await usage_totals(rows, Scope.of(settings, caller), group_by)
+        except StoreError:
+            raise StoreUnavailable("The budget store is unreachable; usage cannot be read right now.") from None
+    ranked = sorted(groups.items(), key=lambda item: (-item[1].cost_nano, -item[1].requests, str(item[0])))
+    body = {"object": "list", "group_by": group_by, "since": _iso(since), "until": _iso(until),
+            "data": [{"group": group, **totals.as_json()} for group, totals in ranked], "total": total.as_json()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def add_budget_usage_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/budget/usage", budget_usage)

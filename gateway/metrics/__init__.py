@@ -1,0 +1,16 @@
+"""Prometheus metrics: in-process instruments fed by observers, budget gauges read from the store at scrape.
+
+    instruments  GatewayMetrics: the metrics and the callbacks that update them
+    labels       label values bounded by the active config
+    middleware   requests in flight and each request's access record
+    scrape       budget windows, breaker states and config reloads read per scrape
+    endpoint     GET /metrics
+"""
+
+from __future__ import annotations
+
+from gateway.metrics.endpoint import add_metrics_routes
+from gateway.metrics.instruments import GatewayMetrics
+from gateway.metrics.middleware import metrics_middleware
+
+__all__ = ["GatewayMetrics", "add_metrics_routes", "metrics_middleware"]

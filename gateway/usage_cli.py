@@ -1,0 +1,66 @@
+"""`gateway usage`: spend from the ledger per model, key, team, policy or provider, as a table or CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from gateway.status_cli import fetch_status, table
+
+__all__ = ["COLUMNS", "usage_path", "render_table", "render_csv", "collect", "run_usage"]
+
+COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
+
+
+def usage_path(since: str | None, until: str | None, group_by: str) -> str:
+    """The /v1/budget/usage path with its query (times passed on as given: ISO 8601 or epoch seconds)."""
+    query = {"group_by": group_by, **({"since": since} if since else {}), **({"until": until} if until else {})}
+    return "/v1/budget/usage?" + urlencode(query)
+
+
+def render_table(body: dict[str, Any]) -> str:
+    """One row per group, then the total, under a line naming the time range."""
+    rows = [[_group(entry["group"]), *(str(entry[column]) for column in COLUMNS)] for entry in body["data"]]
+    rows.append(["TOTAL", *(str(body["total"][column]) for column in COLUMNS)])
+    header = [body["group_by"].upper(), "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "COST USD"]
+    return f"usage from {body['since']} to {body['until']}\n" + table(rows, header)
+
+
+def render_csv(body: dict[str, Any]) -> str:
+    """A header row, then one row per group (an empty cell for a row without that group)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([body["group_by"], *COLUMNS])
+    for entry in body["data"]:
+        writer.writerow([entry["group"] or "", *(entry[column] for column in COLUMNS)])
+    return out.getvalue()
+
+
+def _group(name: str | None) -> str:
+    return "(none)" if name is None else name
+
+
+async def collect(url: str, key: str | None, path: str, as_csv: bool) -> tuple[str, int]:
+    """The printed report and the exit code."""
+    status, body = await fetch_status(url, key, path)
+    if status != 200:
+        return f"error {status}: {body.get('error', {}).get('message', body)}", 1
+    return (render_csv(body) if as_csv else render_table(body)), 0
+
+
+def run_usage(url: str, key: str | None, since: str | None, until: str | None, group_by: str,
+              as_csv: bool) -> int:
+    """Print the usage report; the key defaults to $GATEWAY_KEY."""
+    path = usage_path(since, until, group_by)
+    try:
+        report, code = asyncio.run(collect(url, key or os.environ.get("GATEWAY_KEY"), path, as_csv))
+    except aiohttp.ClientError as exc:
+        report, code = f"cannot reach the gateway at {url}: {exc}", 2
+    print(report, end="" if as_csv and code == 0 else "\n")
+    return code
