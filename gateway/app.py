@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -29,6 +30,8 @@ from gateway.proxy.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("gateway")
 
 RECOVERY_INTERVAL_S = 1.0
 
@@ -74,7 +77,10 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            await engine.recover()
+            try:
+                await engine.recover()
+            except Exception:
+                log.exception("budget recovery failed; trying again")
             await asyncio.sleep(RECOVERY_INTERVAL_S)
 
     task = asyncio.create_task(loop())

@@ -10,16 +10,20 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from gateway.access_log import AccessRecord
 from gateway.budget.allowance import LocalAllowance
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.matching import matching_policies
-from gateway.budget.store import BudgetStore, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
+from gateway.budget.store import (
+    MAX_AMOUNT, BudgetStore, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
+)
 from gateway.budget.windows import Window, seconds_until_reset, window_for
 from gateway.budget.worst_case import worst_case_charge
 from gateway.clock import Clock
@@ -33,7 +37,16 @@ __all__ = ["Reservation", "SettleListener", "BudgetEngine", "budget_lines", "lim
 
 log = logging.getLogger("gateway.budget")
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
-RETRY_STORE_AFTER_S = 1.0   # after a store error, requests skip the store this long (the replayer probes)
+RETRY_STORE_AFTER_S = 1.0   # after repeated store errors, requests skip the store this long (the replayer probes)
+FAILURES_BEFORE_SKIPPING_STORE = 3   # one slow call (a fork for BGSAVE) is not an outage
+T = TypeVar("T")
+
+
+def _bounded(charge: Charge | None) -> Charge | None:
+    """A charge the store can hold: an absurd upstream usage is capped, never an error that loses spend."""
+    if charge is None:
+        return None
+    return Charge(min(charge.usd_nano, MAX_AMOUNT), min(charge.tokens, MAX_AMOUNT), min(charge.requests, MAX_AMOUNT))
 
 
 @dataclass(frozen=True)
@@ -104,10 +117,30 @@ class BudgetEngine:
         self.allowance = LocalAllowance(float(config.fail_open_allowance))
         self.on_settled: list[SettleListener] = []
         self._store_down_until = 0.0
+        self._store_failures = 0
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
-        """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
+        """Hold the request's worst case on every matching policy, or raise BudgetExceeded.
+
+        A client that disconnects meanwhile does not cancel the store call half-way: the reservation is
+        completed and then released, so it never lingers until its lease turns it into spend.
+        """
+        task = asyncio.ensure_future(self._reserve(request_id, settings, caller, plan, req))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, task: asyncio.Future[Reservation]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._spawn(self.settle(task.result(), None))
+
+    async def _reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
+                       plan: Plan, req: ProxyRequest) -> Reservation:
         policies = matching_policies(settings.policies, caller, plan.model)
         if not policies or self.store is None:
             return Reservation(request_id, plan)
@@ -147,24 +180,39 @@ class BudgetEngine:
         if self.clock.monotonic() >= self._store_down_until:
             try:
                 async with asyncio.timeout(self._hard_timeout()):
-                    return await self.store.reserve(request_id, lines, now, now + self.config.lease_s)
+                    outcome = await self.store.reserve(request_id, lines, now, now + self.config.lease_s)
+                self._store_failures = 0
+                return outcome
             except (StoreError, TimeoutError) as exc:
                 self._mark_down(exc)
+                # The store may have applied the reservation before the reply was lost.
+                self._spawn(self._release_quietly(request_id, now))
         if self.config.on_outage == "fail_open" and self.allowance.try_take(lines):
             return None
         raise StoreUnavailable("The budget store is unreachable, so the gateway cannot check this request's "
                                "budget; try again shortly.", headers={"Retry-After": "1"})
 
+    async def _release_quietly(self, request_id: str, now: float) -> None:
+        assert self.store is not None
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(self._hard_timeout()):
+                await self.store.release(request_id, now)
+
     async def settle(self, reservation: Reservation, charge: Charge | None,
                      record: AccessRecord | None = None) -> None:
-        """Charge the request's real cost (None: it was not served, release it); ledger it from `record`."""
-        if not reservation.lines:
-            return
+        """Charge the request's real cost (None: it was not served, release it); ledger it from `record`.
+
+        Shielded: a client that disconnects cannot cancel the settlement of what it was served.
+        """
+        if reservation.lines:
+            await asyncio.shield(self._spawn(self._settle(reservation, _bounded(charge), record)))
+
+    async def _settle(self, reservation: Reservation, charge: Charge | None, record: AccessRecord | None) -> None:
         now = self.clock.now()
         entry = ledger_entry(reservation, charge, record, now)
         if reservation.local:
             self.allowance.adjust(reservation.lines, charge)
-            self._journal(reservation, charge, entry)
+            await self._journal(reservation, charge, entry)
             return
         assert self.store is not None
         try:
@@ -176,8 +224,9 @@ class BudgetEngine:
                     reservation.request_id, [(line.counter, charge) for line in reservation.lines], now, entry)
         except (StoreError, TimeoutError) as exc:
             self._mark_down(exc)
-            self._journal(reservation, charge, entry)
+            await self._journal(reservation, charge, entry)
             return
+        self._store_failures = 0
         if states:
             self._notify_settled(states)
 
@@ -189,15 +238,15 @@ class BudgetEngine:
             except Exception:
                 log.exception("a budget settle listener failed")
 
-    def _journal(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
+    async def _journal(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
         """Keep spend the store could not take, with its ledger row; a release is journaled as zero spend."""
         if self.journal is None:
             log.error("budget store unreachable and no journal configured: request %s not settled",
                       reservation.request_id)
             return
         spent = charge or Charge()
-        self.journal.append(reservation.request_id,
-                            [(line.counter, spent, line.expires_at) for line in reservation.lines], entry)
+        lines = [(line.counter, spent, line.expires_at) for line in reservation.lines]
+        await asyncio.to_thread(self.journal.append, reservation.request_id, lines, entry)  # fsync off the loop
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
@@ -214,6 +263,7 @@ class BudgetEngine:
             return False
         if healthy:
             self._store_down_until = 0.0
+            self._store_failures = 0
             self.allowance.clear()
         return healthy
 
@@ -232,11 +282,24 @@ class BudgetEngine:
         return max(1.0, 4 * self.config.timeout_s) + 2 * self.config.timeout_s
 
     def _mark_down(self, exc: BaseException) -> None:
-        if self._store_down_until == 0.0:
+        """Count a store failure; after a few in a row, requests skip the store until the replayer sees it back."""
+        self._store_failures += 1
+        if self._store_failures == FAILURES_BEFORE_SKIPPING_STORE:
             log.warning("budget store unreachable (%s); mode %s", exc, self.config.on_outage)
-        self._store_down_until = self.clock.monotonic() + RETRY_STORE_AFTER_S
+        if self._store_failures >= FAILURES_BEFORE_SKIPPING_STORE:
+            self._store_down_until = self.clock.monotonic() + RETRY_STORE_AFTER_S
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `coro` to completion even if its caller is cancelled; kept until done."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
+        """Finish settlements still running, then close the store."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._hard_timeout())
         if self.store is not None:
             await self.store.close()
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from gateway.appkeys import BUDGET, CONFIG, PROVIDERS, RESILIENCE
 from gateway.auth import authenticate
 from gateway.budget.engine import Reservation
+from gateway.errors import UpstreamFailure
 from gateway.middleware import RECORD
-from gateway.pricing import Usage, charge_for
-from gateway.proxy.dispatch import UpstreamReply, dispatch
+from gateway.pricing import charge_for
+from gateway.proxy.charging import Delivery, billable_usage
+from gateway.proxy.dispatch import dispatch
 from gateway.proxy.plan import plan_for
 from gateway.proxy.relay import StreamOutcome, is_event_stream, relay_json, relay_stream
 from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
-from gateway.tokens import prompt_upper_bound
 
 __all__ = ["proxy_handler", "add_proxy_routes"]
+
+log = logging.getLogger("gateway")
 
 
 def proxy_handler(endpoint: Endpoint):
@@ -37,61 +42,65 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     record.route = plan.route
     reservation = await app[BUDGET].reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
-    reply: UpstreamReply | None = None
-    usage: Usage | None = None
+    delivery = Delivery(dispatched=True)
     try:
-        reply = await dispatch(req, reservation.plan, app[PROVIDERS], app[RESILIENCE],
-                               deadline_s=settings.retry.deadline_s)
-        record.provider, record.attempts = reply.target.provider, reply.attempts
-        response, usage = await respond(request, req, reply)
+        delivery.reply = await dispatch(req, reservation.plan, app[PROVIDERS], app[RESILIENCE],
+                                        deadline_s=settings.retry.deadline_s)
+        record.provider, record.attempts = delivery.reply.target.provider, delivery.reply.attempts
+        return await respond(request, req, delivery)
+    except UpstreamFailure:
+        delivery.upstream_failed = True
+        raise
     finally:
-        await settle(request, reservation, reply, usage)
-    return response
+        await settle(request, reservation, req, delivery)
 
 
-async def respond(request: web.Request, req: ProxyRequest,
-                  reply: UpstreamReply) -> tuple[web.StreamResponse, Usage | None]:
+async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery) -> web.StreamResponse:
     """Pass the upstream answer on: streamed event by event, or whole."""
-    redactor = request.app[PROVIDERS].redactor
-    upstream = reply.response
+    assert delivery.reply is not None
+    reply, redactor = delivery.reply, request.app[PROVIDERS].redactor
     served_by = {"x-gateway-provider": reply.target.provider, "x-gateway-attempts": str(reply.attempts)}
     try:
-        if not (req.stream and upstream.status == 200 and is_event_stream(upstream)):
-            response, usage = await relay_json(upstream, redactor)
+        if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
+            response, delivery.usage = await relay_json(reply.response, redactor)
             response.headers.update(served_by)
-            return response, usage
+            return response
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "x-request-id": request[RECORD].request_id, **served_by})
         await client.prepare(request)
-        outcome = await relay_stream(upstream, client, req.wants_usage, redactor)
-        record = request[RECORD]
-        if outcome.first_write_at is not None:
-            record.first_byte_s = outcome.first_write_at - record.started
-        if not outcome.complete:
-            record.error = "client_disconnected" if outcome.client_gone else "stream_truncated"
+        delivery.stream = StreamOutcome()
+        await relay_to_client(request, req, delivery.stream, reply.response, client)
+        return client
+    finally:
+        reply.response.release()
+
+
+async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: StreamOutcome, upstream,
+                          client: web.StreamResponse) -> None:
+    """Relay the stream; once its first byte is out, a failure can only end it, never replace it."""
+    record = request[RECORD]
+    try:
+        await relay_stream(upstream, client, req.wants_usage, request.app[PROVIDERS].redactor, outcome)
         if not outcome.client_gone:
             await client.write_eof()
-        return client, stream_usage(outcome, req)
-    finally:
-        upstream.release()
+    except Exception:
+        log.exception("relaying stream %s failed after it started", record.request_id)
+        outcome.client_gone = True
+    if outcome.first_write_at is not None:
+        record.first_byte_s = outcome.first_write_at - record.started
+    if not outcome.complete:
+        record.error = "client_disconnected" if outcome.client_gone else "stream_truncated"
 
 
-def stream_usage(outcome: StreamOutcome, req: ProxyRequest) -> Usage:
-    """The usage of a relayed stream: the upstream's own, else the gateway's estimate."""
-    if outcome.usage is not None:
-        return outcome.usage
-    return Usage(prompt_tokens=prompt_upper_bound(req.payload),
-                 completion_tokens=outcome.content_events, estimated=True)
-
-
-async def settle(request: web.Request, reservation: Reservation, reply: UpstreamReply | None,
-                 usage: Usage | None) -> None:
-    """Charge what the serving attempt really cost; release the reservation when nothing was served."""
+async def settle(request: web.Request, reservation: Reservation, req: ProxyRequest, delivery: Delivery) -> None:
+    """Charge what was served (see gateway.proxy.charging); release the reservation when nothing was."""
     record = request[RECORD]
     charge = None
-    if reply is not None and usage is not None:
-        charge = charge_for(reply.target.price, usage)
+    billable = billable_usage(delivery, req, reservation.plan)
+    if billable is not None:
+        target, usage = billable
+        charge = charge_for(target.price, usage)
         record.usage, record.cost_nano = usage, charge.usd_nano
     await request.app[BUDGET].settle(reservation, charge, record)
 

@@ -66,12 +66,18 @@ class _SseSplitter:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        """The events completed by `chunk`; any line ending (CRLF, CR, LF) is accepted."""
         data = self._pending + chunk
         if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = data.split(b"\n\n")
         self._pending = events.pop()
         return [event + b"\n\n" for event in events if event]
+
+    def flush(self) -> list[bytes]:
+        """At the end of the stream: the last event, even without its blank line."""
+        tail, self._pending = self._pending.strip(b"\n"), b""
+        return [tail + b"\n\n"] if tail else []
 
 
 def _inspect(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
@@ -91,25 +97,41 @@ def _inspect(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
     return True
 
 
-async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse,
-                       wants_usage: bool, redactor: Redactor) -> StreamOutcome:
-    """Relay SSE events as they arrive; a stream that ends early gets an error event, never a clean end."""
-    outcome, splitter = StreamOutcome(), _SseSplitter()
+async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse, wants_usage: bool,
+                       redactor: Redactor, outcome: StreamOutcome) -> None:
+    """Relay SSE events into `outcome` as they arrive; a stream that ends early gets an error event.
+
+    `outcome` belongs to the caller, so what was relayed is known even if this is cancelled.
+    """
+    splitter = _SseSplitter()
     try:
         async for chunk in upstream.content.iter_any():
-            out = b"".join(e for e in splitter.feed(chunk) if _inspect(e, outcome, wants_usage))
-            if out:
-                if outcome.first_write_at is None:
-                    outcome.first_write_at = time.perf_counter()
-                await client.write(redactor.bytes(out))
+            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
+        await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
+    except _ClientGone:
+        outcome.client_gone = True
+        return
     except (aiohttp.ClientError, asyncio.TimeoutError):
         pass  # the upstream broke off: reported to the client below
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        outcome.client_gone = True
-        return outcome
     if not outcome.complete:
         await _write_truncated(client, outcome)
-    return outcome
+
+
+async def _forward(events: list[bytes], client: web.StreamResponse, outcome: StreamOutcome,
+                   wants_usage: bool, redactor: Redactor) -> None:
+    """Write the events the client should see, as one write."""
+    out = b"".join(e for e in events if _inspect(e, outcome, wants_usage))
+    if out:
+        if outcome.first_write_at is None:
+            outcome.first_write_at = time.perf_counter()
+        try:
+            await client.write(redactor.bytes(out))
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise _ClientGone from None
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
 
 
 async def _write_truncated(client: web.StreamResponse, outcome: StreamOutcome) -> None:
