@@ -721,26 +721,45 @@ def _usage_of(raw: bytes, stream: bool, headers: dict[str, str]) -> tuple[int, i
     return None
 
 
+PROFILE_GROUPS = (   # a sample belongs to the group of the innermost frame that matches a marker
+    ("budget store: reserve + settle (gateway/budget, redis-py)", ("redis/", "gateway/budget/")),
+    ("upstream call: dispatch, retries, breaker, aiohttp client",
+     ("gateway/proxy/dispatch", "gateway/resilience/", "gateway/proxy/providers", "tenacity/", "aiohttp/client",
+      "aiohttp/connector")),
+    ("relay of the answer (JSON or SSE)", ("gateway/proxy/relay",)),
+    ("metrics (gateway/metrics, prometheus_client)", ("gateway/metrics/", "prometheus_client/")),
+    ("access log (record, JSON line, logging)", ("gateway/access_log", "logging/")),
+    ("rest of the handler: auth, parse, plan, middleware", ("gateway/",)),
+    ("aiohttp server: parse, route, write responses", ("aiohttp/web", "aiohttp/http_parser", "aiohttp/_http",
+                                                        "aiohttp/helpers", "aiohttp/streams", "aiohttp/base_protocol")),
+)
+
+
 def top_frames(raw: Path, limit: int = 25) -> dict[str, list[tuple[str, float]]]:
-    """Self and inclusive shares of the sampled CPU time per function, from py-spy's raw format."""
+    """Shares of the sampled CPU time: per component (PROFILE_GROUPS) and per function (self time)."""
     own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
-        frames = [_frame_name(frame) for frame in stack.split(";")]
-        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
-        if not frames:
-            continue
+        count, frames = int(count_text), stack.split(";")
         total += count
-        own[frames[-1]] += count
-        for name in set(frames):
-            inclusive[name] += count
+        own[_frame_name(frames[-1])] += count
+        groups[_group_of(frames)] += count
     share = lambda counter: [(name, round(100 * n / total, 1)) for name, n in counter.most_common(limit)]  # noqa: E731
-    return {"samples": [("total", total)], "self": share(own), "inclusive": share(inclusive)}
+    return {"samples": [("total", total)], "groups": share(groups), "self": share(own)}
+
+
+def _group_of(frames: list[str]) -> str:
+    if frames[-1].startswith("run_app "):
+        return "event loop: uvloop C code and socket syscalls (no Python frame)"
+    for frame in reversed(frames):
+        for label, markers in PROFILE_GROUPS:
+            if any(marker in frame for marker in markers):
+                return label
+    return "other (asyncio, stdlib)"
 
 
 def _frame_name(frame: str) -> str:
@@ -854,10 +873,12 @@ def _soak_text(soak: dict[str, Any]) -> str:
 def _profile_text(profile: dict[str, Any]) -> list[str]:
     lines = []
     for scenario, frames in profile.items():
-        lines += [f"Profile {scenario} c=16 (py-spy, {frames['samples'][0][1]} samples, % of gateway CPU samples):",
-                  "", "| self % | function | | inclusive % | function |", "|---:|---|---|---:|---|"]
-        for (own, own_pct), (inc, inc_pct) in zip(frames["self"][:15], frames["inclusive"][:15]):
-            lines.append(f"| {own_pct} | `{own}` | | {inc_pct} | `{inc}` |")
+        lines += [f"Profile {scenario} c=16 (py-spy --nonblocking, {frames['samples'][0][1]} samples; % of the "
+                  "gateway's CPU samples):", "", "| component | % | | top function (self) | % |", "|---|---:|---|---|---:|"]
+        for index in range(max(len(frames["groups"]), 12)):
+            group = frames["groups"][index] if index < len(frames["groups"]) else ("", "")
+            own = frames["self"][index] if index < len(frames["self"]) else ("", "")
+            lines.append(f"| {group[0]} | {group[1]} | | `{own[0]}` | {own[1]} |")
         lines.append("")
     return lines
 
@@ -926,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=csv_ints, default=[1, 16, 64], help="chat connections")
     run.add_argument("--stream-concurrency", type=csv_ints, default=[16], help="stream connections")
     run.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    run.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell")
+    run.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell")
     run.add_argument("--warmup", type=int, default=2, help="seconds of wrk per target and scenario before")
     run.add_argument("--max-wall", type=float, default=300, help="start no new run after this many seconds")
     run.add_argument("--loadgen-cpus", default="0", help="wrk, mock upstream and redis-server")

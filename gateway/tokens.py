@@ -2,7 +2,11 @@
 
 Prompt upper bound (for reservations): a BPE token always covers at least one byte of text, so the
 UTF-8 byte length of every string in the prompt, plus a per-message overhead, bounds the real
-token count from above. Non-text parts (images, audio) are bounded by a fixed allowance each.
+token count from above. Image parts are bounded by a fixed allowance each; `file` and `input_audio`
+parts by the byte length of their data (base64 or text), and never less than that allowance. The
+fields that reach the model beside the prompt (`response_format`, `prediction`, `tools`,
+`functions`, `tool_choice`) count with the byte length of their JSON. A body nested too deeply to
+walk is an InvalidRequest.
 
 Completion estimate (for a stream that ended without usage): providers stream about one token per
 content event, so the number of events that carried choices is the estimate; such records are
@@ -13,10 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["prompt_upper_bound", "MESSAGE_OVERHEAD_TOKENS", "NON_TEXT_PART_TOKENS"]
+import orjson
+
+from gateway.errors import InvalidRequest
+
+__all__ = ["prompt_upper_bound", "MESSAGE_OVERHEAD_TOKENS", "NON_TEXT_PART_TOKENS", "EXTRA_PROMPT_FIELDS"]
 
 MESSAGE_OVERHEAD_TOKENS = 8
 NON_TEXT_PART_TOKENS = 2_000
+EXTRA_PROMPT_FIELDS = ("response_format", "prediction", "tools", "functions", "tool_choice")
+_TEXT_KINDS = ("text", "input_text", "function")
+_DATA_KINDS = ("file", "input_audio")     # bounded by the bytes of their data
 
 
 def _text_bytes(value: Any) -> int:
@@ -27,19 +38,38 @@ def _text_bytes(value: Any) -> int:
         return sum(_text_bytes(item) for item in value)
     if isinstance(value, dict):
         kind = value.get("type")
-        if kind is not None and kind not in ("text", "input_text", "function"):
+        if kind in _DATA_KINDS:
+            return max(NON_TEXT_PART_TOKENS, _strings_bytes(value))
+        if kind is not None and kind not in _TEXT_KINDS:
             return NON_TEXT_PART_TOKENS
-        return sum(_text_bytes(item) for item in value.values())
+        return _strings_bytes(value)
     return 1 if value is not None else 0
 
 
-def prompt_upper_bound(payload: dict[str, Any]) -> int:
-    """An upper bound of the prompt tokens of a chat, completion or embedding request."""
+def _strings_bytes(part: dict[str, Any]) -> int:
+    """The bound of every value of a dict."""
+    return sum(_text_bytes(item) for item in part.values())
+
+
+def _json_bytes(payload: dict[str, Any]) -> int:
+    """Bytes of the JSON of the fields sent to the model beside the prompt."""
+    return sum(len(orjson.dumps(payload[name])) for name in EXTRA_PROMPT_FIELDS if name in payload)
+
+
+def _prompt_bytes(payload: dict[str, Any]) -> int:
+    """The bound of the messages, prompt or input, with their per-message overhead."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        bound = _text_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
-        return bound + _text_bytes(payload.get("tools")) + _text_bytes(payload.get("functions"))
+        return _text_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
     for field in ("prompt", "input"):
         if field in payload:
             return _text_bytes(payload[field]) + MESSAGE_OVERHEAD_TOKENS
     return MESSAGE_OVERHEAD_TOKENS
+
+
+def prompt_upper_bound(payload: dict[str, Any]) -> int:
+    """An upper bound of the prompt tokens of a chat, completion or embedding request."""
+    try:
+        return _prompt_bytes(payload) + _json_bytes(payload)
+    except (RecursionError, orjson.JSONEncodeError):
+        raise InvalidRequest("The request body is nested too deeply.") from None

@@ -96,7 +96,7 @@ class Supervisor:
     def __init__(self, commands: Sequence[Sequence[str]], *, grace_s: float = STOP_GRACE_S) -> None:
         self._commands = commands
         self._grace_s = grace_s
-        self._children: dict[int, int] = {}          # pid -> worker index
+        self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}   # pid -> (worker index, process)
         self._stopping = False
         self.exit_code = 0
 
@@ -113,7 +113,7 @@ class Supervisor:
             self._start_all()
             self._reap_all()
         finally:
-            signal.alarm(0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
         return self.exit_code
@@ -128,7 +128,7 @@ class Supervisor:
                 log.error("worker %d could not start: %s", index, exc)
                 self._fail(1)
                 return
-            self._children[child.pid] = index
+            self._children[child.pid] = (index, child)   # kept: a dropped Popen may be reaped behind our back
             if self._stopping:                       # a stop signal came while this one was starting
                 os.kill(child.pid, signal.SIGTERM)
 
@@ -138,9 +138,11 @@ class Supervisor:
                 pid, status = os.wait()              # retried after our signal handlers (PEP 475)
             except ChildProcessError:
                 return
-            index = self._children.pop(pid, None)
-            if index is not None:
-                self._exited(index, pid, _exit_status(os.waitstatus_to_exitcode(status)))
+            found = self._children.pop(pid, None)
+            if found is not None:
+                index, child = found
+                child.returncode = os.waitstatus_to_exitcode(status)
+                self._exited(index, pid, _exit_status(child.returncode))
 
     def _exited(self, index: int, pid: int, status: int) -> None:
         if self._stopping:

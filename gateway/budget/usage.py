@@ -34,6 +34,7 @@ GroupBy = Literal["model", "key", "team", "policy", "provider"]
 GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider")
 PAGE = 10_000
 NOW_INCLUDED_S = 0.001   # the default `until` is exclusive: one ledger tick past now
+MAX_INSTANT_S = 2**33    # epoch seconds (the year 2242): later times are refused, not overflowed
 _FIELDS: dict[str, Callable[[LedgerEntry], str | None]] = {
     "model": lambda entry: entry.model, "key": lambda entry: entry.caller, "team": lambda entry: entry.team,
     "provider": lambda entry: entry.provider,
@@ -123,7 +124,7 @@ async def usage_totals(rows: AsyncIterator[LedgerEntry], scope: Scope,
 
 
 def parse_instant(text: str, param: str) -> float:
-    """Epoch seconds from epoch seconds or ISO 8601 (a time without an offset is UTC)."""
+    """Epoch seconds from epoch seconds or ISO 8601 (a time without an offset is UTC), 0 <= t < 2**33."""
     try:
         seconds = float(text)
     except ValueError:
@@ -134,6 +135,8 @@ def parse_instant(text: str, param: str) -> float:
         seconds = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
     if not math.isfinite(seconds):
         raise InvalidRequest(f"'{param}' must be a finite time.", param=param)
+    if not 0 <= seconds < MAX_INSTANT_S:
+        raise InvalidRequest(f"'{param}' must be from 1970 to before {MAX_INSTANT_S} epoch seconds.", param=param)
     return seconds
 
 

@@ -1,22 +1,50 @@
-"""The most a request can cost, reserved before any upstream call."""
+"""The most a request can cost, reserved before any upstream call.
+
+The output cap counts every completion the request may produce: `n` (or `best_of`, which the
+provider generates in full and bills) choices, for each prompt of a /v1/completions prompt list.
+An absurd worst case is held at the store's MAX_AMOUNT, which no budget limit exceeds.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from gateway.budget.store import MAX_AMOUNT
 from gateway.config.model import Policy
 from gateway.pricing import Charge, Usage, cost_nano
 from gateway.proxy.plan import Plan
 from gateway.proxy.request import ProxyRequest
 from gateway.tokens import prompt_upper_bound
 
-__all__ = ["worst_case_charge"]
+__all__ = ["worst_case_charge", "completions_per_request"]
+
+
+def prompt_count(prompt: Any) -> int:
+    """Prompts in a /v1/completions `prompt`: a list of strings or token lists is one per item."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return 1
+
+
+def completions_per_request(req: ProxyRequest) -> int:
+    """How many completions the request may generate (n and best_of are checked positive ints)."""
+    payload = req.payload
+    choices = max(payload.get("n") or 1, payload.get("best_of") or 1)
+    if req.endpoint.kind == "completions":
+        return choices * prompt_count(payload.get("prompt"))
+    return choices
 
 
 def output_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> int:
-    """Completion tokens to reserve: the request's max_tokens, else the tightest policy or model cap."""
+    """Completion tokens to reserve: the per-completion cap times the completions the request asks for."""
     if req.endpoint.kind == "embeddings":
         return 0
+    return completion_cap(req, plan, policies) * completions_per_request(req)
+
+
+def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> int:
+    """Tokens of one completion: the request's max_tokens, else the tightest policy or model cap."""
     if req.max_tokens is not None:
         return req.max_tokens
     caps = [p.max_output_tokens for p in policies if p.max_output_tokens]
@@ -27,4 +55,4 @@ def worst_case_charge(req: ProxyRequest, plan: Plan, policies: Sequence[Policy])
     """Upper bound of the request's charge on any provider of the plan (failover may pick a dearer one)."""
     usage = Usage(prompt_tokens=prompt_upper_bound(req.payload), completion_tokens=output_cap(req, plan, policies))
     dearest = max(cost_nano(target.price, usage) for target in plan.targets)
-    return Charge(usd_nano=dearest, tokens=usage.total_tokens, requests=1)
+    return Charge(usd_nano=min(dearest, MAX_AMOUNT), tokens=min(usage.total_tokens, MAX_AMOUNT), requests=1)

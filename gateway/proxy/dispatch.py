@@ -6,6 +6,7 @@ For each target, in plan order:
     2xx or 4xx answer               -> returned unread, so nothing has reached the client yet
     retryable status, connect error -> retried under the provider's policy and retry budget,
                                        then the next target
+    other 5xx (501, 505, 520-524)   -> the next target at once, without a retry
 
 Every attempt holds its own breaker permit, so a breaker that opens during the retries stops them and
 the request fails over. When every target fails, `UpstreamFailure` describes the last upstream error.
@@ -127,8 +128,8 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
     try:
         response = await _send(call, target)
         _settle(permit, response.status)
-        if response.status in call.resilience.retry.statuses:
-            raise await _retryable(call, response)
+        if response.status >= 500 or response.status in call.resilience.retry.statuses:
+            raise await _retryable(call, response)   # the retry policy retries only its statuses
         return response
     except (RetryableStatus, UpstreamConnectError) as exc:
         permit.failure()                     # no-op when the status already settled it

@@ -1,4 +1,10 @@
-"""One pooled aiohttp ClientSession per provider, kept for the app's lifetime and rebuilt on reload."""
+"""One pooled aiohttp ClientSession per provider, kept for the app's lifetime and rebuilt on reload.
+
+A reload retires the clients of changed and removed providers instead of closing them: requests
+planned on the old config still find a removed provider by name, and a retiring session is closed
+only once no request can still use it, `timeouts.total_s` + 5 s after its last use (aiohttp's total
+timeout bounds a call, body included). Its secrets stay redacted until then.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from yarl import URL
 from gateway.config.model import ProviderConfig
 from gateway.redact import Redactor
 
-__all__ = ["ProviderClient", "ProviderPool"]
+__all__ = ["ProviderClient", "ProviderPool", "RETIRE_MARGIN_S"]
+
+RETIRE_MARGIN_S = 5.0
 
 
 class ProviderClient:
@@ -32,6 +40,12 @@ class ProviderClient:
             "Authorization": f"Bearer {config.api_key}",
         }
         self._urls: dict[str, URL] = {}
+        self.last_used = 0.0                 # loop time of the last post()
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What must never reach a client: the API key and every configured header value."""
+        return (self.config.api_key, *(value for _, value in self.config.headers))
 
     def url(self, path: str) -> URL:
         """The provider URL of an endpoint path, parsed once."""
@@ -42,9 +56,11 @@ class ProviderClient:
 
     async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST `body` to the provider; the caller must release the response."""
+        self.last_used = asyncio.get_running_loop().time()
         return await self.session.post(self.url(path), data=body, headers=self._headers)
 
     async def close(self) -> None:
+        """Close the session and its connections."""
         await self.session.close()
 
 
@@ -58,7 +74,14 @@ class ProviderPool:
         self.sync(providers)
 
     def __getitem__(self, name: str) -> ProviderClient:
-        return self._clients[name]
+        """The live client of `name`, else a retiring one (a request planned before a reload)."""
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        for retiring in reversed(self._retiring):
+            if retiring.config.name == name:
+                return retiring
+        raise KeyError(name)
 
     def sync(self, providers: Mapping[str, ProviderConfig]) -> None:
         """Create clients for new or changed providers; close the others once in-flight calls end."""
@@ -71,15 +94,27 @@ class ProviderPool:
             if fresh.get(name) is not client:
                 self._retire(client)
         self._clients = fresh
-        self.redactor = Redactor(c.config.api_key for c in fresh.values())
+        self._redact_known()
 
-    def _retire(self, client: ProviderClient, grace_s: float = 30.0) -> None:
+    def _redact_known(self) -> None:
+        """Redact the secrets of every client a request may still use, retiring ones included."""
+        clients = [*self._clients.values(), *self._retiring]
+        self.redactor = Redactor(secret for client in clients for secret in client.secrets)
+
+    def _retire(self, client: ProviderClient) -> None:
+        """Close `client` once its total timeout (plus a margin) has passed since its retirement or last use."""
+        loop = asyncio.get_running_loop()
+        grace_s = client.config.timeouts.total_s + RETIRE_MARGIN_S
+        retired_at = loop.time()
+
         async def close_later() -> None:
-            await asyncio.sleep(grace_s)
-            await client.close()
+            while (wait := max(retired_at, client.last_used) + grace_s - loop.time()) > 0:
+                await asyncio.sleep(wait)
             del self._retiring[client]
+            self._redact_known()
+            await client.close()
 
-        self._retiring[client] = asyncio.get_running_loop().create_task(close_later())
+        self._retiring[client] = loop.create_task(close_later())
 
     async def close(self) -> None:
         """Close every session, retiring ones included."""

@@ -12,7 +12,9 @@ from aiohttp import web
 from gateway.config.model import ServerConfig
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
-__all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "read_proxy_request", "upstream_body"]
+__all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "MAX_TOKENS_LIMIT", "read_proxy_request", "upstream_body"]
+
+MAX_TOKENS_LIMIT = 2**31 - 1     # the largest max_tokens passed on (OpenAI's own limit is an int32)
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,27 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 
 def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
+    """The first of `names` given, checked to be an integer from 0 to MAX_TOKENS_LIMIT."""
     for name in names:
         value = payload.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest(f"'{name}' must be an integer from 0 to {MAX_TOKENS_LIMIT}.", param=name)
         return value
     return None
+
+
+def _check_types(payload: dict[str, Any]) -> None:
+    """400 for a `stream` that is not a boolean, `stream_options` not an object, `n`/`best_of` not >= 1."""
+    if payload.get("stream") is not None and not isinstance(payload["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    if payload.get("stream_options") is not None and not isinstance(payload["stream_options"], dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
 
 
 async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: ServerConfig) -> ProxyRequest:
@@ -89,6 +104,7 @@ async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: S
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter.", param="model")
+    _check_types(payload)
     stream = payload.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequest(f"Streaming is not supported on {endpoint.path}.", param="stream")
@@ -110,4 +126,7 @@ def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:
     if ask_usage:
         options = payload.get("stream_options")
         payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return orjson.dumps(payload)
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("The request body is nested too deeply.") from None

@@ -3,7 +3,8 @@
 The caller raises these around its aiohttp call so the policy can decide:
 
     Exception
-     ├── RetryableStatus        the upstream answered with a status worth retrying (429, 5xx)
+     ├── RetryableStatus        the upstream answered 429 or 5xx: retried when the status is one of
+     │                          `statuses`, otherwise the caller fails over at once
      └── UpstreamConnectError   connecting or reading the head failed, or timed out
 
 Only the part of a call before the first byte goes to the client may be retried: once a byte has
@@ -37,7 +38,7 @@ _EPSILON = 1e-9  # float deposits of `ratio` must add up to whole tokens
 
 
 class RetryableStatus(Exception):
-    """An upstream answer worth retrying: its status, headers and body."""
+    """An upstream error answer (429, 5xx) to retry or fail over from: its status, headers and body."""
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"") -> None:
         super().__init__(f"upstream answered {status}")
