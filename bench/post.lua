@@ -1,7 +1,10 @@
 -- wrk script of bench/bench.py: POST one JSON body to the target, then print one result line.
 --
--- Environment: BENCH_BODY     path of the request body (JSON)
---              BENCH_HEADERS  extra request headers, one "Name: value" per line (optional)
+-- Environment: BENCH_BODY      path of the request body (JSON)
+--              BENCH_HEADERS   extra request headers, one "Name: value" per line (optional)
+--              BENCH_ACTIVE_S  send new requests only during the first BENCH_ACTIVE_S seconds (optional);
+--                              wrk's -d must be longer: in the rest of the run the requests in flight
+--                              finish and are counted, so no request is cut off when wrk stops
 -- Output (stdout, last line): BENCH_RESULT {...} with completed requests, error counts and
 -- latency percentiles in microseconds, for bench.py to parse instead of wrk's text report.
 
@@ -19,6 +22,29 @@ for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
   local name, value = line:match("^%s*([^:]-)%s*:%s*(.-)%s*$")
   if name and name ~= "" then
     wrk.headers[name] = value
+  end
+end
+
+local active_s = tonumber(os.getenv("BENCH_ACTIVE_S") or "")
+if active_s then
+  local ffi = require("ffi")             -- wrk runs LuaJIT; os.time() has one-second steps
+  ffi.cdef [[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clock_id, bench_timespec *tp);
+  ]]
+  local now_ts = ffi.new("bench_timespec")
+  local function now()
+    ffi.C.clock_gettime(1, now_ts)       -- CLOCK_MONOTONIC
+    return tonumber(now_ts.tv_sec) + tonumber(now_ts.tv_nsec) / 1e9
+  end
+  local stop_at = nil
+
+  function delay()                       -- ms before each request: none while active, then "never"
+    stop_at = stop_at or now() + active_s
+    if now() < stop_at then
+      return 0
+    end
+    return 3600000
   end
 end
 

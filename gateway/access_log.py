@@ -69,5 +69,8 @@ class AccessLog:
         self.logger = logger or logging.getLogger("gateway.access")
 
     def write(self, record: AccessRecord) -> None:
-        if self.enabled and self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(record.line().decode())
+        """Log the record's line at INFO (the caller's file and line are not looked up: they never change)."""
+        logger = self.logger
+        if self.enabled and logger.isEnabledFor(logging.INFO):
+            line = record.line().decode()
+            logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))

@@ -28,9 +28,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class MessageFormatter(logging.Formatter):
+    """`%(message)s`, without the generic formatting steps for the lines that have no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        return record.getMessage()
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Plain messages: access lines are JSON already, other lines are short sentences."""
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MessageFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def cmd_run(args: argparse.Namespace) -> int:

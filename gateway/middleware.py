@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -21,6 +21,11 @@ log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _new_request_id() -> str:
+    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts."""
+    return os.urandom(16).hex()
+
+
 def error_response(error: GatewayError) -> web.Response:
     """The JSON response for a gateway error."""
     return web.Response(body=orjson.dumps(error.body()), status=error.status,
@@ -35,7 +40,7 @@ def _unexpected() -> web.Response:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into OpenAI's error shape, tag the response, and write the access log."""
-    record = AccessRecord(request_id=uuid.uuid4().hex, method=request.method, path=request.path)
+    record = AccessRecord(request_id=_new_request_id(), method=request.method, path=request.path)
     request[RECORD] = record
     try:
         response = await handler(request)

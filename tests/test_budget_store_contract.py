@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -528,3 +528,73 @@ async def _assert_store_error_within(call: Any, seconds: float = 1.0) -> None:
 def test_unusable_store_urls_are_rejected(url: str) -> None:
     with pytest.raises(ValueError):
         create_redis_client(url, timeout_s=0.25, pool_size=4)
+
+
+
+async def test_ledger_rows_keep_any_text(backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    row = replace(entry(clock, "r 1|ü"), caller="web app|2", team="équipe 模型", model="modèle 1 | x\n")
+    assert await backend.store.record(row.request_id, [(key, Charge(1), expiry(clock))], clock.now(), row)
+    assert await ledger(backend.store, clock) == [row]
+
+
+def _count_evalsha_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every socket write that carries an EVALSHA, from now on."""
+    sent: list[bytes] = []
+    send = Connection.send_packed_command
+
+    async def counting_send(self: Connection, command: Any, check_health: bool = True) -> None:
+        packed = b"".join(command) if isinstance(command, list) else bytes(command)
+        if b"EVALSHA" in packed:
+            sent.append(packed)
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting_send)
+    return sent
+
+
+async def test_concurrent_calls_share_round_trips_and_fail_alone(
+    redis_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = create_redis_client(redis_url, timeout_s=5.0, pool_size=4)
+    store = RedisBudgetStore(client)
+    keys = [counter(clock, f"p{i}") for i in range(40)]
+    try:
+        await client.set(store.counter_key(keys[7]), "not a hash")
+        sent = _count_evalsha_writes(monkeypatch)
+        reserved = await asyncio.gather(*(reserve(store, clock, f"r{i}", line(clock, key, Charge(10)))
+                                          for i, key in enumerate(keys)), return_exceptions=True)
+        assert isinstance(reserved[7], StoreError) and "WRONGTYPE" in str(reserved[7])
+        assert reserved[:7] + reserved[8:] == [True] * 39
+        assert len(sent) <= 3
+        settled = await asyncio.gather(*(store.settle(f"r{i}", [(key, Charge(4))], clock.now())
+                                         for i, key in enumerate(keys) if i != 7))
+        assert settled == [[CounterState(key, Charge(4), Charge())] for i, key in enumerate(keys) if i != 7]
+    finally:
+        await store.close()
+
+
+async def test_a_call_cancelled_while_it_waits_for_a_batch_is_never_sent(redis_url: str, clock: FakeClock) -> None:
+    store = RedisBudgetStore(create_redis_client(redis_url, timeout_s=5.0, pool_size=4))
+    key = counter(clock)
+    try:
+        first = asyncio.create_task(reserve(store, clock, "first", line(clock, key, Charge(10))))
+        waiting = asyncio.create_task(reserve(store, clock, "waiting", line(clock, key, Charge(1))))
+        await asyncio.sleep(0)   # first is in flight, waiting is queued behind it
+        waiting.cancel()
+        assert await first
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await state(store, clock, key) == CounterState(key, Charge(), Charge(10))
+        assert not await store.release("waiting", clock.now())
+    finally:
+        await store.close()
+
+
+async def test_scripts_are_reloaded_for_a_whole_batch(redis_backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(redis_backend.store, clock, "before", line(clock, key, Charge(10)))
+    await redis_backend.client.script_flush()
+    calls = [reserve(redis_backend.store, clock, f"r{i}", line(clock, key, Charge(1))) for i in range(20)]
+    assert await asyncio.gather(*calls) == [True] * 20
+    assert await state(redis_backend.store, clock, key) == CounterState(key, Charge(), Charge(30))

@@ -14,29 +14,27 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 from gateway.access_log import AccessRecord
 from gateway.budget.allowance import LocalAllowance
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
-from gateway.budget.matching import matching_policies
-from gateway.budget.store import (
-    MAX_AMOUNT, BudgetStore, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
-)
-from gateway.budget.windows import Window, seconds_until_reset, window_for
+from gateway.budget.slots import KEY_GRACE_S, SlotCache, budget_slots, limits_of
+from gateway.budget.store import MAX_AMOUNT, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
+from gateway.budget.windows import Window, WindowCache, seconds_until_reset
 from gateway.budget.worst_case import worst_case_charge
 from gateway.clock import Clock
-from gateway.config.model import BudgetLimit, CallerIdentity, Policy, Settings, StoreConfig
+from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
 from gateway.errors import BudgetExceeded, StoreError, StoreUnavailable
-from gateway.pricing import Charge, nano_to_usd, usd_to_nano
+from gateway.pricing import Charge, nano_to_usd
 from gateway.proxy.plan import Plan, plan_for
 from gateway.proxy.request import ProxyRequest
 
 __all__ = ["Reservation", "SettleListener", "BudgetEngine", "budget_lines", "limits_of", "KEY_GRACE_S"]
 
 log = logging.getLogger("gateway.budget")
-KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
 RETRY_STORE_AFTER_S = 1.0   # after repeated store errors, requests skip the store this long (the replayer probes)
 FAILURES_BEFORE_SKIPPING_STORE = 3   # one slow call (a fork for BGSAVE) is not an outage
 T = TypeVar("T")
@@ -60,7 +58,7 @@ class Reservation:
     downgraded_from: str | None = None
     caller: CallerIdentity | None = None
 
-    @property
+    @cached_property
     def policies(self) -> tuple[str, ...]:
         """Names of the policies this reservation holds budget on."""
         return tuple(dict.fromkeys(line.counter.policy for line in self.lines))
@@ -69,21 +67,9 @@ class Reservation:
 SettleListener = Callable[[Sequence[CounterState]], None]   # the settled counters' states
 
 
-def limits_of(budget: BudgetLimit) -> tuple[int | None, int | None, int | None]:
-    """A budget's limits in store units (nano-USD, tokens, requests)."""
-    return (None if budget.usd is None else usd_to_nano(budget.usd), budget.tokens, budget.requests)
-
-
 def budget_lines(policies: Sequence[Policy], amount: Charge, now: float) -> list[tuple[ReserveLine, Policy, Window]]:
     """One reserve line per policy budget window, with the policy and window it came from."""
-    lines = []
-    for policy in policies:
-        for budget in policy.budgets:
-            window = window_for(budget.period, policy.timezone, now)
-            counter = CounterKey(policy.name, budget.period, window.id)
-            lines.append((ReserveLine(counter, amount, limits_of(budget), window.end_ts + KEY_GRACE_S),
-                          policy, window))
-    return lines
+    return [(slot.line(amount), slot.policy, slot.window) for slot in budget_slots(policies, now, WindowCache())]
 
 
 def _format_limit(unit: str, limit: int) -> str:
@@ -116,6 +102,7 @@ class BudgetEngine:
         self.journal = journal
         self.allowance = LocalAllowance(float(config.fail_open_allowance))
         self.on_settled: list[SettleListener] = []
+        self._slots = SlotCache()
         self._store_down_until = 0.0
         self._store_failures = 0
         self._background: set[asyncio.Task[Any]] = set()
@@ -141,22 +128,23 @@ class BudgetEngine:
 
     async def _reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                        plan: Plan, req: ProxyRequest) -> Reservation:
-        policies = matching_policies(settings.policies, caller, plan.model)
-        if not policies or self.store is None:
+        match = self._slots.match(settings, caller, plan.model)
+        if not match.policies or self.store is None:
             return Reservation(request_id, plan)
         now = self.clock.now()
-        described = budget_lines(policies, worst_case_charge(req, plan, policies), now)
-        outcome = await self._reserve_lines(request_id, [line for line, _, _ in described], now)
+        slots = self._slots.slots(match, now)
+        amount = worst_case_charge(req, plan, match.policies)
+        lines = tuple(slot.line(amount) for slot in slots)
+        outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
-            lines = tuple(line for line, _, _ in described)
             return Reservation(request_id, plan, lines, local=outcome is None, caller=caller)
-        line, policy, window = described[outcome.refused_index or 0]
-        downgrade = await self._downgrade(request_id, settings, caller, req, policy, plan)
+        line, slot = lines[outcome.refused_index or 0], slots[outcome.refused_index or 0]
+        downgrade = await self._downgrade(request_id, settings, caller, req, slot.policy, plan)
         if downgrade is not None:
             return downgrade
         unit = outcome.refused_unit or "usd"
         limit = line.limits[("usd", "tokens", "requests").index(unit)] or 0
-        raise exceeded_error(policy, window, unit, limit, now)
+        raise exceeded_error(slot.policy, slot.window, unit, limit, now)
 
     async def _downgrade(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
                          policy: Policy, plan: Plan) -> Reservation | None:
@@ -165,16 +153,18 @@ class BudgetEngine:
             return None
         cheaper = plan_for(settings, policy.downgrade_to)
         cheaper = replace(cheaper, model=plan.model)  # budgets and logs still name the client's model
-        policies = matching_policies(settings.policies, caller, policy.downgrade_to)
+        match = self._slots.match(settings, caller, policy.downgrade_to)
         now = self.clock.now()
-        lines = [line for line, _, _ in budget_lines(policies, worst_case_charge(req, cheaper, policies), now)]
+        amount = worst_case_charge(req, cheaper, match.policies)
+        lines = tuple(slot.line(amount) for slot in self._slots.slots(match, now))
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is not None and not outcome.ok:
             return None
-        return Reservation(request_id, cheaper, tuple(lines), local=outcome is None,
+        return Reservation(request_id, cheaper, lines, local=outcome is None,
                            downgraded_from=plan.model, caller=caller)
 
-    async def _reserve_lines(self, request_id: str, lines: list[ReserveLine], now: float) -> ReserveOutcome | None:
+    async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
+                             now: float) -> ReserveOutcome | None:
         """The store's answer, or None when the request is admitted on the local fail-open allowance."""
         assert self.store is not None
         if self.clock.monotonic() >= self._store_down_until:

@@ -2,6 +2,11 @@
 
 Ledger reads (XRANGE) and alert claims (SET NX) are single commands and need no script.
 
+CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers joined in
+one string, see lib.lua), and on Redis and Sentinel the calls made while one is in flight share one
+pipelined round trip (`ScriptBatcher`). A cluster runs each call on its own: EVALSHA, SCRIPT LOAD on
+NOSCRIPT.
+
 Key layout (prefix "gw"):
 
     {gw}:ctr:<policy>:<period>:<window_id>   hash spent_usd, spent_tokens, spent_requests,
@@ -31,8 +36,10 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from gateway.budget.redis_batch import ScriptBatcher
 from gateway.budget.store import (
     SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
     check_record_lines, check_reserve_lines, check_spend, time_ms,
@@ -64,6 +71,7 @@ class RedisBudgetStore:
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
         self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._batcher = ScriptBatcher(client) if isinstance(client, Redis) else None
         self._cluster_pending = isinstance(client, RedisCluster)
         self._cluster_lock = asyncio.Lock()
 
@@ -78,10 +86,8 @@ class RedisBudgetStore:
         check_reserve_lines(lines)
         if not lines:
             return ReserveOutcome(True, None, None, [])
-        args = [self._prefix, request_id, repr(now), repr(lease_until), SWEEP_MAX, self._ledger_max]
-        for line in lines:
-            limits = [-1 if limit is None else limit for limit in line.limits]
-            args += [*_amounts(line.amount), *limits, _ms(line.expires_at)]
+        numbers = f"{now!r} {lease_until!r} {SWEEP_MAX} {self._ledger_max}"
+        args = [self._prefix, request_id, numbers, " ".join(map(_reserve_words, lines))]
         counters = [line.counter for line in lines]
         keys = [self._key("leases"), self._key("resv", request_id), *map(self.counter_key, counters)]
         reply = await self._run("reserve", keys, args)
@@ -95,11 +101,10 @@ class RedisBudgetStore:
                      entry: LedgerEntry | None = None) -> list[CounterState] | None:
         """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
         check_spend(actual)
-        args = [self._prefix, request_id, repr(now), self._ledger_max]
-        for _, charge in actual:
-            args += _amounts(charge)
+        amounts = " ".join(_amount_words(charge) for _, charge in actual)
+        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", amounts, *_row(entry)]
         counters = [counter for counter, _ in actual]
-        reply = await self._run("settle", self._request_keys(request_id, counters), args + _row(entry))
+        reply = await self._run("settle", self._request_keys(request_id, counters), args)
         if reply[0] == -1:
             raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
         return _states(counters, reply[1:]) if reply[0] == 1 else None
@@ -107,7 +112,7 @@ class RedisBudgetStore:
     async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = [self._key("leases"), self._key("resv", request_id)]
-        args = [self._prefix, request_id, repr(now), self._ledger_max, *_row(entry)]
+        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", *_row(entry)]
         return await self._run("release", keys, args) == 1
 
     async def record(
@@ -116,16 +121,15 @@ class RedisBudgetStore:
     ) -> bool:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
-        args = [self._prefix, request_id, repr(now), self._ledger_max]
-        for _, charge, expires_at in lines:
-            args += [*_amounts(charge), _ms(expires_at)]
+        spend = " ".join(f"{_amount_words(charge)} {_ms(expires_at)}" for _, charge, expires_at in lines)
+        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", spend, *_row(entry)]
         keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
-        return await self._run("record", keys, args + _row(entry)) == 1
+        return await self._run("record", keys, args) == 1
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""
         keys = [self._key("leases"), *map(self.counter_key, counters)]
-        reply = await self._run("read", keys, [self._prefix, repr(now), SWEEP_MAX, self._ledger_max])
+        reply = await self._run("read", keys, [self._prefix, f"{now!r} {SWEEP_MAX} {self._ledger_max}"])
         return _states(counters, reply)
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
@@ -174,9 +178,22 @@ class RedisBudgetStore:
             *map(self.counter_key, counters),
         ]
 
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one script; every driver error becomes StoreError."""
-        return await self._command(name, lambda: self._scripts[name](keys=keys, args=args))
+    async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
+        """Run one script (batched with concurrent calls, but not on a cluster); driver errors become StoreError."""
+        if self._batcher is None:
+            return await self._command(name, lambda: self._evalsha(self._scripts[name], keys, args))
+        try:
+            return await self._batcher.run(self._scripts[name], keys, args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        """EVALSHA through execute_command (cheaper than AsyncScript.__call__); SCRIPT LOAD on NOSCRIPT."""
+        try:
+            return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:   # Redis restarted or SCRIPT FLUSH: the script did not run
+            script.sha = await self._client.script_load(script.script)
+            return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _command(self, name: str, command: Callable[[], Awaitable[T]]) -> T:
         """Run one command; every driver error becomes StoreError."""
@@ -260,8 +277,15 @@ def _script_source(name: str) -> str:
     return "\n".join(lua.joinpath(file).read_text("utf-8") for file in ("lib.lua", f"{name}.lua"))
 
 
-def _amounts(charge: Charge) -> list[int]:
-    return [charge.usd_nano, charge.tokens, charge.requests]
+def _amount_words(charge: Charge) -> str:
+    """'usd tokens requests' of one charge, as the scripts split them."""
+    return f"{charge.usd_nano} {charge.tokens} {charge.requests}"
+
+
+def _reserve_words(line: ReserveLine) -> str:
+    """'usd tokens requests usd_limit tokens_limit requests_limit expires_ms' (-1: unlimited) of one line."""
+    usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
+    return f"{_amount_words(line.amount)} {usd} {tokens} {requests} {_ms(line.expires_at)}"
 
 
 def _ms(epoch_s: float) -> int:
@@ -271,18 +295,15 @@ def _ms(epoch_s: float) -> int:
 _ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
 
 
-def _row(entry: LedgerEntry | None) -> list[Any]:
-    """A ledger row as script arguments: its time in ms, then field, value pairs (None is '')."""
+def _row(entry: LedgerEntry | None) -> list[str]:
+    """A ledger row as script arguments (see append_request_row in lib.lua): its integers in one string,
+    then its texts (None is '')."""
     if entry is None:
         return []
-    fields = {
-        "id": entry.request_id, "caller": entry.caller, "team": entry.team, "policies": ",".join(entry.policies),
-        "model": entry.model, "provider": entry.provider, "prompt": entry.prompt_tokens,
-        "completion": entry.completion_tokens, "cached": entry.cached_tokens, "cost": entry.cost_nano,
-        "status": entry.status, "latency_ms": entry.latency_ms, "attempts": entry.attempts,
-    }
-    return [time_ms(entry.time), *(item for name, value in fields.items()
-                                   for item in (name, "" if value is None else value))]
+    numbers = (f"{time_ms(entry.time)} {entry.prompt_tokens} {entry.completion_tokens} {entry.cached_tokens} "
+               f"{entry.cost_nano} {entry.latency_ms} {entry.attempts}")
+    return [numbers, entry.request_id, entry.caller or "", entry.team or "", ",".join(entry.policies),
+            entry.model or "", entry.provider or "", entry.status]
 
 
 def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:

@@ -8,12 +8,12 @@ compares two datetimes of the same zone by wall time, so do arithmetic on `start
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-__all__ = ["Period", "Window", "window_for", "seconds_until_reset"]
+__all__ = ["Period", "Window", "WindowCache", "window_for", "seconds_until_reset"]
 
 Period = Literal["daily", "monthly"]
 
@@ -25,16 +25,26 @@ class Window:
     id: str
     start: datetime
     end: datetime
+    start_ts: float = field(init=False, repr=False, compare=False)   # start as seconds since the epoch
+    end_ts: float = field(init=False, repr=False, compare=False)     # end (exclusive) as epoch seconds
 
-    @property
-    def start_ts(self) -> float:
-        """Start as seconds since the epoch."""
-        return self.start.timestamp()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start_ts", self.start.timestamp())
+        object.__setattr__(self, "end_ts", self.end.timestamp())
 
-    @property
-    def end_ts(self) -> float:
-        """End (exclusive) as seconds since the epoch."""
-        return self.end.timestamp()
+
+class WindowCache:
+    """`window_for`, remembered per period and time zone while `now` stays within the window."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[Period, str], Window] = {}
+
+    def window_for(self, period: Period, tz: str, now: float) -> Window:
+        """The `period` window of `tz` that holds `now`, computed again only once `now` has left it."""
+        window = self._windows.get((period, tz))
+        if window is None or not window.start_ts <= now < window.end_ts:
+            window = self._windows[(period, tz)] = window_for(period, tz, now)
+        return window
 
 
 def window_for(period: Period, tz: str, now: float) -> Window:

@@ -51,6 +51,8 @@ class GatewayMetrics:
         self.registry = registry
         self._config = config
         self._bounds = LabelBounds(config.current)
+        self._served: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._tokens: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
         self.requests = Children(Counter(
             "gateway_requests_total", "Requests answered, by route pattern, model, provider and status class.",
             ("route", "model", "provider", "status_class"), registry=registry))
@@ -121,24 +123,43 @@ class GatewayMetrics:
         bounds = self.bounds
         route, provider = bounds.route(record.route), bounds.provider(record.provider)
         model = bounds.model(record.model)
-        self.requests(route, model, provider, status_class(record.status)).inc()
-        self.request_duration(route, provider).observe(time.perf_counter() - record.started)
+        count, duration = self._served_children(route, model, provider, record.status)
+        count.inc()
+        duration.observe(time.perf_counter() - record.started)
         if record.stream and record.first_byte_s is not None:
             self.first_token(route, provider).observe(record.first_byte_s)
         self._spend(record, model, provider)
+
+    def _served_children(self, route: str, model: str, provider: str, status: int) -> tuple[Counter, Histogram]:
+        """The request counter and duration children of one kind of answer, bound once."""
+        key = (route, model, provider, status // 100)
+        children = self._served.get(key)
+        if children is None:
+            children = self._served[key] = (self.requests(route, model, provider, status_class(status)),
+                                            self.request_duration(route, provider))
+        return children
 
     def _spend(self, record: AccessRecord, model: str, provider: str) -> None:
         """Tokens and cost of a served request, the cost once per charged policy."""
         if record.usage is not None:
             usage = record.usage
-            self.tokens(model, provider, "prompt").inc(usage.prompt_tokens)
-            self.tokens(model, provider, "completion").inc(usage.completion_tokens)
-            self.tokens(model, provider, "cached").inc(usage.cached_tokens)
+            prompt, completion, cached = self._token_children(model, provider)
+            prompt.inc(usage.prompt_tokens)
+            completion.inc(usage.completion_tokens)
+            cached.inc(usage.cached_tokens)
         if record.cost_nano is not None:
             usd = record.cost_nano / NANO_PER_USD
             self.cost(model, provider).inc(usd)
             for policy in record.policies:
                 self.policy_cost(self.bounds.policy(policy), model, provider).inc(usd)
+
+    def _token_children(self, model: str, provider: str) -> tuple[Counter, Counter, Counter]:
+        """The prompt, completion and cached token counters of one model and provider, bound once."""
+        children = self._tokens.get((model, provider))
+        if children is None:
+            children = self._tokens[(model, provider)] = tuple(  # type: ignore[assignment]
+                self.tokens(model, provider, kind) for kind in ("prompt", "completion", "cached"))
+        return children
 
     def budget_refused(self, error: BudgetExceeded) -> None:
         """Count a request a budget refused."""

@@ -16,8 +16,11 @@ __all__ = ["metrics_middleware"]
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Track the request in flight; once the error middleware has answered, count what it served."""
     metrics = request.app[METRICS]
-    with metrics.in_flight.track_inprogress():
+    metrics.in_flight.inc()
+    try:
         response = await handler(request)
+    finally:
+        metrics.in_flight.dec()
     failure = request.get(FAILURE)
     if isinstance(failure, BudgetExceeded):
         metrics.budget_refused(failure)

@@ -30,11 +30,12 @@ from gateway.proxy.providers import ProviderPool
 from gateway.proxy.request import ProxyRequest, upstream_body
 from gateway.resilience.breaker import BreakerState, CircuitBreaker, Permit
 from gateway.resilience.registry import ResilienceRegistry
-from gateway.resilience.retry import RetryableStatus, UpstreamConnectError, build_retrying
+from gateway.resilience.retry import RetryableStatus, RetryBudget, UpstreamConnectError, build_retrying
 
 __all__ = ["UpstreamReply", "dispatch"]
 
 _DEFAULT_RETRY_AFTER_S = 1.0   # told to a rate-limited client when the upstream named no wait
+_TOTAL_TIMEOUT_SLACK_S = 1.0   # aiohttp rounds a long total timeout up to the next whole second
 _UpstreamError = RetryableStatus | UpstreamConnectError
 
 
@@ -107,18 +108,41 @@ async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
     if first is None:
         return None
     budget = resilience.budget(target.provider)
-    retrying = build_retrying(resilience.retry, budget=budget, deadline_at=call.deadline_at,
-                              clock=resilience.clock, sleep=resilience.sleep,
-                              on_retry=_retry_reporter(resilience, target.provider))
+    gate = _Gate(breaker, first)
     budget.start()
     try:
-        response = await retrying(_attempt, call, target, _Gate(breaker, first))
+        try:
+            response = await _attempt(call, target, gate)
+        except (RetryableStatus, UpstreamConnectError) as error:
+            response = await _retry(call, target, gate, budget, error)
     except (_BreakerOpen, RetryableStatus, UpstreamConnectError):
         return None
     finally:
         first.ignore()                       # no-op once used; frees a probe slot if never used
         budget.finish()
     return UpstreamReply(target, response, call.attempts)
+
+
+async def _retry(call: _Call, target: Target, gate: _Gate, budget: RetryBudget,
+                 first_error: _UpstreamError) -> aiohttp.ClientResponse:
+    """The retries after a failed first attempt, under the tenacity policy of `build_retrying`.
+
+    Most requests succeed at once, so the policy is built only now. Tenacity is handed the first
+    attempt's error as its own first attempt (replayed, not sent again) and so decides exactly as if it
+    had made that attempt itself.
+    """
+    resilience = call.resilience
+    retrying = build_retrying(resilience.retry, budget=budget,
+                              deadline_at=call.deadline_at, clock=resilience.clock, sleep=resilience.sleep,
+                              on_retry=_retry_reporter(resilience, target.provider))
+    replay: list[_UpstreamError] = [first_error]
+
+    async def attempt() -> aiohttp.ClientResponse:
+        if replay:
+            raise replay.pop()
+        return await _attempt(call, target, gate)
+
+    return await retrying(attempt)
 
 
 async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientResponse:
@@ -150,8 +174,12 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
     body = upstream_body(call.req, target.upstream_model)
     started, outcome = call.resilience.clock.monotonic(), "cancelled"
     try:
-        async with asyncio.timeout(call.remaining()):
-            response = await call.pool[target.provider].post(call.req.endpoint.path, body)
+        client, remaining = call.pool[target.provider], call.deadline_at - started
+        if remaining > client.config.timeouts.total_s + _TOTAL_TIMEOUT_SLACK_S:
+            response = await client.post(call.req.endpoint.path, body)   # aiohttp times out before the deadline
+        else:
+            async with asyncio.timeout(remaining):
+                response = await client.post(call.req.endpoint.path, body)
         outcome = str(response.status)
         return response
     except asyncio.TimeoutError as exc:

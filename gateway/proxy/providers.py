@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Mapping
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config.model import ProviderConfig
@@ -20,6 +21,15 @@ from gateway.redact import Redactor
 __all__ = ["ProviderClient", "ProviderPool", "RETIRE_MARGIN_S"]
 
 RETIRE_MARGIN_S = 5.0
+
+
+def _call_headers(config: ProviderConfig) -> CIMultiDict[str]:
+    """The headers of every call, merged as aiohttp merges per-call headers, once instead of per call."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in {**dict(config.headers), "Content-Type": "application/json",
+                        "Authorization": f"Bearer {config.api_key}"}.items():
+        headers[name] = value
+    return headers
 
 
 class ProviderClient:
@@ -33,12 +43,8 @@ class ProviderClient:
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s),
             raise_for_status=False,
+            headers=_call_headers(config),
         )
-        self._headers = {
-            **dict(config.headers),
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {config.api_key}",
-        }
         self._urls: dict[str, URL] = {}
         self.last_used = 0.0                 # loop time of the last post()
 
@@ -57,7 +63,7 @@ class ProviderClient:
     async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST `body` to the provider; the caller must release the response."""
         self.last_used = asyncio.get_running_loop().time()
-        return await self.session.post(self.url(path), data=body, headers=self._headers)
+        return await self.session.post(self.url(path), data=body)
 
     async def close(self) -> None:
         """Close the session and its connections."""

@@ -85,7 +85,7 @@ def _inspect(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
     if event.startswith(_DONE):
         outcome.complete = True
         return True
-    if b'"usage"' in event and not any(null in event for null in _NULL_USAGE):
+    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
         try:
             chunk = orjson.loads(event[event.index(b"{"):])
         except (ValueError, orjson.JSONDecodeError):

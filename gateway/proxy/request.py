@@ -54,6 +54,8 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the {limit}-byte limit.")
     try:
+        if request.content.is_eof():         # the whole body has arrived: reading it cannot wait
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:

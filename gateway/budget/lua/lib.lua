@@ -1,5 +1,8 @@
 -- Helpers shared by the budget scripts; prepended to each operation script when it is registered.
 --
+-- Arguments are few and compact (each one redis-py encodes costs the gateway CPU): numbers travel as one
+-- space-separated string of decimal integers (and `now`, a decimal float) split by `words`.
+--
 -- Keys (prefix = ARGV[1], e.g. "{gw}:"; the hash tag keeps every key on one Cluster slot):
 --   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
 --   <prefix>resv:<request id>               hash: counter key -> "usd tokens requests expires_ms"
@@ -21,9 +24,18 @@ local function negated(amounts)
   return {-amounts[1], -amounts[2], -amounts[3]}
 end
 
--- Three amounts (usd, tokens, requests) from ARGV[base + 1 .. base + 3].
-local function amounts_at(base)
-  return {tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])}
+-- The space-separated words of `text`, as strings, in order.
+local function words(text)
+  local list = {}
+  for word in string.gmatch(text, '%S+') do
+    list[#list + 1] = word
+  end
+  return list
+end
+
+-- Three amounts (usd, tokens, requests) from values[base + 1 .. base + 3].
+local function amounts_at(values, base)
+  return {tonumber(values[base + 1]), tonumber(values[base + 2]), tonumber(values[base + 3])}
 end
 
 -- {spent usd, tokens, requests, reserved usd, tokens, requests} of one counter (0 when absent).
@@ -99,11 +111,18 @@ local function append_ledger(prefix, ledger_max, time_ms, fields)
   redis.call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
 end
 
--- Appends the caller's row when it sent one: its time (ms) at ARGV[at], its field, value pairs after.
+-- Appends the caller's row when it sent one, from ARGV[at]: "time_ms prompt completion cached cost
+-- latency_ms attempts", then ARGV[at + 1 .. at + 7]: id, caller, team, policies, model, provider, status.
 local function append_request_row(prefix, ledger_max, at)
-  if #ARGV > at then
-    append_ledger(prefix, ledger_max, tonumber(ARGV[at]), {unpack(ARGV, at + 1)})
+  if #ARGV < at then
+    return
   end
+  local n, text = words(ARGV[at]), {unpack(ARGV, at + 1, at + 7)}
+  append_ledger(prefix, ledger_max, tonumber(n[1]), {
+    'id', text[1], 'caller', text[2], 'team', text[3], 'policies', text[4], 'model', text[5],
+    'provider', text[6], 'prompt', n[2], 'completion', n[3], 'cached', n[4], 'cost', n[5], 'status', text[7],
+    'latency_ms', n[6], 'attempts', n[7],
+  })
 end
 
 -- The row of a reservation whose lease ended: its policies and, per unit, its largest line amount.

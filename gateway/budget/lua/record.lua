@@ -1,14 +1,15 @@
 -- record: add spend without a reservation (journal replay), at most once per request id, with the
 -- caller's ledger row.
 -- KEYS: leases, reservation, spent marker, counter of each line.
--- ARGV: prefix, request id, now, ledger max, then per line: usd, tokens, requests, expires_ms,
---       then [row time ms, row field/value pairs].
+-- ARGV: prefix, request id, "now ledger_max", "usd tokens requests expires_ms" of each line (one string),
+--       [row (see append_request_row)].
 -- Returns 1 recorded, 0 this request id already added its spend.
-local prefix, request_id, ledger_max = ARGV[1], ARGV[2], ARGV[4]
+local prefix, request_id = ARGV[1], ARGV[2]
+local now, ledger_max = unpack(words(ARGV[3]))
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
-local live = live_reservation(prefix, request_id, tonumber(ARGV[3]), ledger_max)
+local live = live_reservation(prefix, request_id, tonumber(now), ledger_max)
 if redis.call('EXISTS', KEYS[3]) == 1 then  -- its lease had ended: the reservation just became its spend
   return 0
 end
@@ -16,12 +17,13 @@ if live then
   close_reservation(prefix, request_id, live, {})
 end
 
+local values = words(ARGV[4])
 local latest = 0
 for i = 4, #KEYS do
-  local base = 4 + (i - 4) * 4
-  apply(KEYS[i], NOTHING, amounts_at(base), ARGV[base + 4])
-  latest = math.max(latest, tonumber(ARGV[base + 4]))
+  local base = (i - 4) * 4
+  apply(KEYS[i], NOTHING, amounts_at(values, base), values[base + 4])
+  latest = math.max(latest, tonumber(values[base + 4]))
 end
 mark_spent(prefix, request_id, latest)
-append_request_row(prefix, ledger_max, 4 + 4 * (#KEYS - 3) + 1)
+append_request_row(prefix, ledger_max, 5)
 return 1
