@@ -25,24 +25,13 @@ from gateway.resilience.registry import ResilienceRegistry
 from tests.support.canary import CANARY_KEY
 from tests.support.gateway import Reply, RunningGateway
 from tests.support.settings import ADMIN_KEY, OTHER_KEY, make_settings
+from tests.support.sleep import RecordingSleep
 
 MESSAGES = [{"role": "user", "content": "Say hello to the gateway"}]
 CHAT = {"model": "gpt-4.1", "messages": MESSAGES}
 RETRY = RetryConfig(max_retries=2, backoff_base_s=0.01, backoff_cap_s=0.05, budget_floor=10)
 QUIET_BREAKER = BreakerConfig(min_calls=10_000, consecutive_failures=10_000)
 
-
-class RecordingSleep:
-    """The gateway's injected sleep: records each wait and moves the fake clock instead of waiting."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
-        await asyncio.sleep(0)               # let other requests run, as a real wait would
 
 
 @pytest.fixture

@@ -20,21 +20,12 @@ from gateway.resilience.retry import (
     build_retrying,
 )
 from gateway.resilience.retry_after import retry_after_seconds
+from tests.support.sleep import RecordingSleep
 
 CONFIG = RetryConfig(max_retries=2, backoff_base_s=0.25, backoff_cap_s=8.0, retry_after_cap_s=30.0,
                      deadline_s=60.0, budget_ratio=0.2, budget_floor=3)
 
 
-class RecordingSleep:
-    """An injected sleep that records each wait and moves the fake clock instead of sleeping."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
 
 
 class Upstream:
