@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from gateway.pricing import Usage, nano_to_usd
+from gateway.pricing import Usage, format_usd
 
 __all__ = ["AccessRecord", "AccessLog"]
 
@@ -54,7 +54,7 @@ class AccessRecord:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cached_tokens": usage.cached_tokens if usage else None,
             "usage_estimated": usage.estimated if usage else None,
-            "cost_usd": str(nano_to_usd(self.cost_nano)) if self.cost_nano is not None else None,
+            "cost_usd": format_usd(self.cost_nano) if self.cost_nano is not None else None,
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
             "attempts": self.attempts,
             "error": self.error,

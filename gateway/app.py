@@ -22,8 +22,8 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
-from gateway.metrics import GatewayMetrics, add_metrics_routes, metrics_middleware
-from gateway.middleware import error_middleware
+from gateway.metrics import GatewayMetrics, add_metrics_routes
+from gateway.middleware import request_middleware
 from gateway.proxy.handler import add_proxy_routes
 from gateway.proxy.provider_status import add_provider_status_routes
 from gateway.proxy.providers import ProviderPool
@@ -41,7 +41,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                registry: CollectorRegistry | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry)."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+    app = web.Application(middlewares=[request_middleware],
                           client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[CLOCK] = clock = clock or SystemClock()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.errors import ConfigError
+from gateway.log_output import configure_logging
 
 __all__ = ["main"]
 
@@ -26,25 +27,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class MessageFormatter(logging.Formatter):
-    """`%(message)s`, without the generic formatting steps for the lines that have no traceback."""
-
-    def __init__(self) -> None:
-        super().__init__("%(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
-        return record.getMessage()
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Plain messages: access lines are JSON already, other lines are short sentences."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MessageFormatter())
-    logging.basicConfig(level=level, handlers=[handler])
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Middleware: a request id and access record for every request, and OpenAI-shaped errors."""
+"""The one middleware: a request id and access record per request, OpenAI-shaped errors, observers told."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import orjson
 from aiohttp import web
 
 from gateway.access_log import AccessRecord
-from gateway.appkeys import ACCESS_LOG
-from gateway.errors import GatewayError, PayloadTooLarge, error_body
+from gateway.appkeys import ACCESS_LOG, METRICS
+from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
 
-__all__ = ["RECORD", "FAILURE", "error_middleware", "error_response"]
+__all__ = ["RECORD", "request_middleware", "error_response"]
 
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
-FAILURE: web.RequestKey[GatewayError] = web.RequestKey("failure", GatewayError)  # the error answered
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,33 +36,44 @@ def _unexpected() -> web.Response:
     return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
 
 
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (unknown path, wrong method) in OpenAI's shape."""
+    code = "not_found" if exc.status == 404 else None
+    return web.Response(body=orjson.dumps(error_body(exc.reason, "invalid_request_error", code)),
+                        status=exc.status, content_type="application/json")
+
+
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into OpenAI's error shape, tag the response, and write the access log."""
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
+    app = request.app
+    metrics = app[METRICS]
     record = AccessRecord(request_id=_new_request_id(), method=request.method, path=request.path)
     request[RECORD] = record
+    refusal: BudgetExceeded | None = None
+    metrics.requests_in_flight += 1
     try:
         response = await handler(request)
     except GatewayError as exc:
-        request[FAILURE] = exc
         record.error = exc.code
         record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
+        refusal = exc if isinstance(exc, BudgetExceeded) else None
         response = error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         record.error = "request_too_large"
         response = error_response(PayloadTooLarge("Request body is over the size limit."))
     except web.HTTPException as exc:
         record.error = exc.reason
-        response = web.Response(
-            body=orjson.dumps(error_body(exc.reason, "invalid_request_error", "not_found"
-                                         if exc.status == 404 else None)),
-            status=exc.status, content_type="application/json")
+        response = _http_error(exc)
     except Exception:
         log.exception("unhandled error serving request %s", record.request_id)
         record.error = "internal_error"
         response = _unexpected()
+    finally:
+        metrics.requests_in_flight -= 1
     record.status = response.status
     if not response.prepared:
         response.headers["x-request-id"] = record.request_id
-    request.app[ACCESS_LOG].write(record)
+    app[ACCESS_LOG].write(record)
+    metrics.request_served(record, refusal)
     return response

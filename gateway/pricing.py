@@ -7,19 +7,18 @@ per request (never under-charged by more than 1 nano-USD a request).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
+from typing import NamedTuple
 
 from gateway.config.model import ModelPrice
 
-__all__ = ["NANO_PER_USD", "Usage", "Charge", "cost_nano", "nano_to_usd", "usd_to_nano", "charge_for"]
+__all__ = ["NANO_PER_USD", "Usage", "Charge", "cost_nano", "nano_to_usd", "format_usd", "usd_to_nano", "charge_for"]
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_MTOK_UNIT = Decimal(NANO_PER_USD) / Decimal(1_000_000)  # nano-USD per token at 1 USD/1M
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """Tokens used by one response; `estimated` when the gateway counted them itself."""
 
     prompt_tokens: int = 0
@@ -32,15 +31,17 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True)
-class Charge:
-    """What one request costs against a budget, in every unit a budget can limit."""
+class Charge(NamedTuple):
+    """What one request costs against a budget, in every unit a budget can limit.
+
+    A NamedTuple, not a dataclass: several are made per request, and tuples are the cheapest value type.
+    """
 
     usd_nano: int = 0
     tokens: int = 0
     requests: int = 0
 
-    def __add__(self, other: Charge) -> Charge:
+    def __add__(self, other: Charge) -> Charge:  # type: ignore[override]
         return Charge(self.usd_nano + other.usd_nano, self.tokens + other.tokens, self.requests + other.requests)
 
 
@@ -54,9 +55,23 @@ def nano_to_usd(nano: int) -> Decimal:
     return Decimal(nano) / NANO_PER_USD
 
 
+def format_usd(nano: int) -> str:
+    """Integer nano-USD as a plain decimal string without trailing zeros: 38550 -> '0.00003855'."""
+    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
+    whole, fraction = divmod(nano, NANO_PER_USD)
+    return sign + f"{whole}.{fraction:09d}".rstrip("0").rstrip(".")
+
+
 def cost_nano(price: ModelPrice, usage: Usage) -> int:
-    """Cost of `usage` at `price` in nano-USD; cached prompt tokens are billed at the cached price."""
+    """Cost of `usage` at `price` in nano-USD; cached prompt tokens are billed at the cached price.
+
+    Prices of at most three decimals per 1M tokens (nearly all) cost whole nano-USD per token, so
+    integers give the exact cost; finer prices take the Decimal path and round up.
+    """
     cached = min(usage.cached_tokens, usage.prompt_tokens)
+    rates = price.whole_nano_per_token
+    if rates is not None:
+        return (usage.prompt_tokens - cached) * rates[0] + cached * rates[1] + usage.completion_tokens * rates[2]
     cached_price = price.input if price.cached_input is None else price.cached_input
     per_million = (
         (usage.prompt_tokens - cached) * price.input

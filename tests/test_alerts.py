@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.appkeys import ALERTS
+from gateway.appkeys import ALERTS, BUDGET
 from gateway.budget.alert_rules import Alert, alert_text, reached_alerts, webhook_payload
 from gateway.budget.alerts import AlertSender
 from gateway.budget.sqlite_store import SqliteBudgetStore
@@ -81,7 +81,8 @@ async def send(http, gateways, count: int) -> list[int]:
 
 
 async def delivered(*gateways) -> None:
-    """Wait (bounded) until every replica's alert queue is empty."""
+    """Wait (bounded) until every replica has settled what it answered and its alert queue is empty."""
+    await asyncio.wait_for(asyncio.gather(*(gateway.app[BUDGET].settled() for gateway in gateways)), 10)
     await asyncio.wait_for(asyncio.gather(*(gateway.app[ALERTS].idle() for gateway in gateways)), 10)
 
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.pricing import Usage, cost_nano, format_usd
 from tests.support.canary import CANARY_KEY
 from tests.support.settings import CLIENT_KEY, PRICES, make_settings
 
@@ -21,7 +21,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
 
 
 def expected_cost_usd(model: str, usage: Usage) -> str:
-    return str(nano_to_usd(cost_nano(PRICES[model], usage)))
+    return format_usd(cost_nano(PRICES[model], usage))
 
 
 def last_upstream_usage(upstream, model: str) -> Usage:

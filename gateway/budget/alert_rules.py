@@ -17,7 +17,7 @@ from gateway.budget.engine import limits_of
 from gateway.budget.store import UNITS, CounterState, Unit
 from gateway.budget.windows import window_for
 from gateway.config.model import AlertConfig, BudgetLimit, Policy
-from gateway.pricing import nano_to_usd
+from gateway.pricing import format_usd
 
 __all__ = ["EXCEEDED", "Alert", "reached_alerts", "alert_text", "webhook_payload"]
 
@@ -84,4 +84,4 @@ def webhook_payload(alert: Alert) -> dict[str, Any]:
 
 
 def _amount(unit: Unit, value: int) -> str:
-    return f"{nano_to_usd(value).normalize():f} USD" if unit == "usd" else f"{value} {unit}"
+    return f"{format_usd(value)} USD" if unit == "usd" else f"{value} {unit}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, TypeVar
@@ -28,7 +28,7 @@ from gateway.budget.worst_case import worst_case_charge
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
 from gateway.errors import BudgetExceeded, StoreError, StoreUnavailable
-from gateway.pricing import Charge, nano_to_usd
+from gateway.pricing import Charge, format_usd
 from gateway.proxy.plan import Plan, plan_for
 from gateway.proxy.request import ProxyRequest
 
@@ -73,7 +73,7 @@ def budget_lines(policies: Sequence[Policy], amount: Charge, now: float) -> list
 
 
 def _format_limit(unit: str, limit: int) -> str:
-    return f"{nano_to_usd(limit).normalize():f} USD" if unit == "usd" else f"{limit} {unit}"
+    return f"{format_usd(limit)} USD" if unit == "usd" else f"{limit} {unit}"
 
 
 def exceeded_error(policy: Policy, window: Window, unit: str, limit: int, now: float) -> BudgetExceeded:
@@ -106,35 +106,18 @@ class BudgetEngine:
         self._store_down_until = 0.0
         self._store_failures = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self._store_bounds_time = bool(getattr(store, "bounds_call_time", False))
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
-        """Hold the request's worst case on every matching policy, or raise BudgetExceeded.
-
-        A client that disconnects meanwhile does not cancel the store call half-way: the reservation is
-        completed and then released, so it never lingers until its lease turns it into spend.
-        """
-        task = asyncio.ensure_future(self._reserve(request_id, settings, caller, plan, req))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_abandoned)
-            raise
-
-    def _release_abandoned(self, task: asyncio.Future[Reservation]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        self._spawn(self.settle(task.result(), None))
-
-    async def _reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
-                       plan: Plan, req: ProxyRequest) -> Reservation:
+        """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
         match = self._slots.match(settings, caller, plan.model)
         if not match.policies or self.store is None:
             return Reservation(request_id, plan)
         now = self.clock.now()
         slots = self._slots.slots(match, now)
         amount = worst_case_charge(req, plan, match.policies)
-        lines = tuple(slot.line(amount) for slot in slots)
+        lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             return Reservation(request_id, plan, lines, local=outcome is None, caller=caller)
@@ -169,8 +152,7 @@ class BudgetEngine:
         assert self.store is not None
         if self.clock.monotonic() >= self._store_down_until:
             try:
-                async with asyncio.timeout(self._hard_timeout()):
-                    outcome = await self.store.reserve(request_id, lines, now, now + self.config.lease_s)
+                outcome = await self._bounded(self._store_reserve(request_id, lines, now))
                 self._store_failures = 0
                 return outcome
             except (StoreError, TimeoutError) as exc:
@@ -182,36 +164,63 @@ class BudgetEngine:
         raise StoreUnavailable("The budget store is unreachable, so the gateway cannot check this request's "
                                "budget; try again shortly.", headers={"Retry-After": "1"})
 
+    async def _store_reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float) -> ReserveOutcome:
+        """The store's reserve, run to its end even when the client leaves meanwhile.
+
+        A client that disconnects does not cancel the store call half-way: the reservation is completed
+        and then released, so it never lingers until its lease turns it into spend.
+        """
+        assert self.store is not None
+        call = asyncio.ensure_future(self.store.reserve(request_id, lines, now, now + self.config.lease_s))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._release_abandoned(request_id, done))
+            raise
+
+    def _release_abandoned(self, request_id: str, call: asyncio.Future[ReserveOutcome]) -> None:
+        """Release what a reserve whose client left has reserved."""
+        if not call.cancelled() and call.exception() is None and call.result().ok:
+            self._spawn(self._release_quietly(request_id, self.clock.now()))
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        """`call`, bounded by the hard timeout unless the store bounds the time of its own calls."""
+        if self._store_bounds_time:
+            return await call
+        async with asyncio.timeout(self._hard_timeout()):
+            return await call
+
     async def _release_quietly(self, request_id: str, now: float) -> None:
         assert self.store is not None
         with contextlib.suppress(StoreError, TimeoutError):
-            async with asyncio.timeout(self._hard_timeout()):
-                await self.store.release(request_id, now)
+            await self._bounded(self.store.release(request_id, now))
 
-    async def settle(self, reservation: Reservation, charge: Charge | None,
-                     record: AccessRecord | None = None) -> None:
-        """Charge the request's real cost (None: it was not served, release it); ledger it from `record`.
+    def settle(self, reservation: Reservation, charge: Charge | None,
+               record: AccessRecord | None = None) -> asyncio.Task[None] | None:
+        """Start charging the request's real cost (None: it was not served, release it); ledger it from `record`.
 
-        Shielded: a client that disconnects cannot cancel the settlement of what it was served.
+        The settlement runs in the background, so the response does not wait for the store; it is kept
+        to its end (a client that disconnects cannot cancel it), and `close` waits for it. Returns its
+        task, or None when there is nothing to settle.
         """
-        if reservation.lines:
-            await asyncio.shield(self._spawn(self._settle(reservation, _bounded(charge), record)))
+        if not reservation.lines:
+            return None
+        charge = _bounded(charge)
+        return self._spawn(self._settle(reservation, charge, ledger_entry(reservation, charge, record, self.clock.now())))
 
-    async def _settle(self, reservation: Reservation, charge: Charge | None, record: AccessRecord | None) -> None:
-        now = self.clock.now()
-        entry = ledger_entry(reservation, charge, record, now)
+    async def _settle(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
+        now = entry.time
         if reservation.local:
             self.allowance.adjust(reservation.lines, charge)
             await self._journal(reservation, charge, entry)
             return
         assert self.store is not None
         try:
-            async with asyncio.timeout(self._hard_timeout()):
-                if charge is None:
-                    await self.store.release(reservation.request_id, now, entry)
-                    return
-                states = await self.store.settle(
-                    reservation.request_id, [(line.counter, charge) for line in reservation.lines], now, entry)
+            if charge is None:
+                await self._bounded(self.store.release(reservation.request_id, now, entry))
+                return
+            states = await self._bounded(self.store.settle(
+                reservation.request_id, [(line.counter, charge) for line in reservation.lines], now, entry))
         except (StoreError, TimeoutError) as exc:
             self._mark_down(exc)
             await self._journal(reservation, charge, entry)
@@ -285,6 +294,11 @@ class BudgetEngine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def settled(self) -> None:
+        """Wait until the settlements started so far have reached the store (or the journal)."""
+        if self._background:
+            await asyncio.wait(list(self._background))
 
     async def close(self) -> None:
         """Finish settlements still running, then close the store."""

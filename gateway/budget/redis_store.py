@@ -3,9 +3,8 @@
 Ledger reads (XRANGE) and alert claims (SET NX) are single commands and need no script.
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers joined in
-one string, see lib.lua), and on Redis and Sentinel the calls made while one is in flight share one
-pipelined round trip (`ScriptBatcher`). A cluster runs each call on its own: EVALSHA, SCRIPT LOAD on
-NOSCRIPT.
+one string, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
+connection (`ScriptPipeline`). A cluster runs each call on its own: EVALSHA, SCRIPT LOAD on NOSCRIPT.
 
 Key layout (prefix "gw"):
 
@@ -39,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from gateway.budget.redis_batch import ScriptBatcher
+from gateway.budget.redis_batch import ScriptPipeline
 from gateway.budget.store import (
     SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
     check_record_lines, check_reserve_lines, check_spend, time_ms,
@@ -71,7 +70,9 @@ class RedisBudgetStore:
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
         self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
-        self._batcher = ScriptBatcher(client) if isinstance(client, Redis) else None
+        # create_redis_client made socket_timeout the store's timeout_s: the pipeline's bound on a reply
+        self._pipeline = (ScriptPipeline(client, client.connection_pool.connection_kwargs.get("socket_timeout"))
+                          if isinstance(client, Redis) else None)
         self._cluster_pending = isinstance(client, RedisCluster)
         self._cluster_lock = asyncio.Lock()
 
@@ -162,8 +163,10 @@ class RedisBudgetStore:
             return False
 
     async def close(self) -> None:
-        """Close the client and its connection pool."""
+        """Close the script pipeline, the client and its connection pool."""
         try:
+            if self._pipeline is not None:
+                await self._pipeline.aclose()
             await self._client.aclose()
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreError(f"closing redis failed: {exc}") from exc
@@ -179,11 +182,11 @@ class RedisBudgetStore:
         ]
 
     async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
-        """Run one script (batched with concurrent calls, but not on a cluster); driver errors become StoreError."""
-        if self._batcher is None:
+        """Run one script (pipelined, but not on a cluster); driver errors become StoreError."""
+        if self._pipeline is None:
             return await self._command(name, lambda: self._evalsha(self._scripts[name], keys, args))
         try:
-            return await self._batcher.run(self._scripts[name], keys, args)
+            return await self._pipeline.submit(self._scripts[name], keys, args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -16,7 +16,7 @@ from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
 from gateway.errors import NotFound, StoreError, StoreUnavailable
-from gateway.pricing import Charge, nano_to_usd
+from gateway.pricing import Charge, format_usd
 
 __all__ = ["visible_policies", "budget_report", "add_budget_status_routes"]
 
@@ -34,7 +34,7 @@ def visible_policies(settings: Settings, caller: CallerIdentity, name: str | Non
 
 def _amount(unit: str, value: int) -> int | str:
     """USD as an exact decimal string, other units as integers."""
-    return f"{nano_to_usd(value).normalize():f}" if unit == "usd" else value
+    return format_usd(value) if unit == "usd" else value
 
 
 def _state(spent: int, limit: int, warn_at: tuple[Decimal, ...]) -> str:
@@ -67,7 +67,11 @@ def _units(charge: Charge) -> tuple[int, int, int]:
 
 
 async def budget_report(engine: BudgetEngine, policies: list[Policy], now: float) -> list[dict[str, Any]]:
-    """Status entries of every budget window of `policies`, read in one store call."""
+    """Status entries of every budget window of `policies`, read in one store call.
+
+    Settlements of requests this replica has answered are waited for first: a caller reads its own spend.
+    """
+    await engine.settled()
     slots = [(p, i, CounterKey(p.name, b.period, window_for(b.period, p.timezone, now).id))
              for p in policies for i, b in enumerate(p.budgets)]
     if engine.store is None or not slots:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from gateway.pricing import Charge
 
@@ -43,8 +43,7 @@ Limits = tuple[int | None, int | None, int | None]
 """Limits in (usd_nano, tokens, requests) order; None means that unit is not limited."""
 
 
-@dataclass(frozen=True)
-class CounterKey:
+class CounterKey(NamedTuple):
     """Identifies one window of one policy's budget."""
 
     policy: str
@@ -52,8 +51,7 @@ class CounterKey:
     window_id: str
 
 
-@dataclass(frozen=True)
-class ReserveLine:
+class ReserveLine(NamedTuple):
     """What one request reserves on one counter; the counter may be dropped after `expires_at`."""
 
     counter: CounterKey
@@ -62,8 +60,7 @@ class ReserveLine:
     expires_at: float
 
 
-@dataclass(frozen=True)
-class CounterState:
+class CounterState(NamedTuple):
     """A counter's spend and its reservations in flight."""
 
     counter: CounterKey
@@ -181,8 +178,7 @@ def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:
     """Raise ValueError for an out-of-range amount or a counter named twice."""
     _check_distinct([counter for counter, _ in spend])
     for _, charge in spend:
-        for unit, value in zip(UNITS, (charge.usd_nano, charge.tokens, charge.requests)):
-            _check_amount(value, unit)
+        _check_charge(charge)
 
 
 def check_record_lines(lines: Sequence[tuple[CounterKey, Charge, float]]) -> None:
@@ -194,16 +190,26 @@ def check_record_lines(lines: Sequence[tuple[CounterKey, Charge, float]]) -> Non
 
 def check_reserve_lines(lines: Sequence[ReserveLine]) -> None:
     """Raise ValueError for an out-of-range amount or limit, or a counter named twice."""
-    check_spend([(line.counter, line.amount) for line in lines])
+    _check_distinct([line.counter for line in lines])
     for line in lines:
+        _check_charge(line.amount)
         for unit, limit in zip(UNITS, line.limits):
-            if limit is not None:
+            if limit is not None and not (type(limit) is int and 0 <= limit <= MAX_AMOUNT):
                 _check_amount(limit, f"{unit} limit")
 
 
 def _check_distinct(counters: Sequence[CounterKey]) -> None:
     if len(set(counters)) != len(counters):
         raise ValueError("the same counter is named twice")
+
+
+def _check_charge(charge: Charge) -> None:
+    usd, tokens, requests = charge.usd_nano, charge.tokens, charge.requests
+    if type(usd) is type(tokens) is type(requests) is int and 0 <= min(usd, tokens, requests) \
+            and max(usd, tokens, requests) <= MAX_AMOUNT:
+        return                               # the usual case, checked in one expression
+    for unit, value in zip(UNITS, (usd, tokens, requests)):
+        _check_amount(value, unit)
 
 
 def _check_amount(value: int, what: str) -> None:

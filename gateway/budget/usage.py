@@ -25,7 +25,7 @@ from gateway.budget.store import BudgetStore, LedgerEntry
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Settings
 from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
-from gateway.pricing import nano_to_usd
+from gateway.pricing import format_usd
 
 __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "add_budget_usage_routes"]
 
@@ -63,7 +63,7 @@ class Totals:
         """Token counts as integers, cost as an exact decimal string of USD."""
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-                "cost_usd": f"{nano_to_usd(self.cost_nano).normalize():f}"}
+                "cost_usd": format_usd(self.cost_nano)}
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ async def budget_usage(request: web.Request) -> web.Response:
     if engine.store is None:
         groups, total = {}, Totals()
     else:
+        await engine.settled()               # this replica's answered requests are in the ledger
         try:
             rows = ledger_rows(engine.store, since, until)
             groups, total = await usage_totals(rows, Scope.of(settings, caller), group_by)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from functools import cached_property
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal
 
 __all__ = [
@@ -93,6 +93,15 @@ class ModelPrice:
     output: Decimal
     cached_input: Decimal | None = None      # None: cached tokens cost the input price
     max_output_tokens: int = 4096            # worst case reserved when a request has no max_tokens
+
+    @cached_property
+    def whole_nano_per_token(self) -> tuple[int, int, int] | None:
+        """(input, cached input, output) in nano-USD per token when all three are whole numbers."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        rates = [rate * 1000 for rate in (self.input, cached, self.output)]   # USD/1M tokens -> nano-USD/token
+        if any(rate != rate.to_integral_value() for rate in rates):
+            return None
+        return int(rates[0]), int(rates[1]), int(rates[2])
 
 
 @dataclass(frozen=True)

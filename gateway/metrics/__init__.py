@@ -2,7 +2,6 @@
 
     instruments  GatewayMetrics: the metrics and the callbacks that update them
     labels       label values bounded by the active config
-    middleware   requests in flight and each request's access record
     scrape       budget windows, breaker states and config reloads read per scrape
     endpoint     GET /metrics
 """
@@ -11,6 +10,5 @@ from __future__ import annotations
 
 from gateway.metrics.endpoint import add_metrics_routes
 from gateway.metrics.instruments import GatewayMetrics
-from gateway.metrics.middleware import metrics_middleware
 
-__all__ = ["GatewayMetrics", "add_metrics_routes", "metrics_middleware"]
+__all__ = ["GatewayMetrics", "add_metrics_routes"]

@@ -8,7 +8,7 @@ store. Label values go through `LabelBounds` of the config active at observe tim
 from __future__ import annotations
 
 import time
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -44,6 +44,26 @@ class Children(Generic[M]):
         return child
 
 
+class _Spend(NamedTuple):
+    """The token and cost children of one model, provider and set of charged policies."""
+
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    cached_tokens: Counter
+    cost: Counter
+    policy_costs: tuple[Counter, ...]
+
+
+class _Served:
+    """The children one kind of answered request (route, model, provider, status class, policies) updates."""
+
+    __slots__ = ("count", "duration", "spend")
+
+    def __init__(self, count: Counter, duration: Histogram) -> None:
+        self.count, self.duration = count, duration
+        self.spend: _Spend | None = None      # bound when such a request is first charged
+
+
 class GatewayMetrics:
     """Every in-process gateway metric, registered on `registry`; budgets and breaker states are read at scrape."""
 
@@ -51,8 +71,7 @@ class GatewayMetrics:
         self.registry = registry
         self._config = config
         self._bounds = LabelBounds(config.current)
-        self._served: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
-        self._tokens: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
+        self._served: dict[tuple[str, str, str, int, tuple[str, ...]], _Served] = {}
         self.requests = Children(Counter(
             "gateway_requests_total", "Requests answered, by route pattern, model, provider and status class.",
             ("route", "model", "provider", "status_class"), registry=registry))
@@ -65,7 +84,9 @@ class GatewayMetrics:
         self.first_token = Children(Histogram(
             "gateway_time_to_first_token_seconds", "Streams: time from arrival to the first relayed event.",
             ("route", "provider"), buckets=FIRST_TOKEN_BUCKETS, registry=registry))
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.", registry=registry)
+        self.requests_in_flight = 0          # kept by the request middleware, read at scrape
+        Gauge("gateway_requests_in_flight", "Requests being served.",
+              registry=registry).set_function(lambda: self.requests_in_flight)
         self._define_spend(registry)
         self._define_resilience(registry)
         self._define_store(registry)
@@ -109,6 +130,7 @@ class GatewayMetrics:
         settings = self._config.current
         if self._bounds.settings is not settings:
             self._bounds = LabelBounds(settings)
+            self._served = {}
         return self._bounds
 
     def follow(self, resilience: ResilienceRegistry) -> None:
@@ -118,48 +140,47 @@ class GatewayMetrics:
         resilience.on_failover.append(self.failed_over)
         resilience.on_transition.append(self.breaker_transitioned)
 
-    def request_served(self, record: AccessRecord) -> None:
-        """Count one answered request from its access record."""
+    def request_served(self, record: AccessRecord, refusal: BudgetExceeded | None = None) -> None:
+        """Count one answered request from its access record (and the budget refusal it got, if any)."""
+        if refusal is not None:
+            self.budget_refused(refusal)
         bounds = self.bounds
         route, provider = bounds.route(record.route), bounds.provider(record.provider)
-        model = bounds.model(record.model)
-        count, duration = self._served_children(route, model, provider, record.status)
-        count.inc()
-        duration.observe(time.perf_counter() - record.started)
+        key = (route, bounds.model(record.model), provider, record.status // 100, record.policies)
+        served = self._served.get(key)
+        if served is None:
+            served = self._served[key] = self._bind_served(key)
+        served.count.inc()
+        served.duration.observe(time.perf_counter() - record.started)
         if record.stream and record.first_byte_s is not None:
             self.first_token(route, provider).observe(record.first_byte_s)
-        self._spend(record, model, provider)
+        if record.usage is not None or record.cost_nano is not None:
+            self._charged(served, key, record)
 
-    def _served_children(self, route: str, model: str, provider: str, status: int) -> tuple[Counter, Histogram]:
-        """The request counter and duration children of one kind of answer, bound once."""
-        key = (route, model, provider, status // 100)
-        children = self._served.get(key)
-        if children is None:
-            children = self._served[key] = (self.requests(route, model, provider, status_class(status)),
-                                            self.request_duration(route, provider))
-        return children
+    def _bind_served(self, key: tuple[str, str, str, int, tuple[str, ...]]) -> _Served:
+        route, model, provider, hundreds, _ = key
+        return _Served(self.requests(route, model, provider, status_class(hundreds * 100)),
+                       self.request_duration(route, provider))
 
-    def _spend(self, record: AccessRecord, model: str, provider: str) -> None:
-        """Tokens and cost of a served request, the cost once per charged policy."""
-        if record.usage is not None:
-            usage = record.usage
-            prompt, completion, cached = self._token_children(model, provider)
-            prompt.inc(usage.prompt_tokens)
-            completion.inc(usage.completion_tokens)
-            cached.inc(usage.cached_tokens)
+    def _charged(self, served: _Served, key: tuple[str, str, str, int, tuple[str, ...]], record: AccessRecord) -> None:
+        """Tokens and cost of a charged request, the cost once per charged policy."""
+        spend = served.spend
+        if spend is None:
+            _, model, provider, _, policies = key
+            spend = served.spend = _Spend(
+                *(self.tokens(model, provider, kind) for kind in ("prompt", "completion", "cached")),
+                self.cost(model, provider),
+                tuple(self.policy_cost(self.bounds.policy(policy), model, provider) for policy in policies))
+        usage = record.usage
+        if usage is not None:
+            spend.prompt_tokens.inc(usage.prompt_tokens)
+            spend.completion_tokens.inc(usage.completion_tokens)
+            spend.cached_tokens.inc(usage.cached_tokens)
         if record.cost_nano is not None:
             usd = record.cost_nano / NANO_PER_USD
-            self.cost(model, provider).inc(usd)
-            for policy in record.policies:
-                self.policy_cost(self.bounds.policy(policy), model, provider).inc(usd)
-
-    def _token_children(self, model: str, provider: str) -> tuple[Counter, Counter, Counter]:
-        """The prompt, completion and cached token counters of one model and provider, bound once."""
-        children = self._tokens.get((model, provider))
-        if children is None:
-            children = self._tokens[(model, provider)] = tuple(  # type: ignore[assignment]
-                self.tokens(model, provider, kind) for kind in ("prompt", "completion", "cached"))
-        return children
+            spend.cost.inc(usd)
+            for policy_cost in spend.policy_costs:
+                policy_cost.inc(usd)
 
     def budget_refused(self, error: BudgetExceeded) -> None:
         """Count a request a budget refused."""

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.appkeys import BUDGET, CONFIG, PROVIDERS, RESILIENCE
+from gateway.appkeys import BUDGET, CONFIG, PLANS, PROVIDERS, RESILIENCE
 from gateway.auth import authenticate
 from gateway.budget.engine import Reservation
 from gateway.errors import UpstreamFailure
@@ -14,7 +14,7 @@ from gateway.middleware import RECORD
 from gateway.pricing import charge_for
 from gateway.proxy.charging import Delivery, billable_usage
 from gateway.proxy.dispatch import dispatch
-from gateway.proxy.plan import plan_for
+from gateway.proxy.plan import PlanCache
 from gateway.proxy.relay import StreamOutcome, is_event_stream, relay_json, relay_stream
 from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
 
@@ -38,7 +38,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
     record.model, record.stream = req.model, req.stream
-    plan = plan_for(settings, req.model)
+    plan = app[PLANS].plan_for(settings, req.model)
     record.route = plan.route
     reservation = await app[BUDGET].reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
@@ -52,7 +52,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         delivery.upstream_failed = True
         raise
     finally:
-        await settle(request, reservation, req, delivery)
+        settle(request, reservation, req, delivery)
 
 
 async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery) -> web.StreamResponse:
@@ -93,8 +93,11 @@ async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: Stre
         record.error = "client_disconnected" if outcome.client_gone else "stream_truncated"
 
 
-async def settle(request: web.Request, reservation: Reservation, req: ProxyRequest, delivery: Delivery) -> None:
-    """Charge what was served (see gateway.proxy.charging); release the reservation when nothing was."""
+def settle(request: web.Request, reservation: Reservation, req: ProxyRequest, delivery: Delivery) -> None:
+    """Charge what was served (see gateway.proxy.charging), or release the reservation when nothing was.
+
+    The store is written in the background: the answer does not wait for it.
+    """
     record = request[RECORD]
     charge = None
     billable = billable_usage(delivery, req, reservation.plan)
@@ -102,11 +105,12 @@ async def settle(request: web.Request, reservation: Reservation, req: ProxyReque
         target, usage = billable
         charge = charge_for(target.price, usage)
         record.usage, record.cost_nano = usage, charge.usd_nano
-    await request.app[BUDGET].settle(reservation, charge, record)
+    request.app[BUDGET].settle(reservation, charge, record)
 
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
+    app[PLANS] = PlanCache()
     app.router.add_post("/v1/chat/completions", proxy_handler(ENDPOINTS["chat"]))
     app.router.add_post("/v1/completions", proxy_handler(ENDPOINTS["completions"]))
     app.router.add_post("/v1/embeddings", proxy_handler(ENDPOINTS["embeddings"]))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from gateway.config.model import ModelPrice, Settings
 from gateway.errors import NotFound
 
-__all__ = ["Target", "Plan", "plan_for"]
+__all__ = ["Target", "Plan", "plan_for", "PlanCache"]
+
+MAX_PLANS = 1024   # models kept per config; more are dropped together and planned again
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,20 @@ def plan_for(settings: Settings, model: str) -> Plan:
         raise NotFound(f"The model '{model}' has no price configured, so the gateway will not serve it.",
                        param="model")
     return Plan(model, route.pattern, tuple(targets))
+
+
+class PlanCache:
+    """The plans of one Settings by model: routing and pricing are worked out once per config."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+        self._plans: dict[str, Plan] = {}
+
+    def plan_for(self, settings: Settings, model: str) -> Plan:
+        """`plan_for(settings, model)`, cached until a reload swaps the Settings."""
+        if settings is not self._settings or len(self._plans) >= MAX_PLANS:
+            self._settings, self._plans = settings, {}
+        plan = self._plans.get(model)
+        if plan is None:
+            plan = self._plans[model] = plan_for(settings, model)
+        return plan

@@ -221,7 +221,10 @@ class CircuitBreaker:
         ok = outcome is _Outcome.SUCCESS
         now = self._clock.monotonic()
         self._window.record(ok, now)
-        self._consecutive_failures = 0 if ok else self._consecutive_failures + 1
+        if ok:                               # a success never opens the breaker
+            self._consecutive_failures = 0
+            return
+        self._consecutive_failures += 1
         reason = self._trip_reason(now)
         if reason is not None:
             self._transition(BreakerState.OPEN, reason)

@@ -37,8 +37,13 @@ class SlidingWindow:
 
     def record(self, ok: bool, now: float) -> None:
         """Count one outcome at monotonic time `now`."""
-        self._evict(now)
-        bucket = self._bucket_for(math.floor(now))
+        second = math.floor(now)
+        buckets = self._buckets
+        if buckets and buckets[-1].second == second:
+            bucket = buckets[-1]             # the common case: nothing to evict within the same second
+        else:
+            self._evict(now)
+            bucket = self._bucket_for(second)
         bucket.calls += 1
         self._calls += 1
         if not ok:

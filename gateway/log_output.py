@@ -1,0 +1,71 @@
+"""Where log lines go: plain messages on stderr, written once per event-loop iteration.
+
+A busy gateway logs one access line per request; flushing each line on its own costs a write system
+call per request. Lines go through a buffer instead, flushed at the end of the loop iteration that
+wrote them (or at once outside the event loop), so a line is never held back longer than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import TextIO
+
+__all__ = ["MessageFormatter", "LoopFlushedStreamHandler", "configure_logging"]
+
+BUFFER_BYTES = 1 << 16
+
+
+class MessageFormatter(logging.Formatter):
+    """`%(message)s`, without the generic formatting steps for the lines that have no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        return record.getMessage()
+
+
+class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose flush, inside a running event loop, waits for the end of the iteration."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush_scheduled = False
+
+    def flush(self) -> None:
+        """Flush now outside the loop (threads, shutdown); else once, after the current iteration."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        super().flush()
+
+
+def _buffered_stderr() -> TextIO:
+    """A buffered text stream on stderr's file descriptor (stderr itself when it has none, as under capture)."""
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation is both
+        return sys.stderr
+    return open(descriptor, "w", buffering=BUFFER_BYTES, encoding=sys.stderr.encoding or "utf-8",
+                errors="backslashreplace", closefd=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Plain messages on stderr: access lines are JSON already, other lines are short sentences."""
+    # Records need no thread or process names (the formatter prints only the message): skip looking them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = LoopFlushedStreamHandler(_buffered_stderr())
+    handler.setFormatter(MessageFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
