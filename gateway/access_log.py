@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -62,15 +63,27 @@ class AccessRecord:
 
 
 class AccessLog:
-    """Writes access records to the `gateway.access` logger."""
+    """Writes access records to the `gateway.access` logger, or straight to `sink` (one line each).
 
-    def __init__(self, enabled: bool = True, logger: logging.Logger | None = None) -> None:
+    The gateway command gives the sink of its stderr log handler: a busy gateway writes a line per
+    request, and a LogRecord per line costs more than the line itself. Embedded in another program,
+    the gateway logs through `logging` like anything else.
+    """
+
+    def __init__(self, enabled: bool = True, logger: logging.Logger | None = None,
+                 sink: Callable[[str], None] | None = None) -> None:
         self.enabled = enabled
         self.logger = logger or logging.getLogger("gateway.access")
+        self._sink = sink
 
     def write(self, record: AccessRecord) -> None:
-        """Log the record's line at INFO (the caller's file and line are not looked up: they never change)."""
+        """Write the record's line at INFO (the caller's file and line are not looked up: they never change)."""
+        if not self.enabled:
+            return
+        if self._sink is not None:
+            self._sink(record.line().decode())
+            return
         logger = self.logger
-        if self.enabled and logger.isEnabledFor(logging.INFO):
+        if logger.isEnabledFor(logging.INFO):
             line = record.line().decode()
             logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))

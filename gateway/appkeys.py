@@ -14,11 +14,10 @@ if TYPE_CHECKING:
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
     from gateway.metrics import GatewayMetrics
-    from gateway.proxy.plan import PlanCache
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "PLANS"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -29,4 +28,3 @@ RESILIENCE: web.AppKey[ResilienceRegistry] = web.AppKey("resilience")
 RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
-PLANS: web.AppKey[PlanCache] = web.AppKey("plans")

@@ -10,7 +10,9 @@ from aiohttp import web
 from gateway.config.model import CallerIdentity, Settings
 from gateway.errors import Unauthorized
 
-__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "authenticate"]
+__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "authenticate", "KnownTokens"]
+
+MAX_KNOWN_TOKENS = 1024
 
 LOCAL_CALLER = CallerIdentity(name="local")
 ADMIN_CALLER = CallerIdentity(name="admin", admin=True)
@@ -46,10 +48,35 @@ def identify(settings: Settings, token: str | None) -> CallerIdentity | None:
     return None
 
 
-def authenticate(request: web.Request, settings: Settings) -> CallerIdentity:
+class KnownTokens:
+    """Tokens already matched to their caller under one Settings, so a returning caller skips the digest.
+
+    Only tokens that matched are kept (at most MAX_KNOWN_TOKENS), and the lookup is by the token's
+    salted string hash, which an attacker cannot steer byte by byte.
+    """
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+        self._callers: dict[str, CallerIdentity] = {}
+
+    def identify(self, settings: Settings, token: str | None) -> CallerIdentity | None:
+        """`identify(settings, token)`, remembered until a reload swaps the Settings."""
+        if settings is not self._settings:
+            self._settings, self._callers = settings, {}
+        if token is None:
+            return None
+        caller = self._callers.get(token)
+        if caller is None:
+            caller = identify(settings, token)
+            if caller is not None and len(self._callers) < MAX_KNOWN_TOKENS:
+                self._callers[token] = caller
+        return caller
+
+
+def authenticate(request: web.Request, settings: Settings, known: KnownTokens | None = None) -> CallerIdentity:
     """The caller of `request`; raises Unauthorized for a missing or unknown key."""
     token = bearer_token(request)
-    caller = identify(settings, token)
+    caller = identify(settings, token) if known is None else known.identify(settings, token)
     if caller is not None:
         return caller
     if settings.server.auth == "none":

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.access_log import AccessLog
 from gateway.errors import ConfigError
-from gateway.log_output import configure_logging
+from gateway.log_output import configure_logging, stderr_handler
 
 __all__ = ["main"]
 
@@ -27,6 +28,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def command_access_log(enabled: bool) -> AccessLog:
+    """The access log of `gateway run`: its lines go straight to the stderr handler when INFO is on."""
+    handler = stderr_handler()
+    logger = logging.getLogger("gateway.access")
+    if handler is None or not logger.isEnabledFor(logging.INFO) or logger.handlers or not logger.propagate:
+        return AccessLog(enabled, logger)   # someone configured logging otherwise: go through it
+    return AccessLog(enabled, logger, sink=handler.write_line)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -57,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(settings, config_path=args.config)
+    app = create_app(settings, config_path=args.config, access_log=command_access_log(settings.server.access_log))
     if args.with_mock:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
     log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))

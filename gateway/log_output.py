@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import TextIO
 
-__all__ = ["MessageFormatter", "LoopFlushedStreamHandler", "configure_logging"]
+__all__ = ["MessageFormatter", "LoopFlushedStreamHandler", "configure_logging", "stderr_handler"]
 
 BUFFER_BYTES = 1 << 16
 
@@ -50,6 +50,18 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _flush_now(self) -> None:
         self._flush_scheduled = False
         super().flush()
+
+    def write_line(self, line: str) -> None:
+        """Write one line that needs no formatting (an access line), as `emit` would, without a LogRecord."""
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(line + self.terminator)
+        self.flush()
+
+
+def stderr_handler() -> LoopFlushedStreamHandler | None:
+    """The root logger's stderr handler when `configure_logging` installed it."""
+    handlers = logging.getLogger().handlers
+    return next((h for h in handlers if isinstance(h, LoopFlushedStreamHandler)), None)
 
 
 def _buffered_stderr() -> TextIO:

@@ -53,14 +53,33 @@ def _strings_bytes(part: dict[str, Any]) -> int:
 
 def _json_bytes(payload: dict[str, Any]) -> int:
     """Bytes of the JSON of the fields sent to the model beside the prompt."""
-    return sum(len(orjson.dumps(payload[name])) for name in EXTRA_PROMPT_FIELDS if name in payload)
+    total = 0
+    for name in EXTRA_PROMPT_FIELDS:
+        if name in payload:
+            total += len(orjson.dumps(payload[name]))
+    return total
+
+
+def _messages_bytes(messages: list[Any]) -> int:
+    """`_text_bytes` of a chat message list, with the usual message (text fields only) counted inline."""
+    total = 0
+    for message in messages:
+        if type(message) is not dict or "type" in message:
+            total += _text_bytes(message)
+            continue
+        for item in message.values():
+            if type(item) is str:
+                total += len(item) if item.isascii() else len(item.encode())
+            else:
+                total += _text_bytes(item)
+    return total
 
 
 def _prompt_bytes(payload: dict[str, Any]) -> int:
     """The bound of the messages, prompt or input, with their per-message overhead."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        return _text_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
+        return _messages_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
     for field in ("prompt", "input"):
         if field in payload:
             return _text_bytes(payload[field]) + MESSAGE_OVERHEAD_TOKENS

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio.connection import Connection
 
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
@@ -25,6 +24,7 @@ from gateway.clock import FakeClock
 from gateway.errors import StoreError
 from gateway.pricing import Charge
 from tests.support.redis_server import RedisServer
+from tests.support.redis_writes import RedisWrites
 
 GRACE_S = 86_400.0
 LEASE_S = 900.0
@@ -441,22 +441,15 @@ async def test_reserve_and_settle_take_one_round_trip_each(
 ) -> None:
     store = RedisBudgetStore(create_redis_client(redis_url, timeout_s=5.0, pool_size=4))
     key = counter(clock)
-    sent: list[bytes] = []
-    send = Connection.send_packed_command
-
-    async def counting_send(self: Connection, command: Any, check_health: bool = True) -> None:
-        sent.append(bytes(command[0] if isinstance(command, list) else command)[:40])
-        await send(self, command, check_health)
-
     try:
         assert await reserve(store, clock, "warm-up", line(clock, key, Charge(10)))  # loads scripts, connects
         assert await store.settle("warm-up", [(key, Charge(10))], clock.now())
-        monkeypatch.setattr(Connection, "send_packed_command", counting_send)
+        sent = RedisWrites(monkeypatch)
         assert await reserve(store, clock, "r1", line(clock, key, Charge(10)))
         assert await store.settle("r1", [(key, Charge(10))], clock.now(), entry(clock, "r1"))
     finally:
         await store.close()
-    assert len(sent) == 2 and all(b"EVALSHA" in command for command in sent)
+    assert sent.calls_per_write() == [1, 1]
 
 
 async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clock: FakeClock) -> None:
@@ -533,24 +526,9 @@ def test_unusable_store_urls_are_rejected(url: str) -> None:
 
 async def test_ledger_rows_keep_any_text(backend: Backend, clock: FakeClock) -> None:
     key = counter(clock)
-    row = replace(entry(clock, "r 1|ü"), caller="web app|2", team="équipe 模型", model="modèle 1 | x\n")
+    row = entry(clock, "r 1|ü")._replace(caller="web app|2", team="équipe 模型", model="modèle 1 | x\n")
     assert await backend.store.record(row.request_id, [(key, Charge(1), expiry(clock))], clock.now(), row)
     assert await ledger(backend.store, clock) == [row]
-
-
-def _count_evalsha_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every socket write that carries an EVALSHA, from now on."""
-    sent: list[bytes] = []
-    send = Connection.send_packed_command
-
-    async def counting_send(self: Connection, command: Any, check_health: bool = True) -> None:
-        packed = b"".join(command) if isinstance(command, list) else bytes(command)
-        if b"EVALSHA" in packed:
-            sent.append(packed)
-        await send(self, command, check_health)
-
-    monkeypatch.setattr(Connection, "send_packed_command", counting_send)
-    return sent
 
 
 async def test_concurrent_calls_share_round_trips_and_fail_alone(
@@ -561,7 +539,7 @@ async def test_concurrent_calls_share_round_trips_and_fail_alone(
     keys = [counter(clock, f"p{i}") for i in range(40)]
     try:
         await client.set(store.counter_key(keys[7]), "not a hash")
-        sent = _count_evalsha_writes(monkeypatch)
+        sent = RedisWrites(monkeypatch).writes
         reserved = await asyncio.gather(*(reserve(store, clock, f"r{i}", line(clock, key, Charge(10)))
                                           for i, key in enumerate(keys)), return_exceptions=True)
         assert isinstance(reserved[7], StoreError) and "WRONGTYPE" in str(reserved[7])

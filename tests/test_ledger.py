@@ -74,6 +74,8 @@ async def test_ledger_totals_per_policy_equal_the_budget_counters(upstream, star
         http(replicas[i % 2], "POST", "/v1/chat/completions", json=calls[i % 4][1], key=calls[i % 4][0])
         for i in range(100)))
     assert sorted(reply.status for reply in replies).count(200) == 95
+    for replica in replicas:   # each replica settles in the background after answering
+        await replica.app[BUDGET].settled()
 
     status = (await http(replicas[0], "GET", "/v1/budget/status", key=ADMIN_KEY)).json()["data"]
     spent = {(e["policy"], e["unit"]): e["spent"] for e in status}

@@ -1,8 +1,8 @@
 """ScriptPipeline against a real redis-server: replies in order, errors alone, NOSCRIPT, kill, freeze, cancel.
 
-Writes are observed through redis-py's `Connection.send_packed_command` (every socket write of the
-pipeline goes through it); a paused (SIGSTOP) server holds replies back, so "written but unanswered"
-is a state the tests reach without racing.
+Writes are observed at the pipeline's one seam to the socket (tests/support/redis_writes.py); a paused
+(SIGSTOP) server holds replies back, so "written but unanswered" is a state the tests reach without
+racing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -23,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.budget.redis_batch import ScriptPipeline
 from gateway.budget.redis_store import create_redis_client
 from tests.support.redis_server import RedisServer
+from tests.support.redis_writes import RedisWrites
 
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('boom ' .. ARGV[2]) end return ARGV"
 COUNT = "redis.call('INCR', KEYS[1]) return ARGV"
@@ -46,33 +46,6 @@ class Opened:
     async def close(self) -> None:
         await self.pipeline.aclose()
         await self.client.aclose()
-
-
-class WriteSpy:
-    """The socket writes that carry EVALSHA, each as bytes, in order; awaitable by count."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.writes: list[bytes] = []
-        self._changed = asyncio.Event()
-        send = Connection.send_packed_command
-
-        async def recording_send(connection: Connection, command: Any, check_health: bool = True) -> None:
-            await send(connection, command, check_health)
-            packed = b"".join(command) if isinstance(command, list) else bytes(command)
-            if b"EVALSHA" in packed:
-                self.writes.append(packed)
-                self._changed.set()
-
-        monkeypatch.setattr(Connection, "send_packed_command", recording_send)
-
-    def calls_per_write(self) -> list[int]:
-        return [write.count(b"EVALSHA") for write in self.writes]
-
-    async def until(self, count: int) -> None:
-        async with asyncio.timeout(PROMPT_S):
-            while len(self.writes) < count:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 async def opened(url: str, timeout_s: float = LONG_TIMEOUT_S) -> Opened:
@@ -138,7 +111,7 @@ async def test_a_script_flush_mid_run_reloads_the_script_once(pipe: Opened, redi
 
 
 async def test_calls_of_one_loop_turn_go_out_in_one_write(pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     first = [pipe.call("first", str(index)) for index in range(50)]
     assert len(await asyncio.gather(*first)) == 50
     second = [pipe.call("second", str(index)) for index in range(3)]
@@ -151,7 +124,7 @@ async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,
     admin = Redis.from_url(redis_url)
     await admin.script_load(ECHO)   # no NOSCRIPT resend to count
     await admin.aclose()
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     pipe = Opened(redis_url, LONG_TIMEOUT_S)
     try:
         early = [pipe.call("early", str(index)) for index in range(20)]
@@ -167,7 +140,7 @@ async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,
 
 async def test_a_call_cancelled_before_it_is_written_is_not_sent(pipe: Opened, monkeypatch: pytest.MonkeyPatch,
                                                                  redis_url: str) -> None:
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     calls = [pipe.pipeline.submit(pipe.count, ["counted"], [str(index)]) for index in range(3)]
     calls[1].cancel()
     assert await calls[0] == [b"0"] and await calls[2] == [b"2"]
@@ -182,13 +155,13 @@ async def test_a_call_cancelled_before_it_is_written_is_not_sent(pipe: Opened, m
 async def test_calls_are_sent_without_waiting_for_earlier_replies(fresh_redis_server: RedisServer,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = await opened(fresh_redis_server.url)
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     try:
         fresh_redis_server.pause()
         first = [pipe.call("first", str(index)) for index in range(5)]
-        await spy.until(1)
+        await spy.until(1, PROMPT_S)
         second = [pipe.call("second", str(index)) for index in range(5)]
-        await spy.until(2)   # written while no reply to the first write can have come
+        await spy.until(2, PROMPT_S)   # written while no reply to the first write can have come
         assert not any(call.done() for call in first + second)
         fresh_redis_server.resume()
         assert await asyncio.gather(*first, *second) == (
@@ -201,11 +174,11 @@ async def test_calls_are_sent_without_waiting_for_earlier_replies(fresh_redis_se
 async def test_a_cancelled_caller_does_not_shift_later_replies(fresh_redis_server: RedisServer,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = await opened(fresh_redis_server.url)
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     try:
         fresh_redis_server.pause()
         callers = [asyncio.create_task(pipe.pipeline.run(pipe.echo, [], ["c", str(i)])) for i in range(10)]
-        await spy.until(1)   # every call is written, none answered
+        await spy.until(1, PROMPT_S)   # every call is written, none answered
         callers[3].cancel()
         callers[6].cancel()
         fresh_redis_server.resume()
@@ -227,11 +200,11 @@ async def test_a_killed_redis_fails_calls_in_flight_at_once_and_later_calls_reco
 ) -> None:
     pipe = await opened(fresh_redis_server.url)
     assert await pipe.client.ping()   # leaves an idle pool connection to the server about to die
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     try:
         fresh_redis_server.pause()   # so that the calls are surely in flight when it dies
         in_flight = [pipe.call("lost", str(index)) for index in range(50)]
-        await spy.until(1)
+        await spy.until(1, PROMPT_S)
         killed = time.monotonic()
         fresh_redis_server.kill()
         async with asyncio.timeout(PROMPT_S):
@@ -256,12 +229,12 @@ async def test_a_frozen_redis_times_out_every_outstanding_call_within_the_timeou
 ) -> None:
     timeout_s = 0.3
     pipe = await opened(fresh_redis_server.url, timeout_s)
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     try:
         fresh_redis_server.pause()
         started = time.monotonic()
         older = [pipe.call("older", str(index)) for index in range(20)]
-        await spy.until(1)
+        await spy.until(1, PROMPT_S)
         newer = [pipe.call("newer", str(index)) for index in range(20)]
         results = await outcomes(older + newer)
         assert time.monotonic() - started < timeout_s + MARGIN_S
@@ -282,11 +255,11 @@ async def test_a_frozen_redis_times_out_every_outstanding_call_within_the_timeou
 async def test_close_fails_outstanding_calls_and_refuses_new_ones(fresh_redis_server: RedisServer,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = await opened(fresh_redis_server.url)
-    spy = WriteSpy(monkeypatch)
+    spy = RedisWrites(monkeypatch)
     try:
         fresh_redis_server.pause()
         outstanding = [pipe.call("closing", str(index)) for index in range(5)]
-        await spy.until(1)
+        await spy.until(1, PROMPT_S)
         queued = pipe.call("queued")
         await pipe.pipeline.aclose()
         results = await outcomes([*outstanding, queued])

@@ -65,6 +65,8 @@ class AlertSender:
     def observe(self, states: Sequence[CounterState]) -> None:
         """Queue the thresholds `states` reached that this replica has not queued yet (a settle listener)."""
         policies = self._policy_index()
+        if not policies:                     # no policy has a webhook: nothing to look at
+            return
         now = self._clock.now()
         for state in states:
             policy = policies.get(state.counter.policy)
@@ -90,10 +92,10 @@ class AlertSender:
         await self._queue.join()
 
     def _policy_index(self) -> dict[str, Policy]:
-        """The active policies by name, rebuilt when the config is reloaded."""
+        """The active policies that have a webhook, by name, rebuilt when the config is reloaded."""
         settings = self._config.current
         if self._policies[0] is not settings:
-            self._policies = (settings, {policy.name: policy for policy in settings.policies})
+            self._policies = (settings, {policy.name: policy for policy in settings.policies if policy.alerts})
         return self._policies[1]
 
     def _enqueue(self, alerts: list[Alert]) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
-from functools import cached_property
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import Any, NamedTuple, TypeVar
 
 from gateway.access_log import AccessRecord
 from gateway.budget.allowance import LocalAllowance
@@ -42,13 +42,12 @@ T = TypeVar("T")
 
 def _bounded(charge: Charge | None) -> Charge | None:
     """A charge the store can hold: an absurd upstream usage is capped, never an error that loses spend."""
-    if charge is None:
-        return None
+    if charge is None or max(charge) <= MAX_AMOUNT:
+        return charge
     return Charge(min(charge.usd_nano, MAX_AMOUNT), min(charge.tokens, MAX_AMOUNT), min(charge.requests, MAX_AMOUNT))
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
     """A request's hold on its budgets; `plan` may be a downgraded one."""
 
     request_id: str
@@ -58,10 +57,7 @@ class Reservation:
     downgraded_from: str | None = None
     caller: CallerIdentity | None = None
 
-    @cached_property
-    def policies(self) -> tuple[str, ...]:
-        """Names of the policies this reservation holds budget on."""
-        return tuple(dict.fromkeys(line.counter.policy for line in self.lines))
+    policies: tuple[str, ...] = ()       # names of the policies it holds budget on
 
 
 SettleListener = Callable[[Sequence[CounterState]], None]   # the settled counters' states
@@ -105,8 +101,8 @@ class BudgetEngine:
         self._slots = SlotCache()
         self._store_down_until = 0.0
         self._store_failures = 0
-        self._background: set[asyncio.Task[Any]] = set()
-        self._store_bounds_time = bool(getattr(store, "bounds_call_time", False))
+        self._background: set[asyncio.Future[Any]] = set()
+        self._pipelined = bool(getattr(store, "pipelined", False))
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
@@ -120,7 +116,8 @@ class BudgetEngine:
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
-            return Reservation(request_id, plan, lines, local=outcome is None, caller=caller)
+            return Reservation(request_id, plan, lines, local=outcome is None, caller=caller,
+                               policies=match.names)
         line, slot = lines[outcome.refused_index or 0], slots[outcome.refused_index or 0]
         downgrade = await self._downgrade(request_id, settings, caller, req, slot.policy, plan)
         if downgrade is not None:
@@ -144,7 +141,7 @@ class BudgetEngine:
         if outcome is not None and not outcome.ok:
             return None
         return Reservation(request_id, cheaper, lines, local=outcome is None,
-                           downgraded_from=plan.model, caller=caller)
+                           downgraded_from=plan.model, caller=caller, policies=match.names)
 
     async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
                              now: float) -> ReserveOutcome | None:
@@ -152,9 +149,18 @@ class BudgetEngine:
         assert self.store is not None
         if self.clock.monotonic() >= self._store_down_until:
             try:
-                outcome = await self._bounded(self._store_reserve(request_id, lines, now))
+                if self._pipelined:
+                    outcome = await self.store.reserve(request_id, lines, now, now + self.config.lease_s)
+                else:
+                    outcome = await self._bounded(self._store_reserve(request_id, lines, now))
                 self._store_failures = 0
                 return outcome
+            except asyncio.CancelledError:
+                if self._pipelined:
+                    # The client left. The store answers calls in the order they are made, so a release
+                    # made now runs after the reserve (a no-op if the reserve was never sent).
+                    self._spawn(self._release_quietly(request_id, now))
+                raise
             except (StoreError, TimeoutError) as exc:
                 self._mark_down(exc)
                 # The store may have applied the reservation before the reply was lost.
@@ -165,7 +171,7 @@ class BudgetEngine:
                                "budget; try again shortly.", headers={"Retry-After": "1"})
 
     async def _store_reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float) -> ReserveOutcome:
-        """The store's reserve, run to its end even when the client leaves meanwhile.
+        """The store's reserve (not pipelined), run to its end even when the client leaves meanwhile.
 
         A client that disconnects does not cancel the store call half-way: the reservation is completed
         and then released, so it never lingers until its lease turns it into spend.
@@ -183,10 +189,11 @@ class BudgetEngine:
         if not call.cancelled() and call.exception() is None and call.result().ok:
             self._spawn(self._release_quietly(request_id, self.clock.now()))
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
+    def _bounded(self, call: Awaitable[T]) -> Awaitable[T]:
         """`call`, bounded by the hard timeout unless the store bounds the time of its own calls."""
-        if self._store_bounds_time:
-            return await call
+        return call if self._pipelined else self._within_hard_timeout(call)
+
+    async def _within_hard_timeout(self, call: Awaitable[T]) -> T:
         async with asyncio.timeout(self._hard_timeout()):
             return await call
 
@@ -196,38 +203,76 @@ class BudgetEngine:
             await self._bounded(self.store.release(request_id, now))
 
     def settle(self, reservation: Reservation, charge: Charge | None,
-               record: AccessRecord | None = None) -> asyncio.Task[None] | None:
+               record: AccessRecord | None = None) -> asyncio.Future[Any] | None:
         """Start charging the request's real cost (None: it was not served, release it); ledger it from `record`.
 
         The settlement runs in the background, so the response does not wait for the store; it is kept
-        to its end (a client that disconnects cannot cancel it), and `close` waits for it. Returns its
-        task, or None when there is nothing to settle.
+        to its end (a client that disconnects cannot cancel it), and `settled` and `close` wait for it.
+        Spend the store cannot take goes to the journal. Returns what to await for it, if anything.
         """
         if not reservation.lines:
             return None
         charge = _bounded(charge)
-        return self._spawn(self._settle(reservation, charge, ledger_entry(reservation, charge, record, self.clock.now())))
-
-    async def _settle(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
-        now = entry.time
+        entry = ledger_entry(reservation, charge, record, self.clock.now())
         if reservation.local:
-            self.allowance.adjust(reservation.lines, charge)
-            await self._journal(reservation, charge, entry)
-            return
-        assert self.store is not None
+            return self._spawn(self._settle_locally(reservation, charge, entry))
         try:
-            if charge is None:
-                await self._bounded(self.store.release(reservation.request_id, now, entry))
-                return
-            states = await self._bounded(self.store.settle(
-                reservation.request_id, [(line.counter, charge) for line in reservation.lines], now, entry))
+            call = self._store_settle(reservation, charge, entry)
+        except StoreError as exc:
+            return self._spawn(self._store_failed(exc, reservation, charge, entry))
+        if self._pipelined and isinstance(call, asyncio.Future):
+            # A pipelined call times itself: one callback finishes it, no task needed per request.
+            self._background.add(call)
+            call.add_done_callback(functools.partial(self._settled, reservation, charge, entry))
+            return call
+        return self._spawn(self._await_settle(call, reservation, charge, entry))
+
+    def _store_settle(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> Awaitable[Any]:
+        """The store call: settle the real cost, or release when nothing is charged."""
+        assert self.store is not None
+        if charge is None:
+            return self.store.release(reservation.request_id, entry.time, entry)
+        return self.store.settle(reservation.request_id, [(line.counter, charge) for line in reservation.lines],
+                                 entry.time, entry)
+
+    async def _await_settle(self, call: Awaitable[Any], reservation: Reservation, charge: Charge | None,
+                            entry: LedgerEntry) -> None:
+        try:
+            result = await self._bounded(call)
         except (StoreError, TimeoutError) as exc:
-            self._mark_down(exc)
-            await self._journal(reservation, charge, entry)
+            await self._store_failed(exc, reservation, charge, entry)
             return
+        self._store_answered(result)
+
+    def _settled(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry,
+                 call: asyncio.Future[Any]) -> None:
+        """A pipelined settlement's answer: counters to the listeners, or spend to the journal."""
+        self._background.discard(call)
+        if call.cancelled():                 # the store was closed under it
+            self._spawn(self._store_failed(StoreError("the store was closed"), reservation, charge, entry))
+            return
+        error = call.exception()
+        if error is None:
+            self._store_answered(call.result())
+        elif isinstance(error, (StoreError, TimeoutError)):
+            self._spawn(self._store_failed(error, reservation, charge, entry))
+        else:
+            log.error("settling request %s failed: %r", reservation.request_id, error)
+
+    def _store_answered(self, result: Any) -> None:
         self._store_failures = 0
-        if states:
-            self._notify_settled(states)
+        if result and not isinstance(result, bool):   # a settle's counter states (a release says True/False)
+            self._notify_settled(result)
+
+    async def _store_failed(self, exc: BaseException, reservation: Reservation, charge: Charge | None,
+                            entry: LedgerEntry) -> None:
+        self._mark_down(exc)
+        await self._journal(reservation, charge, entry)
+
+    async def _settle_locally(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
+        """A request admitted on the fail-open allowance: adjust the allowance, journal the spend."""
+        self.allowance.adjust(reservation.lines, charge)
+        await self._journal(reservation, charge, entry)
 
     def _notify_settled(self, states: Sequence[CounterState]) -> None:
         """Hand the settled counters to every listener; a failing listener never fails the request."""
@@ -291,9 +336,13 @@ class BudgetEngine:
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `coro` to completion even if its caller is cancelled; kept until done."""
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._keep(task)
         return task
+
+    def _keep(self, work: asyncio.Future[Any]) -> None:
+        """Hold background work until it is done (`settled` and `close` wait for it)."""
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
 
     async def settled(self) -> None:
         """Wait until the settlements started so far have reached the store (or the journal)."""

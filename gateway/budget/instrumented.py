@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,8 @@ class InstrumentedStore:
 
     A failure is any exception the operation raises (a cancelled call is not reported). Arguments and
     results pass through unchanged, and every other attribute is the wrapped store's own, untimed, so
-    operations added to the protocol keep working.
+    operations added to the protocol keep working. An operation that answers with a future (a
+    pipelined store call) is timed by a callback on it and handed back as it is.
     """
 
     def __init__(self, store: BudgetStore, observe: StoreObserver,
@@ -28,19 +30,36 @@ class InstrumentedStore:
         self.wrapped = store
         self._observe = observe
         self._timer = timer
+        # A store that times some operations itself (the pipelined Redis store) reports them directly.
+        self_timed = store.observe_calls(observe) if hasattr(store, "observe_calls") else ()
+        for name in TIMED_OPERATIONS:
+            if hasattr(store, name) and name not in self_timed:
+                setattr(self, name, functools.partial(self._timed, name, getattr(store, name)))
 
     def __getattr__(self, name: str) -> Any:
-        """The wrapped store's attribute; a timed operation comes wrapped in `_timed`."""
-        attribute = getattr(self.wrapped, name)
-        if name in TIMED_OPERATIONS:
-            return functools.partial(self._timed, name, attribute)
-        return attribute
+        """The wrapped store's untimed attribute."""
+        return getattr(self.wrapped, name)
 
-    async def _timed(self, operation: str, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """Await the operation and report how long it took and whether it raised."""
+    def _timed(self, operation: str, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Start the operation; its duration and outcome are reported when it ends."""
         started = self._timer()
         try:
-            result = await call(*args, **kwargs)
+            result = call(*args, **kwargs)
+        except Exception:
+            self._observe(operation, self._timer() - started, True)
+            raise
+        if isinstance(result, asyncio.Future):
+            result.add_done_callback(functools.partial(self._future_done, operation, started))
+            return result
+        return self._awaited(operation, result, started)
+
+    def _future_done(self, operation: str, started: float, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            self._observe(operation, self._timer() - started, future.exception() is not None)
+
+    async def _awaited(self, operation: str, call: Awaitable[Any], started: float) -> Any:
+        try:
+            result = await call
         except Exception:
             self._observe(operation, self._timer() - started, True)
             raise

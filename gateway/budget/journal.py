@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | No
     encoded: dict[str, Any] = {"id": request_id, "lines": [
         [c.policy, c.period, c.window_id, ch.usd_nano, ch.tokens, ch.requests, exp] for c, ch, exp in lines]}
     if entry is not None:
-        encoded["entry"] = asdict(entry)
+        encoded["entry"] = entry._asdict()
     return orjson.dumps(encoded)
 
 

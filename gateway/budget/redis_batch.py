@@ -1,31 +1,31 @@
 """Script calls on one Redis (or Sentinel master) connection, auto-pipelined.
 
-`ScriptPipeline` holds ONE connection of its own, made by the client's connection pool (so Sentinel
-master discovery, AUTH, SELECT, TLS and the RESP handshake stay redis-py's job) and opened on the first
-call; calls made while it opens wait for it. Three parts share it:
+`ScriptPipeline` holds ONE connection of its own. redis-py's pool makes and opens it (so Sentinel
+master discovery, AUTH, SELECT, TLS and the RESP handshake stay redis-py's job); then the pipeline
+takes its transport over and speaks to it directly:
 
-- a caller (`submit`, `run`) packs its EVALSHA at once, queues it and gets a future;
-- the writer sends everything queued during one event-loop turn in ONE write on the next turn, without
+- a caller (`submit`) packs its EVALSHA at once, queues it and gets a future;
+- everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
-- the reader reads the replies in order and answers the oldest outstanding call with each: a reply, or
-  an error reply (ResponseError) that fails that call alone.
+- the transport's protocol feeds what arrives to hiredis and answers the oldest outstanding call with
+  each reply: a result, or an error reply that fails that call alone.
 
-So a call costs a future, a packed command and a parsed reply, with no pool checkout and no timer; the
-socket write and the read wake-up are paid once per loop turn, however many calls share it. A caller
-that gives up after its call was written does not desynchronise the replies: its reply is read and
-dropped. A call whose caller gave up before it was written is never sent.
+So a call costs a future, a packed command and a parsed reply: no task, no stream reader, no timer
+and no pool checkout per call; the socket write and the read are paid once per loop turn, however many
+calls share it. A caller that gives up after its call was written does not desynchronise the replies:
+its reply is read and dropped. A call whose caller gave up before it was written is never sent.
 
 NOSCRIPT (Redis restarted, SCRIPT FLUSH): one SCRIPT LOAD goes out behind the calls already written, and
 every call that met NOSCRIPT is sent again, once, behind it.
 
 Timeouts: no timer per call, one watchdog per connection, armed while calls are outstanding. It fires
-when the OLDEST outstanding call has waited `timeout_s`: every outstanding call then fails with redis
-TimeoutError and the connection is dropped. A failed connection (Redis killed, connection reset) fails
-every outstanding call with ConnectionError as soon as the reader sees it. Either way calls still
-queued, and later ones, go to a new connection; opening it is bounded by the client's
-socket_connect_timeout and socket_timeout, and a refused connection fails the calls waiting for it at
-once. So a frozen Redis answers every caller within about `timeout_s`, plus a connect timeout for the
-calls that arrive after the drop.
+when the OLDEST outstanding call has waited `timeout_s` (and still waits one loop turn later, in case
+its reply came in that turn): every outstanding call then fails with redis TimeoutError and the
+connection is dropped. A lost connection fails every outstanding call with ConnectionError at once.
+Either way calls still queued, and later ones, go to a new connection; opening it is bounded by the
+client's socket_connect_timeout and socket_timeout, and a refused connection fails the calls waiting
+for it at once. So a frozen Redis answers every caller within about `timeout_s`, plus a connect
+timeout for the calls that arrive after the drop.
 
 Redis Cluster is not pipelined here (see `RedisBudgetStore`): its calls route and retry per node.
 """
@@ -35,11 +35,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import math
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
@@ -47,18 +47,24 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["ScriptPipeline"]
+__all__ = ["ScriptPipeline", "CallObserver"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
 
+Parse = Callable[[Any], Any]
+WrapError = Callable[[Exception], Exception]
+CallObserver = Callable[[str, float, bool], None]   # (operation, seconds from submit to answer, failed)
+
 
 class _Call:
-    """One command for the wire: its bytes, its caller's future (None for our SCRIPT LOAD), when it was sent."""
+    """One command for the wire: its bytes, its caller's future (None for our SCRIPT LOAD), its timings."""
 
-    __slots__ = ("packed", "future", "script", "sent_at", "retried")
+    __slots__ = ("packed", "future", "script", "parse", "operation", "started", "sent_at", "retried")
 
-    def __init__(self, packed: bytes, future: asyncio.Future[Any] | None, script: AsyncScript) -> None:
-        self.packed, self.future, self.script = packed, future, script
+    def __init__(self, packed: bytes, future: asyncio.Future[Any] | None, script: AsyncScript,
+                 parse: Parse | None = None, operation: str | None = None, started: float = 0.0) -> None:
+        self.packed, self.future, self.script, self.parse = packed, future, script, parse
+        self.operation, self.started = operation, started
         self.sent_at = 0.0
         self.retried = False
 
@@ -67,104 +73,101 @@ class ScriptPipeline:
     """EVALSHA calls auto-pipelined over one dedicated connection made by `client`'s pool.
 
     `timeout_s` bounds how long the oldest outstanding call may wait for its reply (None: no bound).
+    `wrap_error` turns the driver's errors (and error replies) into the caller's exceptions; `observe`
+    hears how long each call named by an `operation` took, and whether it failed.
     """
 
-    def __init__(self, client: Redis, timeout_s: float | None) -> None:
+    def __init__(self, client: Redis, timeout_s: float | None, *, wrap_error: WrapError | None = None,
+                 observe: CallObserver | None = None) -> None:
+        self._wrap_error: WrapError = wrap_error or (lambda error: error)
+        self.observe = observe
         self._pool = client.connection_pool
         encoder = self._pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
+        self._utf8 = _is_utf8(self._encoding)
+        self._heads: dict[tuple[str, int, int], str] = {}   # packed "EVALSHA sha numkeys" by script and shape
         self._timeout = timeout_s
-        self._connection: AbstractConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._protocol: _Replies | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._queue: list[_Call] = []             # not written yet
         self._pending: deque[_Call] = deque()     # written, in order, waiting for their replies
         self._loading: set[AsyncScript] = set()   # a SCRIPT LOAD of these is outstanding
-        self._wake: asyncio.Future[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
-        self._disconnecting: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    @property
+    def timeout(self) -> float | None:
+        """How long the oldest outstanding call may wait for its reply (None: no bound)."""
+        return self._timeout
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> Any:
         """The script's reply; its ResponseError or the driver's error (ConnectionError, TimeoutError) is raised."""
         return await self.submit(script, keys, args)
 
-    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> asyncio.Future[Any]:
-        """Queue one EVALSHA; the future gets what `run` would return or raise.
+    def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str],
+               parse: Parse | None = None, operation: str | None = None) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets what `run` would return or raise (`parse` of the reply, if given).
 
         Cancelling the future gives the call up. A caller that attaches a done-callback instead of awaiting
         must retrieve the future's exception.
         """
         if self._closed:
-            raise RedisConnectionError("the script pipeline is closed")
-        words = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(_resp(words, self._encoding, self._errors), future, script))
-        self._wake_writer()
+            raise self._wrap_error(RedisConnectionError("the script pipeline is closed"))
+        loop = self._loop or self._bind_loop()
+        future = loop.create_future()
+        started = loop.time() if operation is not None and self.observe is not None else 0.0
+        self._queue.append(_Call(self._evalsha(script, keys, args), future, script, parse, operation, started))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return future
 
     async def aclose(self) -> None:
-        """Fail what is queued or outstanding, stop the writer and the reader, disconnect."""
+        """Fail what is queued or outstanding, drop the connection, wait for what it started."""
         self._closed = True
-        if self._writer is not None:
-            writer = self._writer
-            writer.cancel()   # it fails what is still queued
-            await asyncio.wait([writer])
-        reader = self._reader
-        self._drop(self._connection, RedisConnectionError("the script pipeline is closed"))
-        waiting = [task for task in (reader, *self._disconnecting) if task is not None]
-        if waiting:
-            await asyncio.wait(waiting)
+        closed = RedisConnectionError("the script pipeline is closed")
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        queued, self._queue = self._queue, []
+        self._fail(queued, closed)
+        self._drop(self._protocol, closed)
+        if self._background:
+            await asyncio.wait(list(self._background))
 
-    def _wake_writer(self) -> None:
-        """Make the writer send the queue on the next loop turn (starting it if it is not running)."""
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        elif self._wake is not None:
-            self._wake.set_result(None)
-            self._wake = None
+    def _evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> bytes:
+        """The packed EVALSHA; its first words (the same for every call of a script) are packed once."""
+        shape = (script.sha, len(keys), len(args))
+        head = self._heads.get(shape)
+        if head is None:
+            if len(self._heads) >= 64:
+                self._heads.clear()
+            words = ("EVALSHA", script.sha, str(len(keys)))
+            head = self._heads[shape] = f"*{len(words) + len(keys) + len(args)}\r\n" + "".join(
+                [f"${len(word)}\r\n{word}\r\n" for word in words])
+        text = "".join([f"${len(word)}\r\n{word}\r\n" for word in (*keys, *args)])
+        if text.isascii() and self._utf8:
+            return (head + text).encode()
+        return _resp(("EVALSHA", script.sha, str(len(keys)), *keys, *args), self._encoding, self._errors)
 
-    async def _write_loop(self) -> None:
-        """Open the connection when there is none, then write what queued since the last write."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self._queue:
-                    self._wake = loop.create_future()
-                    await self._wake
-                connection = self._connection if self._connection is not None else await self._open()
-                if connection is not None:
-                    await self._write(connection, loop)
-        except BaseException as exc:   # closed (cancelled), or a bug: the queued calls must not hang
-            queued, self._queue = self._queue, []
-            closed = RedisConnectionError("the script pipeline is closed")
-            _fail(queued, exc if isinstance(exc, Exception) else closed)
-            raise
-        finally:
-            self._writer = self._wake = None
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
-    async def _open(self) -> AbstractConnection | None:
-        """A connected connection with its reader running; None when connecting failed the queued calls."""
-        # Made by the pool, not checked out of it: a checkout held for ever would take one of pool_size
-        # connections from the other commands for good (and starve them at pool_size 1).
-        connection = self._pool.make_connection()
-        try:
-            await connection.connect()
-        except BaseException as error:
-            self._in_background(connection.disconnect(nowait=True))
-            if not isinstance(error, Exception):
-                raise
-            queued, self._queue = self._queue, []
-            _fail(queued, error)
-            return None
-        connection.socket_timeout = None   # the watchdog times the replies: no timer per read or write
-        self._connection = connection
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop(connection))
-        return connection
-
-    async def _write(self, connection: AbstractConnection, loop: asyncio.AbstractEventLoop) -> None:
-        """Send every queued call not given up meanwhile, in one write; they become outstanding."""
-        now = loop.time()
+    def _flush(self) -> None:
+        """Write every queued call not given up meanwhile, in one write; open the connection if there is none."""
+        self._flush_scheduled = False
+        protocol = self._protocol
+        if protocol is None:
+            if self._queue and self._connecting is None and not self._closed:
+                self._connecting = self._in_background(self._open())
+            return
+        assert self._loop is not None
+        now = self._loop.time()
         packets = []
         for call in self._queue:
             if call.future is None or not call.future.done():
@@ -175,45 +178,57 @@ class ScriptPipeline:
         if not packets:
             return
         if self._watchdog is None and self._timeout is not None:
-            self._watchdog = loop.call_at(now + self._timeout, self._check_oldest)
+            self._watchdog = self._loop.call_at(now + self._timeout, self._check_oldest)
+        self._send(protocol, b"".join(packets))
+
+    def _send(self, protocol: _Replies, data: bytes) -> None:
+        """The one place bytes go to Redis."""
+        protocol.transport.write(data)
+
+    async def _open(self) -> None:
+        """Open a connection through the pool, take its transport over, then send what queued meanwhile."""
+        # Made by the pool, not checked out of it: a checkout held for ever would take one of pool_size
+        # connections from the other commands for good (and starve them at pool_size 1).
+        connection = self._pool.make_connection()
         try:
-            await connection.send_packed_command(packets, check_health=False)
+            await connection.connect()
+            writer = _take_writer(connection)
         except Exception as error:
-            self._drop(connection, error)
+            self._connecting = None
+            queued, self._queue = self._queue, []
+            self._fail(queued, error)
+            self._in_background(_quietly(connection.disconnect(nowait=True)))
+            return
+        self._connecting = None
+        self._protocol = _Replies(self, writer)
+        writer.transport.set_protocol(self._protocol)
+        self._flush()
 
-    async def _read_loop(self, connection: AbstractConnection) -> None:
-        """Answer the oldest outstanding call with each reply, until the connection fails."""
-        read = connection.read_response
-        while True:
-            try:
-                # math.inf: no per-read timer (the watchdog bounds the wait); errors leave closing to _drop.
-                reply = await read(timeout=math.inf, disconnect_on_error=False)
-            except ResponseError as error:   # an error reply: it answers one call, the connection is fine
-                reply = error
-            except Exception as error:
-                self._drop(connection, error)
-                return
-            if not self._answer(reply):
-                self._drop(connection, InvalidResponse("Redis sent a reply no call was waiting for"))
-                return
-
-    def _answer(self, reply: Any) -> bool:
-        """Settle the oldest outstanding call with `reply`; False when no call was outstanding."""
+    def _answer(self, protocol: _Replies, reply: Any) -> None:
+        """Settle the oldest outstanding call with `reply`."""
+        if protocol is not self._protocol:
+            return
         if not self._pending:
-            return False
+            self._drop(protocol, InvalidResponse("Redis sent a reply no call was waiting for"))
+            return
         call = self._pending.popleft()
         future = call.future
         if future is None:   # our SCRIPT LOAD: the calls sent again behind it are under way
             self._loading.discard(call.script)
-        elif future.done():   # its caller gave up
+            return
+        failed = isinstance(reply, ResponseError)
+        if future.done():   # its caller gave up
             pass
-        elif not isinstance(reply, ResponseError):
-            future.set_result(reply)
+        elif not failed:
+            _resolve(future, reply, call.parse)
         elif isinstance(reply, NoScriptError) and not call.retried:
             self._send_again(call)
+            return
         else:
-            future.set_exception(reply)
-        return True
+            future.set_exception(self._wrap_error(reply))
+        if call.operation is not None and self.observe is not None:
+            assert self._loop is not None
+            self.observe(call.operation, self._loop.time() - call.started, failed)
 
     def _send_again(self, call: _Call) -> None:
         """Queue a SCRIPT LOAD of the call's script (unless one is outstanding), then the call, once."""
@@ -223,57 +238,139 @@ class ScriptPipeline:
             load = _resp(("SCRIPT", "LOAD", call.script.script), self._encoding, self._errors)
             self._queue.append(_Call(load, None, call.script))
         self._queue.append(call)
-        self._wake_writer()
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _check_oldest(self) -> None:
         """The watchdog: drop the connection once the oldest outstanding call has waited timeout_s."""
         self._watchdog = None
-        if not self._pending or self._timeout is None:
+        if not self._pending or self._timeout is None or self._loop is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = self._pending[0].sent_at + self._timeout
-        if loop.time() < deadline - TIMER_SLACK_S:
-            self._watchdog = loop.call_at(deadline, self._check_oldest)
+        oldest = self._pending[0]
+        deadline = oldest.sent_at + self._timeout
+        if self._loop.time() < deadline - TIMER_SLACK_S:
+            self._watchdog = self._loop.call_at(deadline, self._check_oldest)
             return
-        self._drop(self._connection, RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+        # Its reply may have arrived in this very loop turn, still to be read: look once more on the next.
+        self._watchdog = self._loop.call_at(self._loop.time(), self._time_out, oldest)
 
-    def _drop(self, connection: AbstractConnection | None, error: Exception) -> None:
-        """Fail every outstanding call with `error` and let the connection go; the next write opens another."""
-        if connection is None or connection is not self._connection:
+    def _time_out(self, oldest: _Call) -> None:
+        """Drop the connection if `oldest` is still waiting one loop turn after its deadline."""
+        self._watchdog = None
+        if self._pending and self._pending[0] is oldest:
+            self._drop(self._protocol, RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+        elif self._pending:
+            self._check_oldest()
+
+    def _drop(self, protocol: _Replies | None, error: Exception) -> None:
+        """Fail every outstanding call with `error` and close the connection; the next flush opens another."""
+        if protocol is None or protocol is not self._protocol:
             return   # already dropped
-        self._connection = None
+        self._protocol = None
         outstanding = list(self._pending)
         self._pending.clear()
         self._loading.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        reader, self._reader = self._reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-        self._in_background(connection.disconnect(nowait=True))
+        protocol.transport.close()
         if isinstance(error, RedisConnectionError) and not self._closed:
             # The pool's idle connections went to the same server and are most likely dead too, and
             # redis-py 8 no longer spots that at checkout: close them, so its next command reconnects.
-            self._in_background(self._pool.disconnect(inuse_connections=False))
-        _fail(outstanding, error)
+            self._in_background(_quietly(self._pool.disconnect(inuse_connections=False)))
+        self._fail(outstanding, error)
+        if self._queue:
+            self._schedule_flush()
 
-    def _in_background(self, closing: Coroutine[Any, Any, None]) -> None:
-        """Run a disconnect without waiting for it (aclose does wait)."""
-        task = asyncio.get_running_loop().create_task(_quietly(closing))
-        self._disconnecting.add(task)
-        task.add_done_callback(self._disconnecting.discard)
+    def _fail(self, calls: Sequence[_Call], error: Exception) -> None:
+        """Fail every call still waiting with `error`, as its caller sees it."""
+        wrapped = self._wrap_error(error)
+        for call in calls:
+            if call.future is not None and not call.future.done():
+                call.future.set_exception(wrapped)
+                if call.operation is not None and self.observe is not None and self._loop is not None:
+                    self.observe(call.operation, self._loop.time() - call.started, True)
+
+    def _in_background(self, work: Any) -> asyncio.Task[None]:
+        """Run `work` without waiting for it (aclose does wait)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
 
-async def _quietly(closing: Coroutine[Any, Any, None]) -> None:
+class _Replies(asyncio.Protocol):
+    """The taken-over connection's protocol: what Redis sends, parsed by hiredis, answers the pipeline's calls."""
+
+    def __init__(self, pipeline: ScriptPipeline, writer: asyncio.StreamWriter) -> None:
+        self._pipeline = pipeline
+        self._writer = writer                # kept alive with its transport (see _take_writer)
+        self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=_reply_error)
+
+    def data_received(self, data: bytes) -> None:
+        reader, answer = self._reader, self._pipeline._answer
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except InvalidResponse as error:
+                self._pipeline._drop(self, error)
+                return
+            if reply is False:
+                return
+            answer(self, reply)
+
+    def eof_received(self) -> bool:
+        return False   # Redis closed its side: close ours too (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._pipeline._drop(self, RedisConnectionError(f"Connection to Redis lost{reason}"))
+
+
+def _take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
+    """The opened connection's stream writer (and so its transport), taken from redis-py.
+
+    redis-py keeps the connection's stream reader and writer in `_reader` and `_writer` (since 4.2);
+    clearing them leaves it nothing to read, write or close, and nothing to warn about. The writer must
+    stay referenced while its transport is used: asyncio closes the transport when it is collected.
+    """
+    writer = getattr(connection, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if not (isinstance(writer, asyncio.StreamWriter) and hasattr(transport, "set_protocol")):
+        raise RuntimeError("this redis-py connection has no asyncio transport to pipeline on")
+    connection._reader = connection._writer = None  # type: ignore[attr-defined]
+    return writer
+
+
+def _reply_error(message: str) -> ResponseError:
+    """An error reply as redis-py names it (NOSCRIPT is the one the pipeline handles itself)."""
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+def _resolve(future: asyncio.Future[Any], reply: Any, parse: Parse | None) -> None:
+    """Answer `future` with the reply, parsed; a parser's exception is the call's."""
+    if parse is None:
+        future.set_result(reply)
+        return
+    try:
+        future.set_result(parse(reply))
+    except Exception as error:
+        future.set_exception(error)
+
+
+async def _quietly(closing: Any) -> None:
     with contextlib.suppress(Exception):   # what it closes is gone either way
         await closing
 
 
-def _fail(calls: Sequence[_Call], error: BaseException) -> None:
-    for call in calls:
-        if call.future is not None and not call.future.done():
-            call.future.set_exception(error)
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
 
 
 def _resp(words: Sequence[str], encoding: str, errors: str) -> bytes:
@@ -283,7 +380,7 @@ def _resp(words: Sequence[str], encoding: str, errors: str) -> bytes:
     bytes; anything else is encoded word by word.
     """
     text = "".join([f"${len(word)}\r\n{word}\r\n" for word in words])
-    if text.isascii() and (encoding == "utf-8" or codecs.lookup(encoding).name == "utf-8"):
+    if text.isascii() and _is_utf8(encoding):
         return f"*{len(words)}\r\n{text}".encode()
     parts = [b"*%d\r\n" % len(words)]
     for word in words:

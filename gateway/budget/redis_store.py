@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import orjson
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
@@ -38,9 +40,9 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from gateway.budget.redis_batch import ScriptPipeline
+from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
-    SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
+    SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
     check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
@@ -49,6 +51,7 @@ from gateway.pricing import Charge
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
+MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "read")
 
@@ -70,68 +73,110 @@ class RedisBudgetStore:
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
         self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
-        # create_redis_client made socket_timeout the store's timeout_s: the pipeline's bound on a reply
-        self._pipeline = (ScriptPipeline(client, client.connection_pool.connection_kwargs.get("socket_timeout"))
-                          if isinstance(client, Redis) else None)
+        self._pipeline = _pipeline_for(client)
+        self._observe: CallObserver | None = None
         self._cluster_pending = isinstance(client, RedisCluster)
+        self._leases = self._key("leases")
+        self._counter_keys: dict[CounterKey, str] = {}
+        self._line_words: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
         self._cluster_lock = asyncio.Lock()
+
+    @property
+    def pipelined(self) -> bool:
+        """True when script calls go down one pipelined connection: answered in the order they are made,
+        each bounded in time by the store's timeout (the engine then needs no timer of its own)."""
+        return self._pipeline is not None and self._pipeline.timeout is not None
 
     def counter_key(self, counter: CounterKey) -> str:
         """The Redis key of a counter."""
-        return f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+        key = self._counter_keys.get(counter)
+        if key is None:
+            if len(self._counter_keys) >= MAX_CACHED:
+                self._counter_keys.clear()
+            key = self._counter_keys[counter] = f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+        return key
 
-    async def reserve(
+    def _cache_line_words(self, line: ReserveLine) -> tuple[str, str]:
+        """The counter's key and 'usd_limit tokens_limit requests_limit expires_ms' (-1: unlimited) of a line.
+
+        Both are the same for every request in a window, so they are formatted once per window.
+        """
+        if len(self._line_words) >= MAX_CACHED:
+            self._line_words.clear()
+        usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
+        words = (self.counter_key(line.counter), f"{usd} {tokens} {requests} {_ms(line.expires_at)}")
+        self._line_words[(line.counter, line.limits, line.expires_at)] = words
+        return words
+
+    def reserve(
         self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
-    ) -> ReserveOutcome:
+    ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none (see `BudgetStore`)."""
         check_reserve_lines(lines)
         if not lines:
-            return ReserveOutcome(True, None, None, [])
-        numbers = f"{now!r} {lease_until!r} {SWEEP_MAX} {self._ledger_max}"
-        args = [self._prefix, request_id, numbers, " ".join(map(_reserve_words, lines))]
+            return _answered(ReserveOutcome(True, None, None, []))
         counters = [line.counter for line in lines]
-        keys = [self._key("leases"), self._key("resv", request_id), *map(self.counter_key, counters)]
-        reply = await self._run("reserve", keys, args)
-        if reply[0] == -1:
-            raise ValueError(f"request {request_id!r} already holds a reservation")
-        if reply[0] == 1:
-            return ReserveOutcome(True, None, None, _states(counters, reply[3:]))
-        return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], _states(counters, reply[3:]))
+        keys = [self._leases, f"{self._prefix}resv:{request_id}"]
+        words, amount, amount_words = [], None, ""
+        for line in lines:
+            key_and_limits = self._line_words.get((line.counter, line.limits, line.expires_at))
+            if key_and_limits is None:
+                key_and_limits = self._cache_line_words(line)
+            keys.append(key_and_limits[0])
+            if line.amount is not amount:    # the lines of one request usually share one amount
+                amount = line.amount
+                amount_words = _amount_words(amount)
+            words.append(f"{amount_words} {key_and_limits[1]}")
+        args = [self._prefix, request_id, f"{now:.6f} {lease_until:.6f} {SWEEP_MAX} {self._ledger_max}", " ".join(words)]
 
-    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
+        def outcome(reply: list[int]) -> ReserveOutcome:
+            if reply[0] == -1:
+                raise ValueError(f"request {request_id!r} already holds a reservation")
+            if reply[0] == 1:
+                return ReserveOutcome(True, None, None, PackedStates(counters, reply[3]))
+            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], PackedStates(counters, reply[3]))
+
+        return self._call("reserve", keys, args, outcome)
+
+    def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
+               entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
         """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
         check_spend(actual)
-        amounts = " ".join(_amount_words(charge) for _, charge in actual)
-        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", amounts, *_row(entry)]
         counters = [counter for counter, _ in actual]
-        reply = await self._run("settle", self._request_keys(request_id, counters), args)
-        if reply[0] == -1:
-            raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
-        return _states(counters, reply[1:]) if reply[0] == 1 else None
+        charges = {charge for _, charge in actual}
+        amounts = (" ".join([_amount_words(actual[0][1])] * len(actual)) if len(charges) == 1
+                   else " ".join([_amount_words(charge) for _, charge in actual]))
+        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", amounts, *_row(entry)]
 
-    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
+        def states(reply: list[int]) -> Sequence[CounterState] | None:
+            if reply[0] == -1:
+                raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
+            return PackedStates(counters, reply[1]) if reply[0] == 1 else None
+
+        return self._call("settle", self._request_keys(request_id, counters), args, states)
+
+    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
-        keys = [self._key("leases"), self._key("resv", request_id)]
-        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", *_row(entry)]
-        return await self._run("release", keys, args) == 1
+        keys = [self._leases, f"{self._prefix}resv:{request_id}"]
+        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", *_row(entry)]
+        return self._call("release", keys, args, _is_one)
 
-    async def record(
+    def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
         entry: LedgerEntry | None = None,
-    ) -> bool:
+    ) -> Awaitable[bool]:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
         spend = " ".join(f"{_amount_words(charge)} {_ms(expires_at)}" for _, charge, expires_at in lines)
-        args = [self._prefix, request_id, f"{now!r} {self._ledger_max}", spend, *_row(entry)]
+        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", spend, *_row(entry)]
         keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
-        return await self._run("record", keys, args) == 1
+        return self._call("record", keys, args, _is_one)
 
-    async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+    def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
-        keys = [self._key("leases"), *map(self.counter_key, counters)]
-        reply = await self._run("read", keys, [self._prefix, f"{now!r} {SWEEP_MAX} {self._ledger_max}"])
-        return _states(counters, reply)
+        keys = [self._leases, *map(self.counter_key, counters)]
+        args = [self._prefix, f"{now:.6f} {SWEEP_MAX} {self._ledger_max}"]
+        return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
         """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
@@ -176,19 +221,32 @@ class RedisBudgetStore:
 
     def _request_keys(self, request_id: str, counters: Sequence[CounterKey]) -> list[str]:
         """KEYS of settle and record: leases, reservation, spent marker, counters."""
-        return [
-            self._key("leases"), self._key("resv", request_id), self._key("spent", request_id),
-            *map(self.counter_key, counters),
-        ]
+        prefix = self._prefix
+        return [self._leases, f"{prefix}resv:{request_id}", f"{prefix}spent:{request_id}", *map(self.counter_key, counters)]
 
-    async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
-        """Run one script (pipelined, but not on a cluster); driver errors become StoreError."""
-        if self._pipeline is None:
-            return await self._command(name, lambda: self._evalsha(self._scripts[name], keys, args))
+    def observe_calls(self, observe: CallObserver) -> tuple[str, ...]:
+        """Report the time and outcome of every script operation to `observe`; the operations so timed."""
+        self._observe = observe
+        if self._pipeline is not None:
+            self._pipeline.observe = observe
+        return _SCRIPTS
+
+    def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T]) -> Awaitable[T]:
+        """One script call, `parse`d: a pipelined future on Redis and Sentinel, a coroutine otherwise."""
+        if self._pipeline is not None:
+            return self._pipeline.submit(self._scripts[name], keys, args, parse, name)
+        return self._direct_call(name, keys, args, parse)
+
+    async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T]) -> T:
+        """A script call through redis-py's own command path (a cluster, or a client without sockets)."""
+        started, failed = time.perf_counter(), True
         try:
-            return await self._pipeline.submit(self._scripts[name], keys, args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
+            result = parse(await self._command(name, lambda: self._evalsha(self._scripts[name], keys, args)))
+            failed = False
+            return result
+        finally:
+            if self._observe is not None:
+                self._observe(name, time.perf_counter() - started, failed)
 
     async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
         """EVALSHA through execute_command (cheaper than AsyncScript.__call__); SCRIPT LOAD on NOSCRIPT."""
@@ -285,12 +343,6 @@ def _amount_words(charge: Charge) -> str:
     return f"{charge.usd_nano} {charge.tokens} {charge.requests}"
 
 
-def _reserve_words(line: ReserveLine) -> str:
-    """'usd tokens requests usd_limit tokens_limit requests_limit expires_ms' (-1: unlimited) of one line."""
-    usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
-    return f"{_amount_words(line.amount)} {usd} {tokens} {requests} {_ms(line.expires_at)}"
-
-
 def _ms(epoch_s: float) -> int:
     return round(epoch_s * 1000)
 
@@ -299,14 +351,8 @@ _ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
 
 
 def _row(entry: LedgerEntry | None) -> list[str]:
-    """A ledger row as script arguments (see append_request_row in lib.lua): its integers in one string,
-    then its texts (None is '')."""
-    if entry is None:
-        return []
-    numbers = (f"{time_ms(entry.time)} {entry.prompt_tokens} {entry.completion_tokens} {entry.cached_tokens} "
-               f"{entry.cost_nano} {entry.latency_ms} {entry.attempts}")
-    return [numbers, entry.request_id, entry.caller or "", entry.team or "", ",".join(entry.policies),
-            entry.model or "", entry.provider or "", entry.status]
+    """A ledger row as a script argument: the JSON array of its fields (see append_request_row in lib.lua)."""
+    return [] if entry is None else [orjson.dumps(tuple(entry)).decode()]
 
 
 def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
@@ -327,11 +373,30 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _states(counters: Sequence[CounterKey], flat: Sequence[int]) -> list[CounterState]:
-    """CounterStates from the six integers per counter a script returns."""
-    if len(flat) != 6 * len(counters):
-        raise StoreError(f"redis answered {len(flat)} values for {len(counters)} counters")
-    return [
-        CounterState(counter, Charge(*flat[6 * i:6 * i + 3]), Charge(*flat[6 * i + 3:6 * i + 6]))
-        for i, counter in enumerate(counters)
-    ]
+def _pipeline_for(client: RedisClient) -> ScriptPipeline | None:
+    """A script pipeline over a socket connection of `client`'s pool; None for a cluster or an in-memory fake."""
+    if not isinstance(client, Redis):
+        return None
+    pool = client.connection_pool
+    if not pool.connection_class.__module__.startswith("redis."):
+        return None   # not redis-py's own socket connection (fakeredis): no transport to pipeline on
+    # create_redis_client made socket_timeout the store's timeout_s: the pipeline's bound on a reply
+    return ScriptPipeline(client, pool.connection_kwargs.get("socket_timeout"), wrap_error=_store_error)
+
+
+def _is_one(reply: int) -> bool:
+    return reply == 1
+
+
+def _answered(value: T) -> asyncio.Future[T]:
+    """An awaitable that is already done."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def _store_error(error: Exception) -> Exception:
+    """A driver error (or an error reply) as the store raises it."""
+    if isinstance(error, (RedisError, OSError)):
+        return StoreError(f"redis failed: {type(error).__name__}: {error}")
+    return error

@@ -57,10 +57,11 @@ def budget_slots(policies: Sequence[Policy], now: float, windows: WindowCache) -
 class Match:
     """The policies a (caller, model) pair must fit, and their slots while `now` is in [since, until)."""
 
-    __slots__ = ("policies", "slots", "since", "until")
+    __slots__ = ("policies", "names", "slots", "since", "until")
 
     def __init__(self, policies: list[Policy]) -> None:
         self.policies = policies
+        self.names = tuple(dict.fromkeys(policy.name for policy in policies if policy.budgets))
         self.slots: tuple[BudgetSlot, ...] = ()
         self.since = self.until = 0.0
 

@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from gateway.errors import StoreError
 from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
-    "ReserveOutcome", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
+    "ReserveOutcome", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
     "check_record_lines", "check_spend", "time_ms",
 ]
 
@@ -75,15 +76,51 @@ class ReserveOutcome:
     ok: bool
     refused_index: int | None
     refused_unit: Unit | None
-    states: list[CounterState]
+    states: Sequence[CounterState]
+
+
+class PackedStates(Sequence[CounterState]):
+    """Counter states as a store answered them, six integers per counter, decoded when first read.
+
+    `packed` is the integers as they came: a sequence, or one space-separated string. Most answers are
+    never read (a served request's reservation and settlement), so decoding them at once would be wasted
+    work on the request path.
+    """
+
+    __slots__ = ("_counters", "_packed", "_decoded")
+
+    def __init__(self, counters: Sequence[CounterKey], packed: Sequence[int] | bytes | str) -> None:
+        self._counters, self._packed = counters, packed
+        self._decoded: list[CounterState] | None = None
+
+    def _states(self) -> list[CounterState]:
+        if self._decoded is None:
+            packed = self._packed
+            flat = [int(word) for word in packed.split()] if isinstance(packed, (bytes, str)) else packed
+            if len(flat) != 6 * len(self._counters):
+                raise StoreError(f"the store answered {len(flat)} values for {len(self._counters)} counters")
+            self._decoded = [CounterState(counter, Charge(*flat[6 * i:6 * i + 3]), Charge(*flat[6 * i + 3:6 * i + 6]))
+                             for i, counter in enumerate(self._counters)]
+        return self._decoded
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        return self._states()[index]
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == other if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._states())
 
 
 LedgerStatus = Literal["served", "failed", "lease_expired"]
 """served: charged its real cost; failed: released, no spend; lease_expired: charged what it reserved."""
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     """One request's row in the spend ledger; money in nano-USD, `time` in epoch seconds (ms precision).
 
     A `lease_expired` row is written by the store, which knows only the reservation: it has no
@@ -131,7 +168,7 @@ class BudgetStore(Protocol):
         """
 
     async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
+                     entry: LedgerEntry | None = None) -> Sequence[CounterState] | None:
         """Turn the live reservation into `actual` spend; the states of `actual`'s counters after it.
 
         None (no change) if there is no live reservation. Counters of the reservation missing from
@@ -177,8 +214,11 @@ def time_ms(epoch_s: float) -> int:
 def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:
     """Raise ValueError for an out-of-range amount or a counter named twice."""
     _check_distinct([counter for counter, _ in spend])
+    checked = None
     for _, charge in spend:
-        _check_charge(charge)
+        if charge is not checked:            # the lines of one request usually share one charge
+            _check_charge(charge)
+            checked = charge
 
 
 def check_record_lines(lines: Sequence[tuple[CounterKey, Charge, float]]) -> None:
@@ -190,11 +230,18 @@ def check_record_lines(lines: Sequence[tuple[CounterKey, Charge, float]]) -> Non
 
 def check_reserve_lines(lines: Sequence[ReserveLine]) -> None:
     """Raise ValueError for an out-of-range amount or limit, or a counter named twice."""
-    _check_distinct([line.counter for line in lines])
+    counters: set[CounterKey] = set()
+    checked = None
     for line in lines:
-        _check_charge(line.amount)
-        for unit, limit in zip(UNITS, line.limits):
+        if line.counter in counters:
+            raise ValueError("the same counter is named twice")
+        counters.add(line.counter)
+        if line.amount is not checked:       # the lines of one request usually share one amount
+            _check_charge(line.amount)
+            checked = line.amount
+        for limit in line.limits:
             if limit is not None and not (type(limit) is int and 0 <= limit <= MAX_AMOUNT):
+                unit = UNITS[line.limits.index(limit)]
                 _check_amount(limit, f"{unit} limit")
 
 

@@ -53,6 +53,9 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
 
 def worst_case_charge(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Charge:
     """Upper bound of the request's charge on any provider of the plan (failover may pick a dearer one)."""
-    usage = Usage(prompt_tokens=prompt_upper_bound(req.payload), completion_tokens=output_cap(req, plan, policies))
-    dearest = max(cost_nano(target.price, usage) for target in plan.targets)
-    return Charge(usd_nano=min(dearest, MAX_AMOUNT), tokens=min(usage.total_tokens, MAX_AMOUNT), requests=1)
+    prompt, completion = prompt_upper_bound(req.payload), output_cap(req, plan, policies)
+    usage = Usage(prompt, completion)
+    targets = plan.targets
+    dearest = cost_nano(targets[0].price, usage) if len(targets) == 1 else max(
+        cost_nano(target.price, usage) for target in targets)
+    return Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1)

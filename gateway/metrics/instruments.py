@@ -8,7 +8,7 @@ store. Label values go through `LabelBounds` of the config active at observe tim
 from __future__ import annotations
 
 import time
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,6 +17,7 @@ from gateway.budget.instrumented import TIMED_OPERATIONS
 from gateway.config.holder import ConfigHolder
 from gateway.errors import BudgetExceeded
 from gateway.metrics.labels import NONE, LabelBounds, status_class
+from gateway.metrics.served import ServedCollector, ServedKey, ServedTotals
 from gateway.resilience.breaker import Transition
 from gateway.resilience.registry import ResilienceRegistry
 
@@ -25,8 +26,8 @@ __all__ = ["GatewayMetrics", "Children"]
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-NANO_PER_USD = 1_000_000_000
 
+MAX_SERVED_KINDS = 4096
 M = TypeVar("M", Counter, Histogram)
 
 
@@ -44,24 +45,13 @@ class Children(Generic[M]):
         return child
 
 
-class _Spend(NamedTuple):
-    """The token and cost children of one model, provider and set of charged policies."""
-
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cached_tokens: Counter
-    cost: Counter
-    policy_costs: tuple[Counter, ...]
-
-
 class _Served:
-    """The children one kind of answered request (route, model, provider, status class, policies) updates."""
+    """What one kind of answer (route, model, provider, status class, policies) updates."""
 
-    __slots__ = ("count", "duration", "spend")
+    __slots__ = ("totals", "duration", "first_token")
 
-    def __init__(self, count: Counter, duration: Histogram) -> None:
-        self.count, self.duration = count, duration
-        self.spend: _Spend | None = None      # bound when such a request is first charged
+    def __init__(self, totals: ServedTotals, duration: Histogram, first_token: Histogram) -> None:
+        self.totals, self.duration, self.first_token = totals, duration, first_token
 
 
 class GatewayMetrics:
@@ -71,10 +61,10 @@ class GatewayMetrics:
         self.registry = registry
         self._config = config
         self._bounds = LabelBounds(config.current)
-        self._served: dict[tuple[str, str, str, int, tuple[str, ...]], _Served] = {}
-        self.requests = Children(Counter(
-            "gateway_requests_total", "Requests answered, by route pattern, model, provider and status class.",
-            ("route", "model", "provider", "status_class"), registry=registry))
+        self._served: dict[tuple[str | None, str | None, str | None, int, tuple[str, ...]], _Served] = {}
+        self._totals: dict[ServedKey, ServedTotals] = {}
+        self._upstream: dict[str, Histogram] = {}   # upstream duration children by provider name
+        registry.register(ServedCollector(self._totals))
         self.request_duration = Children(Histogram(
             "gateway_request_duration_seconds", "Whole request time on the gateway side.",
             ("route", "provider"), buckets=REQUEST_BUCKETS, registry=registry))
@@ -92,14 +82,6 @@ class GatewayMetrics:
         self._define_store(registry)
 
     def _define_spend(self, registry: CollectorRegistry) -> None:
-        self.tokens = Children(Counter(
-            "gateway_tokens_total", "Tokens charged, by model, provider and type (prompt, completion, cached).",
-            ("model", "provider", "type"), registry=registry))
-        self.cost = Children(Counter(
-            "gateway_cost_usd_total", "USD charged, by model and provider.", ("model", "provider"), registry=registry))
-        self.policy_cost = Children(Counter(
-            "gateway_policy_cost_usd_total", "USD charged against each budget policy (once per policy).",
-            ("policy", "model", "provider"), registry=registry))
         self.refusals = Children(Counter(
             "gateway_budget_refusals_total", "Requests refused by a budget, by refusing policy and period.",
             ("policy", "period"), registry=registry))
@@ -127,11 +109,14 @@ class GatewayMetrics:
     @property
     def bounds(self) -> LabelBounds:
         """Label bounds of the active config (rebuilt after a reload)."""
+        self._follow_config()
+        return self._bounds
+
+    def _follow_config(self) -> None:
         settings = self._config.current
         if self._bounds.settings is not settings:
             self._bounds = LabelBounds(settings)
-            self._served = {}
-        return self._bounds
+            self._served, self._upstream = {}, {}   # bound by the old config's labels; the totals stay
 
     def follow(self, resilience: ResilienceRegistry) -> None:
         """Subscribe to the resilience registry's attempt, retry, failover and transition callbacks."""
@@ -144,43 +129,38 @@ class GatewayMetrics:
         """Count one answered request from its access record (and the budget refusal it got, if any)."""
         if refusal is not None:
             self.budget_refused(refusal)
-        bounds = self.bounds
-        route, provider = bounds.route(record.route), bounds.provider(record.provider)
-        key = (route, bounds.model(record.model), provider, record.status // 100, record.policies)
+        self._follow_config()
+        key = (record.route, record.model, record.provider, record.status, record.policies)
         served = self._served.get(key)
         if served is None:
-            served = self._served[key] = self._bind_served(key)
-        served.count.inc()
+            served = self._bind_served(key)
         served.duration.observe(time.perf_counter() - record.started)
         if record.stream and record.first_byte_s is not None:
-            self.first_token(route, provider).observe(record.first_byte_s)
-        if record.usage is not None or record.cost_nano is not None:
-            self._charged(served, key, record)
-
-    def _bind_served(self, key: tuple[str, str, str, int, tuple[str, ...]]) -> _Served:
-        route, model, provider, hundreds, _ = key
-        return _Served(self.requests(route, model, provider, status_class(hundreds * 100)),
-                       self.request_duration(route, provider))
-
-    def _charged(self, served: _Served, key: tuple[str, str, str, int, tuple[str, ...]], record: AccessRecord) -> None:
-        """Tokens and cost of a charged request, the cost once per charged policy."""
-        spend = served.spend
-        if spend is None:
-            _, model, provider, _, policies = key
-            spend = served.spend = _Spend(
-                *(self.tokens(model, provider, kind) for kind in ("prompt", "completion", "cached")),
-                self.cost(model, provider),
-                tuple(self.policy_cost(self.bounds.policy(policy), model, provider) for policy in policies))
+            served.first_token.observe(record.first_byte_s)
+        totals = served.totals
+        totals.requests += 1
         usage = record.usage
         if usage is not None:
-            spend.prompt_tokens.inc(usage.prompt_tokens)
-            spend.completion_tokens.inc(usage.completion_tokens)
-            spend.cached_tokens.inc(usage.cached_tokens)
+            totals.charged = True
+            totals.prompt_tokens += usage.prompt_tokens
+            totals.completion_tokens += usage.completion_tokens
+            totals.cached_tokens += usage.cached_tokens
         if record.cost_nano is not None:
-            usd = record.cost_nano / NANO_PER_USD
-            spend.cost.inc(usd)
-            for policy_cost in spend.policy_costs:
-                policy_cost.inc(usd)
+            totals.charged = True
+            totals.cost_nano += record.cost_nano
+
+    def _bind_served(self, key: tuple[str | None, str | None, str | None, int, tuple[str, ...]]) -> _Served:
+        """The totals and histograms of one kind of answer (found by its raw values), under bounded labels."""
+        if len(self._served) >= MAX_SERVED_KINDS:   # raw model names come from clients: keep the cache bounded
+            self._served = {}
+        route, model, provider, status, policies = key
+        bounds = self.bounds
+        route, provider = bounds.route(route), bounds.provider(provider)
+        labels = (route, bounds.model(model), provider, status_class(status),
+                  tuple(bounds.policy(policy) for policy in policies))
+        served = self._served[key] = _Served(self._totals.setdefault(labels, ServedTotals()),
+                                             self.request_duration(route, provider), self.first_token(route, provider))
+        return served
 
     def budget_refused(self, error: BudgetExceeded) -> None:
         """Count a request a budget refused."""
@@ -188,7 +168,11 @@ class GatewayMetrics:
 
     def upstream_attempted(self, provider: str, seconds: float, outcome: str) -> None:
         """Time one upstream call to its response head (`outcome` is not a label)."""
-        self.upstream_duration(self.bounds.provider(provider)).observe(seconds)
+        self._follow_config()
+        child = self._upstream.get(provider)
+        if child is None:
+            child = self._upstream[provider] = self.upstream_duration(self.bounds.provider(provider))
+        child.observe(seconds)
 
     def retried(self, provider: str, reason: str) -> None:
         """Count a retry within `provider`; reasons are retryable statuses, timeout or connect_error."""

@@ -35,7 +35,7 @@ from gateway.resilience.retry import RetryableStatus, RetryBudget, UpstreamConne
 __all__ = ["UpstreamReply", "dispatch"]
 
 _DEFAULT_RETRY_AFTER_S = 1.0   # told to a rate-limited client when the upstream named no wait
-_TOTAL_TIMEOUT_SLACK_S = 1.0   # aiohttp rounds a long total timeout up to the next whole second
+_TIMEOUT_SLACK_S = 2.0   # aiohttp rounds each long timeout (connect, read, total) up to a whole second
 _UpstreamError = RetryableStatus | UpstreamConnectError
 
 
@@ -151,8 +151,12 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
     call.attempts += 1
     try:
         response = await _send(call, target)
-        _settle(permit, response.status)
-        if response.status >= 500 or response.status in call.resilience.retry.statuses:
+        status = response.status
+        if 200 <= status < 300:
+            permit.success()
+            return response
+        _settle(permit, status)
+        if status >= 500 or status in call.resilience.retry.statuses:
             raise await _retryable(call, response)   # the retry policy retries only its statuses
         return response
     except (RetryableStatus, UpstreamConnectError) as exc:
@@ -172,10 +176,11 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
     its status, `timeout`, `connect_error` or `cancelled`.
     """
     body = upstream_body(call.req, target.upstream_model)
-    started, outcome = call.resilience.clock.monotonic(), "cancelled"
+    monotonic = call.resilience.clock.monotonic
+    started, outcome = monotonic(), "cancelled"
     try:
         client, remaining = call.pool[target.provider], call.deadline_at - started
-        if remaining > client.config.timeouts.total_s + _TOTAL_TIMEOUT_SLACK_S:
+        if remaining > client.head_timeout_s + _TIMEOUT_SLACK_S:
             response = await client.post(call.req.endpoint.path, body)   # aiohttp times out before the deadline
         else:
             async with asyncio.timeout(remaining):
@@ -190,7 +195,7 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
         raise UpstreamConnectError(
             f"Provider '{target.provider}' is unreachable ({type(exc).__name__}).") from exc
     finally:
-        call.resilience.attempted(target.provider, call.resilience.clock.monotonic() - started, outcome)
+        call.resilience.attempted(target.provider, monotonic() - started, outcome)
 
 
 async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> RetryableStatus:

@@ -9,7 +9,7 @@ timeout bounds a call, body included). Its secrets stay redacted until then.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -47,6 +47,9 @@ class ProviderClient:
         )
         self._urls: dict[str, URL] = {}
         self.last_used = 0.0                 # loop time of the last post()
+        # The longest aiohttp lets a call wait for the response head: connecting (or a free connection),
+        # then at most read_s until the first bytes, and never more than total_s.
+        self.head_timeout_s = min(timeouts.total_s, timeouts.connect_s + timeouts.read_s)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -60,10 +63,10 @@ class ProviderClient:
             url = self._urls[path] = URL(self.config.base_url.rstrip("/") + path)
         return url
 
-    async def post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """POST `body` to the provider; the caller must release the response."""
+    def post(self, path: str, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
+        """POST `body` to the provider (await it); the caller must release the response."""
         self.last_used = asyncio.get_running_loop().time()
-        return await self.session.post(self.url(path), data=body)
+        return self.session.post(self.url(path), data=body)
 
     async def close(self) -> None:
         """Close the session and its connections."""

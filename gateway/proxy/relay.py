@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from gateway.pricing import Usage
+from gateway.proxy.request import media_type_of
 from gateway.proxy.usage import usage_from
 from gateway.redact import Redactor
 
@@ -29,23 +30,43 @@ TRUNCATED_EVENT = orjson.dumps({"error": {
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     """The upstream headers that are passed on to the client."""
-    return {name: response.headers[name] for name in PASSED_HEADERS if name in response.headers}
+    headers = response.headers
+    return {name: headers[name] for name in PASSED_HEADERS if name in headers}
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    return response.content_type == "text/event-stream"
+    return media_type_of(response.headers.get("Content-Type")) == "text/event-stream"
 
 
-async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor) -> tuple[web.Response, Usage | None]:
-    """Read the whole upstream answer and build the client's response, with usage on success."""
+async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor,
+                     extra_headers: dict[str, str]) -> tuple[web.Response, Usage | None]:
+    """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success."""
     body = redactor.bytes(await response.read())
-    usage = None
-    if 200 <= response.status < 300:
+    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
+    headers = passed_headers(response)
+    headers.update(extra_headers)
+    return web.Response(body=body, status=response.status, headers=headers), usage
+
+
+def usage_of_answer(body: bytes) -> Usage | None:
+    """The usage block of a whole JSON answer, parsed from the answer's tail when it can be.
+
+    Providers put `usage` last, after the long choices. `"usage"` with both quotes never occurs inside
+    a JSON string (its quotes would be escaped), and `{` + the tail from it is valid JSON only when it
+    is a key of the top-level object; anything else falls back to parsing the whole answer.
+    """
+    at = body.rfind(b'"usage"')
+    if at > 0:
         try:
-            usage = usage_from(orjson.loads(body))
+            tail = orjson.loads(b"{" + body[at:])
         except orjson.JSONDecodeError:
-            usage = None
-    return web.Response(body=body, status=response.status, headers=passed_headers(response)), usage
+            tail = None
+        if isinstance(tail, dict):
+            return usage_from(tail)
+    try:
+        return usage_from(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
 
 
 @dataclass

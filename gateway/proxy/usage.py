@@ -10,7 +10,7 @@ __all__ = ["usage_from"]
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return value if type(value) is int and value > 0 else 0   # not a bool, a float or a str
 
 
 def usage_from(obj: Any) -> Usage | None:
@@ -27,4 +27,4 @@ def usage_from(obj: Any) -> Usage | None:
     completion = _int(usage.get("completion_tokens"))
     if not completion and not prompt:
         prompt = _int(usage.get("total_tokens"))
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+    return Usage(prompt, completion, cached)

@@ -105,15 +105,18 @@ class Permit:
 
     def success(self) -> None:
         """The upstream answered well."""
-        self._settle(_Outcome.SUCCESS)
+        if not self._settled:
+            self._settle(_Outcome.SUCCESS)
 
     def failure(self) -> None:
         """The upstream failed (5xx, 429, connection error, timeout)."""
-        self._settle(_Outcome.FAILURE)
+        if not self._settled:
+            self._settle(_Outcome.FAILURE)
 
     def ignore(self) -> None:
         """The call says nothing about the upstream's health."""
-        self._settle(_Outcome.IGNORED)
+        if not self._settled:                # the usual case in a `finally`: already settled
+            self._settle(_Outcome.IGNORED)
 
     def _settle(self, outcome: _Outcome) -> None:
         """Report the outcome once."""
@@ -176,7 +179,7 @@ class CircuitBreaker:
             return None
         if self._state is BreakerState.HALF_OPEN:
             return self._acquire_probe()
-        return Permit(self, self._generation, probe=False)
+        return Permit(self, self._generation, False)
 
     def snapshot(self) -> dict[str, Any]:
         """State for the admin API: state, failure_rate, calls_in_window, open_until, consecutive_opens."""

@@ -48,12 +48,16 @@ local function counter_state(counter)
   return state
 end
 
+-- Appends ONE string to `out`: the six values of each counter, in order, space-separated (one string
+-- costs the caller far less to receive than many integers).
 local function append_states(out, counters)
+  local values = {}
   for _, counter in ipairs(counters) do
     for _, value in ipairs(counter_state(counter)) do
-      out[#out + 1] = value
+      values[#values + 1] = int(value)
     end
   end
+  out[#out + 1] = table.concat(values, ' ')
   return out
 end
 
@@ -111,17 +115,22 @@ local function append_ledger(prefix, ledger_max, time_ms, fields)
   redis.call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
 end
 
--- Appends the caller's row when it sent one, from ARGV[at]: "time_ms prompt completion cached cost
--- latency_ms attempts", then ARGV[at + 1 .. at + 7]: id, caller, team, policies, model, provider, status.
+-- Appends the caller's row when it sent one: ARGV[at] is a JSON array of the LedgerEntry fields in order
+-- (time in epoch seconds, request id, caller, team, policies, model, provider, prompt, completion,
+-- cached, cost, status, latency_ms, attempts); null texts are ''.
 local function append_request_row(prefix, ledger_max, at)
   if #ARGV < at then
     return
   end
-  local n, text = words(ARGV[at]), {unpack(ARGV, at + 1, at + 7)}
-  append_ledger(prefix, ledger_max, tonumber(n[1]), {
-    'id', text[1], 'caller', text[2], 'team', text[3], 'policies', text[4], 'model', text[5],
-    'provider', text[6], 'prompt', n[2], 'completion', n[3], 'cached', n[4], 'cost', n[5], 'status', text[7],
-    'latency_ms', n[6], 'attempts', n[7],
+  local row = cjson.decode(ARGV[at])
+  local function text(value)
+    return (value == cjson.null or value == nil) and '' or value
+  end
+  append_ledger(prefix, ledger_max, math.floor(row[1] * 1000 + 0.5), {
+    'id', row[2], 'caller', text(row[3]), 'team', text(row[4]), 'policies', table.concat(row[5], ','),
+    'model', text(row[6]), 'provider', text(row[7]), 'prompt', int(row[8]), 'completion', int(row[9]),
+    'cached', int(row[10]), 'cost', int(row[11]), 'status', row[12], 'latency_ms', int(row[13]),
+    'attempts', int(row[14]),
   })
 end
 

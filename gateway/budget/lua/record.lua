@@ -2,7 +2,7 @@
 -- caller's ledger row.
 -- KEYS: leases, reservation, spent marker, counter of each line.
 -- ARGV: prefix, request id, "now ledger_max", "usd tokens requests expires_ms" of each line (one string),
---       [row (see append_request_row)].
+--       [row: JSON array (see append_request_row)].
 -- Returns 1 recorded, 0 this request id already added its spend.
 local prefix, request_id = ARGV[1], ARGV[2]
 local now, ledger_max = unpack(words(ARGV[3]))

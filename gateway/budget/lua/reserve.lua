@@ -2,7 +2,8 @@
 -- KEYS: leases, reservation, counter of each line.
 -- ARGV: prefix, request id, "now lease_until sweep_max ledger_max", then one string of 7 per line:
 --       usd, tokens, requests, usd limit, tokens limit, requests limit (-1 = unlimited), expires_ms.
--- Returns {1, 0, 0, states...} reserved, {0, line, unit, states...} refused, {-1} id already reserved.
+-- Returns {1, 0, 0, states} reserved, {0, line, unit, states} refused, {-1} id already reserved
+-- (states: see append_states).
 local prefix, request_id = ARGV[1], ARGV[2]
 local now_text, lease_until, sweep_max, ledger_max = unpack(words(ARGV[3]))
 local now = tonumber(now_text)

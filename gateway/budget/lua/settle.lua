@@ -2,8 +2,8 @@
 -- ledger row is added.
 -- KEYS: leases, reservation, spent marker, each counter with actual usage.
 -- ARGV: prefix, request id, "now ledger_max", "usd tokens requests" of each counter (one string),
---       [row (see append_request_row)].
--- Returns {1, states of the counters...} settled, {0} no live reservation, {-1} a counter outside the
+--       [row: JSON array (see append_request_row)].
+-- Returns {1, states of the counters (see append_states)} settled, {0} no live reservation, {-1} a counter outside the
 -- reservation (nothing changed).
 local prefix, request_id = ARGV[1], ARGV[2]
 local now, ledger_max = unpack(words(ARGV[3]))
