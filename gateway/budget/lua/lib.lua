@@ -9,15 +9,16 @@
 --   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
 --   <prefix>spent:<request id>              marker: this request already added its spend
 --   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows
--- Amounts are integers below 2^53, exact in Lua's doubles; they reach HINCRBY formatted with '%d'.
+-- Amounts are integers below 2^53, exact in Lua's doubles; they reach Redis formatted with '%d'.
 
+local call, concat, format, tonumber, unpack = redis.call, table.concat, string.format, tonumber, unpack
 local FIELDS = {
   'spent_usd', 'spent_tokens', 'spent_requests', 'reserved_usd', 'reserved_tokens', 'reserved_requests',
 }
 local NOTHING = {0, 0, 0}
 
 local function int(n)
-  return string.format('%d', n)
+  return format('%d', n)
 end
 
 local function negated(amounts)
@@ -40,7 +41,7 @@ end
 
 -- {spent usd, tokens, requests, reserved usd, tokens, requests} of one counter (0 when absent).
 local function counter_state(counter)
-  local values = redis.call('HMGET', counter, unpack(FIELDS))
+  local values = call('HMGET', counter, unpack(FIELDS))
   local state = {}
   for i = 1, 6 do
     state[i] = tonumber(values[i]) or 0
@@ -48,34 +49,51 @@ local function counter_state(counter)
   return state
 end
 
--- Appends ONE string to `out`: the six values of each counter, in order, space-separated (one string
--- costs the caller far less to receive than many integers).
-local function append_states(out, counters)
+-- The six values of a state as decimal strings.
+local function state_text(state)
+  return {int(state[1]), int(state[2]), int(state[3]), int(state[4]), int(state[5]), int(state[6])}
+end
+
+-- ONE string: the six values of each state text, in order, space-separated (one string costs the caller
+-- far less to receive than many integers).
+local function packed(texts)
   local values = {}
-  for _, counter in ipairs(counters) do
-    for _, value in ipairs(counter_state(counter)) do
-      values[#values + 1] = int(value)
-    end
+  for _, text in ipairs(texts) do
+    values[#values + 1] = concat(text, ' ')
   end
-  out[#out + 1] = table.concat(values, ' ')
+  return concat(values, ' ')
+end
+
+-- Appends to `out` the packed states of `counters`, read now.
+local function append_states(out, counters)
+  local texts = {}
+  for i, counter in ipairs(counters) do
+    texts[i] = state_text(counter_state(counter))
+  end
+  out[#out + 1] = packed(texts)
   return out
 end
 
--- Adds deltas to a counter's reserved and spent totals, then (re)sets its expiry.
-local function apply(counter, reserved_delta, spent_delta, expires_ms)
+-- Adds deltas to a counter's state (`state` when the caller has just read it, else read now), writes
+-- all six values in one HSET and returns the new state's text. The expiry is set when HSET created
+-- fields: every line of a window carries the same expiry, so an existing counter already has it.
+local function apply(counter, reserved_delta, spent_delta, expires_ms, state)
+  state = state or counter_state(counter)
   for i = 1, 3 do
-    if reserved_delta[i] ~= 0 then
-      redis.call('HINCRBY', counter, FIELDS[i + 3], int(reserved_delta[i]))
-    end
-    if spent_delta[i] ~= 0 then
-      redis.call('HINCRBY', counter, FIELDS[i], int(spent_delta[i]))
-    end
+    state[i] = state[i] + spent_delta[i]
+    state[i + 3] = state[i + 3] + reserved_delta[i]
   end
-  redis.call('PEXPIREAT', counter, expires_ms)
+  local text = state_text(state)
+  local created = call('HSET', counter, FIELDS[1], text[1], FIELDS[2], text[2], FIELDS[3], text[3],
+    FIELDS[4], text[4], FIELDS[5], text[5], FIELDS[6], text[6])
+  if created > 0 then
+    call('PEXPIREAT', counter, expires_ms)
+  end
+  return text
 end
 
 local function reservation_lines(prefix, request_id)
-  local flat = redis.call('HGETALL', prefix .. 'resv:' .. request_id)
+  local flat = call('HGETALL', prefix .. 'resv:' .. request_id)
   local lines = {}
   for i = 1, #flat, 2 do
     local usd, tokens, requests, expires_ms = string.match(flat[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
@@ -99,7 +117,7 @@ end
 -- The stream id of a row at time_ms: rows stay in order, so a row older than the last one (a lagging
 -- replica clock, a journal replay) is filed at the last row's time.
 local function ledger_id(ledger, time_ms)
-  local last = redis.call('XREVRANGE', ledger, '+', '-', 'COUNT', 1)[1]
+  local last = call('XREVRANGE', ledger, '+', '-', 'COUNT', 1)[1]
   if last then
     local ms, seq = string.match(last[1], '^(%d+)-(%d+)$')
     if tonumber(ms) >= time_ms then
@@ -112,7 +130,7 @@ end
 -- Appends one row (a flat list of field, value pairs) to the ledger.
 local function append_ledger(prefix, ledger_max, time_ms, fields)
   local ledger = prefix .. 'ledger'
-  redis.call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
+  call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
 end
 
 -- Appends the caller's row when it sent one: ARGV[at] is a JSON array of the LedgerEntry fields in order
@@ -156,16 +174,20 @@ local function expired_row(request_id, lines)
 end
 
 local function mark_spent(prefix, request_id, expires_ms)
-  redis.call('SET', prefix .. 'spent:' .. request_id, '1', 'PXAT', int(expires_ms))
+  call('SET', prefix .. 'spent:' .. request_id, '1', 'PXAT', int(expires_ms))
 end
 
 -- Removes a reservation: its amounts leave `reserved`; spend[counter] (if any) is added to `spent`.
+-- Returns the new state text of each of its counters, by counter key.
 local function close_reservation(prefix, request_id, lines, spend)
+  local states = {}
   for _, line in ipairs(lines) do
-    apply(line.counter, negated(line.amounts), spend[line.counter] or NOTHING, line.expires_ms)
+    states[line.counter] = apply(line.counter, negated(line.amounts), spend[line.counter] or NOTHING,
+      line.expires_ms)
   end
-  redis.call('DEL', prefix .. 'resv:' .. request_id)
-  redis.call('ZREM', prefix .. 'leases', request_id)
+  call('DEL', prefix .. 'resv:' .. request_id)
+  call('ZREM', prefix .. 'leases', request_id)
+  return states
 end
 
 -- A reservation whose lease ended becomes spend of its full reserved amounts, with a ledger row.
@@ -184,7 +206,7 @@ end
 -- The lines of request_id's reservation while its lease runs; nil when there is none or it ended
 -- (an ended one is turned into spend first).
 local function live_reservation(prefix, request_id, now, ledger_max)
-  local lease = redis.call('ZSCORE', prefix .. 'leases', request_id)
+  local lease = call('ZSCORE', prefix .. 'leases', request_id)
   if not lease then
     return nil
   end
@@ -198,7 +220,7 @@ end
 
 -- Turns up to max_count reservations whose lease ended before now into spend.
 local function sweep_expired(prefix, now, max_count, ledger_max)
-  local ended = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, max_count)
+  local ended = call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, max_count)
   for _, request_id in ipairs(ended) do
     expire_into_spend(prefix, request_id, reservation_lines(prefix, request_id), now, ledger_max)
   end

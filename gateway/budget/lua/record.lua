@@ -6,11 +6,11 @@
 -- Returns 1 recorded, 0 this request id already added its spend.
 local prefix, request_id = ARGV[1], ARGV[2]
 local now, ledger_max = unpack(words(ARGV[3]))
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
 local live = live_reservation(prefix, request_id, tonumber(now), ledger_max)
-if redis.call('EXISTS', KEYS[3]) == 1 then  -- its lease had ended: the reservation just became its spend
+if call('EXISTS', KEYS[3]) == 1 then  -- its lease had ended: the reservation just became its spend
   return 0
 end
 if live then

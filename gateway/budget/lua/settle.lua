@@ -24,7 +24,11 @@ for i = 4, #KEYS do
   end
   spend[KEYS[i]] = amounts_at(amounts, (i - 4) * 3)
 end
-close_reservation(prefix, request_id, lines, spend)
+local texts = close_reservation(prefix, request_id, lines, spend)
 mark_spent(prefix, request_id, latest_expiry_ms(lines))
 append_request_row(prefix, ledger_max, 5)
-return append_states({1}, {unpack(KEYS, 4)})
+local settled = {}
+for i = 4, #KEYS do
+  settled[#settled + 1] = texts[KEYS[i]]
+end
+return {1, packed(settled)}
