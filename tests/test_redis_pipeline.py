@@ -110,13 +110,15 @@ async def test_a_script_flush_mid_run_reloads_the_script_once(pipe: Opened, redi
         await admin.aclose()
 
 
-async def test_calls_of_one_loop_turn_go_out_in_one_write(pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_call_to_an_idle_pipeline_goes_at_once_and_the_rest_of_its_turn_in_one_write(
+        pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
     spy = RedisWrites(monkeypatch)
     first = [pipe.call("first", str(index)) for index in range(50)]
+    assert len(spy.writes) == 1   # written before this turn ended: nothing was outstanding
     assert len(await asyncio.gather(*first)) == 50
     second = [pipe.call("second", str(index)) for index in range(3)]
     assert len(await asyncio.gather(*second)) == 3
-    assert spy.calls_per_write() == [50, 3]
+    assert spy.calls_per_write() == [1, 49, 1, 2]
 
 
 async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,
@@ -141,13 +143,14 @@ async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,
 async def test_a_call_cancelled_before_it_is_written_is_not_sent(pipe: Opened, monkeypatch: pytest.MonkeyPatch,
                                                                  redis_url: str) -> None:
     spy = RedisWrites(monkeypatch)
+    first = pipe.pipeline.submit(pipe.count, ["counted"], ["first"])   # goes at once; the others queue
     calls = [pipe.pipeline.submit(pipe.count, ["counted"], [str(index)]) for index in range(3)]
     calls[1].cancel()
-    assert await calls[0] == [b"0"] and await calls[2] == [b"2"]
-    assert spy.calls_per_write() == [2]
+    assert await first == [b"first"] and await calls[0] == [b"0"] and await calls[2] == [b"2"]
+    assert spy.calls_per_write() == [1, 2]
     admin = Redis.from_url(redis_url)
     try:
-        assert await admin.get("counted") == b"2"
+        assert await admin.get("counted") == b"3"
     finally:
         await admin.aclose()
 

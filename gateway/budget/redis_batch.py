@@ -4,7 +4,8 @@
 master discovery, AUTH, SELECT, TLS and the RESP handshake stay redis-py's job); then the pipeline
 takes its transport over and speaks to it directly:
 
-- a caller (`submit`) packs its EVALSHA at once, queues it and gets a future;
+- a caller (`submit`) packs its EVALSHA at once and gets a future; when nothing else is outstanding the
+  call is written at once (a quiet gateway waits for no loop turn), else it is queued;
 - everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
 - the transport's protocol feeds what arrives to hiredis and answers the oldest outstanding call with
@@ -119,10 +120,16 @@ class ScriptPipeline:
         loop = self._loop or self._bind_loop()
         future = loop.create_future()
         started = loop.time() if operation is not None and self.observe is not None else 0.0
-        self._queue.append(_Call(self._evalsha(script, keys, args), future, script, parse, operation, started))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        call = _Call(self._evalsha(script, keys, args), future, script, parse, operation, started)
+        protocol = self._protocol
+        if protocol is not None and not self._pending and not self._queue:
+            # Nothing outstanding (a quiet gateway): send it at once rather than a loop turn later.
+            self._write(protocol, [call], started or loop.time())
+        else:
+            self._queue.append(call)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         return future
 
     async def aclose(self) -> None:
@@ -167,19 +174,23 @@ class ScriptPipeline:
                 self._connecting = self._in_background(self._open())
             return
         assert self._loop is not None
-        now = self._loop.time()
+        queued, self._queue = self._queue, []
+        self._write(protocol, queued, self._loop.time())
+
+    def _write(self, protocol: _Replies, calls: list[_Call], now: float) -> None:
+        """Send the calls not given up meanwhile, in one write; they become outstanding."""
         packets = []
-        for call in self._queue:
+        for call in calls:
             if call.future is None or not call.future.done():
                 call.sent_at = now
                 packets.append(call.packed)
                 self._pending.append(call)
-        self._queue = []
         if not packets:
             return
         if self._watchdog is None and self._timeout is not None:
+            assert self._loop is not None
             self._watchdog = self._loop.call_at(now + self._timeout, self._check_oldest)
-        self._send(protocol, b"".join(packets))
+        self._send(protocol, packets[0] if len(packets) == 1 else b"".join(packets))
 
     def _send(self, protocol: _Replies, data: bytes) -> None:
         """The one place bytes go to Redis."""

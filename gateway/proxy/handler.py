@@ -80,18 +80,28 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
     reply, redactor = delivery.reply, providers.redactor
     served_by = {"x-gateway-provider": reply.target.provider, "x-gateway-attempts": str(reply.attempts)}
     try:
+        served_by["x-request-id"] = request[RECORD].request_id
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by)
+            await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "x-request-id": request[RECORD].request_id, **served_by})
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
         delivery.stream = StreamOutcome()
         await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
         return client
     finally:
         reply.response.release()
+
+
+async def send_now(request: web.Request, response: web.Response) -> None:
+    """Send a whole answer at once, so that settling, logging and counting it come after the client has it."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        request[RECORD].error = "client_disconnected"   # it was served: it is still charged
 
 
 async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: StreamOutcome,
