@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import ipaddress
 import logging
 import sys
@@ -18,6 +19,7 @@ from gateway.log_output import configure_logging, stderr_handler
 __all__ = ["main"]
 
 log = logging.getLogger("gateway")
+GC_YOUNG_THRESHOLD = 20_000   # allocations between collections of young objects (Python's default: 700)
 
 
 def is_loopback(host: str) -> bool:
@@ -68,12 +70,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     app = create_app(settings, config_path=args.config, access_log=command_access_log(settings.server.access_log))
+    app.on_startup.append(freeze_startup_heap)
     if args.with_mock:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
     log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))
     web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
                 reuse_port=args.reuse_port, handler_cancellation=True)
     return 0
+
+
+async def freeze_startup_heap(_app: web.Application) -> None:
+    """Keep what start-up made (modules, config, metrics) out of the garbage collector's walks, and walk less often.
+
+    Those objects live as long as the process; without this every full collection walks them all again
+    on the request path (the gateway's p99), and young collections run every few requests.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def mock_upstream_ctx(address: str):

@@ -1,8 +1,9 @@
-"""Where log lines go: plain messages on stderr, written once per event-loop iteration.
+"""Where log lines go: plain messages on stderr, written in batches.
 
 A busy gateway logs one access line per request; flushing each line on its own costs a write system
-call per request. Lines go through a buffer instead, flushed at the end of the loop iteration that
-wrote them (or at once outside the event loop), so a line is never held back longer than that.
+call per request. Lines go through a buffer instead, flushed FLUSH_DELAY_S after the first line that
+found it empty (or at once outside the event loop, or when the buffer is full), so a line is never
+held back longer than that.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TextIO
 __all__ = ["MessageFormatter", "LoopFlushedStreamHandler", "configure_logging", "stderr_handler"]
 
 BUFFER_BYTES = 1 << 16
+FLUSH_DELAY_S = 0.01
 
 
 class MessageFormatter(logging.Formatter):
@@ -30,22 +32,23 @@ class MessageFormatter(logging.Formatter):
 
 
 class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler whose flush, inside a running event loop, waits for the end of the iteration."""
+    """A StreamHandler whose flush, inside a running event loop, waits FLUSH_DELAY_S for more lines."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._flush_scheduled = False
 
     def flush(self) -> None:
-        """Flush now outside the loop (threads, shutdown); else once, after the current iteration."""
+        """Flush now outside the loop (threads, shutdown); else once, FLUSH_DELAY_S from now."""
+        if self._flush_scheduled:    # checked first: asking for the running loop costs a system call
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             super().flush()
             return
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush_now)
+        self._flush_scheduled = True
+        loop.call_at(loop.time() + FLUSH_DELAY_S, self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False

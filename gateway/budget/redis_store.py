@@ -2,8 +2,8 @@
 
 Ledger reads (XRANGE) and alert claims (SET NX) are single commands and need no script.
 
-CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers joined in
-one string, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
+CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
+JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
 connection (`ScriptPipeline`). A cluster runs each call on its own: EVALSHA, SCRIPT LOAD on NOSCRIPT.
 
 Key layout (prefix "gw"):
@@ -42,7 +42,8 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
-    SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
+    RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine,
+    ReserveOutcome,
     check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
@@ -97,14 +98,14 @@ class RedisBudgetStore:
         return key
 
     def _cache_line_words(self, line: ReserveLine) -> tuple[str, str]:
-        """The counter's key and 'usd_limit tokens_limit requests_limit expires_ms' (-1: unlimited) of a line.
+        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms' (-1: unlimited) of a line.
 
         Both are the same for every request in a window, so they are formatted once per window.
         """
         if len(self._line_words) >= MAX_CACHED:
             self._line_words.clear()
         usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
-        words = (self.counter_key(line.counter), f"{usd} {tokens} {requests} {_ms(line.expires_at)}")
+        words = (self.counter_key(line.counter), f"{usd},{tokens},{requests},{_ms(line.expires_at)}")
         self._line_words[(line.counter, line.limits, line.expires_at)] = words
         return words
 
@@ -114,8 +115,7 @@ class RedisBudgetStore:
         """Reserve every line or none (see `BudgetStore`)."""
         check_reserve_lines(lines)
         if not lines:
-            return _answered(ReserveOutcome(True, None, None, []))
-        counters = [line.counter for line in lines]
+            return _answered(RESERVED)
         keys = [self._leases, f"{self._prefix}resv:{request_id}"]
         words, amount, amount_words = [], None, ""
         for line in lines:
@@ -126,15 +126,16 @@ class RedisBudgetStore:
             if line.amount is not amount:    # the lines of one request usually share one amount
                 amount = line.amount
                 amount_words = _amount_words(amount)
-            words.append(f"{amount_words} {key_and_limits[1]}")
-        args = [self._prefix, request_id, f"{now:.6f} {lease_until:.6f} {SWEEP_MAX} {self._ledger_max}", " ".join(words)]
+            words.append(f"{amount_words},{key_and_limits[1]}")
+        args = [self._prefix, request_id, f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max}]",
+                f"[{','.join(words)}]"]
 
         def outcome(reply: list[int]) -> ReserveOutcome:
+            if reply[0] == 1:
+                return RESERVED
             if reply[0] == -1:
                 raise ValueError(f"request {request_id!r} already holds a reservation")
-            if reply[0] == 1:
-                return ReserveOutcome(True, None, None, PackedStates(counters, reply[3]))
-            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], PackedStates(counters, reply[3]))
+            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1])
 
         return self._call("reserve", keys, args, outcome)
 
@@ -144,9 +145,9 @@ class RedisBudgetStore:
         check_spend(actual)
         counters = [counter for counter, _ in actual]
         charges = {charge for _, charge in actual}
-        amounts = (" ".join([_amount_words(actual[0][1])] * len(actual)) if len(charges) == 1
-                   else " ".join([_amount_words(charge) for _, charge in actual]))
-        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", amounts, *_row(entry)]
+        amounts = (",".join([_amount_words(actual[0][1])] * len(actual)) if len(charges) == 1
+                   else ",".join([_amount_words(charge) for _, charge in actual]))
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", f"[{amounts}]", *_row(entry)]
 
         def states(reply: list[int]) -> Sequence[CounterState] | None:
             if reply[0] == -1:
@@ -158,7 +159,7 @@ class RedisBudgetStore:
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = [self._leases, f"{self._prefix}resv:{request_id}"]
-        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", *_row(entry)]
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", *_row(entry)]
         return self._call("release", keys, args, _is_one)
 
     def record(
@@ -167,15 +168,15 @@ class RedisBudgetStore:
     ) -> Awaitable[bool]:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
-        spend = " ".join(f"{_amount_words(charge)} {_ms(expires_at)}" for _, charge, expires_at in lines)
-        args = [self._prefix, request_id, f"{now:.6f} {self._ledger_max}", spend, *_row(entry)]
+        spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", f"[{spend}]", *_row(entry)]
         keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
         return self._call("record", keys, args, _is_one)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
         keys = [self._leases, *map(self.counter_key, counters)]
-        args = [self._prefix, f"{now:.6f} {SWEEP_MAX} {self._ledger_max}"]
+        args = [self._prefix, f"[{now:.6f},{SWEEP_MAX},{self._ledger_max}]"]
         return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
@@ -339,8 +340,8 @@ def _script_source(name: str) -> str:
 
 
 def _amount_words(charge: Charge) -> str:
-    """'usd tokens requests' of one charge, as the scripts split them."""
-    return f"{charge.usd_nano} {charge.tokens} {charge.requests}"
+    """'usd,tokens,requests' of one charge, for a script's JSON array."""
+    return f"{charge.usd_nano},{charge.tokens},{charge.requests}"
 
 
 def _ms(epoch_s: float) -> int:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, TypeVar
 
 from gateway.budget.store import (
-    SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, Unit,
+    RESERVED, SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, Unit,
     check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
@@ -107,7 +107,7 @@ class SqliteBudgetStore:
         """Reserve every line or none."""
         check_reserve_lines(lines)
         if not lines:
-            return ReserveOutcome(True, None, None, [])
+            return RESERVED
         return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until))
 
     async def settle(self, request_id: str, actual: Spend, now: float,
@@ -167,14 +167,14 @@ class SqliteBudgetStore:
         for index, (line, state) in enumerate(zip(lines, states)):
             unit = _exceeded_unit(line, state)
             if unit is not None:
-                return ReserveOutcome(False, index, unit, states)
+                return ReserveOutcome(False, index, unit)
         for line in lines:
             self._add(db, line.counter, line.amount, _NOTHING, line.expires_at)
             db.execute(
                 "INSERT INTO reservation_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (request_id, *_key_columns(line.counter), *_amounts(line.amount), lease_until, line.expires_at),
             )
-        return ReserveOutcome(True, None, None, [self._state(db, line.counter) for line in lines])
+        return RESERVED
 
     def _settle(self, db: Db, request_id: str, actual: Spend, now: float,
                 entry: LedgerEntry | None) -> list[CounterState] | None:

@@ -28,7 +28,7 @@ from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
-    "ReserveOutcome", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
+    "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
     "check_record_lines", "check_spend", "time_ms",
 ]
 
@@ -71,12 +71,14 @@ class CounterState(NamedTuple):
 
 @dataclass(frozen=True)
 class ReserveOutcome:
-    """The answer to `reserve`; `states` are the lines' counters after it (unchanged when refused)."""
+    """The answer to `reserve`: reserved, or refused by the line and unit named (nothing was reserved)."""
 
     ok: bool
-    refused_index: int | None
-    refused_unit: Unit | None
-    states: Sequence[CounterState]
+    refused_index: int | None = None
+    refused_unit: Unit | None = None
+
+
+RESERVED = ReserveOutcome(True)
 
 
 class PackedStates(Sequence[CounterState]):

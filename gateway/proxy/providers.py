@@ -9,6 +9,7 @@ timeout bounds a call, body included). Its secrets stay redacted until then.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Mapping
 
 import aiohttp
@@ -46,7 +47,7 @@ class ProviderClient:
             headers=_call_headers(config),
         )
         self._urls: dict[str, URL] = {}
-        self.last_used = 0.0                 # loop time of the last post()
+        self.last_used = 0.0                 # time.monotonic() of the last post()
         # The longest aiohttp lets a call wait for the response head: connecting (or a free connection),
         # then at most read_s until the first bytes, and never more than total_s.
         self.head_timeout_s = min(timeouts.total_s, timeouts.connect_s + timeouts.read_s)
@@ -65,7 +66,7 @@ class ProviderClient:
 
     def post(self, path: str, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
         """POST `body` to the provider (await it); the caller must release the response."""
-        self.last_used = asyncio.get_running_loop().time()
+        self.last_used = time.monotonic()   # (asyncio.get_running_loop costs a getpid call on 3.11)
         return self.session.post(self.url(path), data=body)
 
     async def close(self) -> None:
@@ -112,18 +113,17 @@ class ProviderPool:
 
     def _retire(self, client: ProviderClient) -> None:
         """Close `client` once its total timeout (plus a margin) has passed since its retirement or last use."""
-        loop = asyncio.get_running_loop()
         grace_s = client.config.timeouts.total_s + RETIRE_MARGIN_S
-        retired_at = loop.time()
+        retired_at = time.monotonic()
 
         async def close_later() -> None:
-            while (wait := max(retired_at, client.last_used) + grace_s - loop.time()) > 0:
+            while (wait := max(retired_at, client.last_used) + grace_s - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             del self._retiring[client]
             self._redact_known()
             await client.close()
 
-        self._retiring[client] = loop.create_task(close_later())
+        self._retiring[client] = asyncio.get_running_loop().create_task(close_later())
 
     async def close(self) -> None:
         """Close every session, retiring ones included."""

@@ -1,7 +1,8 @@
 -- Helpers shared by the budget scripts; prepended to each operation script when it is registered.
 --
--- Arguments are few and compact (each one redis-py encodes costs the gateway CPU): numbers travel as one
--- space-separated string of decimal integers (and `now`, a decimal float) split by `words`.
+-- Arguments are few and compact (each one costs the gateway CPU to encode): numbers travel as one JSON
+-- array of decimal numbers, decoded in C by cjson (exact below 2^53, like every amount here). Numbers
+-- written to Redis are formatted with `int` (and scores with `score`): never left to Lua's '%.14g'.
 --
 -- Keys (prefix = ARGV[1], e.g. "{gw}:"; the hash tag keeps every key on one Cluster slot):
 --   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
@@ -25,13 +26,9 @@ local function negated(amounts)
   return {-amounts[1], -amounts[2], -amounts[3]}
 end
 
--- The space-separated words of `text`, as strings, in order.
-local function words(text)
-  local list = {}
-  for word in string.gmatch(text, '%S+') do
-    list[#list + 1] = word
-  end
-  return list
+-- A sorted-set score or bound (epoch seconds) to the microsecond.
+local function score(seconds)
+  return format('%.6f', seconds)
 end
 
 -- Three amounts (usd, tokens, requests) from values[base + 1 .. base + 3].
@@ -87,7 +84,7 @@ local function apply(counter, reserved_delta, spent_delta, expires_ms, state)
   local created = call('HSET', counter, FIELDS[1], text[1], FIELDS[2], text[2], FIELDS[3], text[3],
     FIELDS[4], text[4], FIELDS[5], text[5], FIELDS[6], text[6])
   if created > 0 then
-    call('PEXPIREAT', counter, expires_ms)
+    call('PEXPIREAT', counter, int(expires_ms))
   end
   return text
 end
@@ -114,23 +111,24 @@ local function latest_expiry_ms(lines)
   return latest
 end
 
--- The stream id of a row at time_ms: rows stay in order, so a row older than the last one (a lagging
--- replica clock, a journal replay) is filed at the last row's time.
-local function ledger_id(ledger, time_ms)
+-- Appends one row (a flat list of field, value pairs) to the ledger, filed at time_ms. Rows stay in
+-- order: a row older than the last one (a lagging replica clock, a journal replay) is filed at the last
+-- row's time. Redis 7 numbers the row itself ('<ms>-*'); where it cannot, the id is worked out here.
+local function append_ledger(prefix, ledger_max, time_ms, fields)
+  local ledger, max_rows = prefix .. 'ledger', int(ledger_max)
+  local added = redis.pcall('XADD', ledger, 'MAXLEN', '~', max_rows, int(time_ms) .. '-*', unpack(fields))
+  if type(added) ~= 'table' or not added.err then
+    return
+  end
+  local id = int(time_ms) .. '-0'
   local last = call('XREVRANGE', ledger, '+', '-', 'COUNT', 1)[1]
   if last then
     local ms, seq = string.match(last[1], '^(%d+)-(%d+)$')
     if tonumber(ms) >= time_ms then
-      return ms .. '-' .. int(tonumber(seq) + 1)
+      id = ms .. '-' .. int(tonumber(seq) + 1)
     end
   end
-  return int(time_ms) .. '-0'
-end
-
--- Appends one row (a flat list of field, value pairs) to the ledger.
-local function append_ledger(prefix, ledger_max, time_ms, fields)
-  local ledger = prefix .. 'ledger'
-  call('XADD', ledger, 'MAXLEN', '~', ledger_max, ledger_id(ledger, time_ms), unpack(fields))
+  call('XADD', ledger, 'MAXLEN', '~', max_rows, id, unpack(fields))
 end
 
 -- Appends the caller's row when it sent one: ARGV[at] is a JSON array of the LedgerEntry fields in order
@@ -199,7 +197,7 @@ local function expire_into_spend(prefix, request_id, lines, now, ledger_max)
   close_reservation(prefix, request_id, lines, spend)
   if #lines > 0 then
     mark_spent(prefix, request_id, latest_expiry_ms(lines))
-    append_ledger(prefix, ledger_max, math.floor(tonumber(now) * 1000 + 0.5), expired_row(request_id, lines))
+    append_ledger(prefix, ledger_max, math.floor(now * 1000 + 0.5), expired_row(request_id, lines))
   end
 end
 
@@ -220,7 +218,7 @@ end
 
 -- Turns up to max_count reservations whose lease ended before now into spend.
 local function sweep_expired(prefix, now, max_count, ledger_max)
-  local ended = call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, max_count)
+  local ended = call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', '(' .. score(now), 'LIMIT', 0, int(max_count))
   for _, request_id in ipairs(ended) do
     expire_into_spend(prefix, request_id, reservation_lines(prefix, request_id), now, ledger_max)
   end

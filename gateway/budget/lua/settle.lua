@@ -1,13 +1,13 @@
 -- settle: the live reservation leaves `reserved`; the actual usage is added to `spent`; the caller's
 -- ledger row is added.
 -- KEYS: leases, reservation, spent marker, each counter with actual usage.
--- ARGV: prefix, request id, "now ledger_max", "usd tokens requests" of each counter (one string),
+-- ARGV: prefix, request id, [now, ledger_max], [usd, tokens, requests of each counter],
 --       [row: JSON array (see append_request_row)].
 -- Returns {1, states of the counters (see append_states)} settled, {0} no live reservation, {-1} a counter outside the
 -- reservation (nothing changed).
 local prefix, request_id = ARGV[1], ARGV[2]
-local now, ledger_max = unpack(words(ARGV[3]))
-local lines = live_reservation(prefix, request_id, tonumber(now), ledger_max)
+local now, ledger_max = unpack(cjson.decode(ARGV[3]))
+local lines = live_reservation(prefix, request_id, now, ledger_max)
 if not lines then
   return {0}
 end
@@ -16,7 +16,7 @@ local reserved = {}
 for _, line in ipairs(lines) do
   reserved[line.counter] = true
 end
-local amounts = words(ARGV[4])
+local amounts = cjson.decode(ARGV[4])
 local spend = {}
 for i = 4, #KEYS do
   if not reserved[KEYS[i]] then
