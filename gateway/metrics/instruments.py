@@ -8,14 +8,15 @@ store. Label values go through `LabelBounds` of the config active at observe tim
 from __future__ import annotations
 
 import time
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.access_log import AccessRecord
 from gateway.budget.instrumented import TIMED_OPERATIONS
 from gateway.config.holder import ConfigHolder
 from gateway.errors import BudgetExceeded
+from gateway.metrics.histograms import HistogramChild, LoopHistogram
 from gateway.metrics.labels import NONE, LabelBounds, status_class
 from gateway.metrics.served import ServedCollector, ServedKey, ServedTotals
 from gateway.resilience.breaker import Transition
@@ -28,7 +29,7 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 MAX_SERVED_KINDS = 4096
-M = TypeVar("M", Counter, Histogram)
+M = TypeVar("M", Counter, LoopHistogram)
 
 
 class Children(Generic[M]):
@@ -38,7 +39,7 @@ class Children(Generic[M]):
         self.metric = metric
         self._bound: dict[tuple[str, ...], M] = {}
 
-    def __call__(self, *values: str) -> M:
+    def __call__(self, *values: str) -> Any:
         child = self._bound.get(values)
         if child is None:
             child = self._bound[values] = self.metric.labels(*values)
@@ -50,7 +51,7 @@ class _Served:
 
     __slots__ = ("totals", "duration", "first_token")
 
-    def __init__(self, totals: ServedTotals, duration: Histogram, first_token: Histogram) -> None:
+    def __init__(self, totals: ServedTotals, duration: HistogramChild, first_token: HistogramChild) -> None:
         self.totals, self.duration, self.first_token = totals, duration, first_token
 
 
@@ -63,15 +64,15 @@ class GatewayMetrics:
         self._bounds = LabelBounds(config.current)
         self._served: dict[tuple[str | None, str | None, str | None, int, tuple[str, ...]], _Served] = {}
         self._totals: dict[ServedKey, ServedTotals] = {}
-        self._upstream: dict[str, Histogram] = {}   # upstream duration children by provider name
+        self._upstream: dict[str, HistogramChild] = {}   # upstream duration children by provider name
         registry.register(ServedCollector(self._totals))
-        self.request_duration = Children(Histogram(
+        self.request_duration = Children(LoopHistogram(
             "gateway_request_duration_seconds", "Whole request time on the gateway side.",
             ("route", "provider"), buckets=REQUEST_BUCKETS, registry=registry))
-        self.upstream_duration = Children(Histogram(
+        self.upstream_duration = Children(LoopHistogram(
             "gateway_upstream_duration_seconds", "Time to the upstream response head, per attempt.",
             ("provider",), buckets=REQUEST_BUCKETS, registry=registry))
-        self.first_token = Children(Histogram(
+        self.first_token = Children(LoopHistogram(
             "gateway_time_to_first_token_seconds", "Streams: time from arrival to the first relayed event.",
             ("route", "provider"), buckets=FIRST_TOKEN_BUCKETS, registry=registry))
         self.requests_in_flight = 0          # kept by the request middleware, read at scrape
@@ -98,7 +99,7 @@ class GatewayMetrics:
             ("provider", "from_state", "to_state"), registry=registry))
 
     def _define_store(self, registry: CollectorRegistry) -> None:
-        self.store_duration = Children(Histogram(
+        self.store_duration = Children(LoopHistogram(
             "gateway_store_operation_duration_seconds", "Budget store operation time.",
             ("operation",), buckets=STORE_BUCKETS, registry=registry))
         self.store_errors = Children(Counter(
