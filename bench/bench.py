@@ -806,7 +806,7 @@ def summarize(bench: Bench, extra: dict[str, Any]) -> str:
              f"{bench.args.rounds} interleaved rounds per cell; load side on CPU {bench.loadgen_cpus}, "
              f"SUT on CPU {bench.sut_cpus}; {time.monotonic() - bench.started:.0f} s in all.", ""]
     if results:
-        lines += _results_table(results) + [""] + _ratio_table(results) + [""]
+        lines += _results_table(results) + [""] + _ratio_table(results) + [""] + _targets_table(results) + [""]
     lines += _memory_table(bench) + [""]
     if bench.unit:
         lines.append("Unit cost per request (from one request's budget delta, = mock usage x price): "
@@ -866,6 +866,29 @@ def _ratio_table(results: list[RunResult]) -> list[str]:
         added = lambda attr: mean([getattr(g, attr) - getattr(b, attr) for g, b in matched])  # noqa: E731
         rows.append(f"| {scenario} | {conc} | {ratio('rps'):.2f} | {ratio('p50_ms'):.2f} | {ratio('p99_ms'):.2f} "
                     f"| {ratio('cpu_ms_per_req'):.2f} | {added('p50_ms'):+.2f} | {added('p99_ms'):+.2f} |")
+    return rows
+
+
+# The performance targets (issue 6), judged from the same run's interleaved pairs.
+TARGETS = (("chat", 16, "RPS >= 0.5 x bare", "rps", lambda ratio, added: ratio >= 0.5),
+           ("stream", 16, "RPS >= 0.5 x bare", "rps", lambda ratio, added: ratio >= 0.5),
+           ("chat", 1, "p50 <= bare p50 + 0.3 ms", "p50_ms", lambda ratio, added: added <= 0.3))
+
+
+def _targets_table(results: list[RunResult]) -> list[str]:
+    """Each target's figure in this run and whether it is met (a report, not a check that fails the run)."""
+    cells = _cells(results)
+    rows = ["| target | figure | met |", "|---|---:|---|"]
+    for scenario, conc, name, attr, met in TARGETS:
+        gateway, bare = cells.get((scenario, conc, "gateway")), cells.get((scenario, conc, "bare"))
+        if not gateway or not bare:
+            continue
+        pairs = {r.round: r for r in bare}
+        matched = [(g, pairs[g.round]) for g in gateway if g.round in pairs]
+        ratio = mean([getattr(g, attr) / getattr(b, attr) for g, b in matched])
+        added = mean([getattr(g, attr) - getattr(b, attr) for g, b in matched])
+        figure = f"{ratio:.2f} x" if attr == "rps" else f"{added:+.2f} ms"
+        rows.append(f"| {scenario} c={conc}: {name} | {figure} | {'yes' if met(ratio, added) else 'NO'} |")
     return rows
 
 

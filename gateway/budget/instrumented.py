@@ -33,8 +33,11 @@ class InstrumentedStore:
         # A store that times some operations itself (the pipelined Redis store) reports them directly.
         self_timed = store.observe_calls(observe) if hasattr(store, "observe_calls") else ()
         for name in TIMED_OPERATIONS:
-            if hasattr(store, name) and name not in self_timed:
-                setattr(self, name, functools.partial(self._timed, name, getattr(store, name)))
+            if not hasattr(store, name):
+                continue
+            operation = getattr(store, name)
+            # Bound here either way: the request path then never falls through to __getattr__.
+            setattr(self, name, operation if name in self_timed else functools.partial(self._timed, name, operation))
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped store's untimed attribute."""

@@ -21,6 +21,7 @@ __all__ = ["PASSED_HEADERS", "StreamOutcome", "relay_json", "relay_stream", "is_
 PASSED_HEADERS = ("Content-Type", "Retry-After", "retry-after-ms", "x-ratelimit-limit-requests",
                   "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                   "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+_PASSED = {name.lower(): name for name in PASSED_HEADERS}
 _DONE = b"data: [DONE]"
 _NULL_USAGE = (b'"usage":null', b'"usage": null')
 TRUNCATED_EVENT = orjson.dumps({"error": {
@@ -30,8 +31,12 @@ TRUNCATED_EVENT = orjson.dumps({"error": {
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     """The upstream headers that are passed on to the client."""
-    headers = response.headers
-    return {name: headers[name] for name in PASSED_HEADERS if name in headers}
+    passed: dict[str, str] = {}   # one pass over the few headers an answer has, not a lookup per name
+    for name, value in response.headers.items():
+        known = _PASSED.get(name.lower())
+        if known is not None and known not in passed:   # the first of repeated headers, as headers[name]
+            passed[known] = value
+    return passed
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
