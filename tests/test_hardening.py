@@ -172,6 +172,18 @@ async def test_secret_provider_headers_are_redacted_from_an_echoed_error(upstrea
     assert HEADER_SECRET not in reply.body.decode() and "[redacted]" in reply.body.decode()
 
 
+async def test_a_cookie_set_by_the_provider_is_not_sent_on_later_calls(upstream, start_gateway, http):
+    by_name = upstream.url.replace("127.0.0.1", "localhost")   # a cookie jar keeps no cookies of an IP address
+    gateway = await start_gateway(make_settings({"primary": by_name}))
+    upstream.script(Action(headers={"Set-Cookie": "sticky=client-a; Path=/"}))
+
+    first = await http(gateway, "POST", CHAT, json=GOOD)
+    second = await http(gateway, "POST", CHAT, json=GOOD)
+
+    assert first.status == second.status == 200
+    assert "cookie" not in upstream.requests[-1].headers     # another client's call carries no jar state
+
+
 # -- F: every 5xx fails over ----------------------------------------------------------------------------------
 
 async def test_a_520_fails_over_to_the_backup_without_a_retry(upstream, backup_upstream, start_gateway, http):

@@ -45,6 +45,9 @@ class ProviderClient:
                 total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s),
             raise_for_status=False,
             headers=_call_headers(config),
+            # No cookie jar: a provider's cookies must not ride along on other clients' calls (nor cost a
+            # jar lookup on every call).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._urls: dict[str, URL] = {}
         self.last_used = 0.0                 # time.monotonic() of the last post()
