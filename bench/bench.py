@@ -852,18 +852,31 @@ def _results_table(results: list[RunResult]) -> list[str]:
     return rows
 
 
+def _same_round_pairs(cells: dict[tuple[str, int, str], list[RunResult]], scenario: str,
+                      conc: int) -> list[tuple[RunResult, RunResult]]:
+    """(gateway, bare) runs of one cell that belong to the same interleaved round."""
+    bare = {r.round: r for r in cells.get((scenario, conc, "bare"), [])}
+    return [(g, bare[g.round]) for g in cells.get((scenario, conc, "gateway"), []) if g.round in bare]
+
+
+def _pair_ratio(pairs: list[tuple[RunResult, RunResult]], attr: str) -> float:
+    return mean([getattr(g, attr) / getattr(b, attr) for g, b in pairs])
+
+
+def _pair_added(pairs: list[tuple[RunResult, RunResult]], attr: str) -> float:
+    return mean([getattr(g, attr) - getattr(b, attr) for g, b in pairs])
+
+
 def _ratio_table(results: list[RunResult]) -> list[str]:
     cells = _cells(results)
     rows = ["| scenario | conc | gateway/bare RPS | gateway/bare p50 | gateway/bare p99 | gateway/bare CPU ms/req "
             "| added p50 ms | added p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (scenario, conc, target), runs in cells.items():
-        bare = cells.get((scenario, conc, "bare"))
-        if target != "gateway" or not bare:
+        matched = _same_round_pairs(cells, scenario, conc)
+        if target != "gateway" or not matched:
             continue
-        pairs = {r.round: r for r in bare}
-        matched = [(g, pairs[g.round]) for g in runs if g.round in pairs]
-        ratio = lambda attr: mean([getattr(g, attr) / getattr(b, attr) for g, b in matched])  # noqa: E731
-        added = lambda attr: mean([getattr(g, attr) - getattr(b, attr) for g, b in matched])  # noqa: E731
+        ratio = lambda attr: _pair_ratio(matched, attr)  # noqa: E731
+        added = lambda attr: _pair_added(matched, attr)  # noqa: E731
         rows.append(f"| {scenario} | {conc} | {ratio('rps'):.2f} | {ratio('p50_ms'):.2f} | {ratio('p99_ms'):.2f} "
                     f"| {ratio('cpu_ms_per_req'):.2f} | {added('p50_ms'):+.2f} | {added('p99_ms'):+.2f} |")
     return rows
@@ -880,13 +893,10 @@ def _targets_table(results: list[RunResult]) -> list[str]:
     cells = _cells(results)
     rows = ["| target | figure | met |", "|---|---:|---|"]
     for scenario, conc, name, attr, met in TARGETS:
-        gateway, bare = cells.get((scenario, conc, "gateway")), cells.get((scenario, conc, "bare"))
-        if not gateway or not bare:
+        matched = _same_round_pairs(cells, scenario, conc)
+        if not matched:
             continue
-        pairs = {r.round: r for r in bare}
-        matched = [(g, pairs[g.round]) for g in gateway if g.round in pairs]
-        ratio = mean([getattr(g, attr) / getattr(b, attr) for g, b in matched])
-        added = mean([getattr(g, attr) - getattr(b, attr) for g, b in matched])
+        ratio, added = _pair_ratio(matched, attr), _pair_added(matched, attr)
         figure = f"{ratio:.2f} x" if attr == "rps" else f"{added:+.2f} ms"
         rows.append(f"| {scenario} c={conc}: {name} | {figure} | {'yes' if met(ratio, added) else 'NO'} |")
     return rows

@@ -36,22 +36,23 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._flush_scheduled = False
+        self._flusher: asyncio.AbstractEventLoop | None = None   # the loop that has a flush scheduled
 
     def flush(self) -> None:
         """Flush now outside the loop (threads, shutdown); else once, FLUSH_DELAY_S from now."""
-        if self._flush_scheduled:    # checked first: asking for the running loop costs a system call
+        flusher = self._flusher
+        if flusher is not None and flusher.is_running():   # before get_running_loop: that costs a getpid
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            super().flush()
+            super().flush()                  # also after a loop stopped with a flush still scheduled
             return
-        self._flush_scheduled = True
+        self._flusher = loop
         loop.call_at(loop.time() + FLUSH_DELAY_S, self._flush_now)
 
     def _flush_now(self) -> None:
-        self._flush_scheduled = False
+        self._flusher = None
         super().flush()
 
     def write_line(self, line: str) -> None:

@@ -127,9 +127,7 @@ class ScriptPipeline:
             self._write(protocol, [call], started or loop.time())
         else:
             self._queue.append(call)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush)
+            self._schedule_flush()
         return future
 
     async def aclose(self) -> None:

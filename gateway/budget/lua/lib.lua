@@ -71,11 +71,11 @@ local function append_states(out, counters)
   return out
 end
 
--- Adds deltas to a counter's state (`state` when the caller has just read it, else read now), writes
--- all six values in one HSET and returns the new state's text. The expiry is set when HSET created
--- fields: every line of a window carries the same expiry, so an existing counter already has it.
-local function apply(counter, reserved_delta, spent_delta, expires_ms, state)
-  state = state or counter_state(counter)
+-- Adds deltas to a counter's state, writes all six values in one HSET and returns the new state's text.
+-- The expiry is set when HSET created fields: every line of a window carries the same expiry, so an
+-- existing counter already has it.
+local function apply(counter, reserved_delta, spent_delta, expires_ms)
+  local state = counter_state(counter)
   for i = 1, 3 do
     state[i] = state[i] + spent_delta[i]
     state[i + 3] = state[i + 3] + reserved_delta[i]
