@@ -19,6 +19,9 @@ What one run does (`bench/run.sh`, which calls `bench.py run`):
 
 `--soak N` instead drives the gateway alone until N requests (bounded by --soak-max-s) and checks
 that its RSS after N requests is within 10 % of its RSS after the first 50,000.
+`--instructions` instead counts, under callgrind, the instructions per chat request (16 connections) of
+the bare proxy, the gateway, and the gateway with its access log or its budgets off: a figure that the
+noise of a shared machine cannot move, and what each of those features costs.
 `--profile` adds a py-spy recording of the gateway under load (py-spy on PATH or --py-spy).
 `bench.py serve --port P --upstream URL` runs the gateway alone with the same config, for other
 harnesses (see the Performance section of the README).
@@ -60,6 +63,12 @@ TEAM_POLICY = "bench-team"
 CHAT_PATH = "/v1/chat/completions"
 SCENARIOS = {"chat": HERE / "payloads" / "chat.json", "stream": HERE / "payloads" / "chat_stream.json"}
 PRICE_NANO_PER_TOKEN = (150, 600)        # gpt-4o-mini below: 0.15 / 0.60 USD per 1M tokens, in nano-USD
+INSTRUCTION_TARGETS: dict[str, dict[str, bool]] = {   # --instructions: name -> write_config options
+    "bare": {}, "gateway": {}, "gateway-no-access-log": {"access_log": False},
+    "gateway-no-budget": {"budgets": False},
+}
+CALLGRIND_READY_S = 300.0   # start-up under callgrind is ~50 x slower
+CALLGRIND_MIN_S = 10        # seconds of wrk counted (~70 requests/s under callgrind)
 SOAK_BASELINE = 50_000
 SOAK_TOLERANCE = 0.10
 
@@ -115,11 +124,23 @@ policies:
 """
 
 
-def write_config(directory: Path, port: int, redis_url: str, upstream: str) -> Path:
-    """The gateway config (and its policy file) in `directory`."""
-    (directory / "policies.yaml").write_text(POLICIES)
+UNMATCHED_POLICIES = """\
+# One policy that no bench caller matches: requests reserve and settle nothing.
+policies:
+  - name: bench-unmatched
+    match: {teams: [nobody]}
+    budgets:
+      - {period: daily, usd: 1}
+"""
+
+
+def write_config(directory: Path, port: int, redis_url: str, upstream: str, *, access_log: bool = True,
+                 budgets: bool = True) -> Path:
+    """The gateway config (and its policy file) in `directory`; the options switch a feature off."""
+    (directory / "policies.yaml").write_text(POLICIES if budgets else UNMATCHED_POLICIES)
     path = directory / "gateway.yaml"
-    path.write_text(CONFIG.format(port=port, redis_url=redis_url, upstream=upstream))
+    text = CONFIG.format(port=port, redis_url=redis_url, upstream=upstream)
+    path.write_text(text if access_log else text.replace("access_log: true", "access_log: false"))
     return path
 
 
@@ -400,6 +421,7 @@ class Bench:
         self.unit: dict[str, tuple[int, int, int]] = {}
         self.startup_s: dict[str, float] = {}
         self.redis: Proc | None = None
+        self.redis_url = ""
         self.mock_url = ""
         self.access_log: AccessLogCounter | None = None
 
@@ -411,7 +433,7 @@ class Bench:
         self.redis = self._spawn("redis", ["redis-server", "--port", str(port := free_port()), "--bind",
                                            "127.0.0.1", "--save", "", "--appendonly", "no",
                                            "--dir", str(self.out)], cpu0)
-        redis_url = f"redis://127.0.0.1:{port}"
+        self.redis_url = redis_url = f"redis://127.0.0.1:{port}"
         self._wait_redis(port)
         mock_port = free_port()
         self.mock_url = f"http://127.0.0.1:{mock_port}"
@@ -428,27 +450,32 @@ class Bench:
         if "gateway" in args.targets:
             self._start_gateway(py, cpu1, redis_url)
 
-    def _start_bare(self, py: str, cpus: str | None) -> None:
+    def _start_bare(self, py: str, cpus: str | None, *, name: str = "bare", wrap: list[str] | None = None,
+                    ready_s: float = 20.0) -> None:
         if not (SHARED_BENCH / "bare_proxy.py").exists():
             self.notes.append(f"bare: {SHARED_BENCH / 'bare_proxy.py'} not found, target skipped")
             return
         port = free_port()
-        bare = self._spawn("bare", [py, str(SHARED_BENCH / "bare_proxy.py"), "--port", str(port),
-                                    "--upstream", self.mock_url], cpus)
+        bare = self._spawn(name, [*(wrap or []), py, str(SHARED_BENCH / "bare_proxy.py"), "--port", str(port),
+                                  "--upstream", self.mock_url], cpus)
         url = f"http://127.0.0.1:{port}"
-        self.startup_s["bare"] = self._wait_post_ready(url, bare)
-        self.targets["bare"] = Target("bare", url, bare)
+        self.startup_s[name] = self._wait_post_ready(url, bare, ready_s)
+        self.targets[name] = Target(name, url, bare)
 
-    def _start_gateway(self, py: str, cpus: str | None, redis_url: str) -> None:
+    def _start_gateway(self, py: str, cpus: str | None, redis_url: str, *, name: str = "gateway",
+                       wrap: list[str] | None = None, ready_s: float = 20.0, **config_options: bool) -> None:
         port = free_port()
-        config = write_config(self.out, port, redis_url, self.mock_url + "/v1")
-        command = [py, "-m", "gateway", "--log-level", "INFO", "run", "--config", str(config), "--port", str(port)]
+        directory = self.out / name if config_options else self.out
+        directory.mkdir(exist_ok=True)
+        config = write_config(directory, port, redis_url, self.mock_url + "/v1", **config_options)
+        command = [*(wrap or []), py, "-m", "gateway", "--log-level", "INFO", "run", "--config", str(config),
+                   "--port", str(port)]
         if self.args.gateway_workers > 1:
             command += ["--workers", str(self.args.gateway_workers)]
-        gateway = self._spawn("gateway", command, cpus, env=gateway_env(), cwd=self.out)
+        gateway = self._spawn(name, command, cpus, env=gateway_env(), cwd=directory)
         url = f"http://127.0.0.1:{port}"
-        self.startup_s["gateway"] = wait_ready(url + "/healthz", gateway)
-        self.targets["gateway"] = Target("gateway", url, gateway, f"Authorization: Bearer {CLIENT_KEY}")
+        self.startup_s[name] = wait_ready(url + "/healthz", gateway, ready_s)
+        self.targets[name] = Target(name, url, gateway, f"Authorization: Bearer {CLIENT_KEY}")
         self.access_log = AccessLogCounter(gateway.log_path)
 
     def _spawn(self, name: str, command: list[str], cpus: str | None, **kwargs: Any) -> Proc:
@@ -467,10 +494,10 @@ class Bench:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not answer PING")
 
-    def _wait_post_ready(self, url: str, proc: Proc) -> float:
+    def _wait_post_ready(self, url: str, proc: Proc, ready_s: float = 20.0) -> float:
         """Readiness of a proxy without a health route: any HTTP answer to GET /__stats through it."""
         started = time.monotonic()
-        while time.monotonic() - started < 20:
+        while time.monotonic() - started < ready_s:
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited: {proc.log_path.read_text(errors='replace')[-1500:]}")
             try:
@@ -689,6 +716,45 @@ class Bench:
                                  f"reserved {before.reserved} -> {after.reserved}")
         return verdict
 
+    # --- instructions ---
+
+    def instructions(self) -> list[dict[str, Any]]:
+        """Instructions per chat request at 16 connections, counted by callgrind: a figure machine noise cannot
+        move. The bare proxy, the gateway, and the gateway with one feature off each (what that feature costs)."""
+        rows = []
+        for name, options in INSTRUCTION_TARGETS.items():   # each bounded: start-up, then two bounded wrk runs
+            rows.append(self._count_instructions(name, options))
+        return rows
+
+    def _count_instructions(self, name: str, options: dict[str, bool]) -> dict[str, Any]:
+        """Start `name` under callgrind, warm it up, count the instructions of one wrk run, stop it."""
+        dump = self.out / "callgrind" / f"{name}.out"
+        dump.parent.mkdir(exist_ok=True)
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}"]
+        if name == "bare":
+            self._start_bare(sys.executable, self.sut_cpus, wrap=wrap, ready_s=CALLGRIND_READY_S)
+        else:
+            self._start_gateway(sys.executable, self.sut_cpus, self.redis_url, name=name, wrap=wrap,
+                                ready_s=CALLGRIND_READY_S, **options)
+        target = self.targets[name]
+        body, seconds = SCENARIOS["chat"], max(self.args.duration, CALLGRIND_MIN_S)
+        run_wrk(target, body, 16, self.args.warmup, self.loadgen_cpus, self.args.drain, timeout_s=30)
+        wait_idle([target.proc], max_s=20)
+        _callgrind_control("-z", target.proc.pid)      # count from here: no start-up, no warm-up
+        wrk, _ = run_wrk(target, body, 16, seconds, self.loadgen_cpus, self.args.drain, timeout_s=30)
+        wait_idle([target.proc], max_s=20)
+        _callgrind_control("-d", target.proc.pid)
+        instructions = _callgrind_summary(dump)
+        target.proc.stop()
+        del self.targets[name]
+        errors = wrk["non2xx"] + wrk["connect_errors"] + wrk["read_errors"] + wrk["write_errors"] + wrk["timeouts"]
+        if errors:
+            self.failures.append(f"instructions {name}: {errors} non-2xx or socket errors ({wrk})")
+        per_request = instructions / max(1, wrk["requests"])
+        log(f"{name:24} {wrk['requests']:6,} requests  {per_request:12,.0f} instructions/request")
+        return {"target": name, "requests": wrk["requests"], "instructions": instructions,
+                "per_request": per_request}
+
     # --- profile ---
 
     def profile(self) -> dict[str, Any]:
@@ -717,6 +783,19 @@ class Bench:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+def _callgrind_control(option: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def _callgrind_summary(dump: Path) -> int:
+    """Instructions counted in the latest dump written for `dump` (callgrind numbers them <dump>.1, .2, ...)."""
+    dumps = sorted(dump.parent.glob(dump.name + ".*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    for line in dumps[-1].read_text(errors="replace").splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no summary line in {dumps[-1]}")
 
 
 def _truncate(path: Path) -> None:
@@ -800,11 +879,13 @@ def mean(values: list[float]) -> float:
 
 def summarize(bench: Bench, extra: dict[str, Any]) -> str:
     results = [r for r in bench.results if r.round > 0]
+    runs = (f"each target under callgrind, one wrk run of {max(bench.args.duration, CALLGRIND_MIN_S)} s after "
+            f"{bench.args.warmup} s of warm-up" if bench.args.instructions else
+            f"wrk {bench.args.duration} s (+{bench.args.drain} s drain) x {bench.args.rounds} interleaved rounds "
+            "per cell")
     lines = [f"# gateway bench {bench.out.name}", "",
-             f"Command: `{' '.join(['bench/run.sh', *sys.argv[2:]])}`; wrk {bench.args.duration} s "
-             f"(+{bench.args.drain} s drain) x "
-             f"{bench.args.rounds} interleaved rounds per cell; load side on CPU {bench.loadgen_cpus}, "
-             f"SUT on CPU {bench.sut_cpus}; {time.monotonic() - bench.started:.0f} s in all.", ""]
+             f"Command: `{' '.join(['bench/run.sh', *sys.argv[2:]])}`; {runs}; load side on CPU "
+             f"{bench.loadgen_cpus}, SUT on CPU {bench.sut_cpus}; {time.monotonic() - bench.started:.0f} s in all.", ""]
     if results:
         lines += _results_table(results) + [""] + _ratio_table(results) + [""] + _targets_table(results) + [""]
     lines += _memory_table(bench) + [""]
@@ -822,6 +903,8 @@ def summarize(bench: Bench, extra: dict[str, Any]) -> str:
                      f"{min(slack)} to {max(slack)} per run.")
     if "soak" in extra:
         lines += ["", _soak_text(extra["soak"])]
+    if extra.get("instructions"):
+        lines += [""] + _instructions_table(extra["instructions"])
     if extra.get("profile"):
         lines += [""] + _profile_text(extra["profile"])
     lines += [""] + [f"- note: {n}" for n in bench.notes]
@@ -914,6 +997,17 @@ def _memory_table(bench: Bench) -> list[str]:
     return rows
 
 
+def _instructions_table(rows: list[dict[str, Any]]) -> list[str]:
+    bare = next((row["per_request"] for row in rows if row["target"] == "bare"), None)
+    lines = ["Instructions per chat request at 16 connections (callgrind; user space, every thread; the kernel's "
+             "share is not counted):", "", "| target | requests counted | instructions / request | x bare |",
+             "|---|---:|---:|---:|"]
+    for row in rows:
+        ratio = f"{row['per_request'] / bare:.2f}" if bare else "-"
+        lines.append(f"| {row['target']} | {row['requests']:,} | {row['per_request']:,.0f} | {ratio} |")
+    return lines
+
+
 def _soak_text(soak: dict[str, Any]) -> str:
     base, final = soak["rss_after_baseline_kb"], soak["rss_final_kb"]
     if base is None:
@@ -945,13 +1039,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     try:
         log(f"results in {bench.out}")
+        if args.instructions:
+            args.targets = []             # only the store and the mock start here; each target under callgrind
         bench.start()
-        bench.check_targets()
-        bench.probe_metrics()
-        bench.warm_up()
+        if args.instructions:
+            extra["instructions"] = bench.instructions()
+        else:
+            bench.check_targets()
+            bench.probe_metrics()
+            bench.warm_up()
         if args.soak:
             extra["soak"] = bench.soak(args.soak)
-        else:
+        elif not args.instructions:
             bench.measure_all()
             if args.profile:
                 extra["profile"] = bench.profile()
@@ -1015,6 +1114,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--soak", type=int, metavar="N", help="soak instead of the matrix: N gateway requests")
     run.add_argument("--soak-conc", type=int, default=16)
     run.add_argument("--soak-max-s", type=float, default=1800, help="stop the soak after this many seconds")
+    run.add_argument("--instructions", action="store_true",
+                     help="instead of the matrix: instructions per request under callgrind (valgrind), for the bare "
+                          "proxy, the gateway and the gateway without its access log or budgets (~6 min)")
     run.add_argument("--profile", action="store_true", help="py-spy the gateway under load after the matrix")
     run.add_argument("--py-spy", help="path of the py-spy binary (default: on PATH)")
     run.add_argument("--out", help="results folder (default bench/results/<stamp>)")

@@ -3,12 +3,15 @@
 #
 #   bench/run.sh                    default matrix: chat at 1/16/64 connections + stream at 16 (~4 min)
 #   bench/run.sh --soak 1000000     memory soak instead: RSS after 1M requests vs after the first 50k
+#   bench/run.sh --instructions     instructions per request under callgrind, bare vs gateway (~6 min)
 #   bench/run.sh --profile          also py-spy the gateway under load (needs py-spy, see --py-spy)
 #   bench/run.sh --help             every option
 #
 #   BENCH_PYTHON   interpreter with the gateway's dependencies (default: $VIRTUAL_ENV, ./.venv, ../venv, python3)
-#   BENCH_TIMEOUT  hard bound of the whole run in seconds (default 480, or soak bound + 300 with --soak)
-# Installs wrk, taskset and redis-server with apt-get when missing. Results: bench/results/<stamp>/.
+#   BENCH_TIMEOUT  hard bound of the whole run in seconds (default 480; soak bound + 300 with --soak;
+#                  1200 with --instructions)
+# Installs wrk, taskset and redis-server (and valgrind for --instructions) with apt-get when missing.
+# Results: bench/results/<stamp>/.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
@@ -31,6 +34,7 @@ missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[[ " $* " == *" --instructions "* ]] && ! command -v callgrind_control >/dev/null 2>&1 && missing+=(valgrind)
 if ((${#missing[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "bench: apt-get install ${missing[*]}" >&2
@@ -46,4 +50,5 @@ if [[ "$args" == *" --soak "* ]] && [ -z "${BENCH_TIMEOUT:-}" ]; then
   [[ "$args" =~ --soak-max-s[\ =]([0-9]+) ]] && soak_max="${BASH_REMATCH[1]}"
   bound=$((soak_max + 300))
 fi
+[[ "$args" == *" --instructions "* ]] && [ -z "${BENCH_TIMEOUT:-}" ] && bound=1200
 exec timeout --signal=TERM --kill-after=30 "$bound" "$python" "$here/bench.py" run "$@"
