@@ -9,7 +9,9 @@ from decimal import Decimal
 import pytest
 
 from gateway.appkeys import BUDGET
+from gateway.budget.factory import create_store
 from gateway.config.model import StoreConfig
+from gateway.errors import StoreError
 from gateway.pricing import Usage, cost_nano, nano_to_usd
 from tests.support.redis_server import RedisServer
 from tests.support.settings import PRICES, make_policy, make_settings
@@ -110,3 +112,35 @@ async def test_fail_open_stops_at_the_local_allowance(durable_redis, upstream, s
     durable_redis.kill()
     reply, _ = await timed_chat(http, gateway)
     assert reply.status == 503 and upstream.hits == 0
+
+
+class SettleAnswerLostOnce:
+    """The Redis store, except that its first settle reaches Redis and then fails as if the answer was lost."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.lost = inner, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def settle(self, *args, **kwargs):
+        settled = await self.inner.settle(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise StoreError("connection lost before the answer")
+        return settled
+
+
+async def test_a_settle_whose_answer_was_lost_is_journaled_and_counted_once(durable_redis, upstream,
+                                                                            start_gateway, http):
+    settings = make_settings({"primary": upstream.url}, store=StoreConfig(url=durable_redis.url),
+                             policies=(make_policy("global", usd="1"),))
+    gateway = await start_gateway(settings, store=SettleAnswerLostOnce(create_store(settings.store)))
+    for _ in range(2):
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    engine = gateway.app[BUDGET]
+    await engine.settled()
+    assert engine.journal is not None and engine.journal.has_entries()   # the first settle went to the journal
+    assert await engine.recover()
+    assert not engine.journal.has_entries()
+    assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gateway.budget.journal import Replay, SpendJournal
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import (
@@ -242,12 +243,74 @@ async def test_record_is_idempotent_by_request_id(backend: Backend, clock: FakeC
     ]
 
 
-async def test_record_after_settle_does_not_count_twice(backend: Backend, clock: FakeClock) -> None:
+async def test_a_settle_sent_again_counts_once(backend: Backend, clock: FakeClock) -> None:
     key = counter(clock)
     assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
-    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now())
-    assert not await backend.store.record("r1", [(key, Charge(600), expiry(clock))], clock.now())
+    served = entry(clock, "r1", cost=600)
+    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now(), served)
+    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now(), served) is None
     assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+    assert await ledger(backend.store, clock) == [served]
+
+
+async def test_a_settled_request_leaves_nothing_of_its_own_in_redis(redis_backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(redis_backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    assert await redis_backend.store.settle("r1", [(key, Charge(600))], clock.now(), entry(clock, "r1"))
+    client = redis_backend.client
+    assert await client.exists("{gw}:resv:r1", "{gw}:spent:r1") == 0   # no per-request key stays
+    assert await client.zscore("{gw}:leases", "r1") is None
+
+
+async def replay(backend: Backend, clock: FakeClock, tmp_path: Path, request_id: str, spend: Charge,
+                 row: LedgerEntry, how: Replay, key: CounterKey) -> int:
+    """Journal one request as the engine does when its settle or release fails, then replay the journal."""
+    journal = SpendJournal(tmp_path / "journal.jsonl")
+    journal.append(request_id, [(key, spend, expiry(clock, key.period))], row, how)
+    return await journal.replay(backend.store, clock.now())
+
+
+async def test_a_journaled_settle_that_had_reached_the_store_counts_once(
+        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    served = entry(clock, "r1", cost=600)
+    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now(), served)   # its answer was lost
+    assert await replay(backend, clock, tmp_path, "r1", Charge(600), served, "settle", key) == 1
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+    assert await ledger(backend.store, clock) == [served]
+
+
+async def test_a_journaled_settle_that_never_reached_the_store_settles_on_replay(
+        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    served = entry(clock, "r1", cost=600)
+    assert await replay(backend, clock, tmp_path, "r1", Charge(600), served, "settle", key) == 1
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
+    assert await ledger(backend.store, clock) == [served]
+
+
+async def test_a_journaled_settle_replayed_after_its_lease_ended_counts_the_reservation_once(
+        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    clock.advance(LEASE_S + 1)
+    served = entry(clock, "r1", cost=600)
+    assert await replay(backend, clock, tmp_path, "r1", Charge(600), served, "settle", key) == 1
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(1000), Charge())
+    assert [row.status for row in await ledger(backend.store, clock)] == ["lease_expired"]
+
+
+async def test_a_journaled_release_frees_the_reservation_once(
+        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
+    failed = entry(clock, "r1", cost=0, status="failed")
+    assert await replay(backend, clock, tmp_path, "r1", Charge(), failed, "release", key) == 1
+    assert await replay(backend, clock, tmp_path, "r1", Charge(), failed, "release", key) == 1
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(), Charge())
+    assert await ledger(backend.store, clock) == [failed]
 
 
 async def test_record_replaces_a_live_reservation(backend: Backend, clock: FakeClock) -> None:

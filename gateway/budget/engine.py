@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from gateway.access_log import AccessRecord
 from gateway.budget.allowance import LocalAllowance
-from gateway.budget.journal import SpendJournal
+from gateway.budget.journal import Replay, SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.slots import KEY_GRACE_S, SlotCache, budget_slots, limits_of
 from gateway.budget.store import MAX_AMOUNT, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
@@ -283,14 +283,20 @@ class BudgetEngine:
                 log.exception("a budget settle listener failed")
 
     async def _journal(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> None:
-        """Keep spend the store could not take, with its ledger row; a release is journaled as zero spend."""
+        """Keep spend the store could not take, with its ledger row; a release is journaled as zero spend.
+
+        A reservation held in the store is settled or released again on replay (a no-op if the first try
+        did reach the store); one held locally is recorded.
+        """
         if self.journal is None:
             log.error("budget store unreachable and no journal configured: request %s not settled",
                       reservation.request_id)
             return
         spent = charge or Charge()
         lines = [(line.counter, spent, line.expires_at) for line in reservation.lines]
-        await asyncio.to_thread(self.journal.append, reservation.request_id, lines, entry)  # fsync off the loop
+        replay: Replay = "record" if reservation.local else "release" if charge is None else "settle"
+        # fsync off the loop
+        await asyncio.to_thread(self.journal.append, reservation.request_id, lines, entry, replay)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""

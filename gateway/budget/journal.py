@@ -1,9 +1,17 @@
 """A durable local journal of spend the store could not take, replayed idempotently when it is back.
 
 Each line is one request's spend (JSON), with its ledger row under "entry". Replay moves the file aside
-atomically, records every entry with `BudgetStore.record` (idempotent by request id, so a crash
-mid-replay double counts nothing) and puts back what still fails. Lines written before the ledger
-existed have no "entry" and replay without a ledger row; older gateways ignore the key.
+atomically, sends every entry again and puts back what still fails. Every replay counts once, however
+often it is sent (a crash mid-replay, an answer lost):
+
+- a request that holds a reservation in the store (its settle or release failed: it may or may not have
+  reached the store) is settled or released again ("replay": "settle" | "release"): that changes
+  nothing once the reservation is gone, settled or turned into spend by its ended lease;
+- a request admitted on the local fail-open allowance, which the store never saw, is recorded with
+  `BudgetStore.record` (idempotent by request id). Lines without "replay" (older gateways) replay so.
+
+Lines written before the ledger existed have no "entry" and replay without a ledger row; older
+gateways ignore the keys they do not know.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -22,16 +30,19 @@ from gateway.pricing import Charge
 __all__ = ["SpendJournal", "SpendLine"]
 
 SpendLine = tuple[CounterKey, Charge, float]
+Replay = Literal["record", "settle", "release"]   # how an entry is sent to the store again (module doc)
+REPLAYS: tuple[Replay, ...] = ("record", "settle", "release")
+
+Journaled = tuple[str, list[SpendLine], LedgerEntry | None, Replay]
 
 
-Journaled = tuple[str, list[SpendLine], LedgerEntry | None]
-
-
-def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None) -> bytes:
+def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None, replay: Replay) -> bytes:
     encoded: dict[str, Any] = {"id": request_id, "lines": [
         [c.policy, c.period, c.window_id, ch.usd_nano, ch.tokens, ch.requests, exp] for c, ch, exp in lines]}
     if entry is not None:
         encoded["entry"] = entry._asdict()
+    if replay != "record":
+        encoded["replay"] = replay
     return orjson.dumps(encoded)
 
 
@@ -40,7 +51,21 @@ def _decode(raw: bytes) -> Journaled:
     lines = [(CounterKey(p, per, w), Charge(u, t, r), exp) for p, per, w, u, t, r, exp in decoded["lines"]]
     row = decoded.get("entry")
     entry = LedgerEntry(**{**row, "policies": tuple(row["policies"])}) if row else None
-    return decoded["id"], lines, entry
+    replay = decoded.get("replay", "record")
+    if replay not in REPLAYS:
+        raise ValueError(f"unknown replay {replay!r}")
+    return decoded["id"], lines, entry, replay
+
+
+async def _send_again(store: BudgetStore, now: float, request_id: str, lines: list[SpendLine],
+                      entry: LedgerEntry | None, replay: Replay) -> None:
+    """One journal entry to the store, as its `replay` says (see the module doc)."""
+    if replay == "settle":
+        await store.settle(request_id, [(counter, charge) for counter, charge, _ in lines], now, entry)
+    elif replay == "release":
+        await store.release(request_id, now, entry)
+    else:
+        await store.record(request_id, lines, now, entry)
 
 
 class SpendJournal:
@@ -51,10 +76,15 @@ class SpendJournal:
         self._replaying = self.path.with_suffix(self.path.suffix + ".replaying")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def append(self, request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None = None) -> None:
-        """Write one request's spend (and ledger row) durably before anyone is told it was counted."""
+    def append(self, request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None = None,
+               replay: Replay = "record") -> None:
+        """Write one request's spend (and ledger row) durably before anyone is told it was counted.
+
+        `replay`: "settle" or "release" for a request that holds a reservation in the store, "record" for
+        one the store never saw.
+        """
         with open(self.path, "ab") as journal:
-            journal.write(_encode(request_id, lines, entry) + b"\n")
+            journal.write(_encode(request_id, lines, entry, replay) + b"\n")
             journal.flush()
             os.fsync(journal.fileno())
 
@@ -62,7 +92,7 @@ class SpendJournal:
         return any(p.exists() and p.stat().st_size > 0 for p in (self.path, self._replaying))
 
     async def replay(self, store: BudgetStore, now: float) -> int:
-        """Record every entry in the store; returns how many were replayed. Raises StoreError if any failed."""
+        """Send every entry to the store again; returns how many were replayed. Raises StoreError if any failed."""
         if not self._replaying.exists():
             if not self.path.exists():
                 return 0
@@ -72,16 +102,16 @@ class SpendJournal:
             if not raw.strip():
                 continue
             try:
-                request_id, lines, entry = _decode(raw)
+                journaled = _decode(raw)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line torn by a crash mid-write was never acknowledged to anyone
             try:
-                await store.record(request_id, lines, now, entry)
+                await _send_again(store, now, *journaled)
                 replayed += 1
             except StoreError:
-                failed.append((request_id, lines, entry))
-        for request_id, lines, entry in failed:
-            self.append(request_id, lines, entry)
+                failed.append(journaled)
+        for request_id, lines, entry, replay in failed:
+            self.append(request_id, lines, entry, replay)
         self._replaying.unlink()
         if failed:
             raise StoreError(f"{len(failed)} journal entries could not be replayed yet")

@@ -13,7 +13,7 @@ Key layout (prefix "gw"):
                                              PEXPIREAT the line's expires_at (window end + grace)
     {gw}:resv:<request_id>                   hash <counter key> -> "usd tokens requests expires_ms"
     {gw}:leases                              zset request_id scored by lease_until
-    {gw}:spent:<request_id>                  marker: the request already added its spend
+    {gw}:spent:<request_id>                  marker: spend recorded (journal replay) or by an ended lease
     {gw}:ledger                              stream: one row per request (id = its time), MAXLEN ~ N
     {gw}:alert:<key>                         marker: this alert was claimed; PXAT the window end
 
@@ -154,7 +154,8 @@ class RedisBudgetStore:
                 raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
-        return self._call("settle", self._request_keys(request_id, counters), args, states)
+        keys = [self._leases, f"{self._prefix}resv:{request_id}", *map(self.counter_key, counters)]
+        return self._call("settle", keys, args, states)
 
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
@@ -170,7 +171,8 @@ class RedisBudgetStore:
         check_record_lines(lines)
         spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", f"[{spend}]", *_row(entry)]
-        keys = self._request_keys(request_id, [counter for counter, _, _ in lines])
+        keys = [self._leases, f"{self._prefix}resv:{request_id}", f"{self._prefix}spent:{request_id}",
+                *(self.counter_key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
@@ -219,11 +221,6 @@ class RedisBudgetStore:
 
     def _key(self, kind: str, request_id: str | None = None) -> str:
         return f"{self._prefix}{kind}" if request_id is None else f"{self._prefix}{kind}:{request_id}"
-
-    def _request_keys(self, request_id: str, counters: Sequence[CounterKey]) -> list[str]:
-        """KEYS of settle and record: leases, reservation, spent marker, counters."""
-        prefix = self._prefix
-        return [self._leases, f"{prefix}resv:{request_id}", f"{prefix}spent:{request_id}", *map(self.counter_key, counters)]
 
     def observe_calls(self, observe: CallObserver) -> tuple[str, ...]:
         """Report the time and outcome of every script operation to `observe`; the operations so timed."""

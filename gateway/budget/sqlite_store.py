@@ -185,7 +185,6 @@ class SqliteBudgetStore:
         if not spend.keys() <= {line.counter for line in lines}:
             raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
         self._close_reservation(db, request_id, lines, spend)
-        self._mark_spent(db, request_id, lines)
         self._append_row(db, entry)
         return [self._state(db, counter) for counter, _ in actual]
 

@@ -173,9 +173,10 @@ class BudgetStore(Protocol):
                      entry: LedgerEntry | None = None) -> Sequence[CounterState] | None:
         """Turn the live reservation into `actual` spend; the states of `actual`'s counters after it.
 
-        None (no change) if there is no live reservation. Counters of the reservation missing from
-        `actual` get no spend; ValueError (no change) if `actual` names a counter the reservation does
-        not hold.
+        None (no change) if there is no live reservation, so a settle sent again (the journal replaying one
+        whose answer was lost) counts once. Nothing of the request stays in the store but its ledger row.
+        Counters of the reservation missing from `actual` get no spend; ValueError (no change) if
+        `actual` names a counter the reservation does not hold.
         """
 
     async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
@@ -187,9 +188,10 @@ class BudgetStore(Protocol):
     ) -> bool:
         """Add spend without a reservation (journal replay); lines are (counter, spend, expires_at).
 
-        False (no change) if `request_id` already added spend (settled, expired or recorded). A live
-        reservation under the same id is dropped, as the recorded spend replaces it. ValueError if
-        `lines` is empty.
+        False (no change) if `request_id` already recorded spend, or its reservation's lease ended and
+        became its spend. A live reservation under the same id is dropped, as the recorded spend replaces
+        it. A settled request leaves no marker: the journal replays a reserved request with settle or
+        release, never with record. ValueError if `lines` is empty.
         """
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:

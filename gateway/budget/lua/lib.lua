@@ -8,7 +8,8 @@
 --   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
 --   <prefix>resv:<request id>               hash: counter key -> "usd tokens requests expires_ms"
 --   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
---   <prefix>spent:<request id>              marker: this request already added its spend
+--   <prefix>spent:<request id>              marker: spend recorded without a reservation (a journal
+--                                           replay) or by an ended lease; settled requests leave none
 --   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows
 -- Amounts are integers below 2^53, exact in Lua's doubles; they reach Redis formatted with '%d'.
 

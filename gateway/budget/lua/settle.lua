@@ -1,6 +1,7 @@
 -- settle: the live reservation leaves `reserved`; the actual usage is added to `spent`; the caller's
--- ledger row is added.
--- KEYS: leases, reservation, spent marker, each counter with actual usage.
+-- ledger row is added. Nothing about the request is left behind but its ledger row: a settle sent again
+-- (a journal replay of one whose reply was lost) finds no live reservation and changes nothing.
+-- KEYS: leases, reservation, each counter with actual usage.
 -- ARGV: prefix, request id, [now, ledger_max], [usd, tokens, requests of each counter],
 --       [row: JSON array (see append_request_row)].
 -- Returns {1, states of the counters (see append_states)} settled, {0} no live reservation, {-1} a counter outside the
@@ -18,17 +19,16 @@ for _, line in ipairs(lines) do
 end
 local amounts = cjson.decode(ARGV[4])
 local spend = {}
-for i = 4, #KEYS do
+for i = 3, #KEYS do
   if not reserved[KEYS[i]] then
     return {-1}
   end
-  spend[KEYS[i]] = amounts_at(amounts, (i - 4) * 3)
+  spend[KEYS[i]] = amounts_at(amounts, (i - 3) * 3)
 end
 local texts = close_reservation(prefix, request_id, lines, spend)
-mark_spent(prefix, request_id, latest_expiry_ms(lines))
 append_request_row(prefix, ledger_max, 5)
 local settled = {}
-for i = 4, #KEYS do
+for i = 3, #KEYS do
   settled[#settled + 1] = texts[KEYS[i]]
 end
 return {1, packed(settled)}
