@@ -270,22 +270,14 @@ async def replay(backend: Backend, clock: FakeClock, tmp_path: Path, request_id:
     return await journal.replay(backend.store, clock.now())
 
 
-async def test_a_journaled_settle_that_had_reached_the_store_counts_once(
-        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reached_the_store", [True, False], ids=["answer-lost", "never-sent"])
+async def test_a_journaled_settle_counts_once_whether_or_not_it_had_reached_the_store(
+        backend: Backend, clock: FakeClock, tmp_path: Path, reached_the_store: bool) -> None:
     key = counter(clock)
     assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
     served = entry(clock, "r1", cost=600)
-    assert await backend.store.settle("r1", [(key, Charge(600))], clock.now(), served)   # its answer was lost
-    assert await replay(backend, clock, tmp_path, "r1", Charge(600), served, "settle", key) == 1
-    assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
-    assert await ledger(backend.store, clock) == [served]
-
-
-async def test_a_journaled_settle_that_never_reached_the_store_settles_on_replay(
-        backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
-    key = counter(clock)
-    assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))
-    served = entry(clock, "r1", cost=600)
+    if reached_the_store:   # it settled, and only its answer was lost on the way back
+        assert await backend.store.settle("r1", [(key, Charge(600))], clock.now(), served)
     assert await replay(backend, clock, tmp_path, "r1", Charge(600), served, "settle", key) == 1
     assert await state(backend.store, clock, key) == CounterState(key, Charge(600), Charge())
     assert await ledger(backend.store, clock) == [served]
