@@ -791,11 +791,12 @@ def _callgrind_control(option: str, pid: int) -> None:
 
 def _callgrind_summary(dump: Path) -> int:
     """Instructions counted in the latest dump written for `dump` (callgrind numbers them <dump>.1, .2, ...)."""
-    dumps = sorted(dump.parent.glob(dump.name + ".*"), key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-    for line in dumps[-1].read_text(errors="replace").splitlines():
+    numbered = [path for path in dump.parent.glob(dump.name + ".*") if path.suffix[1:].isdigit()]
+    latest = max(numbered, key=lambda path: int(path.suffix[1:]))
+    for line in latest.read_text(errors="replace").splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no summary line in {dumps[-1]}")
+    raise RuntimeError(f"no summary line in {latest}")
 
 
 def _truncate(path: Path) -> None:
@@ -1040,20 +1041,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         log(f"results in {bench.out}")
         if args.instructions:
-            args.targets = []             # only the store and the mock start here; each target under callgrind
-        bench.start()
-        if args.instructions:
+            # Only the store and the mock start here; each target starts under callgrind, one process.
+            args.targets, args.gateway_workers = [], 1
+            bench.start()
             extra["instructions"] = bench.instructions()
         else:
+            bench.start()
             bench.check_targets()
             bench.probe_metrics()
             bench.warm_up()
-        if args.soak:
-            extra["soak"] = bench.soak(args.soak)
-        elif not args.instructions:
-            bench.measure_all()
-            if args.profile:
-                extra["profile"] = bench.profile()
+            if args.soak:
+                extra["soak"] = bench.soak(args.soak)
+            else:
+                bench.measure_all()
+                if args.profile:
+                    extra["profile"] = bench.profile()
     except (Exception, KeyboardInterrupt, SystemExit) as exc:
         bench.failures.append(f"run aborted: {type(exc).__name__}: {exc}")
     finally:
