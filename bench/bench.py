@@ -403,6 +403,11 @@ def run_wrk(target: Target, body: Path, conc: int, duration: int, cpus: str | No
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
 
 
+def wrk_errors(wrk: dict[str, Any]) -> int:
+    """Non-2xx answers, socket errors and timeouts of one wrk run."""
+    return wrk["non2xx"] + wrk["connect_errors"] + wrk["read_errors"] + wrk["write_errors"] + wrk["timeouts"]
+
+
 # --------------------------------------------------------------------------- the bench
 
 class Bench:
@@ -612,8 +617,7 @@ class Bench:
         result = RunResult(
             target=target.name, scenario=scenario, conc=conc, round=round_no,
             rps=wrk["requests"] / wall, p50_ms=wrk["p50_us"] / 1000, p99_ms=wrk["p99_us"] / 1000,
-            requests=wrk["requests"], errors=wrk["non2xx"] + wrk["connect_errors"] + wrk["read_errors"]
-            + wrk["write_errors"] + wrk["timeouts"],
+            requests=wrk["requests"], errors=wrk_errors(wrk),
             cpu_ms_per_req=cpu_s * 1000 / done, core_busy=cpu_s / wall, loadgen_busy=loadgen_s / wall,
             upstream_hits_per_req=(mock_hits(self.mock_url) - hits) / done)
         if is_gateway and before_budget is not None:
@@ -677,7 +681,7 @@ class Bench:
             seconds = 5 if baseline is None else 20
             wrk, _ = run_wrk(target, body, conc, seconds, self.loadgen_cpus, self.args.drain)
             done += wrk["requests"]
-            errors = wrk["non2xx"] + wrk["connect_errors"] + wrk["read_errors"] + wrk["write_errors"] + wrk["timeouts"]
+            errors = wrk_errors(wrk)
             if errors:
                 self.failures.append(f"soak: {errors} non-2xx or socket errors after {done} requests")
             settled_budget(target.url)
@@ -747,7 +751,7 @@ class Bench:
         instructions = _callgrind_summary(dump)
         target.proc.stop()
         del self.targets[name]
-        errors = wrk["non2xx"] + wrk["connect_errors"] + wrk["read_errors"] + wrk["write_errors"] + wrk["timeouts"]
+        errors = wrk_errors(wrk)
         if errors:
             self.failures.append(f"instructions {name}: {errors} non-2xx or socket errors ({wrk})")
         per_request = instructions / max(1, wrk["requests"])

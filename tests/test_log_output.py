@@ -24,4 +24,3 @@ def test_a_line_written_just_before_the_loop_stops_is_flushed_at_shutdown() -> N
     assert sink.getvalue() == b""
     handler.flush()                                      # what logging.shutdown does
     assert sink.getvalue() == b'{"request_id": "last"}\n'
-

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -31,7 +31,7 @@ __all__ = ["SpendJournal", "SpendLine"]
 
 SpendLine = tuple[CounterKey, Charge, float]
 Replay = Literal["record", "settle", "release"]   # how an entry is sent to the store again (module doc)
-REPLAYS: tuple[Replay, ...] = ("record", "settle", "release")
+REPLAYS: tuple[Replay, ...] = get_args(Replay)
 
 Journaled = tuple[str, list[SpendLine], LedgerEntry | None, Replay]
 

@@ -43,8 +43,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
     RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine,
-    ReserveOutcome,
-    check_record_lines, check_reserve_lines, check_spend, time_ms,
+    ReserveOutcome, check_record_lines, check_reserve_lines, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge

@@ -28,8 +28,8 @@ from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
-    "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore", "check_reserve_lines",
-    "check_record_lines", "check_spend", "time_ms",
+    "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore",
+    "check_reserve_lines", "check_record_lines", "check_spend", "time_ms",
 ]
 
 Unit = Literal["usd", "tokens", "requests"]

@@ -78,9 +78,9 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
     """Pass the upstream answer on: streamed event by event, or whole."""
     assert delivery.reply is not None
     reply, redactor = delivery.reply, providers.redactor
-    served_by = {"x-gateway-provider": reply.target.provider, "x-gateway-attempts": str(reply.attempts)}
+    served_by = {"x-gateway-provider": reply.target.provider, "x-gateway-attempts": str(reply.attempts),
+                 "x-request-id": request[RECORD].request_id}
     try:
-        served_by["x-request-id"] = request[RECORD].request_id
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by)
             await send_now(request, response)
