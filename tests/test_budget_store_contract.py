@@ -505,6 +505,20 @@ async def test_reserve_and_settle_take_one_round_trip_each(
     assert sent.calls_per_write() == [1, 1]
 
 
+async def test_rows_of_the_earlier_column_layout_read_back_beside_new_rows(redis_backend: Backend,
+                                                                           clock: FakeClock) -> None:
+    """A ledger written by an earlier release (one stream field per column) stays readable after an upgrade."""
+    old = entry(clock, "old", cost=300, policies=("team-a", "global"))
+    await redis_backend.client.xadd("{gw}:ledger", {
+        "id": old.request_id, "caller": "web-app", "team": "web", "policies": "team-a,global", "model": "gpt-4.1",
+        "provider": "primary", "prompt": "50", "completion": "20", "cached": "10", "cost": "300", "status": "served",
+        "latency_ms": "42", "attempts": "1"}, id=f"{time_ms(clock.now())}-0")
+    anonymous = entry(clock, "new")._replace(caller=None, team=None, policies=())
+    assert await redis_backend.store.record("new", [(counter(clock), Charge(1), expiry(clock))], clock.now(),
+                                            anonymous)
+    assert await ledger(redis_backend.store, clock) == [old, anonymous]
+
+
 async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clock: FakeClock) -> None:
     assert await reserve(redis_backend.store, clock, "r1", line(clock, counter(clock), Charge(10)))
     recorded = [(counter(clock, "b"), Charge(1), expiry(clock))]

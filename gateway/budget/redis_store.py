@@ -126,8 +126,8 @@ class RedisBudgetStore:
                 amount = line.amount
                 amount_words = _amount_words(amount)
             words.append(f"{amount_words},{key_and_limits[1]}")
-        args = [self._prefix, request_id, f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max}]",
-                f"[{','.join(words)}]"]
+        args = [self._prefix, request_id,
+                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{','.join(words)}]"]
 
         def outcome(reply: list[int]) -> ReserveOutcome:
             if reply[0] == 1:
@@ -146,7 +146,8 @@ class RedisBudgetStore:
         charges = {charge for _, charge in actual}
         amounts = (",".join([_amount_words(actual[0][1])] * len(actual)) if len(charges) == 1
                    else ",".join([_amount_words(charge) for _, charge in actual]))
-        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", f"[{amounts}]", *_row(entry)]
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{amounts}]",
+                *_row(entry)]
 
         def states(reply: list[int]) -> Sequence[CounterState] | None:
             if reply[0] == -1:
@@ -159,7 +160,7 @@ class RedisBudgetStore:
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = [self._leases, f"{self._prefix}resv:{request_id}"]
-        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", *_row(entry)]
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
         return self._call("release", keys, args, _is_one)
 
     def record(
@@ -169,7 +170,8 @@ class RedisBudgetStore:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
         spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
-        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max}]", f"[{spend}]", *_row(entry)]
+        args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{spend}]",
+                *_row(entry)]
         keys = [self._leases, f"{self._prefix}resv:{request_id}", f"{self._prefix}spent:{request_id}",
                 *(self.counter_key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
@@ -348,16 +350,27 @@ _ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
 
 
 def _row(entry: LedgerEntry | None) -> list[str]:
-    """A ledger row as a script argument: the JSON array of its fields (see append_request_row in lib.lua)."""
-    return [] if entry is None else [orjson.dumps(tuple(entry)).decode()]
+    """A ledger row as a script argument: the JSON array of its fields after `time`, which Redis stores as
+    it is (see append_request_row in lib.lua)."""
+    return [] if entry is None else [orjson.dumps(entry[1:]).decode()]
+
+
+def _row_ms(entry: LedgerEntry | None) -> int:
+    """The time a row is filed at (0 when there is no row)."""
+    return 0 if entry is None else time_ms(entry.time)
 
 
 def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
     """A ledger row read back; its time is its stream id's."""
+    filed_at = int(_text(stream_id).partition("-")[0]) / 1000
+    row = raw.get(b"row", raw.get("row"))
+    if row is not None:
+        request_id, caller, team, policies, *rest = orjson.loads(row)
+        return LedgerEntry(filed_at, request_id, caller, team, tuple(policies), *rest)
     fields = {_text(key): _text(value) for key, value in raw.items()}
     ints = {name: int(fields[name] or 0) for name in _ROW_INTS}
     return LedgerEntry(
-        time=int(_text(stream_id).partition("-")[0]) / 1000, request_id=fields["id"],
+        time=filed_at, request_id=fields["id"],
         caller=fields["caller"] or None, team=fields["team"] or None,
         policies=tuple(filter(None, fields["policies"].split(","))), model=fields["model"] or None,
         provider=fields["provider"] or None, prompt_tokens=ints["prompt"], completion_tokens=ints["completion"],

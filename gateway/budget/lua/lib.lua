@@ -1,8 +1,8 @@
 -- Helpers shared by the budget scripts; prepended to each operation script when it is registered.
 --
--- Arguments are few and compact (each one costs the gateway CPU to encode): numbers travel as one JSON
--- array of decimal numbers, decoded in C by cjson (exact below 2^53, like every amount here). Numbers
--- written to Redis are formatted with `int` (and scores with `score`): never left to Lua's '%.14g'.
+-- Arguments are few and compact (each one costs the gateway CPU to encode): a script's numbers travel as
+-- ONE JSON array of decimal numbers, decoded in C by cjson (exact below 2^53, like every amount here).
+-- Numbers written to Redis are formatted with `int` (and scores with `score`): never left to Lua's '%.14g'.
 --
 -- Keys (prefix = ARGV[1], e.g. "{gw}:"; the hash tag keeps every key on one Cluster slot):
 --   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
@@ -10,7 +10,10 @@
 --   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
 --   <prefix>spent:<request id>              marker: spend recorded without a reservation (a journal
 --                                           replay) or by an ended lease; settled requests leave none
---   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows
+--   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows:
+--                                           a field 'row' holding the gateway's JSON row; rows a script
+--                                           files itself (lease_expired), and rows of earlier releases,
+--                                           have one field per column
 -- Amounts are integers below 2^53, exact in Lua's doubles; they reach Redis formatted with '%d'.
 
 local call, concat, format, tonumber, unpack = redis.call, table.concat, string.format, tonumber, unpack
@@ -132,23 +135,13 @@ local function append_ledger(prefix, ledger_max, time_ms, fields)
   call('XADD', ledger, 'MAXLEN', '~', max_rows, id, unpack(fields))
 end
 
--- Appends the caller's row when it sent one: ARGV[at] is a JSON array of the LedgerEntry fields in order
--- (time in epoch seconds, request id, caller, team, policies, model, provider, prompt, completion,
--- cached, cost, status, latency_ms, attempts); null texts are ''.
-local function append_request_row(prefix, ledger_max, at)
-  if #ARGV < at then
-    return
+-- Appends the caller's row when it sent one, filed at time_ms: ARGV[at] is a JSON array of the
+-- LedgerEntry fields after its time, stored as it came (decoding and re-encoding it here would cost
+-- Redis more than the rest of a settle's ledger work).
+local function append_request_row(prefix, ledger_max, time_ms, at)
+  if #ARGV >= at then
+    append_ledger(prefix, ledger_max, time_ms, {'row', ARGV[at]})
   end
-  local row = cjson.decode(ARGV[at])
-  local function text(value)
-    return (value == cjson.null or value == nil) and '' or value
-  end
-  append_ledger(prefix, ledger_max, math.floor(row[1] * 1000 + 0.5), {
-    'id', row[2], 'caller', text(row[3]), 'team', text(row[4]), 'policies', table.concat(row[5], ','),
-    'model', text(row[6]), 'provider', text(row[7]), 'prompt', int(row[8]), 'completion', int(row[9]),
-    'cached', int(row[10]), 'cost', int(row[11]), 'status', row[12], 'latency_ms', int(row[13]),
-    'attempts', int(row[14]),
-  })
 end
 
 -- The row of a reservation whose lease ended: its policies and, per unit, its largest line amount.

@@ -1,11 +1,12 @@
 -- record: add spend without a reservation (journal replay), at most once per request id, with the
 -- caller's ledger row.
 -- KEYS: leases, reservation, spent marker, counter of each line.
--- ARGV: prefix, request id, [now, ledger_max], [usd, tokens, requests, expires_ms of each line],
---       [row: JSON array (see append_request_row)].
+-- ARGV: prefix, request id, [now, ledger_max, row time_ms, then usd, tokens, requests, expires_ms of each
+--       line], [row: JSON array (see append_request_row)].
 -- Returns 1 recorded, 0 this request id already added its spend.
 local prefix, request_id = ARGV[1], ARGV[2]
-local now, ledger_max = unpack(cjson.decode(ARGV[3]))
+local values = cjson.decode(ARGV[3])
+local now, ledger_max = values[1], values[2]
 if call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
@@ -17,13 +18,12 @@ if live then
   close_reservation(prefix, request_id, live, {})
 end
 
-local values = cjson.decode(ARGV[4])
 local latest = 0
 for i = 4, #KEYS do
-  local base = (i - 4) * 4
+  local base = 3 + (i - 4) * 4
   apply(KEYS[i], NOTHING, amounts_at(values, base), values[base + 4])
   latest = math.max(latest, values[base + 4])
 end
 mark_spent(prefix, request_id, latest)
-append_request_row(prefix, ledger_max, 5)
+append_request_row(prefix, ledger_max, values[3], 4)
 return 1
