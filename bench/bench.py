@@ -726,8 +726,8 @@ class Bench:
         """Instructions per chat request at 16 connections, counted by callgrind: a figure machine noise cannot
         move. The bare proxy, the gateway, and the gateway with one feature off each (what that feature costs)."""
         rows = []
-        for name, options in INSTRUCTION_TARGETS.items():   # each bounded: start-up, then two bounded wrk runs
-            rows.append(self._count_instructions(name, options))
+        for name in self.args.instruction_targets:   # each bounded: start-up, then two bounded wrk runs
+            rows.append(self._count_instructions(name, INSTRUCTION_TARGETS[name]))
         return rows
 
     def _count_instructions(self, name: str, options: dict[str, bool]) -> dict[str, Any]:
@@ -1045,6 +1045,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         log(f"results in {bench.out}")
         if args.instructions:
+            unknown = set(args.instruction_targets) - set(INSTRUCTION_TARGETS)
+            if unknown:
+                raise SystemExit(f"bench: unknown --instruction-targets {', '.join(sorted(unknown))}")
             # Only the store and the mock start here; each target starts under callgrind, one process.
             args.targets, args.gateway_workers = [], 1
             bench.start()
@@ -1123,6 +1126,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--instructions", action="store_true",
                      help="instead of the matrix: instructions per request under callgrind (valgrind), for the bare "
                           "proxy, the gateway and the gateway without its access log or budgets (~6 min)")
+    run.add_argument("--instruction-targets", type=csv_names, default=list(INSTRUCTION_TARGETS),
+                     help=f"what --instructions counts (default {','.join(INSTRUCTION_TARGETS)})")
     run.add_argument("--profile", action="store_true", help="py-spy the gateway under load after the matrix")
     run.add_argument("--py-spy", help="path of the py-spy binary (default: on PATH)")
     run.add_argument("--out", help="results folder (default bench/results/<stamp>)")
