@@ -121,6 +121,31 @@ async def test_a_call_to_an_idle_pipeline_goes_at_once_and_the_rest_of_its_turn_
     assert spy.calls_per_write() == [1, 49, 1, 2]
 
 
+async def test_a_call_behind_one_outstanding_call_goes_at_once_and_behind_two_waits_for_its_turn(
+        fresh_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one connection the last request's settle is still outstanding when the next one reserves."""
+    pipe = await opened(fresh_redis_server.url)
+    spy = RedisWrites(monkeypatch)
+    try:
+        fresh_redis_server.pause()   # nothing is answered: what was written stays outstanding
+        settle = pipe.call("settle", "1")
+        await asyncio.sleep(0)        # a later loop turn
+        reserve = pipe.call("reserve", "2")
+        assert spy.calls_per_write() == [1, 1]   # both written before their turn ended
+        same_turn = pipe.call("same", "turn")
+        await asyncio.sleep(0)
+        third = pipe.call("third", "3")
+        assert spy.calls_per_write() == [1, 1, 1]   # two outstanding: queued for the end of its turn
+        await spy.until(4, PROMPT_S)
+        fresh_redis_server.resume()
+        assert await asyncio.gather(settle, reserve, same_turn, third) == [
+            [b"settle", b"1"], [b"reserve", b"2"], [b"same", b"turn"], [b"third", b"3"]]
+        assert spy.calls_per_write() == [1, 1, 1, 1]
+    finally:
+        fresh_redis_server.resume()
+        await pipe.close()
+
+
 async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     admin = Redis.from_url(redis_url)

@@ -4,8 +4,9 @@
 master discovery, AUTH, SELECT, TLS and the RESP handshake stay redis-py's job); then the pipeline
 takes its transport over and speaks to it directly:
 
-- a caller (`submit`) packs its EVALSHA at once and gets a future; when nothing else is outstanding the
-  call is written at once (a quiet gateway waits for no loop turn), else it is queued;
+- a caller (`submit`) packs its EVALSHA at once and gets a future; the first call of a loop turn is
+  written at once when at most QUIET_OUTSTANDING calls are outstanding (a quiet gateway waits for no
+  loop turn), any other is queued;
 - everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
 - the transport's protocol feeds what arrives to hiredis and answers the oldest outstanding call with
@@ -51,6 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = ["ScriptPipeline", "CallObserver"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
+QUIET_OUTSTANDING = 1   # at most this many calls outstanding: a call is written at once, not a loop turn later
 
 Parse = Callable[[Any], Any]
 WrapError = Callable[[Exception], Exception]
@@ -122,9 +124,12 @@ class ScriptPipeline:
         started = loop.time() if operation is not None and self.observe is not None else 0.0
         call = _Call(self._evalsha(script, keys, args), future, script, parse, operation, started)
         protocol = self._protocol
-        if protocol is not None and not self._pending and not self._queue:
-            # Nothing outstanding (a quiet gateway): send it at once rather than a loop turn later.
+        if protocol is not None and not self._flush_scheduled and len(self._pending) <= QUIET_OUTSTANDING:
+            # A quiet gateway (at one connection the last request's settle is still outstanding when the
+            # next one reserves): send it at once rather than a loop turn later; the calls made in the
+            # rest of this turn go out together at its end.
             self._write(protocol, [call], started or loop.time())
+            self._schedule_flush()
         else:
             self._queue.append(call)
             self._schedule_flush()
