@@ -959,9 +959,11 @@ def _ratio_table(results: list[RunResult]) -> list[str]:
     cells = _cells(results)
     rows = ["| scenario | conc | gateway/bare RPS | gateway/bare p50 | gateway/bare p99 | gateway/bare CPU ms/req "
             "| added p50 ms | added p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for (scenario, conc, target), runs in cells.items():
+    for scenario, conc, target in cells:
+        if target != "gateway":
+            continue
         matched = _same_round_pairs(cells, scenario, conc)
-        if target != "gateway" or not matched:
+        if not matched:
             continue
         ratio = lambda attr: _pair_ratio(matched, attr)  # noqa: E731
         added = lambda attr: _pair_added(matched, attr)  # noqa: E731

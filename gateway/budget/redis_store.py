@@ -115,7 +115,7 @@ class RedisBudgetStore:
         check_reserve_lines(lines)
         if not lines:
             return _answered(RESERVED)
-        keys = [self._leases, f"{self._prefix}resv:{request_id}"]
+        keys = self._reservation_keys(request_id)
         words, amount, amount_words = [], None, ""
         for line in lines:
             key_and_limits = self._line_words.get((line.counter, line.limits, line.expires_at))
@@ -154,12 +154,12 @@ class RedisBudgetStore:
                 raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
-        keys = [self._leases, f"{self._prefix}resv:{request_id}", *map(self.counter_key, counters)]
+        keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
         return self._call("settle", keys, args, states)
 
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
-        keys = [self._leases, f"{self._prefix}resv:{request_id}"]
+        keys = self._reservation_keys(request_id)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
         return self._call("release", keys, args, _is_one)
 
@@ -172,7 +172,7 @@ class RedisBudgetStore:
         spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{spend}]",
                 *_row(entry)]
-        keys = [self._leases, f"{self._prefix}resv:{request_id}", f"{self._prefix}spent:{request_id}",
+        keys = [*self._reservation_keys(request_id), self._key("spent", request_id),
                 *(self.counter_key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
 
@@ -222,6 +222,10 @@ class RedisBudgetStore:
 
     def _key(self, kind: str, request_id: str | None = None) -> str:
         return f"{self._prefix}{kind}" if request_id is None else f"{self._prefix}{kind}:{request_id}"
+
+    def _reservation_keys(self, request_id: str) -> list[str]:
+        """The first KEYS of every script on a request: the leases and the request's reservation."""
+        return [self._leases, f"{self._prefix}resv:{request_id}"]
 
     def observe_calls(self, observe: CallObserver) -> tuple[str, ...]:
         """Report the time and outcome of every script operation to `observe`; the operations so timed."""
