@@ -47,7 +47,7 @@ async def timed_chat(http, gateway, body=CHAT):
 
 
 async def gateway_on(start_gateway, upstream, redis: RedisServer, mode: str, allowance: str = "0.5"):
-    store = StoreConfig(url=redis.url, on_outage=mode, fail_open_allowance=Decimal(allowance))
+    store = StoreConfig(url=redis.url, on_outage=mode, fail_open_allowance=Decimal(allowance), reserve_ahead=False)
     return await start_gateway(make_settings({"primary": upstream.url}, store=store,
                                              policies=(make_policy("global", usd="1"),)))
 
@@ -133,7 +133,7 @@ class SettleAnswerLostOnce:
 
 async def test_a_settle_whose_answer_was_lost_is_journaled_and_counted_once(durable_redis, upstream,
                                                                             start_gateway, http):
-    settings = make_settings({"primary": upstream.url}, store=StoreConfig(url=durable_redis.url),
+    settings = make_settings({"primary": upstream.url}, store=StoreConfig(url=durable_redis.url, reserve_ahead=False),
                              policies=(make_policy("global", usd="1"),))
     gateway = await start_gateway(settings, store=SettleAnswerLostOnce(create_store(settings.store)))
     for _ in range(2):

@@ -136,6 +136,20 @@ async def test_limit_is_inclusive(backend: Backend, clock: FakeClock) -> None:
     assert not await reserve(backend.store, clock, "c", line(clock, key, Charge(tokens=1), limits))
 
 
+async def test_a_reserve_asking_for_room_needs_that_many_amounts_free_and_holds_one(backend: Backend,
+                                                                                   clock: FakeClock) -> None:
+    keys = [counter(clock, "org"), counter(clock, "team")]
+    limits: list[Limits] = [(None, None, 100), (None, 1000, 20)]
+    assert await reserve(backend.store, clock, "busy", line(clock, keys[1], Charge(tokens=400, requests=7), limits[1]))
+    spare = [line(clock, key, Charge(tokens=160, requests=1), lim) for key, lim in zip(keys, limits)]
+    refused = await backend.store.reserve("spare-1", spare, clock.now(), clock.now() + LEASE_S, room=4)
+    assert (refused.ok, refused.refused_index, refused.refused_unit) == (False, 1, "tokens")   # 400 + 4 x 160 > 1000
+    made = await backend.store.reserve("spare-2", spare, clock.now(), clock.now() + LEASE_S, room=3)
+    assert made.ok
+    assert [s.reserved for s in await backend.store.read(keys, clock.now())] == [
+        Charge(tokens=160, requests=1), Charge(tokens=560, requests=8)]
+
+
 async def test_refusal_of_one_line_leaves_every_line_unchanged(backend: Backend, clock: FakeClock) -> None:
     keys = [counter(clock, "org"), counter(clock, "team"), counter(clock, "user", "monthly")]
     assert await reserve(backend.store, clock, "warm", *(line(clock, k, Charge(100, 10, 1)) for k in keys))

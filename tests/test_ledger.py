@@ -37,10 +37,10 @@ POLICIES = (make_policy("global", **LIMITS), make_policy("team-web", teams=("web
 
 @pytest.fixture(params=["embedded", "redis"])
 def store_config(request, tmp_path) -> StoreConfig:
-    """Every ledger test runs on the embedded store and on a real redis-server."""
+    """Every ledger test runs on the embedded store and on a real redis-server (spares: test_spare_reservations)."""
     if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"))
-    return StoreConfig(path=str(tmp_path / "budget.db"))
+        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
+    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
 
 
 async def usage(http, gateway, key: str = ADMIN_KEY, **query: str) -> dict[str, Any]:

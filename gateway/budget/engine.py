@@ -22,6 +22,7 @@ from gateway.budget.allowance import LocalAllowance
 from gateway.budget.journal import Replay, SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.slots import KEY_GRACE_S, SlotCache, budget_slots, limits_of
+from gateway.budget.spares import SPARE_ROOM, Spare, SparePool, SpareReservations
 from gateway.budget.store import MAX_AMOUNT, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
 from gateway.budget.windows import Window, WindowCache, seconds_until_reset
 from gateway.budget.worst_case import worst_case_charge
@@ -58,6 +59,12 @@ class Reservation(NamedTuple):
     caller: CallerIdentity | None = None
 
     policies: tuple[str, ...] = ()       # names of the policies it holds budget on
+    spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
+
+    @property
+    def held_as(self) -> str:
+        """The id the store holds the reservation under."""
+        return self.spare_id or self.request_id
 
 
 SettleListener = Callable[[Sequence[CounterState]], None]   # the settled counters' states
@@ -103,6 +110,10 @@ class BudgetEngine:
         self._store_failures = 0
         self._background: set[asyncio.Future[Any]] = set()
         self._pipelined = bool(getattr(store, "pipelined", False))
+        # a spare is taken well within its lease, so the request's lease is about as long as its own would be
+        idle_s = min(config.reserve_ahead_idle_s, config.lease_s / 10)
+        self.spares = SpareReservations(idle_s, clock.monotonic, self._release_spare) \
+            if config.reserve_ahead and store is not None else None
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
@@ -113,9 +124,25 @@ class BudgetEngine:
         now = self.clock.now()
         slots = self._slots.slots(match, now)
         amount = worst_case_charge(req, plan, match.policies)
+        spares, pool = self.spares, None
+        if spares is not None:
+            pool = spares.pool(slots)
+            spare = spares.take(pool, amount)
+            if spare is not None:
+                self._reserve_ahead(pool, spare.lines, amount)
+                return self._on_spare(request_id, plan, spare, caller, match.names)
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._reserve_lines(request_id, lines, now)
+        if outcome is not None and not outcome.ok and spares is not None and pool is not None:
+            spare, released = await spares.reclaim(pool, amount)
+            if spare is not None:
+                return self._on_spare(request_id, plan, spare, caller, match.names)
+            if released is not None:         # the spare held the headroom this request needs
+                await self._release_quietly(released, now)
+                outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
+            if pool is not None and outcome is not None:
+                self._reserve_ahead(pool, lines, amount)
             return Reservation(request_id, plan, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         line, slot = lines[outcome.refused_index or 0], slots[outcome.refused_index or 0]
@@ -142,6 +169,47 @@ class BudgetEngine:
             return None
         return Reservation(request_id, cheaper, lines, local=outcome is None,
                            downgraded_from=plan.model, caller=caller, policies=match.names)
+
+    @staticmethod
+    def _on_spare(request_id: str, plan: Plan, spare: Spare, caller: CallerIdentity,
+                  policies: tuple[str, ...]) -> Reservation:
+        return Reservation(request_id, plan, spare.lines, caller=caller, policies=policies, spare_id=spare.spare_id)
+
+    def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
+        """Make the pool's next spare with `amount`, after the current request has gone upstream."""
+        if pool.making is not None or pool.spare is not None or self.clock.monotonic() < self._store_down_until:
+            return
+        assert self.spares is not None
+        if lines[0].amount is not amount:
+            lines = tuple([line._replace(amount=amount) for line in lines])
+        spare = self.spares.new_spare(pool, lines, amount)
+        # call_soon: the store call is written after the request that asked for it is on its way upstream
+        asyncio.get_running_loop().call_soon(self._make_spare, pool, spare)
+
+    def _make_spare(self, pool: SparePool, spare: Spare) -> None:
+        assert self.store is not None and self.spares is not None
+        now = self.clock.now()
+        try:
+            call = self.store.reserve(spare.spare_id, spare.lines, now, now + self.config.lease_s, SPARE_ROOM)
+        except StoreError:
+            self.spares.not_made(pool)
+            return
+        future = asyncio.ensure_future(self._bounded(call))
+        self._keep(future)
+        future.add_done_callback(functools.partial(self._spare_answered, pool, spare))
+
+    def _spare_answered(self, pool: SparePool, spare: Spare, call: asyncio.Future[ReserveOutcome]) -> None:
+        assert self.spares is not None
+        if not call.cancelled() and call.exception() is None and call.result().ok:
+            self.spares.made(pool, spare)
+            return
+        self.spares.not_made(pool)
+        if call.cancelled() or call.exception() is not None:
+            # The store may have applied the reservation before the reply was lost.
+            self._release_spare(spare.spare_id)
+
+    def _release_spare(self, spare_id: str) -> None:
+        self._spawn(self._release_quietly(spare_id, self.clock.now()))
 
     async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
                              now: float) -> ReserveOutcome | None:
@@ -231,8 +299,8 @@ class BudgetEngine:
         """The store call: settle the real cost, or release when nothing is charged."""
         assert self.store is not None
         if charge is None:
-            return self.store.release(reservation.request_id, entry.time, entry)
-        return self.store.settle(reservation.request_id, [(line.counter, charge) for line in reservation.lines],
+            return self.store.release(reservation.held_as, entry.time, entry)
+        return self.store.settle(reservation.held_as, [(line.counter, charge) for line in reservation.lines],
                                  entry.time, entry)
 
     async def _await_settle(self, call: Awaitable[Any], reservation: Reservation, charge: Charge | None,
@@ -296,7 +364,7 @@ class BudgetEngine:
         lines = [(line.counter, spent, line.expires_at) for line in reservation.lines]
         replay: Replay = "record" if reservation.local else "release" if charge is None else "settle"
         # fsync off the loop
-        await asyncio.to_thread(self.journal.append, reservation.request_id, lines, entry, replay)
+        await asyncio.to_thread(self.journal.append, reservation.held_as, lines, entry, replay)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
@@ -356,7 +424,12 @@ class BudgetEngine:
             await asyncio.wait(list(self._background))
 
     async def close(self) -> None:
-        """Finish settlements still running, then close the store."""
+        """Finish settlements still running, release the spares, then close the store."""
+        for _ in range(2):                   # spares being made land, then are released
+            if self._background:
+                await asyncio.wait(self._background, timeout=self._hard_timeout())
+            if self.spares is not None:
+                self.spares.drain()
         if self._background:
             await asyncio.wait(self._background, timeout=self._hard_timeout())
         if self.store is not None:

@@ -109,7 +109,7 @@ class RedisBudgetStore:
         return words
 
     def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
     ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none (see `BudgetStore`)."""
         check_reserve_lines(lines)
@@ -127,7 +127,7 @@ class RedisBudgetStore:
                 amount_words = _amount_words(amount)
             words.append(f"{amount_words},{key_and_limits[1]}")
         args = [self._prefix, request_id,
-                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{','.join(words)}]"]
+                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},{','.join(words)}]"]
 
         def outcome(reply: list[int]) -> ReserveOutcome:
             if reply[0] == 1:

@@ -102,13 +102,13 @@ class SqliteBudgetStore:
         self._closed = False
 
     async def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
     ) -> ReserveOutcome:
         """Reserve every line or none."""
         check_reserve_lines(lines)
         if not lines:
             return RESERVED
-        return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until))
+        return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until, room))
 
     async def settle(self, request_id: str, actual: Spend, now: float,
                      entry: LedgerEntry | None = None) -> list[CounterState] | None:
@@ -157,7 +157,7 @@ class SqliteBudgetStore:
     # --- operations, each run inside one transaction on the worker thread ---
 
     def _reserve(
-        self, db: Db, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, db: Db, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int
     ) -> ReserveOutcome:
         self._drop_expired(db, now)
         self._sweep_leases(db, now)
@@ -165,7 +165,7 @@ class SqliteBudgetStore:
             raise ValueError(f"request {request_id!r} already holds a reservation")
         states = [self._state(db, line.counter) for line in lines]
         for index, (line, state) in enumerate(zip(lines, states)):
-            unit = _exceeded_unit(line, state)
+            unit = _exceeded_unit(line, state, room)
             if unit is not None:
                 return ReserveOutcome(False, index, unit)
         for line in lines:
@@ -352,11 +352,11 @@ class SqliteBudgetStore:
             self._conn = None
 
 
-def _exceeded_unit(line: ReserveLine, state: CounterState) -> Unit | None:
-    """The first limited unit in which spent + reserved + amount would pass the line's limit."""
+def _exceeded_unit(line: ReserveLine, state: CounterState, room: int = 1) -> Unit | None:
+    """The first limited unit in which spent + reserved + room x amount would pass the line's limit."""
     totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
     for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
-        if limit is not None and spent + reserved + amount > limit:
+        if limit is not None and spent + reserved + room * amount > limit:
             return unit
     return None
 

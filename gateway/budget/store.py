@@ -162,11 +162,13 @@ class BudgetStore(Protocol):
     """
 
     async def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
     ) -> ReserveOutcome:
         """Reserve every line or none; ValueError if `request_id` already holds a reservation.
 
-        No lines: ok, and nothing is stored (a later settle or release returns False).
+        `room` > 1 asks for more: refused unless `room` x each amount would fit (a spare reservation
+        is made only while the budget has room for several more). No lines: ok, and nothing is stored
+        (a later settle or release returns False).
         """
 
     async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,

@@ -162,6 +162,8 @@ def _store(node: Node, base_dir: Path) -> StoreConfig:
         on_outage=node.at("on_outage").choice(_OUTAGE_MODES, _STORE.on_outage),
         fail_open_allowance=node.at("fail_open_allowance").decimal(_STORE.fail_open_allowance, between(0, 1)),
         lease_s=node.at("lease_s").number(_STORE.lease_s, above(0)),
+        reserve_ahead=node.at("reserve_ahead").flag(_STORE.reserve_ahead),
+        reserve_ahead_idle_s=node.at("reserve_ahead_idle_s").number(_STORE.reserve_ahead_idle_s, above(0)),
         journal_path=str(base_dir / node.at("journal_path").text(_STORE.journal_path)),
         ledger_max_entries=node.at("ledger_max_entries").integer(_STORE.ledger_max_entries, at_least(1)),
     )

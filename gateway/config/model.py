@@ -40,6 +40,8 @@ class StoreConfig:
     on_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
     fail_open_allowance: Decimal = Decimal("0.01")   # share of each limit one replica may spend blind
     lease_s: float = 900.0                   # a reservation not settled by then turns into spend
+    reserve_ahead: bool = True               # keep a spare reservation for the next request (budget/spares.py)
+    reserve_ahead_idle_s: float = 1.0        # a spare not taken by then is released
     journal_path: str = "./data/journal.jsonl"
     ledger_max_entries: int = 1_000_000      # spend ledger rows kept (the oldest are trimmed)
 

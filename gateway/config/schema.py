@@ -18,7 +18,7 @@ _SERVER = _scalars(
 )
 _STORE = _scalars(
     "url", "path", "timeout_s", "pool_size", "on_outage", "fail_open_allowance", "lease_s", "journal_path",
-    "ledger_max_entries",
+    "ledger_max_entries", "reserve_ahead", "reserve_ahead_idle_s",
 )
 _PROVIDER = _scalars(
     "base_url", "api_key", "max_connections",

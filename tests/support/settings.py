@@ -29,7 +29,11 @@ PRICES = {
 def make_settings(upstreams: dict[str, str], *, routes: dict[str, list[Any]] | None = None,
                   max_body_bytes: int = 1 << 20, store: StoreConfig | None = None,
                   read_timeout_s: float = 5.0, **overrides: Any) -> Settings:
-    """Settings with one provider per upstream URL (all using the canary key) and two client keys."""
+    """Settings with one provider per upstream URL (all using the canary key) and two client keys.
+
+    Spare reservations are off unless `store` turns them on: these tests count reservations exactly and
+    move a fake clock past leases (tests/test_spare_reservations.py covers spares).
+    """
     providers = {
         name: ProviderConfig(name=name, base_url=url, api_key=CANARY_KEY,
                              timeouts=ProviderTimeouts(connect_s=2, read_s=read_timeout_s, total_s=30))
@@ -47,7 +51,7 @@ def make_settings(upstreams: dict[str, str], *, routes: dict[str, list[Any]] | N
     )
     settings = Settings(
         server=ServerConfig(max_body_bytes=max_body_bytes, admin_key_sha256=key_digest(ADMIN_KEY)),
-        store=store or StoreConfig(),
+        store=store or StoreConfig(reserve_ahead=False),
         providers=providers, routes=route_list, pricing=dict(PRICES), keys=keys,
     )
     return dataclasses.replace(settings, **overrides)

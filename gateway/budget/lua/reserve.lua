@@ -1,12 +1,13 @@
 -- reserve: all-or-nothing reservation of one request's worst case on every line.
 -- KEYS: leases, reservation, counter of each line.
--- ARGV: prefix, request id, [now, lease_until, sweep_max, ledger_max, then 7 numbers per line:
+-- ARGV: prefix, request id, [now, lease_until, sweep_max, ledger_max, room, then 7 numbers per line:
 --       usd, tokens, requests, usd limit, tokens limit, requests limit (-1 = unlimited), expires_ms].
+-- Refused unless room x each amount fits (room 1: the amount itself).
 -- Returns {1} reserved, {0, line, unit} refused by that line and unit (nothing changed), {-1} id
 -- already reserved.
 local prefix, request_id = ARGV[1], ARGV[2]
 local values = cjson.decode(ARGV[3])
-local now, lease_until, sweep_max, ledger_max = values[1], values[2], values[3], values[4]
+local now, lease_until, sweep_max, ledger_max, room = values[1], values[2], values[3], values[4], values[5]
 
 sweep_expired(prefix, now, sweep_max, ledger_max)
 if live_reservation(prefix, request_id, now, ledger_max) then
@@ -17,10 +18,10 @@ end
 -- exact below 2^53.)
 local states = {}
 for i = 3, #KEYS do
-  local state, base = counter_state(KEYS[i]), 4 + (i - 3) * 7
+  local state, base = counter_state(KEYS[i]), 5 + (i - 3) * 7
   for unit = 1, 3 do
     local limit = values[base + 3 + unit]
-    if limit >= 0 and values[base + unit] > limit - state[unit] - state[unit + 3] then
+    if limit >= 0 and room * values[base + unit] > limit - state[unit] - state[unit + 3] then
       return {0, i - 2, unit}
     end
   end
@@ -30,7 +31,7 @@ end
 -- Only the reserved fields change; a counter that had none is new and gets its expiry.
 local held, latest = {}, 0
 for i = 3, #KEYS do
-  local counter, state, base = KEYS[i], states[i], 4 + (i - 3) * 7
+  local counter, state, base = KEYS[i], states[i], 5 + (i - 3) * 7
   local usd, tokens, requests, expires_ms = values[base + 1], values[base + 2], values[base + 3], values[base + 7]
   local created = call('HSET', counter, 'reserved_usd', int(state[4] + usd), 'reserved_tokens', int(state[5] + tokens),
     'reserved_requests', int(state[6] + requests))
