@@ -136,18 +136,28 @@ async def test_limit_is_inclusive(backend: Backend, clock: FakeClock) -> None:
     assert not await reserve(backend.store, clock, "c", line(clock, key, Charge(tokens=1), limits))
 
 
-async def test_a_reserve_asking_for_room_needs_that_many_amounts_free_and_holds_one(backend: Backend,
-                                                                                   clock: FakeClock) -> None:
+async def test_spares_are_reserved_together_only_with_room_for_more_and_settle_one_by_one(
+        backend: Backend, clock: FakeClock) -> None:
     keys = [counter(clock, "org"), counter(clock, "team")]
     limits: list[Limits] = [(None, None, 100), (None, 1000, 20)]
-    assert await reserve(backend.store, clock, "busy", line(clock, keys[1], Charge(tokens=400, requests=7), limits[1]))
-    spare = [line(clock, key, Charge(tokens=160, requests=1), lim) for key, lim in zip(keys, limits)]
-    refused = await backend.store.reserve("spare-1", spare, clock.now(), clock.now() + LEASE_S, room=4)
-    assert (refused.ok, refused.refused_index, refused.refused_unit) == (False, 1, "tokens")   # 400 + 4 x 160 > 1000
-    made = await backend.store.reserve("spare-2", spare, clock.now(), clock.now() + LEASE_S, room=3)
-    assert made.ok
+    assert await reserve(backend.store, clock, "busy", line(clock, keys[1], Charge(tokens=300, requests=7), limits[1]))
+    spare = [line(clock, key, Charge(tokens=100, requests=1), lim) for key, lim in zip(keys, limits)]
+    until = clock.now() + LEASE_S
+    refused = await backend.store.reserve_spares(["s1", "s2", "s3"], spare, clock.now(), until, room=6)
+    assert (refused.ok, refused.refused_index, refused.refused_unit) == (False, 1, "tokens")   # 300 + 8 x 100 > 1000
+    assert await backend.store.read(keys, clock.now()) == [
+        CounterState(keys[0], Charge(), Charge()), CounterState(keys[1], Charge(), Charge(tokens=300, requests=7))]
+    assert (await backend.store.reserve_spares(["s1", "s2", "s3"], spare, clock.now(), until, room=4)).ok
     assert [s.reserved for s in await backend.store.read(keys, clock.now())] == [
-        Charge(tokens=160, requests=1), Charge(tokens=560, requests=8)]
+        Charge(tokens=300, requests=3), Charge(tokens=600, requests=10)]
+
+    assert await backend.store.settle("s2", [(key, Charge(tokens=40, requests=1)) for key in keys], clock.now())
+    assert await backend.store.release("s3", clock.now())
+    assert [(s.spent, s.reserved) for s in await backend.store.read(keys, clock.now())] == [
+        (Charge(tokens=40, requests=1), Charge(tokens=100, requests=1)),
+        (Charge(tokens=40, requests=1), Charge(tokens=400, requests=8))]
+    with pytest.raises(ValueError):
+        await backend.store.reserve_spares(["s1", "s4"], spare, clock.now(), until, room=1)   # s1 is held
 
 
 async def test_refusal_of_one_line_leaves_every_line_unchanged(backend: Backend, clock: FakeClock) -> None:

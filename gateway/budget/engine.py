@@ -110,6 +110,7 @@ class BudgetEngine:
         self._store_failures = 0
         self._background: set[asyncio.Future[Any]] = set()
         self._pipelined = bool(getattr(store, "pipelined", False))
+        self._closing = False
         # a spare is taken well within its lease, so the request's lease is about as long as its own would be
         idle_s = min(config.reserve_ahead_idle_s, config.lease_s / 10)
         self.spares = SpareReservations(idle_s, clock.monotonic, self._release_spare) \
@@ -137,8 +138,8 @@ class BudgetEngine:
             spare, released = await spares.reclaim(pool, amount)
             if spare is not None:
                 return self._on_spare(request_id, plan, spare, caller, match.names)
-            if released is not None:         # the spare held the headroom this request needs
-                await self._release_quietly(released, now)
+            if released:                     # the spares held the headroom this request needs
+                await asyncio.gather(*[self._release_quietly(spare_id, now) for spare_id in released])
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -176,36 +177,43 @@ class BudgetEngine:
         return Reservation(request_id, plan, spare.lines, caller=caller, policies=policies, spare_id=spare.spare_id)
 
     def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
-        """Make the pool's next spare with `amount`, after the current request has gone upstream."""
-        if pool.making is not None or pool.spare is not None or self.clock.monotonic() < self._store_down_until:
+        """Ask for the spares the pool wants, with `amount`, after the current request has gone upstream."""
+        count = pool.wanted()
+        if not count or self._closing or self.clock.monotonic() < self._store_down_until:
             return
         assert self.spares is not None
         if lines[0].amount is not amount:
             lines = tuple([line._replace(amount=amount) for line in lines])
-        spare = self.spares.new_spare(pool, lines, amount)
+        batch = self.spares.new_batch(pool, lines, amount, count)
+        assert pool.making is not None
+        self._keep(pool.making)
         # call_soon: the store call is written after the request that asked for it is on its way upstream
-        asyncio.get_running_loop().call_soon(self._make_spare, pool, spare)
+        asyncio.get_running_loop().call_soon(self._make_spares, pool, batch)
 
-    def _make_spare(self, pool: SparePool, spare: Spare) -> None:
+    def _make_spares(self, pool: SparePool, batch: list[Spare]) -> None:
         assert self.store is not None and self.spares is not None
         now = self.clock.now()
         try:
-            call = self.store.reserve(spare.spare_id, spare.lines, now, now + self.config.lease_s, SPARE_ROOM)
+            call = self.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
+                                             now + self.config.lease_s, SPARE_ROOM)
         except StoreError:
             self.spares.not_made(pool)
             return
         future = asyncio.ensure_future(self._bounded(call))
         self._keep(future)
-        future.add_done_callback(functools.partial(self._spare_answered, pool, spare))
+        future.add_done_callback(functools.partial(self._spares_answered, pool, batch))
 
-    def _spare_answered(self, pool: SparePool, spare: Spare, call: asyncio.Future[ReserveOutcome]) -> None:
+    def _spares_answered(self, pool: SparePool, batch: list[Spare], call: asyncio.Future[ReserveOutcome]) -> None:
         assert self.spares is not None
-        if not call.cancelled() and call.exception() is None and call.result().ok:
-            self.spares.made(pool, spare)
+        if not call.cancelled() and call.exception() is None:
+            if call.result().ok:
+                self.spares.made(pool, batch)
+                self._reserve_ahead(pool, batch[0].lines, batch[0].amount)   # the pool deepened meanwhile
+            else:
+                self.spares.not_made(pool, refused=True)
             return
         self.spares.not_made(pool)
-        if call.cancelled() or call.exception() is not None:
-            # The store may have applied the reservation before the reply was lost.
+        for spare in batch:                  # the store may have applied them before the reply was lost
             self._release_spare(spare.spare_id)
 
     def _release_spare(self, spare_id: str) -> None:
@@ -423,13 +431,18 @@ class BudgetEngine:
         if self._background:
             await asyncio.wait(list(self._background))
 
+    async def quiet(self) -> None:
+        """Wait until no store work is left, spares asked for meanwhile included (with no traffic: tests)."""
+        while self._background:
+            await asyncio.wait(list(self._background))
+
     async def close(self) -> None:
         """Finish settlements still running, release the spares, then close the store."""
-        for _ in range(2):                   # spares being made land, then are released
-            if self._background:
-                await asyncio.wait(self._background, timeout=self._hard_timeout())
-            if self.spares is not None:
-                self.spares.drain()
+        self._closing = True                 # no more spares: those being made land, then all are released
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._hard_timeout())
+        if self.spares is not None:
+            self.spares.drain()
         if self._background:
             await asyncio.wait(self._background, timeout=self._hard_timeout())
         if self.store is not None:

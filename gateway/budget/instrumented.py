@@ -13,7 +13,7 @@ from gateway.budget.store import BudgetStore
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 
 StoreObserver = Callable[[str, float, bool], None]   # (operation, seconds, failed)
-TIMED_OPERATIONS = ("reserve", "settle", "release", "record", "read", "ping", "close")
+TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "read", "ping", "close")
 
 
 class InstrumentedStore:

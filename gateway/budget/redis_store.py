@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
     RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine,
-    ReserveOutcome, check_record_lines, check_reserve_lines, check_spend, time_ms,
+    ReserveOutcome, check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -109,13 +109,24 @@ class RedisBudgetStore:
         return words
 
     def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
     ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none (see `BudgetStore`)."""
         check_reserve_lines(lines)
         if not lines:
             return _answered(RESERVED)
-        keys = self._reservation_keys(request_id)
+        return self._reserve((request_id,), lines, now, lease_until, 1, "reserve")
+
+    def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
+                       lease_until: float, room: int) -> Awaitable[ReserveOutcome]:
+        """`reserve` under each id, all or none, leaving room for `room` - 1 more (see `BudgetStore`)."""
+        check_spare_ids(spare_ids, lines)
+        check_reserve_lines(lines)
+        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares")
+
+    def _reserve(self, ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
+                 room: int, operation: str) -> Awaitable[ReserveOutcome]:
+        keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
             key_and_limits = self._line_words.get((line.counter, line.limits, line.expires_at))
@@ -126,17 +137,17 @@ class RedisBudgetStore:
                 amount = line.amount
                 amount_words = _amount_words(amount)
             words.append(f"{amount_words},{key_and_limits[1]}")
-        args = [self._prefix, request_id,
-                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},{','.join(words)}]"]
+        args = [self._prefix, ids[0],
+                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},{','.join(words)}]", *ids[1:]]
 
         def outcome(reply: list[int]) -> ReserveOutcome:
             if reply[0] == 1:
                 return RESERVED
             if reply[0] == -1:
-                raise ValueError(f"request {request_id!r} already holds a reservation")
+                raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
             return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1])
 
-        return self._call("reserve", keys, args, outcome)
+        return self._call("reserve", keys, args, outcome, operation)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
                entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
@@ -232,15 +243,18 @@ class RedisBudgetStore:
         self._observe = observe
         if self._pipeline is not None:
             self._pipeline.observe = observe
-        return _SCRIPTS
+        return (*_SCRIPTS, "reserve_spares")
 
-    def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T]) -> Awaitable[T]:
-        """One script call, `parse`d: a pipelined future on Redis and Sentinel, a coroutine otherwise."""
+    def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
+              operation: str | None = None) -> Awaitable[T]:
+        """One call of script `name`, `parse`d: a pipelined future on Redis and Sentinel, a coroutine
+        otherwise; observed as `operation` (default: the script's name)."""
         if self._pipeline is not None:
-            return self._pipeline.submit(self._scripts[name], keys, args, parse, name)
-        return self._direct_call(name, keys, args, parse)
+            return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name)
+        return self._direct_call(name, keys, args, parse, operation or name)
 
-    async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T]) -> T:
+    async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
+                           operation: str) -> T:
         """A script call through redis-py's own command path (a cluster, or a client without sockets)."""
         started, failed = time.perf_counter(), True
         try:
@@ -249,7 +263,7 @@ class RedisBudgetStore:
             return result
         finally:
             if self._observe is not None:
-                self._observe(name, time.perf_counter() - started, failed)
+                self._observe(operation, time.perf_counter() - started, failed)
 
     async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
         """EVALSHA through execute_command (cheaper than AsyncScript.__call__); SCRIPT LOAD on NOSCRIPT."""

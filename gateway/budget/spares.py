@@ -1,16 +1,18 @@
-"""Spare reservations: the next request's budget, reserved before it arrives.
+"""Spare reservations: the next requests' budget, reserved before they arrive.
 
 Reserving costs a store round trip before the upstream call (about 0.2 ms on a loopback Redis, more
-across a network). So a replica keeps, per set of budget counters, one spare reservation made in the
-background with the worst case of the last request on those counters: the next request whose worst
-case fits takes it at once, and the engine makes the next spare off the request's path.
+across a network). So a replica keeps, per set of budget counters, a few spare reservations made in
+the background with the worst case of the last request on those counters: a request whose worst case
+fits takes one at once, and the engine reserves more off the request's path, several in one store
+call. How many a pool keeps follows the traffic: one at first, twice as many each time a request finds
+none while more are on their way (up to MAX_DEPTH), half as many each time spares go unused.
 
 A spare is an ordinary reservation in the store, with its own id and lease: it counts against the
 limits like a request in flight, so spares never let spend pass a limit. What they could cost is
-headroom, so a spare is made only while every limit it holds on has room for SPARE_ROOM times its
-amount (near a limit there are none); one not taken is released after `idle_s`, and a request the
-store refuses first takes back its own replica's spare. A replica that crashes turns its spares into
-spend when their leases end, as it does its requests in flight.
+headroom, so spares are made only while every limit they hold on has room for SPARE_ROOM - 1 more
+worst cases beside them (near a limit there are none); spares not taken are released after `idle_s`,
+and a request the store refuses first takes back its own replica's spares. A replica that crashes
+turns its spares into spend when their leases end, as it does its requests in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -25,9 +28,10 @@ from gateway.budget.slots import BudgetSlot
 from gateway.budget.store import ReserveLine
 from gateway.pricing import Charge
 
-__all__ = ["SPARE_ROOM", "Spare", "SparePool", "SpareReservations"]
+__all__ = ["SPARE_ROOM", "MAX_DEPTH", "Spare", "SparePool", "SpareReservations"]
 
-SPARE_ROOM = 4     # a spare is made only while every limit has room for this many of its amount
+SPARE_ROOM = 4     # spares are made only while every limit has room for this many more of their amount
+MAX_DEPTH = 32     # spares one pool keeps at most
 MAX_POOLS = 4096   # slot sets kept (they change with each window); more are released together
 
 
@@ -41,18 +45,25 @@ class Spare(NamedTuple):
 
 
 class SparePool:
-    """The spare of one set of budget counters, and whether the next one is being made."""
+    """The spares of one set of budget counters, oldest first, and the batch being made."""
 
-    __slots__ = ("spare", "timer", "making")
+    __slots__ = ("spares", "depth", "timer", "making")
 
     def __init__(self) -> None:
-        self.spare: Spare | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.making: asyncio.Future[None] | None = None   # done when the spare asked for is answered
+        self.spares: deque[Spare] = deque()
+        self.depth = 1                                    # how many to keep
+        self.timer: asyncio.TimerHandle | None = None     # releases spares gone idle
+        self.making: asyncio.Future[None] | None = None   # done when the batch asked for is answered
+
+    def wanted(self) -> int:
+        """How many spares to ask for now: up to the depth, none while a batch is on its way."""
+        if self.making is not None or len(self.spares) >= self.depth:
+            return 0
+        return self.depth - len(self.spares)
 
 
 class SpareReservations:
-    """One spare per set of budget counters; `release` gives back the store's hold on a spare not taken."""
+    """The spare pools of one replica; `release` gives back the store's hold on a spare not taken."""
 
     def __init__(self, idle_s: float, monotonic: Callable[[], float], release: Callable[[str], object]) -> None:
         self.idle_s = idle_s
@@ -78,67 +89,83 @@ class SpareReservations:
         return pool
 
     def take(self, pool: SparePool, amount: Charge) -> Spare | None:
-        """The pool's spare if it covers `amount` in every unit and is fresh; a stale one is released."""
-        spare = pool.spare
-        if spare is None:
+        """The pool's oldest spare if it covers `amount` in every unit and is fresh (stale ones are released).
+
+        Finding none while a batch is on its way means the traffic outruns the pool: it keeps more.
+        """
+        spares = pool.spares
+        if not spares:
+            if pool.making is not None and pool.depth < MAX_DEPTH:
+                pool.depth *= 2
             return None
+        spare = spares[0]
         if self._monotonic() - spare.made_at >= self.idle_s:
-            self._give_back(pool)
+            self._release_idle(pool)
             return None
         held = spare.amount
         if amount.usd_nano > held.usd_nano or amount.tokens > held.tokens or amount.requests > held.requests:
             return None
-        pool.spare = None
-        if pool.timer is not None:
-            pool.timer.cancel()
-            pool.timer = None
-        return spare
+        return spares.popleft()
 
-    def new_spare(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> Spare:
-        """A spare to ask the store for; the pool is `making` it until `made` or `not_made`."""
+    def new_batch(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge, count: int) -> list[Spare]:
+        """`count` spares to ask the store for; the pool is `making` them until `made` or `not_made`."""
         pool.making = asyncio.get_running_loop().create_future()
-        return Spare(f"{self._prefix}{next(self._ids)}", tuple(lines), amount, self._monotonic())
+        made_at, lines = self._monotonic(), tuple(lines)
+        return [Spare(f"{self._prefix}{next(self._ids)}", lines, amount, made_at) for _ in range(count)]
 
-    def made(self, pool: SparePool, spare: Spare) -> None:
-        """The store holds `spare`: keep it for the next request, released if unused for `idle_s`."""
+    def made(self, pool: SparePool, batch: Sequence[Spare]) -> None:
+        """The store holds `batch`: keep it for the next requests, released if unused for `idle_s`."""
         self.not_made(pool)
-        if pool.spare is not None:           # drained meanwhile, or a window turned: keep the newer one
-            self._give_back(pool)
-        pool.spare = spare
-        pool.timer = asyncio.get_running_loop().call_later(self.idle_s, self._give_back, pool)
+        pool.spares.extend(batch)
+        if pool.timer is None:
+            pool.timer = asyncio.get_running_loop().call_later(self.idle_s, self._release_idle, pool)
 
     @staticmethod
-    def not_made(pool: SparePool) -> None:
-        """The store's answer to the spare is in (`made` follows if it holds it)."""
+    def not_made(pool: SparePool, refused: bool = False) -> None:
+        """The store's answer to the batch is in (`made` follows if it holds it); a refusal halves the depth."""
         making, pool.making = pool.making, None
         if making is not None and not making.done():
             making.set_result(None)
+        if refused:
+            pool.depth = max(1, pool.depth // 2)
 
-    async def reclaim(self, pool: SparePool, amount: Charge) -> tuple[Spare | None, str | None]:
-        """After the store refused a request: the pool's spare if it covers `amount` (waiting for one being
-        made), else the id of the spare to release before asking again (None: nothing held)."""
+    async def reclaim(self, pool: SparePool, amount: Charge) -> tuple[Spare | None, list[str]]:
+        """After the store refused a request: a spare of the pool that covers `amount` (waiting for a batch
+        on its way), else the ids of the pool's spares, to release before asking again."""
         if pool.making is not None:
             await asyncio.shield(pool.making)
         spare = self.take(pool, amount)
-        if spare is not None or pool.spare is None:
-            return spare, None
-        held, pool.spare = pool.spare, None
-        if pool.timer is not None:
-            pool.timer.cancel()
-            pool.timer = None
-        return None, held.spare_id
+        if spare is not None:
+            return spare, []
+        held = [spare.spare_id for spare in pool.spares]
+        pool.spares.clear()
+        return None, held
 
     def drain(self) -> None:
         """Release every spare not taken (the gateway is stopping, or too many counter sets are kept)."""
         for pool in self._by_counters.values():
-            self._give_back(pool)
+            self._give_back(pool, len(pool.spares))
         self._pools.clear()
         self._by_counters.clear()
 
-    def _give_back(self, pool: SparePool) -> None:
-        spare, pool.spare = pool.spare, None
-        if pool.timer is not None:
+    def _release_idle(self, pool: SparePool) -> None:
+        """Release the spares older than `idle_s` and keep half as many from now on; check again later."""
+        pool.timer = None
+        spares, now = pool.spares, self._monotonic()
+        idle = 0
+        while idle < len(spares) and now - spares[idle].made_at >= self.idle_s:
+            idle += 1
+        if idle:
+            self._give_back(pool, idle)
+            pool.depth = max(1, pool.depth // 2)
+        if spares:
+            wait = max(0.0, spares[0].made_at + self.idle_s - now)
+            pool.timer = asyncio.get_running_loop().call_later(wait, self._release_idle, pool)
+
+    def _give_back(self, pool: SparePool, count: int) -> None:
+        """Release the pool's `count` oldest spares."""
+        for _ in range(count):
+            self._release(pool.spares.popleft().spare_id)
+        if not pool.spares and pool.timer is not None:
             pool.timer.cancel()
             pool.timer = None
-        if spare is not None:
-            self._release(spare.spare_id)

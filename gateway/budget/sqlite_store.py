@@ -17,7 +17,7 @@ from typing import NamedTuple, TypeVar
 
 from gateway.budget.store import (
     RESERVED, SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, Unit,
-    check_record_lines, check_reserve_lines, check_spend, time_ms,
+    check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -102,13 +102,20 @@ class SqliteBudgetStore:
         self._closed = False
 
     async def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
     ) -> ReserveOutcome:
         """Reserve every line or none."""
         check_reserve_lines(lines)
         if not lines:
             return RESERVED
-        return await self._transaction(lambda db: self._reserve(db, request_id, lines, now, lease_until, room))
+        return await self._transaction(lambda db: self._reserve(db, [request_id], lines, now, lease_until, 1))
+
+    async def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
+                             lease_until: float, room: int) -> ReserveOutcome:
+        """`reserve` under each id, all or none, leaving room for `room` - 1 more."""
+        check_spare_ids(spare_ids, lines)
+        check_reserve_lines(lines)
+        return await self._transaction(lambda db: self._reserve(db, spare_ids, lines, now, lease_until, room))
 
     async def settle(self, request_id: str, actual: Spend, now: float,
                      entry: LedgerEntry | None = None) -> list[CounterState] | None:
@@ -157,22 +164,25 @@ class SqliteBudgetStore:
     # --- operations, each run inside one transaction on the worker thread ---
 
     def _reserve(
-        self, db: Db, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int
+        self, db: Db, request_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
+        room: int,
     ) -> ReserveOutcome:
         self._drop_expired(db, now)
         self._sweep_leases(db, now)
-        if self._live_reservation(db, request_id, now) is not None:
-            raise ValueError(f"request {request_id!r} already holds a reservation")
+        for request_id in request_ids:
+            if self._live_reservation(db, request_id, now) is not None:
+                raise ValueError(f"request {request_id!r} already holds a reservation")
         states = [self._state(db, line.counter) for line in lines]
         for index, (line, state) in enumerate(zip(lines, states)):
-            unit = _exceeded_unit(line, state, room)
+            unit = _exceeded_unit(line, state, len(request_ids) + room - 1)
             if unit is not None:
                 return ReserveOutcome(False, index, unit)
         for line in lines:
-            self._add(db, line.counter, line.amount, _NOTHING, line.expires_at)
-            db.execute(
+            self._add(db, line.counter, _times(line.amount, len(request_ids)), _NOTHING, line.expires_at)
+            db.executemany(
                 "INSERT INTO reservation_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (request_id, *_key_columns(line.counter), *_amounts(line.amount), lease_until, line.expires_at),
+                [(request_id, *_key_columns(line.counter), *_amounts(line.amount), lease_until, line.expires_at)
+                 for request_id in request_ids],
             )
         return RESERVED
 
@@ -350,6 +360,10 @@ class SqliteBudgetStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _times(charge: Charge, count: int) -> Charge:
+    return Charge(charge.usd_nano * count, charge.tokens * count, charge.requests * count)
 
 
 def _exceeded_unit(line: ReserveLine, state: CounterState, room: int = 1) -> Unit | None:

@@ -29,7 +29,7 @@ from gateway.pricing import Charge
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
     "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore",
-    "check_reserve_lines", "check_record_lines", "check_spend", "time_ms",
+    "check_reserve_lines", "check_record_lines", "check_spare_ids", "check_spend", "time_ms",
 ]
 
 Unit = Literal["usd", "tokens", "requests"]
@@ -162,13 +162,20 @@ class BudgetStore(Protocol):
     """
 
     async def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float, room: int = 1
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
     ) -> ReserveOutcome:
         """Reserve every line or none; ValueError if `request_id` already holds a reservation.
 
-        `room` > 1 asks for more: refused unless `room` x each amount would fit (a spare reservation
-        is made only while the budget has room for several more). No lines: ok, and nothing is stored
-        (a later settle or release returns False).
+        No lines: ok, and nothing is stored (a later settle or release returns False).
+        """
+
+    async def reserve_spares(
+        self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float, room: int
+    ) -> ReserveOutcome:
+        """`reserve` of the same lines under each id, all or none, in one operation; refused unless
+        (len(spare_ids) + room - 1) x each amount would fit, so spares leave room for `room` - 1 more.
+
+        ValueError if an id already holds a reservation, or there are no ids or no lines.
         """
 
     async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
@@ -215,6 +222,14 @@ class BudgetStore(Protocol):
 def time_ms(epoch_s: float) -> int:
     """Epoch seconds as whole milliseconds: the precision of ledger times."""
     return math.floor(epoch_s * 1000 + 0.5)
+
+
+def check_spare_ids(spare_ids: Sequence[str], lines: Sequence[ReserveLine]) -> None:
+    """Raise ValueError for no spare ids, an id named twice, or no lines."""
+    if not spare_ids or not lines:
+        raise ValueError("reserve_spares needs at least one id and one line")
+    if len(set(spare_ids)) != len(spare_ids):
+        raise ValueError("the same spare id is named twice")
 
 
 def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:
