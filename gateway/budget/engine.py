@@ -139,7 +139,8 @@ class BudgetEngine:
             if spare is not None:
                 return self._on_spare(request_id, plan, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
-                await asyncio.gather(*[self._release_quietly(spare_id, now) for spare_id in released])
+                # kept to their end if the client leaves meanwhile: a spare must never linger
+                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released]))
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -178,7 +179,7 @@ class BudgetEngine:
 
     def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
         """Ask for the spares the pool wants, with `amount`, after the current request has gone upstream."""
-        count = pool.wanted()
+        count = pool.wanted(self.clock.monotonic())
         if not count or self._closing or self.clock.monotonic() < self._store_down_until:
             return
         assert self.spares is not None
@@ -196,8 +197,10 @@ class BudgetEngine:
         try:
             call = self.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
                                              now + self.config.lease_s, SPARE_ROOM)
-        except StoreError:
+        except Exception as exc:             # nothing was sent; a request waiting for the batch goes on
             self.spares.not_made(pool)
+            if not isinstance(exc, StoreError):
+                log.error("asking for spare reservations failed: %r", exc)
             return
         future = asyncio.ensure_future(self._bounded(call))
         self._keep(future)
@@ -206,18 +209,33 @@ class BudgetEngine:
     def _spares_answered(self, pool: SparePool, batch: list[Spare], call: asyncio.Future[ReserveOutcome]) -> None:
         assert self.spares is not None
         if not call.cancelled() and call.exception() is None:
-            if call.result().ok:
+            if not call.result().ok:
+                self.spares.not_made(pool, refused=True)
+            elif self._closing:              # close() stopped waiting for it
+                self.spares.not_made(pool)
+                for spare in batch:
+                    self._release_spare(spare)
+            else:
                 self.spares.made(pool, batch)
                 self._reserve_ahead(pool, batch[0].lines, batch[0].amount)   # the pool deepened meanwhile
-            else:
-                self.spares.not_made(pool, refused=True)
             return
         self.spares.not_made(pool)
         for spare in batch:                  # the store may have applied them before the reply was lost
-            self._release_spare(spare.spare_id)
+            self._release_spare(spare)
 
-    def _release_spare(self, spare_id: str) -> None:
-        self._spawn(self._release_quietly(spare_id, self.clock.now()))
+    def _release_spare(self, spare: Spare) -> asyncio.Task[None]:
+        """Give a spare back to the store, in the background; journaled when the store fails."""
+        return self._spawn(self._give_back_spare(spare))
+
+    async def _give_back_spare(self, spare: Spare) -> None:
+        assert self.store is not None
+        try:
+            await self._bounded(self.store.release(spare.spare_id, self.clock.now()))
+        except (StoreError, TimeoutError) as exc:
+            self._mark_down(exc)
+            if self.journal is not None:     # replayed as a release, so the spare never turns into spend
+                lines = [(line.counter, Charge(), line.expires_at) for line in spare.lines]
+                await asyncio.to_thread(self.journal.append, spare.spare_id, lines, None, "release")
 
     async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
                              now: float) -> ReserveOutcome | None:

@@ -4,15 +4,17 @@ Reserving costs a store round trip before the upstream call (about 0.2 ms on a l
 across a network). So a replica keeps, per set of budget counters, a few spare reservations made in
 the background with the worst case of the last request on those counters: a request whose worst case
 fits takes one at once, and the engine reserves more off the request's path, several in one store
-call. How many a pool keeps follows the traffic: one at first, twice as many each time a request finds
-none while more are on their way (up to MAX_DEPTH), half as many each time spares go unused.
+call. How many a pool keeps follows the traffic: one at first, twice as many when requests find none
+while more are on their way (once per batch, up to MAX_DEPTH), half as many each time spares go unused
+or the store refuses them (and none are asked for during `idle_s` after a refusal).
 
 A spare is an ordinary reservation in the store, with its own id and lease: it counts against the
 limits like a request in flight, so spares never let spend pass a limit. What they could cost is
 headroom, so spares are made only while every limit they hold on has room for SPARE_ROOM - 1 more
 worst cases beside them (near a limit there are none); spares not taken are released after `idle_s`,
-and a request the store refuses first takes back its own replica's spares. A replica that crashes
-turns its spares into spend when their leases end, as it does its requests in flight.
+and a request the store refuses first takes back every spare of its replica that holds on one of its
+counters. A replica that crashes turns its spares into spend when their leases end, as it does its
+requests in flight.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from gateway.budget.slots import BudgetSlot
-from gateway.budget.store import ReserveLine
+from gateway.budget.store import CounterKey, ReserveLine
 from gateway.pricing import Charge
 
 __all__ = ["SPARE_ROOM", "MAX_DEPTH", "Spare", "SparePool", "SpareReservations"]
@@ -47,17 +49,20 @@ class Spare(NamedTuple):
 class SparePool:
     """The spares of one set of budget counters, oldest first, and the batch being made."""
 
-    __slots__ = ("spares", "depth", "timer", "making")
+    __slots__ = ("counters", "spares", "depth", "grown", "timer", "making", "paused_until")
 
-    def __init__(self) -> None:
+    def __init__(self, counters: frozenset[CounterKey]) -> None:
+        self.counters = counters
         self.spares: deque[Spare] = deque()
         self.depth = 1                                    # how many to keep
+        self.grown = False                                # the depth grew while this batch is on its way
         self.timer: asyncio.TimerHandle | None = None     # releases spares gone idle
         self.making: asyncio.Future[None] | None = None   # done when the batch asked for is answered
+        self.paused_until = 0.0                           # monotonic: no batch before (after a refusal)
 
-    def wanted(self) -> int:
-        """How many spares to ask for now: up to the depth, none while a batch is on its way."""
-        if self.making is not None or len(self.spares) >= self.depth:
+    def wanted(self, now: float) -> int:
+        """How many spares to ask for now: up to the depth; none while a batch is on its way or paused."""
+        if self.making is not None or len(self.spares) >= self.depth or now < self.paused_until:
             return 0
         return self.depth - len(self.spares)
 
@@ -65,7 +70,7 @@ class SparePool:
 class SpareReservations:
     """The spare pools of one replica; `release` gives back the store's hold on a spare not taken."""
 
-    def __init__(self, idle_s: float, monotonic: Callable[[], float], release: Callable[[str], object]) -> None:
+    def __init__(self, idle_s: float, monotonic: Callable[[], float], release: Callable[[Spare], object]) -> None:
         self.idle_s = idle_s
         self._monotonic = monotonic
         self._release = release
@@ -84,7 +89,7 @@ class SpareReservations:
         counters = tuple((slot.counter, slot.limits, slot.expires_at) for slot in slots)
         pool = self._by_counters.get(counters)
         if pool is None:
-            pool = self._by_counters[counters] = SparePool()
+            pool = self._by_counters[counters] = SparePool(frozenset(slot.counter for slot in slots))
         self._pools[id(slots)] = (slots, pool)   # holding `slots` keeps its id from being reused
         return pool
 
@@ -95,8 +100,9 @@ class SpareReservations:
         """
         spares = pool.spares
         if not spares:
-            if pool.making is not None and pool.depth < MAX_DEPTH:
+            if pool.making is not None and not pool.grown and pool.depth < MAX_DEPTH:
                 pool.depth *= 2
+                pool.grown = True
             return None
         spare = spares[0]
         if self._monotonic() - spare.made_at >= self.idle_s:
@@ -110,6 +116,7 @@ class SpareReservations:
     def new_batch(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge, count: int) -> list[Spare]:
         """`count` spares to ask the store for; the pool is `making` them until `made` or `not_made`."""
         pool.making = asyncio.get_running_loop().create_future()
+        pool.grown = False
         made_at, lines = self._monotonic(), tuple(lines)
         return [Spare(f"{self._prefix}{next(self._ids)}", lines, amount, made_at) for _ in range(count)]
 
@@ -120,25 +127,31 @@ class SpareReservations:
         if pool.timer is None:
             pool.timer = asyncio.get_running_loop().call_later(self.idle_s, self._release_idle, pool)
 
-    @staticmethod
-    def not_made(pool: SparePool, refused: bool = False) -> None:
-        """The store's answer to the batch is in (`made` follows if it holds it); a refusal halves the depth."""
+    def not_made(self, pool: SparePool, refused: bool = False) -> None:
+        """The store's answer to the batch is in (`made` follows if it holds it); after a refusal the pool
+        keeps half as many and asks for none during `idle_s`."""
         making, pool.making = pool.making, None
         if making is not None and not making.done():
             making.set_result(None)
         if refused:
             pool.depth = max(1, pool.depth // 2)
+            pool.paused_until = self._monotonic() + self.idle_s
 
-    async def reclaim(self, pool: SparePool, amount: Charge) -> tuple[Spare | None, list[str]]:
-        """After the store refused a request: a spare of the pool that covers `amount` (waiting for a batch
-        on its way), else the ids of the pool's spares, to release before asking again."""
-        if pool.making is not None:
-            await asyncio.shield(pool.making)
+    async def reclaim(self, pool: SparePool, amount: Charge) -> tuple[Spare | None, list[Spare]]:
+        """After the store refused a request of `pool`: a spare of it that covers `amount` (once the batches
+        on their way are in), else every spare of this replica on one of its counters, to release before
+        asking again."""
+        sharing = [other for other in self._by_counters.values() if other.counters & pool.counters]
+        making = [other.making for other in sharing if other.making is not None]
+        if making:
+            await asyncio.shield(asyncio.gather(*making))
         spare = self.take(pool, amount)
         if spare is not None:
             return spare, []
-        held = [spare.spare_id for spare in pool.spares]
-        pool.spares.clear()
+        held: list[Spare] = []
+        for other in sharing:
+            held += other.spares
+            other.spares.clear()
         return None, held
 
     def drain(self) -> None:
@@ -150,7 +163,9 @@ class SpareReservations:
 
     def _release_idle(self, pool: SparePool) -> None:
         """Release the spares older than `idle_s` and keep half as many from now on; check again later."""
-        pool.timer = None
+        if pool.timer is not None:           # called by `take` before the timer fired
+            pool.timer.cancel()
+            pool.timer = None
         spares, now = pool.spares, self._monotonic()
         idle = 0
         while idle < len(spares) and now - spares[idle].made_at >= self.idle_s:
@@ -165,7 +180,7 @@ class SpareReservations:
     def _give_back(self, pool: SparePool, count: int) -> None:
         """Release the pool's `count` oldest spares."""
         for _ in range(count):
-            self._release(pool.spares.popleft().spare_id)
+            self._release(pool.spares.popleft())
         if not pool.spares and pool.timer is not None:
             pool.timer.cancel()
             pool.timer = None
