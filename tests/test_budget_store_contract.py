@@ -160,6 +160,19 @@ async def test_spares_are_reserved_together_only_with_room_for_more_and_settle_o
         await backend.store.reserve_spares(["s1", "s4"], spare, clock.now(), until, room=1)   # s1 is held
 
 
+async def test_a_refusal_says_whether_only_reservations_in_flight_hold_the_room(backend: Backend,
+                                                                                clock: FakeClock) -> None:
+    key, limits = counter(clock), (None, None, 10)
+    assert await reserve(backend.store, clock, "first", line(clock, key, Charge(requests=7), limits))
+    busy = await backend.store.reserve("second", [line(clock, key, Charge(requests=5), limits)], clock.now(),
+                                       clock.now() + LEASE_S)
+    assert (busy.ok, busy.refused_unit, busy.held) == (False, "requests", True)     # 5 <= 10 - 0 spent
+    assert await backend.store.settle("first", [(key, Charge(requests=7))], clock.now())
+    spent = await backend.store.reserve("second", [line(clock, key, Charge(requests=5), limits)], clock.now(),
+                                        clock.now() + LEASE_S)
+    assert (spent.ok, spent.refused_unit, spent.held) == (False, "requests", False)   # 5 > 10 - 7 spent
+
+
 async def test_refusal_of_one_line_leaves_every_line_unchanged(backend: Backend, clock: FakeClock) -> None:
     keys = [counter(clock, "org"), counter(clock, "team"), counter(clock, "user", "monthly")]
     assert await reserve(backend.store, clock, "warm", *(line(clock, k, Charge(100, 10, 1)) for k in keys))

@@ -321,3 +321,24 @@ async def test_a_spare_whose_release_fails_is_journaled_and_never_turns_into_spe
     units = await budget(http, gateway)
     assert (units["requests"]["spent"], units["requests"]["reserved"]) == (1, 0)
     assert [row.status for row in await engine.store.ledger(0, 2**40, 100)] == ["served"]
+
+
+async def test_a_request_refused_while_another_replicas_spare_holds_the_room_is_told_to_retry_soon(
+        upstream, start_gateway, http, store_config):
+    settings = make_settings({"primary": upstream.url}, store=store_config,
+                             policies=(make_policy("global", requests=SPARE_ROOM + 1),))
+    holder, other = await start_gateway(settings), await start_gateway(settings)
+    assert (await http(holder, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    await holder.app[BUDGET].quiet()                   # the holder keeps a spare: one request's room
+    for _ in range(SPARE_ROOM - 1):
+        assert (await http(other, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+
+    busy = await http(other, "POST", "/v1/chat/completions", json=CHAT)
+    assert busy.status == 429 and busy.json()["error"]["code"] == "budget_exceeded"
+    assert (busy.headers["Retry-After"], busy.headers["x-should-retry"]) == ("1", "true")
+
+    await drained(holder)                              # what a second without traffic does
+    assert (await http(other, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    spent = await http(other, "POST", "/v1/chat/completions", json=CHAT)
+    assert spent.status == 429 and spent.headers["x-should-retry"] == "false"
+    assert int(spent.headers["Retry-After"]) > 1 and upstream.hits == SPARE_ROOM + 1

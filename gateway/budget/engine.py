@@ -90,6 +90,16 @@ def exceeded_error(policy: Policy, window: Window, unit: str, limit: int, now: f
     return error
 
 
+def held_error(policy: Policy, window: Window, unit: str, limit: int) -> BudgetExceeded:
+    """The 429 of a request refused only while reservations in flight hold the room: retry in a second."""
+    message = (f"Budget busy: policy '{policy.name}' {policy_period(window)} limit of {_format_limit(unit, limit)} "
+               "is held by requests in flight (and spare reservations, released after a second unused); "
+               "try again in a second.")
+    error = BudgetExceeded(message, headers={"Retry-After": "1", "x-should-retry": "true"})
+    error.policy, error.period = policy.name, policy_period(window)
+    return error
+
+
 def policy_period(window: Window) -> str:
     return "daily" if window.id.startswith("d") else "monthly"
 
@@ -153,6 +163,8 @@ class BudgetEngine:
             return downgrade
         unit = outcome.refused_unit or "usd"
         limit = line.limits[("usd", "tokens", "requests").index(unit)] or 0
+        if outcome.held:
+            raise held_error(slot.policy, slot.window, unit, limit)
         raise exceeded_error(slot.policy, slot.window, unit, limit, now)
 
     async def _downgrade(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,

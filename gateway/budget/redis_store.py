@@ -145,7 +145,7 @@ class RedisBudgetStore:
                 return RESERVED
             if reply[0] == -1:
                 raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
-            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1])
+            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3:] == [1])
 
         return self._call("reserve", keys, args, outcome, operation)
 

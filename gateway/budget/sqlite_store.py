@@ -176,7 +176,9 @@ class SqliteBudgetStore:
         for index, (line, state) in enumerate(zip(lines, states)):
             unit = _exceeded_unit(line, state, len(request_ids) + room - 1)
             if unit is not None:
-                return ReserveOutcome(False, index, unit)
+                at = UNITS.index(unit)
+                held = _amounts(line.amount)[at] <= line.limits[at] - _amounts(state.spent)[at]  # type: ignore[operator]
+                return ReserveOutcome(False, index, unit, held)
         for line in lines:
             self._add(db, line.counter, _times(line.amount, len(request_ids)), _NOTHING, line.expires_at)
             db.executemany(

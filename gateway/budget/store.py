@@ -71,11 +71,16 @@ class CounterState(NamedTuple):
 
 @dataclass(frozen=True)
 class ReserveOutcome:
-    """The answer to `reserve`: reserved, or refused by the line and unit named (nothing was reserved)."""
+    """The answer to `reserve`: reserved, or refused by the line and unit named (nothing was reserved).
+
+    `held`: the refusing amount alone fits beside what is spent, so only reservations in flight (requests,
+    spares) hold the room, and it may come back within seconds.
+    """
 
     ok: bool
     refused_index: int | None = None
     refused_unit: Unit | None = None
+    held: bool = False
 
 
 RESERVED = ReserveOutcome(True)

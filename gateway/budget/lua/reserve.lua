@@ -5,7 +5,8 @@
 --       usd, tokens, requests, usd limit, tokens limit, requests limit (-1 = unlimited), expires_ms],
 --       further ids.
 -- Refused unless (ids + room - 1) x each amount fits (one id, room 1: the amount itself).
--- Returns {1} reserved, {0, line, unit} refused by that line and unit (nothing changed), {-1} an id
+-- Returns {1} reserved, {0, line, unit, held} refused by that line and unit (nothing changed; held 1:
+-- the amount alone fits beside the spend, only reservations in flight hold the room), {-1} an id
 -- already reserved.
 local prefix = ARGV[1]
 local ids = {ARGV[2], unpack(ARGV, 4)}
@@ -28,7 +29,7 @@ for i = first, #KEYS do
   for unit = 1, 3 do
     local limit = values[base + 3 + unit]
     if limit >= 0 and times * values[base + unit] > limit - state[unit] - state[unit + 3] then
-      return {0, i - first + 1, unit}
+      return {0, i - first + 1, unit, values[base + unit] <= limit - state[unit] and 1 or 0}
     end
   end
   states[i] = state
