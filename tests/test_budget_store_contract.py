@@ -173,6 +173,19 @@ async def test_a_refusal_says_whether_only_reservations_in_flight_hold_the_room(
     assert (spent.ok, spent.refused_unit, spent.held) == (False, "requests", False)   # 5 > 10 - 7 spent
 
 
+async def test_a_refusal_names_a_line_that_can_never_fit_before_one_that_is_only_busy(backend: Backend,
+                                                                                     clock: FakeClock) -> None:
+    org, user = counter(clock, "org"), counter(clock, "user", "monthly")
+    limits: list[Limits] = [(None, None, 2), (10, 3, None)]
+    assert await reserve(backend.store, clock, "in-flight", line(clock, org, Charge(requests=1), limits[0]))
+    wanted = [line(clock, org, Charge(requests=2), limits[0]), line(clock, user, Charge(6, 5, 1), limits[1])]
+    never = await backend.store.reserve("r", wanted, clock.now(), clock.now() + LEASE_S)
+    assert (never.ok, never.refused_index, never.refused_unit, never.held) == (False, 1, "tokens", False)
+    wanted[1] = line(clock, user, Charge(6, 3, 1), limits[1])
+    busy = await backend.store.reserve("r", wanted, clock.now(), clock.now() + LEASE_S)
+    assert (busy.ok, busy.refused_index, busy.refused_unit, busy.held) == (False, 0, "requests", True)
+
+
 async def test_refusal_of_one_line_leaves_every_line_unchanged(backend: Backend, clock: FakeClock) -> None:
     keys = [counter(clock, "org"), counter(clock, "team"), counter(clock, "user", "monthly")]
     assert await reserve(backend.store, clock, "warm", *(line(clock, k, Charge(100, 10, 1)) for k in keys))

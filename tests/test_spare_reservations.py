@@ -303,7 +303,7 @@ class SpareReleaseFailsOnce:
         return await self.inner.release(request_id, *args, **kwargs)
 
 
-async def test_a_spare_whose_release_fails_is_journaled_and_never_turns_into_spend(upstream, start_gateway, http,
+async def test_a_spare_whose_release_fails_is_journaled_and_released_when_the_store_is_back(upstream, start_gateway, http,
                                                                                    redis_url):
     store = StoreConfig(url=redis_url, reserve_ahead_idle_s=0.05)
     settings = make_settings({"primary": upstream.url}, store=store, policies=(make_policy("global", requests=100),))

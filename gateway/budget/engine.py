@@ -150,7 +150,8 @@ class BudgetEngine:
                 return self._on_spare(request_id, plan, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
                 # kept to their end if the client leaves meanwhile: a spare must never linger
-                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released]))
+                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released],
+                                                    return_exceptions=True))
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -245,9 +246,15 @@ class BudgetEngine:
             await self._bounded(self.store.release(spare.spare_id, self.clock.now()))
         except (StoreError, TimeoutError) as exc:
             self._mark_down(exc)
-            if self.journal is not None:     # replayed as a release, so the spare never turns into spend
-                lines = [(line.counter, Charge(), line.expires_at) for line in spare.lines]
+            if self.journal is None:
+                log.error("budget store unreachable and no journal configured: spare %s not released "
+                          "(its lease will turn it into spend)", spare.spare_id)
+                return
+            lines = [(line.counter, Charge(), line.expires_at) for line in spare.lines]
+            try:                             # replayed as a release when the store is back (within the lease)
                 await asyncio.to_thread(self.journal.append, spare.spare_id, lines, None, "release")
+            except OSError:
+                log.exception("journaling the release of spare %s failed", spare.spare_id)
 
     async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
                              now: float) -> ReserveOutcome | None:

@@ -142,6 +142,9 @@ class SpareReservations:
         on their way are in), else every spare of this replica on one of its counters, to release before
         asking again."""
         sharing = [other for other in self._by_counters.values() if other.counters & pool.counters]
+        paused_until = self._monotonic() + self.idle_s    # these counters are near a limit: no new spares
+        for other in sharing:
+            other.paused_until = paused_until
         making = [other.making for other in sharing if other.making is not None]
         if making:
             await asyncio.shield(asyncio.gather(*making))

@@ -173,12 +173,9 @@ class SqliteBudgetStore:
             if self._live_reservation(db, request_id, now) is not None:
                 raise ValueError(f"request {request_id!r} already holds a reservation")
         states = [self._state(db, line.counter) for line in lines]
-        for index, (line, state) in enumerate(zip(lines, states)):
-            unit = _exceeded_unit(line, state, len(request_ids) + room - 1)
-            if unit is not None:
-                at = UNITS.index(unit)
-                held = _amounts(line.amount)[at] <= line.limits[at] - _amounts(state.spent)[at]  # type: ignore[operator]
-                return ReserveOutcome(False, index, unit, held)
+        refusal = _refusal(lines, states, len(request_ids) + room - 1)
+        if refusal is not None:
+            return refusal
         for line in lines:
             self._add(db, line.counter, _times(line.amount, len(request_ids)), _NOTHING, line.expires_at)
             db.executemany(
@@ -368,13 +365,20 @@ def _times(charge: Charge, count: int) -> Charge:
     return Charge(charge.usd_nano * count, charge.tokens * count, charge.requests * count)
 
 
-def _exceeded_unit(line: ReserveLine, state: CounterState, room: int = 1) -> Unit | None:
-    """The first limited unit in which spent + reserved + room x amount would pass the line's limit."""
-    totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
-    for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
-        if limit is not None and spent + reserved + room * amount > limit:
-            return unit
-    return None
+def _refusal(lines: Sequence[ReserveLine], states: Sequence[CounterState], times: int) -> ReserveOutcome | None:
+    """Why `times` x the lines' amounts do not fit (see reserve.lua): a line and unit whose amount alone
+    does not fit beside the spend, else the first one that reservations in flight keep busy; None: they fit."""
+    busy = None
+    for index, (line, state) in enumerate(zip(lines, states)):
+        totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
+        for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
+            if limit is None:
+                continue
+            if amount > limit - spent:
+                return ReserveOutcome(False, index, unit)
+            if busy is None and times * amount > limit - spent - reserved:
+                busy = ReserveOutcome(False, index, unit, held=True)
+    return busy
 
 
 def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerEntry:

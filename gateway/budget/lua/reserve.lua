@@ -5,9 +5,9 @@
 --       usd, tokens, requests, usd limit, tokens limit, requests limit (-1 = unlimited), expires_ms],
 --       further ids.
 -- Refused unless (ids + room - 1) x each amount fits (one id, room 1: the amount itself).
--- Returns {1} reserved, {0, line, unit, held} refused by that line and unit (nothing changed; held 1:
--- the amount alone fits beside the spend, only reservations in flight hold the room), {-1} an id
--- already reserved.
+-- Returns {1} reserved, {0, line, unit, held} refused by that line and unit (nothing changed), {-1} an
+-- id already reserved. held 0: that amount alone does not fit beside the spend (reported before any line
+-- that is only busy); held 1: every amount fits beside the spend, reservations in flight hold the room.
 local prefix = ARGV[1]
 local ids = {ARGV[2], unpack(ARGV, 4)}
 local values = cjson.decode(ARGV[3])
@@ -23,16 +23,24 @@ end
 
 -- Every counter is read and checked before any is written. (limit - spent - reserved keeps every value
 -- exact below 2^53.)
-local states, times = {}, #ids + room - 1
+local states, times, busy = {}, #ids + room - 1, nil
 for i = first, #KEYS do
   local state, base = counter_state(KEYS[i]), 5 + (i - first) * 7
   for unit = 1, 3 do
-    local limit = values[base + 3 + unit]
-    if limit >= 0 and times * values[base + unit] > limit - state[unit] - state[unit + 3] then
-      return {0, i - first + 1, unit, values[base + unit] <= limit - state[unit] and 1 or 0}
+    local limit, amount = values[base + 3 + unit], values[base + unit]
+    if limit >= 0 then
+      if amount > limit - state[unit] then
+        return {0, i - first + 1, unit, 0}
+      end
+      if not busy and times * amount > limit - state[unit] - state[unit + 3] then
+        busy = {0, i - first + 1, unit, 1}
+      end
     end
   end
   states[i] = state
+end
+if busy then
+  return busy
 end
 
 -- Only the reserved fields change; a counter that had none is new and gets its expiry.
