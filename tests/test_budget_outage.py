@@ -20,15 +20,6 @@ CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "outage dri
 DECISION_BOUND_S = 2.0   # connect bound (1 s) + one command (0.25 s), with slack for a loaded CI machine
 
 
-@pytest.fixture
-def durable_redis(tmp_path) -> RedisServer:
-    """A redis-server with an fsync'd append-only file, so a kill and restart keeps its data."""
-    server = RedisServer(tmp_path, args=("--save", "", "--appendonly", "yes", "--appendfsync", "always"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def billing(upstream) -> Decimal:
     billed = upstream.billed.models["gpt-4.1"]
     return nano_to_usd(cost_nano(PRICES["gpt-4.1"], Usage(billed.prompt_tokens, billed.completion_tokens)))

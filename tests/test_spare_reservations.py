@@ -17,7 +17,6 @@ from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
 from gateway.errors import StoreError
 from gateway.pricing import Usage, cost_nano, nano_to_usd
-from tests.support.redis_server import RedisServer
 from tests.support.settings import ADMIN_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "spare me"}], "max_tokens": 10}
@@ -237,14 +236,6 @@ async def test_stopping_the_gateway_releases_its_spares(upstream, start_gateway,
     await leaving.server.close()                           # the app's cleanup closes the budget engine
     units = await budget(http, staying)
     assert (units["requests"]["spent"], units["requests"]["reserved"]) == (1, 0)
-
-
-@pytest.fixture
-def durable_redis(tmp_path) -> RedisServer:
-    server = RedisServer(tmp_path, args=("--save", "", "--appendonly", "yes", "--appendfsync", "always"))
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_spare_held_before_an_outage_serves_one_request_and_is_counted_once(durable_redis, upstream,

@@ -192,8 +192,9 @@ class BudgetEngine:
 
     def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
         """Ask for the spares the pool wants, with `amount`, after the current request has gone upstream."""
-        count = pool.wanted(self.clock.monotonic())
-        if not count or self._closing or self.clock.monotonic() < self._store_down_until:
+        now = self.clock.monotonic()
+        count = pool.wanted(now)
+        if not count or self._closing or now < self._store_down_until:
             return
         assert self.spares is not None
         if lines[0].amount is not amount:
@@ -221,20 +222,16 @@ class BudgetEngine:
 
     def _spares_answered(self, pool: SparePool, batch: list[Spare], call: asyncio.Future[ReserveOutcome]) -> None:
         assert self.spares is not None
-        if not call.cancelled() and call.exception() is None:
-            if not call.result().ok:
-                self.spares.not_made(pool, refused=True)
-            elif self._closing:              # close() stopped waiting for it
-                self.spares.not_made(pool)
-                for spare in batch:
-                    self._release_spare(spare)
-            else:
-                self.spares.made(pool, batch)
-                self._reserve_ahead(pool, batch[0].lines, batch[0].amount)   # the pool deepened meanwhile
-            return
-        self.spares.not_made(pool)
-        for spare in batch:                  # the store may have applied them before the reply was lost
-            self._release_spare(spare)
+        answered = not call.cancelled() and call.exception() is None
+        if answered and not call.result().ok:
+            self.spares.not_made(pool, refused=True)
+        elif answered and not self._closing:
+            self.spares.made(pool, batch)
+            self._reserve_ahead(pool, batch[0].lines, batch[0].amount)   # the pool deepened meanwhile
+        else:   # close() stopped waiting for them, or the reply was lost after the store applied them
+            self.spares.not_made(pool)
+            for spare in batch:
+                self._release_spare(spare)
 
     def _release_spare(self, spare: Spare) -> asyncio.Task[None]:
         """Give a spare back to the store, in the background; journaled when the store fails."""
@@ -246,13 +243,8 @@ class BudgetEngine:
             await self._bounded(self.store.release(spare.spare_id, self.clock.now()))
         except (StoreError, TimeoutError) as exc:
             self._mark_down(exc)
-            if self.journal is None:
-                log.error("budget store unreachable and no journal configured: spare %s not released "
-                          "(its lease will turn it into spend)", spare.spare_id)
-                return
-            lines = [(line.counter, Charge(), line.expires_at) for line in spare.lines]
             try:                             # replayed as a release when the store is back (within the lease)
-                await asyncio.to_thread(self.journal.append, spare.spare_id, lines, None, "release")
+                await self._append_journal(spare.spare_id, spare.lines, Charge(), None, "release")
             except OSError:
                 log.exception("journaling the release of spare %s failed", spare.spare_id)
 
@@ -401,15 +393,18 @@ class BudgetEngine:
         A reservation held in the store is settled or released again on replay (a no-op if the first try
         did reach the store); one held locally is recorded.
         """
-        if self.journal is None:
-            log.error("budget store unreachable and no journal configured: request %s not settled",
-                      reservation.request_id)
-            return
-        spent = charge or Charge()
-        lines = [(line.counter, spent, line.expires_at) for line in reservation.lines]
         replay: Replay = "record" if reservation.local else "release" if charge is None else "settle"
+        await self._append_journal(reservation.held_as, reservation.lines, charge or Charge(), entry, replay)
+
+    async def _append_journal(self, held_as: str, lines: Sequence[ReserveLine], spent: Charge,
+                              entry: LedgerEntry | None, replay: Replay) -> None:
+        """Journal `spent` on each line's counter under the store's id for it (an error log without a journal)."""
+        if self.journal is None:
+            log.error("budget store unreachable and no journal configured: %s not settled", held_as)
+            return
+        spend = [(line.counter, spent, line.expires_at) for line in lines]
         # fsync off the loop
-        await asyncio.to_thread(self.journal.append, reservation.held_as, lines, entry, replay)
+        await asyncio.to_thread(self.journal.append, held_as, spend, entry, replay)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""

@@ -233,8 +233,7 @@ def check_spare_ids(spare_ids: Sequence[str], lines: Sequence[ReserveLine]) -> N
     """Raise ValueError for no spare ids, an id named twice, or no lines."""
     if not spare_ids or not lines:
         raise ValueError("reserve_spares needs at least one id and one line")
-    if len(set(spare_ids)) != len(spare_ids):
-        raise ValueError("the same spare id is named twice")
+    _check_distinct(spare_ids, "spare id")
 
 
 def check_spend(spend: Sequence[tuple[CounterKey, Charge]]) -> None:
@@ -271,9 +270,9 @@ def check_reserve_lines(lines: Sequence[ReserveLine]) -> None:
                 _check_amount(limit, f"{unit} limit")
 
 
-def _check_distinct(counters: Sequence[CounterKey]) -> None:
-    if len(set(counters)) != len(counters):
-        raise ValueError("the same counter is named twice")
+def _check_distinct(items: Sequence[object], what: str = "counter") -> None:
+    if len(set(items)) != len(items):
+        raise ValueError(f"the same {what} is named twice")
 
 
 def _check_charge(charge: Charge) -> None:

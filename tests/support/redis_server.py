@@ -235,6 +235,16 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone with an fsync'd append-only file, so a kill and restart keeps its data."""
+    _require("redis-server")
+    server = RedisServer(tmp_path, args=("--save", "", "--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test alone, free to be killed or paused."""
     _require("redis-server")
