@@ -9,8 +9,9 @@ What one run does (`bench/run.sh`, which calls `bench.py run`):
 2. checks each target: one request per scenario answers 200 with usage and reaches the mock
    exactly once; measures the gateway's unit cost (budget status delta of that one request);
 3. warms every target up, then for each scenario and concurrency runs every target in interleaved
-   rounds with wrk (`post.lua`): wrk and the mock (and Redis) pinned to --loadgen-cpus, each proxy
-   to --sut-cpus;
+   rounds with wrk (`post.lua`), every other round in reverse order: wrk and the mock (and Redis)
+   pinned to --loadgen-cpus, each proxy to --sut-cpus; gateway/bare figures are the median of the
+   rounds' paired figures (gateway and bare of the same round);
 4. after each gateway run checks the budget: spent requests moved by exactly the number of 200s the
    gateway logged, which is between wrk's completed count and that plus the connections in flight
    when wrk stopped; spent USD and tokens moved by exactly requests x unit cost; nothing is left
@@ -588,7 +589,9 @@ class Bench:
         order = [name for name in self.args.targets if name in self.targets]
         for scenario, conc in self.matrix():
             for round_no in range(1, self.args.rounds + 1):
-                for name in order:
+                # every other round in reverse (A B, B A, ...): a drift of the machine's speed within a
+                # cell falls on both targets alike
+                for name in order if round_no % 2 else order[::-1]:
                     if self.out_of_time():
                         self.notes.append("stopped early: --max-wall reached")
                         return
@@ -947,17 +950,33 @@ def _same_round_pairs(cells: dict[tuple[str, int, str], list[RunResult]], scenar
     return [(g, bare[g.round]) for g in cells.get((scenario, conc, "gateway"), []) if g.round in bare]
 
 
+def _pair_ratios(pairs: list[tuple[RunResult, RunResult]], attr: str) -> list[float]:
+    return [getattr(g, attr) / getattr(b, attr) for g, b in pairs]
+
+
+def _pair_additions(pairs: list[tuple[RunResult, RunResult]], attr: str) -> list[float]:
+    return [getattr(g, attr) - getattr(b, attr) for g, b in pairs]
+
+
+# A round's gateway and bare runs are seconds apart, so their ratio is what machine noise moves least; a
+# round that a noisy neighbour hit is an outlier of its cell, which the median of the rounds discounts.
 def _pair_ratio(pairs: list[tuple[RunResult, RunResult]], attr: str) -> float:
-    return mean([getattr(g, attr) / getattr(b, attr) for g, b in pairs])
+    return statistics.median(_pair_ratios(pairs, attr))
 
 
 def _pair_added(pairs: list[tuple[RunResult, RunResult]], attr: str) -> float:
-    return mean([getattr(g, attr) - getattr(b, attr) for g, b in pairs])
+    return statistics.median(_pair_additions(pairs, attr))
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """'mean M, rounds a / b / c' of per-round figures."""
+    return f"mean {mean(values):{fmt}}, rounds " + " / ".join(f"{value:{fmt}}" for value in values)
 
 
 def _ratio_table(results: list[RunResult]) -> list[str]:
     cells = _cells(results)
-    rows = ["| scenario | conc | gateway/bare RPS | gateway/bare p50 | gateway/bare p99 | gateway/bare CPU ms/req "
+    rows = ["Gateway against bare: each figure is the median of the rounds' paired figures.", "",
+            "| scenario | conc | gateway/bare RPS | gateway/bare p50 | gateway/bare p99 | gateway/bare CPU ms/req "
             "| added p50 ms | added p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for scenario, conc, target in cells:
         if target != "gateway":
@@ -981,14 +1000,18 @@ TARGETS = (("chat", 16, "RPS >= 0.5 x bare", "rps", lambda ratio, added: ratio >
 def _targets_table(results: list[RunResult]) -> list[str]:
     """Each target's figure in this run and whether it is met (a report, not a check that fails the run)."""
     cells = _cells(results)
-    rows = ["| target | figure | met |", "|---|---:|---|"]
+    rows = ["| target | figure (median of the rounds) | met | per round |", "|---|---:|---|---|"]
     for scenario, conc, name, attr, met in TARGETS:
         matched = _same_round_pairs(cells, scenario, conc)
         if not matched:
             continue
         ratio, added = _pair_ratio(matched, attr), _pair_added(matched, attr)
-        figure = f"{ratio:.2f} x" if attr == "rps" else f"{added:+.2f} ms"
-        rows.append(f"| {scenario} c={conc}: {name} | {figure} | {'yes' if met(ratio, added) else 'NO'} |")
+        if attr == "rps":
+            figure, spread = f"{ratio:.2f} x", _spread(_pair_ratios(matched, attr), ".2f")
+        else:
+            figure, spread = f"{added:+.2f} ms", _spread(_pair_additions(matched, attr), "+.2f")
+        rows.append(f"| {scenario} c={conc}: {name} | {figure} | {'yes' if met(ratio, added) else 'NO'} "
+                    f"| {spread} |")
     return rows
 
 

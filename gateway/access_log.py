@@ -36,11 +36,12 @@ class AccessRecord:
     first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event
     error: str | None = None
 
-    def line(self) -> bytes:
-        """The JSON log line."""
+    def line(self, option: int = 0) -> bytes:
+        """The JSON log line (`option`: orjson's, such as OPT_APPEND_NEWLINE)."""
         usage = self.usage
+        # int(x + 0.5) / 10^k rounds as round(x, k) does, for a fraction of its cost (no decimal conversion)
         return orjson.dumps({
-            "ts": round(time.time(), 3),
+            "ts": int(time.time() * 1000 + 0.5) / 1000,
             "request_id": self.request_id,
             "method": self.method,
             "path": self.path,
@@ -56,10 +57,10 @@ class AccessRecord:
             "cached_tokens": usage.cached_tokens if usage else None,
             "usage_estimated": usage.estimated if usage else None,
             "cost_usd": format_usd(self.cost_nano) if self.cost_nano is not None else None,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "latency_ms": int((time.perf_counter() - self.started) * 100_000 + 0.5) / 100,
             "attempts": self.attempts,
             "error": self.error,
-        })
+        }, option=option)
 
 
 class AccessLog:
@@ -71,7 +72,7 @@ class AccessLog:
     """
 
     def __init__(self, enabled: bool = True, logger: logging.Logger | None = None,
-                 sink: Callable[[str], None] | None = None) -> None:
+                 sink: Callable[[bytes], None] | None = None) -> None:
         self.enabled = enabled
         self.logger = logger or logging.getLogger("gateway.access")
         self._sink = sink
@@ -81,7 +82,7 @@ class AccessLog:
         if not self.enabled:
             return
         if self._sink is not None:
-            self._sink(record.line().decode())
+            self._sink(record.line(orjson.OPT_APPEND_NEWLINE))
             return
         logger = self.logger
         if logger.isEnabledFor(logging.INFO):

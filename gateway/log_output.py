@@ -37,6 +37,10 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._flusher: asyncio.AbstractEventLoop | None = None   # the loop that has a flush scheduled
+        # A text stream that passes every write straight to its byte buffer keeps nothing of its own, so
+        # bytes written to that buffer stay in order with its text lines.
+        buffer = getattr(stream, "buffer", None)
+        self._bytes_out = buffer if getattr(stream, "write_through", False) and buffer is not None else None
 
     def flush(self) -> None:
         """Flush now outside the loop (threads, shutdown); else once, FLUSH_DELAY_S from now."""
@@ -55,10 +59,14 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._flusher = None
         super().flush()
 
-    def write_line(self, line: str) -> None:
-        """Write one line that needs no formatting (an access line), as `emit` would, without a LogRecord."""
+    def write_line(self, line: bytes) -> None:
+        """Write one UTF-8 line that ends in a newline and needs no formatting (an access line), as `emit`
+        would, without a LogRecord; straight to the byte buffer when the stream has one."""
         with self.lock:  # type: ignore[union-attr]
-            self.stream.write(line + self.terminator)
+            if self._bytes_out is not None:
+                self._bytes_out.write(line)
+            else:
+                self.stream.write(line.decode())
         self.flush()
 
 
@@ -74,8 +82,10 @@ def _buffered_stderr() -> TextIO:
         descriptor = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation is both
         return sys.stderr
-    return open(descriptor, "w", buffering=BUFFER_BYTES, encoding=sys.stderr.encoding or "utf-8",
-                errors="backslashreplace", closefd=False)
+    stream = open(descriptor, "w", buffering=BUFFER_BYTES, encoding=sys.stderr.encoding or "utf-8",
+                  errors="backslashreplace", closefd=False)
+    stream.reconfigure(write_through=True)   # the buffer below still batches; see write_line
+    return stream
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
+from random import getrandbits
 
 import orjson
 from aiohttp import web
@@ -21,8 +21,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _new_request_id() -> str:
-    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts."""
-    return os.urandom(16).hex()
+    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts.
+
+    The random module's generator is seeded from os.urandom at start and again in a forked child, and
+    costs no system call per id (os.urandom does one): ids need to be unique, not secret.
+    """
+    return getrandbits(128).to_bytes(16, "big").hex()
 
 
 def error_response(error: GatewayError) -> web.Response:

@@ -203,7 +203,8 @@ class BudgetEngine:
         assert pool.making is not None
         self._keep(pool.making)
         # call_soon: the store call is written after the request that asked for it is on its way upstream
-        asyncio.get_running_loop().call_soon(self._make_spares, pool, batch)
+        # (the pool's future knows the loop: asyncio.get_running_loop costs a getpid system call on 3.11)
+        pool.making.get_loop().call_soon(self._make_spares, pool, batch)
 
     def _make_spares(self, pool: SparePool, batch: list[Spare]) -> None:
         assert self.store is not None and self.spares is not None

@@ -78,6 +78,7 @@ class SpareReservations:
         self._by_counters: dict[tuple[object, ...], SparePool] = {}
         self._ids = itertools.count()
         self._prefix = f"spare-{os.getpid()}-{os.urandom(4).hex()}-"
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def pool(self, slots: tuple[BudgetSlot, ...]) -> SparePool:
         """The pool of the counters `slots` reserve on (slots of every caller and model share it)."""
@@ -115,7 +116,7 @@ class SpareReservations:
 
     def new_batch(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge, count: int) -> list[Spare]:
         """`count` spares to ask the store for; the pool is `making` them until `made` or `not_made`."""
-        pool.making = asyncio.get_running_loop().create_future()
+        pool.making = self._running_loop().create_future()
         pool.grown = False
         made_at, lines = self._monotonic(), tuple(lines)
         return [Spare(f"{self._prefix}{next(self._ids)}", lines, amount, made_at) for _ in range(count)]
@@ -125,7 +126,7 @@ class SpareReservations:
         self.not_made(pool)
         pool.spares.extend(batch)
         if pool.timer is None:
-            pool.timer = asyncio.get_running_loop().call_later(self.idle_s, self._release_idle, pool)
+            pool.timer = self._running_loop().call_later(self.idle_s, self._release_idle, pool)
 
     def not_made(self, pool: SparePool, refused: bool = False) -> None:
         """The store's answer to the batch is in (`made` follows if it holds it); after a refusal the pool
@@ -178,7 +179,15 @@ class SpareReservations:
             pool.depth = max(1, pool.depth // 2)
         if spares:
             wait = max(0.0, spares[0].made_at + self.idle_s - now)
-            pool.timer = asyncio.get_running_loop().call_later(wait, self._release_idle, pool)
+            pool.timer = self._running_loop().call_later(wait, self._release_idle, pool)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop; the last one found while it runs (asyncio.get_running_loop makes a getpid
+        system call on Python 3.11, and batches are asked for about every third request)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _give_back(self, pool: SparePool, count: int) -> None:
         """Release the pool's `count` oldest spares."""
