@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.budget import redis_batch
 from gateway.budget.redis_batch import ScriptPipeline
 from gateway.budget.redis_store import create_redis_client
 from tests.support.redis_server import RedisServer
@@ -144,6 +145,58 @@ async def test_a_call_behind_one_outstanding_call_goes_at_once_and_behind_two_wa
     finally:
         fresh_redis_server.resume()
         await pipe.close()
+
+
+def lazy(pipe: Opened, *args: str) -> asyncio.Future[Any]:
+    return pipe.pipeline.submit(pipe.echo, [], list(args), lazy=True)
+
+
+async def test_lazy_calls_wait_for_company_and_go_out_together_in_order(
+        pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_batch, "LAZY_FLUSH_S", 60.0)   # only another call can send them here
+    spy = RedisWrites(monkeypatch)
+    settles = [lazy(pipe, "settle", str(index)) for index in range(3)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)                                     # later loop turns: still waiting
+    assert spy.writes == []
+    reserve = pipe.call("reserve", "now")                      # not lazy: written at once, behind them
+    assert spy.calls_per_write() == [4]
+    assert spy.writes[0].index(b"settle") < spy.writes[0].index(b"reserve")
+    assert await asyncio.gather(*settles, reserve) == [
+        [b"settle", b"0"], [b"settle", b"1"], [b"settle", b"2"], [b"reserve", b"now"]]
+
+
+async def test_a_lazy_call_alone_goes_out_within_the_lazy_wait(pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = RedisWrites(monkeypatch)
+    calls = [lazy(pipe, "alone", str(index)) for index in range(5)]
+    assert spy.writes == []
+    async with asyncio.timeout(PROMPT_S):
+        assert len(await asyncio.gather(*calls)) == 5
+    assert spy.calls_per_write() == [5]
+
+
+async def test_a_lazy_call_is_timed_from_its_write(pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_batch, "LAZY_FLUSH_S", 60.0)
+    timings: list[tuple[str, float, bool]] = []
+    pipe.pipeline.observe = lambda operation, seconds, failed: timings.append((operation, seconds, failed))
+    waited = pipe.pipeline.submit(pipe.echo, [], ["settle"], operation="settle", lazy=True)
+    loop = asyncio.get_running_loop()
+    held_until = loop.time() + 0.2
+    while loop.time() < held_until:                            # a lazy call that waits 0.2 s for company
+        await asyncio.sleep(0.02)
+    await pipe.pipeline.run(pipe.echo, [], ["company"])
+    await waited
+    [(operation, seconds, failed)] = timings
+    assert operation == "settle" and not failed and seconds < 0.2
+
+
+async def test_answered_sends_lazy_calls_and_waits_for_their_replies(
+        pipe: Opened, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_batch, "LAZY_FLUSH_S", 60.0)
+    counted = pipe.pipeline.submit(pipe.count, ["lazy-counter"], [], lazy=True)
+    await pipe.pipeline.answered()
+    assert counted.done()
+    assert await pipe.client.get("lazy-counter") == b"1"
 
 
 async def test_calls_made_while_the_connection_opens_wait_for_it(redis_url: str,

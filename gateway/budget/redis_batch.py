@@ -9,6 +9,10 @@ takes its transport over and speaks to it directly:
   loop turn), any other is queued;
 - everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
+- a `lazy` call (one no client waits for: a settle, a release, spares asked for ahead) may wait up to
+  LAZY_FLUSH_S for company: it goes out with the next call that is not lazy, or when that time is up.
+  On this kind of machine a write to Redis costs more in the kernel (waking Redis up) than packing a
+  dozen calls, so under load a few requests' calls share each write;
 - the transport's protocol feeds what arrives to hiredis and answers the oldest outstanding call with
   each reply: a result, or an error reply that fails that call alone.
 
@@ -54,6 +58,7 @@ __all__ = ["ScriptPipeline", "CallObserver"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
 QUIET_OUTSTANDING = 1   # at most this many calls outstanding: a call is written at once, not a loop turn later
+LAZY_FLUSH_S = 0.002    # the longest a lazy call waits to share a write
 
 Parse = Callable[[Any], Any]
 WrapError = Callable[[Exception], Exception]
@@ -63,14 +68,16 @@ CallObserver = Callable[[str, float, bool], None]   # (operation, seconds from s
 class _Call:
     """One command for the wire: its bytes, its caller's future (None for our SCRIPT LOAD), its timings."""
 
-    __slots__ = ("packed", "future", "script", "parse", "operation", "started", "sent_at", "retried")
+    __slots__ = ("packed", "future", "script", "parse", "operation", "started", "sent_at", "retried", "lazy")
 
     def __init__(self, packed: bytes, future: asyncio.Future[Any] | None, script: AsyncScript,
-                 parse: Parse | None = None, operation: str | None = None, started: float = 0.0) -> None:
+                 parse: Parse | None = None, operation: str | None = None, started: float = 0.0,
+                 lazy: bool = False) -> None:
         self.packed, self.future, self.script, self.parse = packed, future, script, parse
         self.operation, self.started = operation, started
         self.sent_at = 0.0
         self.retried = False
+        self.lazy = lazy   # its time is observed from its write, not from its wait for company
 
 
 class ScriptPipeline:
@@ -78,7 +85,8 @@ class ScriptPipeline:
 
     `timeout_s` bounds how long the oldest outstanding call may wait for its reply (None: no bound).
     `wrap_error` turns the driver's errors (and error replies) into the caller's exceptions; `observe`
-    hears how long each call named by an `operation` took, and whether it failed.
+    hears how long each call named by an `operation` took (a lazy one from its write), and whether it
+    failed.
     """
 
     def __init__(self, client: Redis, timeout_s: float | None, *, wrap_error: WrapError | None = None,
@@ -96,6 +104,7 @@ class ScriptPipeline:
         self._pending: deque[_Call] = deque()     # written, in order, waiting for their replies
         self._loading: set[AsyncScript] = set()   # a SCRIPT LOAD of these is outstanding
         self._flush_scheduled = False
+        self._lazy_flush: asyncio.TimerHandle | None = None   # the flush a lazy call is waiting for
         self._watchdog: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -110,33 +119,51 @@ class ScriptPipeline:
         return await self.submit(script, keys, args)
 
     def submit(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str],
-               parse: Parse | None = None, operation: str | None = None) -> asyncio.Future[Any]:
+               parse: Parse | None = None, operation: str | None = None, lazy: bool = False) -> asyncio.Future[Any]:
         """Queue one EVALSHA; the future gets what `run` would return or raise (`parse` of the reply, if given).
 
-        Cancelling the future gives the call up. A caller that attaches a done-callback instead of awaiting
-        must retrieve the future's exception.
+        A `lazy` call may wait up to LAZY_FLUSH_S to go out with others; calls still go out in the order
+        they were made. Cancelling the future gives the call up. A caller that attaches a done-callback
+        instead of awaiting must retrieve the future's exception.
         """
         if self._closed:
             raise self._wrap_error(RedisConnectionError("the script pipeline is closed"))
         loop = self._loop or self._bind_loop()
         future = loop.create_future()
         started = loop.time() if operation is not None and self.observe is not None else 0.0
-        call = _Call(self._evalsha(script, keys, args), future, script, parse, operation, started)
+        call = _Call(self._evalsha(script, keys, args), future, script, parse, operation, started, lazy)
         protocol = self._protocol
-        if protocol is not None and not self._flush_scheduled and len(self._pending) <= QUIET_OUTSTANDING:
+        if lazy:
+            self._queue.append(call)
+            if not self._flush_scheduled and self._lazy_flush is None:
+                self._lazy_flush = loop.call_at(loop.time() + LAZY_FLUSH_S, self._flush)
+        elif protocol is not None and not self._flush_scheduled and len(self._pending) <= QUIET_OUTSTANDING:
             # A quiet gateway (at one connection the last request's settle is still outstanding when the
-            # next one reserves): send it at once rather than a loop turn later; the calls made in the
-            # rest of this turn go out together at its end.
-            self._write(protocol, [call], started or loop.time())
+            # next one reserves): send it at once, behind the lazy calls still queued, rather than a loop
+            # turn later; the calls made in the rest of this turn go out together at its end.
+            queued, self._queue = self._queue, []
+            queued.append(call)
+            self._write(protocol, queued, started or loop.time())
             self._schedule_flush()
         else:
             self._queue.append(call)
             self._schedule_flush()
         return future
 
+    async def answered(self) -> None:
+        """Send what is queued now and wait until every call made so far is answered (or failed): what a
+        command on another connection must wait for to see their effects."""
+        waiting = [call.future for call in (*self._pending, *self._queue)
+                   if call.future is not None and not call.future.done()]
+        if self._queue:
+            self._flush()
+        if waiting:
+            await asyncio.wait(waiting)
+
     async def aclose(self) -> None:
         """Fail what is queued or outstanding, drop the connection, wait for what it started."""
         self._closed = True
+        self._cancel_lazy_flush()
         closed = RedisConnectionError("the script pipeline is closed")
         if self._connecting is not None:
             self._connecting.cancel()
@@ -159,6 +186,7 @@ class ScriptPipeline:
     def _flush(self) -> None:
         """Write every queued call not given up meanwhile, in one write; open the connection if there is none."""
         self._flush_scheduled = False
+        self._cancel_lazy_flush()
         protocol = self._protocol
         if protocol is None:
             if self._queue and self._connecting is None and not self._closed:
@@ -174,6 +202,8 @@ class ScriptPipeline:
         for call in calls:
             if call.future is None or not call.future.done():
                 call.sent_at = now
+                if call.lazy:
+                    call.started = now
                 packets.append(call.packed)
                 self._pending.append(call)
         if not packets:
@@ -242,8 +272,14 @@ class ScriptPipeline:
         self._queue.append(call)
         self._schedule_flush()
 
+    def _cancel_lazy_flush(self) -> None:
+        if self._lazy_flush is not None:
+            self._lazy_flush.cancel()
+            self._lazy_flush = None
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
+            self._cancel_lazy_flush()          # this flush takes the lazy calls along
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 

@@ -122,10 +122,10 @@ class RedisBudgetStore:
         """`reserve` under each id, all or none, leaving room for `room` - 1 more (see `BudgetStore`)."""
         check_spare_ids(spare_ids, lines)
         check_reserve_lines(lines)
-        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares")
+        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares", lazy=True)
 
     def _reserve(self, ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
-                 room: int, operation: str) -> Awaitable[ReserveOutcome]:
+                 room: int, operation: str, lazy: bool = False) -> Awaitable[ReserveOutcome]:
         keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
@@ -147,7 +147,7 @@ class RedisBudgetStore:
                 raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
             return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3:] == [1])
 
-        return self._call("reserve", keys, args, outcome, operation)
+        return self._call("reserve", keys, args, outcome, operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
                entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
@@ -166,13 +166,13 @@ class RedisBudgetStore:
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
         keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
-        return self._call("settle", keys, args, states)
+        return self._call("settle", keys, args, states, lazy=True)
 
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = self._reservation_keys(request_id)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
-        return self._call("release", keys, args, _is_one)
+        return self._call("release", keys, args, _is_one, lazy=True)
 
     def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
@@ -195,6 +195,8 @@ class RedisBudgetStore:
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
         """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
+        if self._pipeline is not None:
+            await self._pipeline.answered()   # this replica's settlements so far are in the rows read
         rows: list[LedgerEntry] = []
         start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
         if time_ms(until) <= time_ms(since):
@@ -246,11 +248,12 @@ class RedisBudgetStore:
         return (*_SCRIPTS, "reserve_spares")
 
     def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
-              operation: str | None = None) -> Awaitable[T]:
+              operation: str | None = None, lazy: bool = False) -> Awaitable[T]:
         """One call of script `name`, `parse`d: a pipelined future on Redis and Sentinel, a coroutine
-        otherwise; observed as `operation` (default: the script's name)."""
+        otherwise; observed as `operation` (default: the script's name). A `lazy` call is one no client
+        waits for (settle, release, spares): pipelined, it may wait a moment to share a write."""
         if self._pipeline is not None:
-            return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name)
+            return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
         return self._direct_call(name, keys, args, parse, operation or name)
 
     async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
