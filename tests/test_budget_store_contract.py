@@ -355,6 +355,39 @@ async def test_a_journaled_release_frees_the_reservation_once(
     assert await ledger(backend.store, clock) == [failed]
 
 
+def journal_of(tmp_path: Path, clock: FakeClock, key: CounterKey, count: int) -> SpendJournal:
+    """A journal of `count` requests the store never saw (served on the fail-open allowance)."""
+    journal = SpendJournal(tmp_path / "journal.jsonl")
+    for index in range(count):
+        journal.append(f"r{index}", [(key, Charge(7, 1, 1), expiry(clock))], entry(clock, f"r{index}", cost=7))
+    return journal
+
+
+async def test_a_long_journal_replays_every_request_once(backend: Backend, clock: FakeClock, tmp_path: Path) -> None:
+    key = counter(clock)
+    journal = journal_of(tmp_path, clock, key, 600)
+    assert await journal.replay(backend.store, clock.now()) == 600
+    assert await journal.replay(backend.store, clock.now()) == 0
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(4200, 600, 600), Charge())
+    assert len(await ledger(backend.store, clock)) == 600
+
+
+async def test_a_journal_replays_many_requests_per_write_to_redis(
+    redis_url: str, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a long outage the counters catch up in batches, not one round trip per journaled request."""
+    store = RedisBudgetStore(create_redis_client(redis_url, timeout_s=5.0, pool_size=4))
+    key = counter(clock)
+    journal = journal_of(tmp_path, clock, key, 600)
+    try:
+        assert await store.ping()
+        sent = RedisWrites(monkeypatch)
+        assert await journal.replay(store, clock.now()) == 600
+    finally:
+        await store.close()
+    assert sum(sent.calls_per_write()) == 600 and len(sent.writes) <= 20   # one write per request before
+
+
 async def test_record_replaces_a_live_reservation(backend: Backend, clock: FakeClock) -> None:
     key = counter(clock)
     assert await reserve(backend.store, clock, "r1", line(clock, key, Charge(1000)))

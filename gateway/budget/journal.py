@@ -16,6 +16,7 @@ gateways ignore the keys they do not know.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ Replay = Literal["record", "settle", "release"]   # how an entry is sent to the 
 REPLAYS: tuple[Replay, ...] = get_args(Replay)
 
 Journaled = tuple[str, list[SpendLine], LedgerEntry | None, Replay]
+REPLAY_BATCH = 256   # entries sent together on replay
 
 
 def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None, replay: Replay) -> bytes:
@@ -97,19 +99,27 @@ class SpendJournal:
             if not self.path.exists():
                 return 0
             os.replace(self.path, self._replaying)
-        replayed, failed = 0, []
+        entries: list[Journaled] = []
         for raw in self._replaying.read_bytes().splitlines():
             if not raw.strip():
                 continue
             try:
-                journaled = _decode(raw)
+                entries.append(_decode(raw))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line torn by a crash mid-write was never acknowledged to anyone
-            try:
-                await _send_again(store, now, *journaled)
-                replayed += 1
-            except StoreError:
-                failed.append(journaled)
+        replayed, failed = 0, []
+        # A batch at a time, so a pipelined store sends many per round trip (and per write).
+        for start in range(0, len(entries), REPLAY_BATCH):
+            batch = entries[start:start + REPLAY_BATCH]
+            outcomes = await asyncio.gather(*(_send_again(store, now, *journaled) for journaled in batch),
+                                            return_exceptions=True)
+            for journaled, outcome in zip(batch, outcomes):
+                if isinstance(outcome, StoreError):
+                    failed.append(journaled)
+                elif isinstance(outcome, BaseException):
+                    raise outcome             # the file stays aside: the next replay sends it all again
+                else:
+                    replayed += 1
         for request_id, lines, entry, replay in failed:
             self.append(request_id, lines, entry, replay)
         self._replaying.unlink()

@@ -151,14 +151,14 @@ class ScriptPipeline:
         return future
 
     async def answered(self) -> None:
-        """Send what is queued now and wait until every call made so far is answered (or failed): what a
-        command on another connection must wait for to see their effects."""
+        """Send what is queued now and wait until every call made so far is answered or failed (each
+        within the timeout): what a command on another connection waits for to see their effects."""
         waiting = [call.future for call in (*self._pending, *self._queue)
                    if call.future is not None and not call.future.done()]
         if self._queue:
             self._flush()
         if waiting:
-            await asyncio.wait(waiting)
+            await asyncio.wait(waiting, timeout=None if self._timeout is None else 2 * self._timeout)
 
     async def aclose(self) -> None:
         """Fail what is queued or outstanding, drop the connection, wait for what it started."""
