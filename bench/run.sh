@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One command: the gateway against a bare aiohttp pass-through on loopback, with wrk (see bench.py).
 #
-#   bench/run.sh                    default matrix: chat at 1/16/64 connections + stream at 16 (~4 min)
+#   bench/run.sh                    default matrix: chat at 1/16/64 connections + stream at 16 (~6 min)
 #   bench/run.sh --soak 1000000     memory soak instead: RSS after 1M requests vs after the first 50k
 #   bench/run.sh --instructions     instructions per request under callgrind, bare vs gateway (~6 min)
 #   bench/run.sh --profile          also py-spy the gateway under load (needs py-spy, see --py-spy)
 #   bench/run.sh --help             every option
 #
 #   BENCH_PYTHON   interpreter with the gateway's dependencies (default: $VIRTUAL_ENV, ./.venv, ../venv, python3)
-#   BENCH_TIMEOUT  hard bound of the whole run in seconds (default 480; soak bound + 300 with --soak;
+#   BENCH_TIMEOUT  hard bound of the whole run in seconds (default 600; soak bound + 300 with --soak;
 #                  1200 with --instructions)
 # Installs wrk, taskset and redis-server (and valgrind for --instructions) with apt-get when missing.
 # Results: bench/results/<stamp>/.
@@ -43,7 +43,7 @@ if ((${#missing[@]})); then
 fi
 
 python="$(pick_python)"
-bound="${BENCH_TIMEOUT:-480}"
+bound="${BENCH_TIMEOUT:-600}"
 args=" $* "
 if [[ "$args" == *" --soak "* ]] && [ -z "${BENCH_TIMEOUT:-}" ]; then
   soak_max=1800

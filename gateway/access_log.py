@@ -39,7 +39,7 @@ class AccessRecord:
     def line(self, option: int = 0) -> bytes:
         """The JSON log line (`option`: orjson's, such as OPT_APPEND_NEWLINE)."""
         usage = self.usage
-        # int(x + 0.5) / 10^k rounds as round(x, k) does, for a fraction of its cost (no decimal conversion)
+        # int(x * 10^k + 0.5) / 10^k: half up (x >= 0), for a fraction of round(x, k)'s cost
         return orjson.dumps({
             "ts": int(time.time() * 1000 + 0.5) / 1000,
             "request_id": self.request_id,

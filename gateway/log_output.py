@@ -9,6 +9,7 @@ held back longer than that.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import sys
 from typing import TextIO
@@ -37,10 +38,11 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._flusher: asyncio.AbstractEventLoop | None = None   # the loop that has a flush scheduled
-        # A text stream that passes every write straight to its byte buffer keeps nothing of its own, so
-        # bytes written to that buffer stay in order with its text lines.
+        # A UTF-8 text stream that passes every write straight to its byte buffer keeps nothing of its
+        # own, so UTF-8 bytes written to that buffer stay in order with its text lines.
         buffer = getattr(stream, "buffer", None)
-        self._bytes_out = buffer if getattr(stream, "write_through", False) and buffer is not None else None
+        utf8 = _is_utf8(getattr(stream, "encoding", None))
+        self._bytes_out = buffer if utf8 and getattr(stream, "write_through", False) and buffer is not None else None
 
     def flush(self) -> None:
         """Flush now outside the loop (threads, shutdown); else once, FLUSH_DELAY_S from now."""
@@ -68,6 +70,13 @@ class LoopFlushedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             else:
                 self.stream.write(line.decode())
         self.flush()
+
+
+def _is_utf8(encoding: str | None) -> bool:
+    try:
+        return encoding is not None and codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
 
 
 def stderr_handler() -> LoopFlushedStreamHandler | None:

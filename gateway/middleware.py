@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
-from random import getrandbits
+from random import Random
 
 import orjson
 from aiohttp import web
@@ -20,13 +21,16 @@ log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _new_request_id() -> str:
-    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts.
+# Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
+# two processes draw the same ids. Unlike os.urandom it costs no system call per id: ids must be unique,
+# not secret.
+_ids = Random()
+os.register_at_fork(after_in_child=_ids.seed)
 
-    The random module's generator is seeded from os.urandom at start and again in a forked child, and
-    costs no system call per id (os.urandom does one): ids need to be unique, not secret.
-    """
-    return getrandbits(128).to_bytes(16, "big").hex()
+
+def _new_request_id() -> str:
+    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts."""
+    return _ids.getrandbits(128).to_bytes(16, "big").hex()
 
 
 def error_response(error: GatewayError) -> web.Response:

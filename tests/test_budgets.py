@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from gateway.appkeys import BUDGET
+from gateway.budget import redis_batch
 from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
 from gateway.pricing import Usage, cost_nano, nano_to_usd
@@ -57,6 +58,18 @@ async def test_spend_settles_to_the_real_cost_and_nothing_stays_reserved(upstrea
     assert entries[("global", "daily", "requests")]["spent"] == 3
     billed = upstream.billed.models["gpt-4.1"]
     assert entries[("global", "daily", "tokens")]["spent"] == billed.prompt_tokens + billed.completion_tokens
+
+
+async def test_a_status_read_does_not_wait_for_settlements_waiting_to_share_a_write(
+        upstream, start_gateway, http, redis_url, monkeypatch):
+    monkeypatch.setattr(redis_batch, "LAZY_FLUSH_S", 60.0)   # a settlement would wait a minute for company
+    settings = make_settings({"primary": upstream.url}, store=StoreConfig(url=redis_url, reserve_ahead=False),
+                             policies=(make_policy("global", usd="10"),))
+    gateway = await start_gateway(settings)
+    assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    async with asyncio.timeout(5):
+        usd = (await status(http, gateway))[("global", "daily", "usd")]
+    assert Decimal(usd["spent"]) == billed_cost(upstream, "gpt-4.1") > 0 and Decimal(usd["reserved"]) == 0
 
 
 async def test_refusal_is_a_429_that_sdks_do_not_retry_and_names_policy_period_limit_reset(

@@ -43,3 +43,12 @@ def test_access_lines_as_bytes_keep_their_place_among_text_log_lines() -> None:
         logger.removeHandler(handler)
     handler.flush()
     assert sink.getvalue().decode().splitlines() == ["before é", '{"request_id": "ü"}', "after"]
+
+
+def test_access_lines_on_a_stream_that_is_not_utf8_are_written_in_its_encoding() -> None:
+    sink = io.BytesIO()
+    stream = io.TextIOWrapper(io.BufferedWriter(sink, 1 << 16), encoding="latin-1", write_through=True)
+    handler = LoopFlushedStreamHandler(stream)
+    handler.write_line('{"caller": "é"}\n'.encode())
+    handler.flush()
+    assert sink.getvalue() == '{"caller": "é"}\n'.encode("latin-1")

@@ -462,6 +462,9 @@ class BudgetEngine:
     async def settled(self) -> None:
         """Wait until the settlements started so far have reached the store (or the journal)."""
         if self._background:
+            send_queued = getattr(self.store, "send_queued", None)
+            if send_queued is not None:
+                send_queued()                # sent now rather than after their wait for company
             await asyncio.wait(list(self._background))
 
     async def quiet(self) -> None:

@@ -35,7 +35,8 @@ Replay = Literal["record", "settle", "release"]   # how an entry is sent to the 
 REPLAYS: tuple[Replay, ...] = get_args(Replay)
 
 Journaled = tuple[str, list[SpendLine], LedgerEntry | None, Replay]
-REPLAY_BATCH = 256   # entries sent together on replay
+REPLAY_BATCH = 256   # entries sent together on replay to a pipelined store (they share writes)
+REPLAY_BATCH_UNPIPELINED = 32   # to one that runs calls one by one (SQLite, Cluster): live requests queue behind
 
 
 def _encode(request_id: str, lines: Sequence[SpendLine], entry: LedgerEntry | None, replay: Replay) -> bytes:
@@ -109,12 +110,13 @@ class SpendJournal:
                 continue  # a line torn by a crash mid-write was never acknowledged to anyone
         replayed, failed = 0, []
         # A batch at a time, so a pipelined store sends many per round trip (and per write).
-        for start in range(0, len(entries), REPLAY_BATCH):
-            batch = entries[start:start + REPLAY_BATCH]
+        size = REPLAY_BATCH if getattr(store, "pipelined", False) else REPLAY_BATCH_UNPIPELINED
+        for start in range(0, len(entries), size):
+            batch = entries[start:start + size]
             outcomes = await asyncio.gather(*(_send_again(store, now, *journaled) for journaled in batch),
                                             return_exceptions=True)
             for journaled, outcome in zip(batch, outcomes):
-                if isinstance(outcome, StoreError):
+                if isinstance(outcome, (StoreError, asyncio.CancelledError)):   # a call the store dropped
                     failed.append(journaled)
                 elif isinstance(outcome, BaseException):
                     raise outcome             # the file stays aside: the next replay sends it all again

@@ -18,8 +18,8 @@ takes its transport over and speaks to it directly:
   each reply: a result, or an error reply that fails that call alone.
 
 So a call costs a future, a packed command and a parsed reply: no task, no stream reader, no timer
-and no pool checkout per call; the socket write and the read are paid once per loop turn, however many
-calls share it. A caller that gives up after its call was written does not desynchronise the replies:
+and no pool checkout per call; the socket write and the read are paid once per loop turn (or per lazy
+wait), however many calls share it. A caller that gives up after its call was written does not desynchronise the replies:
 its reply is read and dropped. A call whose caller gave up before it was written is never sent.
 
 NOSCRIPT (Redis restarted, SCRIPT FLUSH): one SCRIPT LOAD goes out behind the calls already written, and
@@ -139,9 +139,9 @@ class ScriptPipeline:
             if not self._flush_scheduled and self._lazy_flush is None:
                 self._lazy_flush = loop.call_at(loop.time() + LAZY_FLUSH_S, self._flush)
         elif protocol is not None and not self._flush_scheduled and len(self._pending) <= QUIET_OUTSTANDING:
-            # A quiet gateway (at one connection the last request's settle is still outstanding when the
-            # next one reserves): send it at once, behind the lazy calls still queued, rather than a loop
-            # turn later; the calls made in the rest of this turn go out together at its end.
+            # A quiet gateway (at one connection the next request reserves while the last one's settle
+            # waits, queued or outstanding): send it at once, behind the lazy calls still queued, rather
+            # than a loop turn later; the calls made in the rest of this turn go out together at its end.
             queued, self._queue = self._queue, []
             queued.append(call)
             self._write(protocol, queued, started or loop.time())
@@ -151,13 +151,18 @@ class ScriptPipeline:
             self._schedule_flush()
         return future
 
-    async def answered(self) -> None:
-        """Send what is queued now and wait until every call made so far is answered or failed (each
-        within the timeout): what a command on another connection waits for to see their effects."""
-        waiting = [call.future for call in (*self._pending, *self._queue)
-                   if call.future is not None and not call.future.done()]
+    def send_queued(self) -> None:
+        """Send the calls queued so far now (lazy ones included) instead of at their flush."""
         if self._queue:
             self._flush()
+
+    async def answered(self) -> None:
+        """Send what is queued now and wait until every call made so far is answered or failed (each
+        within twice the timeout; with no timeout, for as long as they take): what a command on another
+        connection waits for to see their effects."""
+        waiting = [call.future for call in (*self._pending, *self._queue)
+                   if call.future is not None and not call.future.done()]
+        self.send_queued()
         if waiting:
             await asyncio.wait(waiting, timeout=None if self._timeout is None else 2 * self._timeout)
 

@@ -84,8 +84,14 @@ class RedisBudgetStore:
     @property
     def pipelined(self) -> bool:
         """True when script calls go down one pipelined connection: answered in the order they are made,
-        each bounded in time by the store's timeout (the engine then needs no timer of its own)."""
+        each bounded in time by the store's timeout, plus LAZY_FLUSH_S for a lazy one (the engine then
+        needs no timer of its own)."""
         return self._pipeline is not None and self._pipeline.timeout is not None
+
+    def send_queued(self) -> None:
+        """Send the settlements and releases waiting to share a write now (a reader is waiting for them)."""
+        if self._pipeline is not None:
+            self._pipeline.send_queued()
 
     def counter_key(self, counter: CounterKey) -> str:
         """The Redis key of a counter."""
@@ -195,12 +201,12 @@ class RedisBudgetStore:
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
         """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
-        if self._pipeline is not None:
-            await self._pipeline.answered()   # this replica's settlements so far are in the rows read
         rows: list[LedgerEntry] = []
         start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
         if time_ms(until) <= time_ms(since):
             return rows
+        if self._pipeline is not None:
+            await self._pipeline.answered()   # this replica's settlements so far are in the rows read
         while len(rows) < limit:
             count = min(LEDGER_PAGE, limit - len(rows))
             page = await self._command(
