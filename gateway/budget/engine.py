@@ -209,9 +209,12 @@ class BudgetEngine:
     def _make_spares(self, pool: SparePool, batch: list[Spare]) -> None:
         assert self.store is not None and self.spares is not None
         now = self.clock.now()
+        # A pool still half full can wait for company (at low traffic most batches); one running low is
+        # sent now, or requests find it empty meanwhile and reserve on their own.
+        lazy = 2 * len(pool.spares) >= pool.depth
         try:
             call = self.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
-                                             now + self.config.lease_s, SPARE_ROOM)
+                                             now + self.config.lease_s, SPARE_ROOM, lazy=lazy)
         except Exception as exc:             # nothing was sent; a request waiting for the batch goes on
             self.spares.not_made(pool)
             if not isinstance(exc, StoreError):

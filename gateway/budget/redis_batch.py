@@ -9,9 +9,9 @@ takes its transport over and speaks to it directly:
   loop turn), any other is queued;
 - everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
-- a `lazy` call (one no client waits for: a settle, a release) may wait up to LAZY_FLUSH_S for
-  company: it goes out with the next call that is not lazy, or when that time is up. (Spare reservations
-  are not lazy: requests run out of them while a batch waits.)
+- a `lazy` call (one no client waits for: a settle, a release, spares for a pool still half full) may
+  wait up to LAZY_FLUSH_S for company: it goes out with the next call that is not lazy, or when that
+  time is up.
   On this kind of machine a write to Redis costs more in the kernel (waking Redis up) than packing a
   dozen calls, so under load a few requests' calls share each write;
 - the transport's protocol feeds what arrives to hiredis and answers the oldest outstanding call with

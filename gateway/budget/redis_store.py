@@ -124,14 +124,14 @@ class RedisBudgetStore:
         return self._reserve((request_id,), lines, now, lease_until, 1, "reserve")
 
     def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
-                       lease_until: float, room: int) -> Awaitable[ReserveOutcome]:
+                       lease_until: float, room: int, lazy: bool = False) -> Awaitable[ReserveOutcome]:
         """`reserve` under each id, all or none, leaving room for `room` - 1 more (see `BudgetStore`)."""
         check_spare_ids(spare_ids, lines)
         check_reserve_lines(lines)
-        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares")
+        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares", lazy)
 
     def _reserve(self, ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
-                 room: int, operation: str) -> Awaitable[ReserveOutcome]:
+                 room: int, operation: str, lazy: bool = False) -> Awaitable[ReserveOutcome]:
         keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
@@ -153,7 +153,7 @@ class RedisBudgetStore:
                 raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
             return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3:] == [1])
 
-        return self._call("reserve", keys, args, outcome, operation)
+        return self._call("reserve", keys, args, outcome, operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
                entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
@@ -257,7 +257,8 @@ class RedisBudgetStore:
               operation: str | None = None, lazy: bool = False) -> Awaitable[T]:
         """One call of script `name`, `parse`d: a pipelined future on Redis and Sentinel, a coroutine
         otherwise; observed as `operation` (default: the script's name). A `lazy` call is one no client
-        waits for (settle, release): pipelined, it may wait a moment to share a write."""
+        waits for (settle, release, spares while the pool holds enough): pipelined, it may wait a moment
+        to share a write."""
         if self._pipeline is not None:
             return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
         return self._direct_call(name, keys, args, parse, operation or name)

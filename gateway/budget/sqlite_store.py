@@ -111,7 +111,7 @@ class SqliteBudgetStore:
         return await self._transaction(lambda db: self._reserve(db, [request_id], lines, now, lease_until, 1))
 
     async def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
-                             lease_until: float, room: int) -> ReserveOutcome:
+                             lease_until: float, room: int, lazy: bool = False) -> ReserveOutcome:
         """`reserve` under each id, all or none, leaving room for `room` - 1 more."""
         check_spare_ids(spare_ids, lines)
         check_reserve_lines(lines)

@@ -175,10 +175,12 @@ class BudgetStore(Protocol):
         """
 
     async def reserve_spares(
-        self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float, room: int
+        self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float, room: int,
+        lazy: bool = False,
     ) -> ReserveOutcome:
         """`reserve` of the same lines under each id, all or none, in one operation; refused unless
         (len(spare_ids) + room - 1) x each amount would fit, so spares leave room for `room` - 1 more.
+        `lazy`: no request needs them yet, so the store may hold the call back a moment to share a write.
 
         ValueError if an id already holds a reservation, or there are no ids or no lines.
         """
