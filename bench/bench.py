@@ -1005,8 +1005,8 @@ def _targets_table(results: list[RunResult]) -> list[str]:
         matched = _same_round_pairs(cells, scenario, conc)
         if not matched:
             continue
-        ratio, added = _pair_ratio(matched, attr), _pair_added(matched, attr)
         ratios, additions = _pair_ratios(matched, attr), _pair_additions(matched, attr)
+        ratio, added = statistics.median(ratios), statistics.median(additions)
         if attr == "rps":
             figure, spread = f"{ratio:.2f} x", _spread(ratios, ".2f")
         else:

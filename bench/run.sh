@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                    default matrix: chat at 1/16/64 connections + stream at 16 (~6 min)
 #   bench/run.sh --soak 1000000     memory soak instead: RSS after 1M requests vs after the first 50k
-#   bench/run.sh --instructions     instructions per request under callgrind, bare vs gateway (~6 min)
+#   bench/run.sh --instructions     instructions per request under callgrind, bare vs gateway (~3 min)
 #   bench/run.sh --profile          also py-spy the gateway under load (needs py-spy, see --py-spy)
 #   bench/run.sh --help             every option
 #

@@ -145,13 +145,17 @@ class BudgetEngine:
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is not None and not outcome.ok and spares is not None and pool is not None:
+            self._send_queued()              # a batch on its way that waits for company: now
             spare, released = await spares.reclaim(pool, amount)
             if spare is not None:
                 return self._on_spare(request_id, plan, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
                 # kept to their end if the client leaves meanwhile: a spare must never linger
-                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released],
-                                                    return_exceptions=True))
+                releasing = asyncio.gather(*[self._release_spare(spare) for spare in released],
+                                           return_exceptions=True)
+                await asyncio.sleep(0)       # the releases are queued now: send them without their wait
+                self._send_queued()
+                await asyncio.shield(releasing)
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -209,9 +213,10 @@ class BudgetEngine:
     def _make_spares(self, pool: SparePool, batch: list[Spare]) -> None:
         assert self.store is not None and self.spares is not None
         now = self.clock.now()
-        # A pool still half full can wait for company (at low traffic most batches); one running low is
-        # sent now, or requests find it empty meanwhile and reserve on their own.
-        lazy = 2 * len(pool.spares) >= pool.depth
+        # A pool still half full can wait for company; one running low is sent now, or requests find it
+        # empty meanwhile and reserve on their own. A pool of one waits too: the request that finds it
+        # empty doubles it (see SpareReservations.take), so steady traffic grows it to where it can wait.
+        lazy = 2 * len(pool.spares) >= pool.depth - 1
         try:
             call = self.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
                                              now + self.config.lease_s, SPARE_ROOM, lazy=lazy)
@@ -465,10 +470,14 @@ class BudgetEngine:
     async def settled(self) -> None:
         """Wait until the settlements started so far have reached the store (or the journal)."""
         if self._background:
-            send_queued = getattr(self.store, "send_queued", None)
-            if send_queued is not None:
-                send_queued()                # sent now rather than after their wait for company
+            self._send_queued()              # sent now rather than after their wait for company
             await asyncio.wait(list(self._background))
+
+    def _send_queued(self) -> None:
+        """Send the store calls waiting to share a write now: someone waits for them."""
+        send_queued = getattr(self.store, "send_queued", None)
+        if send_queued is not None:
+            send_queued()
 
     async def quiet(self) -> None:
         """Wait until no store work is left, spares asked for meanwhile included (with no traffic: tests)."""

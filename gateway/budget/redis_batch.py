@@ -19,8 +19,9 @@ takes its transport over and speaks to it directly:
 
 So a call costs a future, a packed command and a parsed reply: no task, no stream reader, no timer
 and no pool checkout per call; the socket write and the read are paid once per loop turn (or per lazy
-wait), however many calls share it. A caller that gives up after its call was written does not desynchronise the replies:
-its reply is read and dropped. A call whose caller gave up before it was written is never sent.
+wait), however many calls share it. A caller that gives up after its call was written does not
+desynchronise the replies: its reply is read and dropped. A call whose caller gave up before it was
+written is never sent.
 
 NOSCRIPT (Redis restarted, SCRIPT FLUSH): one SCRIPT LOAD goes out behind the calls already written, and
 every call that met NOSCRIPT is sent again, once, behind it.
