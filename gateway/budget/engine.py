@@ -151,11 +151,8 @@ class BudgetEngine:
                 return self._on_spare(request_id, plan, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
                 # kept to their end if the client leaves meanwhile: a spare must never linger
-                releasing = asyncio.gather(*[self._release_spare(spare) for spare in released],
-                                           return_exceptions=True)
-                await asyncio.sleep(0)       # the releases are queued now: send them without their wait
-                self._send_queued()
-                await asyncio.shield(releasing)
+                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released],
+                                                    return_exceptions=True))
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -344,10 +341,11 @@ class BudgetEngine:
     def _store_settle(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> Awaitable[Any]:
         """The store call: settle the real cost, or release when nothing is charged."""
         assert self.store is not None
+        # lazy: the client has its answer, nobody waits for this one
         if charge is None:
-            return self.store.release(reservation.held_as, entry.time, entry)
+            return self.store.release(reservation.held_as, entry.time, entry, lazy=True)
         return self.store.settle(reservation.held_as, [(line.counter, charge) for line in reservation.lines],
-                                 entry.time, entry)
+                                 entry.time, entry, lazy=True)
 
     async def _await_settle(self, call: Awaitable[Any], reservation: Reservation, charge: Charge | None,
                             entry: LedgerEntry) -> None:

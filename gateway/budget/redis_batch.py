@@ -9,8 +9,8 @@ takes its transport over and speaks to it directly:
   loop turn), any other is queued;
 - everything queued during one event-loop turn goes out in ONE write at the end of the turn, without
   waiting for the replies of earlier writes: Redis runs the calls in order, each its own atomic script;
-- a `lazy` call (one no client waits for: a settle, a release, spares for a pool still half full) may
-  wait up to LAZY_FLUSH_S for company: it goes out with the next call that is not lazy, or when that
+- a `lazy` call (one nobody waits for yet: a request's settlement, spares for a pool still half full)
+  may wait up to LAZY_FLUSH_S for company: it goes out with the next call that is not lazy, or when that
   time is up.
   On this kind of machine a write to Redis costs more in the kernel (waking Redis up) than packing a
   dozen calls, so under load a few requests' calls share each write;
@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,6 +97,7 @@ class ScriptPipeline:
         self._pool = client.connection_pool
         encoder = self._pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
+        self._utf8 = _is_utf8(self._encoding)
         self._timeout = timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._protocol: _Replies | None = None
@@ -184,7 +184,7 @@ class ScriptPipeline:
 
     def _evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> bytes:
         """The packed EVALSHA."""
-        return _resp(("EVALSHA", script.sha, str(len(keys)), *keys, *args), self._encoding, self._errors)
+        return _resp(("EVALSHA", script.sha, str(len(keys)), *keys, *args), self._utf8, self._encoding, self._errors)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -274,7 +274,7 @@ class ScriptPipeline:
         call.retried = True
         if call.script not in self._loading:
             self._loading.add(call.script)
-            load = _resp(("SCRIPT", "LOAD", call.script.script), self._encoding, self._errors)
+            load = _resp(("SCRIPT", "LOAD", call.script.script), self._utf8, self._encoding, self._errors)
             self._queue.append(_Call(load, None, call.script))
         self._queue.append(call)
         self._schedule_flush()
@@ -414,10 +414,10 @@ async def _quietly(closing: Any) -> None:
         await closing
 
 
-def _resp(words: Sequence[str], encoding: str, errors: str) -> bytes:
+def _resp(words: Sequence[str], utf8: bool, encoding: str, errors: str) -> bytes:
     """One command in the Redis protocol: hiredis' C packer for UTF-8 (what a text can't be encoded in
     strictly is packed word by word under the client's error handler)."""
-    if _is_utf8(encoding):
+    if utf8:
         try:
             return hiredis.pack_command(tuple(words))
         except UnicodeEncodeError:
@@ -429,6 +429,5 @@ def _resp(words: Sequence[str], encoding: str, errors: str) -> bytes:
     return b"".join(parts)
 
 
-@functools.lru_cache(maxsize=8)
 def _is_utf8(encoding: str) -> bool:
     return codecs.lookup(encoding).name == "utf-8"

@@ -89,7 +89,7 @@ class RedisBudgetStore:
         return self._pipeline is not None and self._pipeline.timeout is not None
 
     def send_queued(self) -> None:
-        """Send the settlements and releases waiting to share a write now (a reader is waiting for them)."""
+        """Send the lazy calls waiting to share a write now (somebody is waiting for them)."""
         if self._pipeline is not None:
             self._pipeline.send_queued()
 
@@ -156,7 +156,7 @@ class RedisBudgetStore:
         return self._call("reserve", keys, args, outcome, operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-               entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
+               entry: LedgerEntry | None = None, lazy: bool = False) -> Awaitable[Sequence[CounterState] | None]:
         """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
         check_spend(actual)
         counters = [counter for counter, _ in actual]
@@ -172,13 +172,14 @@ class RedisBudgetStore:
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
         keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
-        return self._call("settle", keys, args, states, lazy=True)
+        return self._call("settle", keys, args, states, lazy=lazy)
 
-    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
+    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
+                lazy: bool = False) -> Awaitable[bool]:
         """Drop the live reservation without spend (see `BudgetStore`)."""
         keys = self._reservation_keys(request_id)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
-        return self._call("release", keys, args, _is_one, lazy=True)
+        return self._call("release", keys, args, _is_one, lazy=lazy)
 
     def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
@@ -256,9 +257,8 @@ class RedisBudgetStore:
     def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
               operation: str | None = None, lazy: bool = False) -> Awaitable[T]:
         """One call of script `name`, `parse`d: a pipelined future on Redis and Sentinel, a coroutine
-        otherwise; observed as `operation` (default: the script's name). A `lazy` call is one no client
-        waits for (settle, release, spares while the pool holds enough): pipelined, it may wait a moment
-        to share a write."""
+        otherwise; observed as `operation` (default: the script's name). A `lazy` call is one nobody waits
+        for yet: pipelined, it may wait a moment to share a write."""
         if self._pipeline is not None:
             return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
         return self._direct_call(name, keys, args, parse, operation or name)

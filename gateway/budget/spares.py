@@ -183,7 +183,7 @@ class SpareReservations:
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The running loop; the last one found while it runs (asyncio.get_running_loop makes a getpid
-        system call on Python 3.11, and batches are asked for about every third request)."""
+        system call on Python 3.11)."""
         loop = self._loop
         if loop is None or not loop.is_running():
             loop = self._loop = asyncio.get_running_loop()

@@ -118,12 +118,13 @@ class SqliteBudgetStore:
         return await self._transaction(lambda db: self._reserve(db, spare_ids, lines, now, lease_until, room))
 
     async def settle(self, request_id: str, actual: Spend, now: float,
-                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
+                     entry: LedgerEntry | None = None, lazy: bool = False) -> list[CounterState] | None:
         """Turn the live reservation into `actual` spend; the counters' states after it."""
         check_spend(actual)
         return await self._transaction(lambda db: self._settle(db, request_id, actual, now, entry))
 
-    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
+                      lazy: bool = False) -> bool:
         """Drop the live reservation without spend."""
         return await self._transaction(lambda db: self._release(db, request_id, now, entry))
 

@@ -180,23 +180,26 @@ class BudgetStore(Protocol):
     ) -> ReserveOutcome:
         """`reserve` of the same lines under each id, all or none, in one operation; refused unless
         (len(spare_ids) + room - 1) x each amount would fit, so spares leave room for `room` - 1 more.
-        `lazy`: no request needs them yet, so the store may hold the call back a moment to share a write.
+        `lazy`: nobody waits for the answer yet, so the store may hold the call back a moment to share a
+        write.
 
         ValueError if an id already holds a reservation, or there are no ids or no lines.
         """
 
     async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-                     entry: LedgerEntry | None = None) -> Sequence[CounterState] | None:
+                     entry: LedgerEntry | None = None, lazy: bool = False) -> Sequence[CounterState] | None:
         """Turn the live reservation into `actual` spend; the states of `actual`'s counters after it.
 
         None (no change) if there is no live reservation, so a settle sent again (the journal replaying one
         whose answer was lost) counts once. Nothing of the request stays in the store but its ledger row.
         Counters of the reservation missing from `actual` get no spend; ValueError (no change) if
-        `actual` names a counter the reservation does not hold.
+        `actual` names a counter the reservation does not hold. `lazy` as for `reserve_spares`.
         """
 
-    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
-        """Drop the live reservation without spend; False (no change) if there is none."""
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
+                      lazy: bool = False) -> bool:
+        """Drop the live reservation without spend; False (no change) if there is none. `lazy` as for
+        `reserve_spares`."""
 
     async def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,

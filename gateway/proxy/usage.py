@@ -23,11 +23,8 @@ def usage_from(obj: Any) -> Usage | None:
     details = usage.get("prompt_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
     cached = cached or _int(usage.get("prompt_cache_hit_tokens"))   # DeepSeek's name for it
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not (type(prompt) is int and prompt > 0):        # _int inline: two calls fewer on every answer
-        prompt = 0
-    if not (type(completion) is int and completion > 0):
-        completion = 0
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
     if not completion and not prompt:
         prompt = _int(usage.get("total_tokens"))
     return Usage(prompt, completion, cached)

@@ -91,16 +91,12 @@ class RetryBudget:
     def start(self) -> None:
         """A request begins on this provider: deposit `ratio` tokens."""
         self._in_flight += 1
-        tokens, capacity = self._tokens + self._ratio, self._capacity()
-        self._tokens = tokens if tokens < capacity else capacity
+        self._tokens = min(self._capacity(), self._tokens + self._ratio)
 
     def finish(self) -> None:
         """A request ended on this provider (call it in a `finally`)."""
-        if self._in_flight > 0:
-            self._in_flight -= 1
-        capacity = self._capacity()
-        if self._tokens > capacity:
-            self._tokens = capacity
+        self._in_flight = max(0, self._in_flight - 1)
+        self._tokens = min(self._capacity(), self._tokens)
 
     def try_spend(self) -> bool:
         """Take one token for a retry; False when the budget cannot afford it."""
