@@ -11,7 +11,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
-from gateway.appkeys import ACCESS_LOG, BUDGET, CLOCK, CONFIG, METRICS, PROVIDERS, RELOADER, RESILIENCE
+from gateway.appkeys import ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, PROVIDERS, RELOADER, RESILIENCE
+from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import add_budget_alerts
 from gateway.budget.factory import create_engine
 from gateway.budget.status import add_budget_status_routes
@@ -45,6 +46,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
                           client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[CLOCK] = clock = clock or SystemClock()
+    app[BACKGROUND] = BackgroundFailures()
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
@@ -75,15 +77,11 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
     """Replay journaled spend at start and whenever the store comes back; close the store at the end."""
     engine = app[BUDGET]
 
-    async def loop() -> None:
-        while True:
-            try:
-                await engine.recover()
-            except Exception:
-                log.exception("budget recovery failed; trying again")
-            await asyncio.sleep(RECOVERY_INTERVAL_S)
+    async def step() -> None:
+        await engine.recover()
+        await asyncio.sleep(RECOVERY_INTERVAL_S)
 
-    task = asyncio.create_task(loop())
+    task = asyncio.create_task(keep_running("journal_replay", step, app[BACKGROUND]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

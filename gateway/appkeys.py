@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.access_log import AccessLog
+    from gateway.background import BackgroundFailures
     from gateway.budget.alerts import AlertSender
     from gateway.budget.engine import BudgetEngine
     from gateway.clock import Clock
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -28,3 +29,4 @@ RESILIENCE: web.AppKey[ResilienceRegistry] = web.AppKey("resilience")
 RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
+BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")

@@ -26,6 +26,7 @@ from gateway.config.loader import load_settings
 from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.errors import ConfigError, StoreError
 from gateway.metrics import GatewayMetrics
+from gateway.metrics.scrape import BACKGROUND_TASKS
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import (
     ClockSleep, RecordingLog, metrics_settings, mixed_traffic, run_promtool, samples, scrape, total, value,
@@ -288,6 +289,7 @@ def allowed_label_values(settings: Settings) -> dict[str, set[str]]:
         "operation": set(TIMED_OPERATIONS),
         "from_state": states, "to_state": states,
         "result": {"success", "failure"},
+        "task": set(BACKGROUND_TASKS),
     }
 
 

@@ -7,11 +7,11 @@ import hmac
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from gateway.appkeys import BUDGET, CONFIG, METRICS, RELOADER, RESILIENCE
+from gateway.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, RELOADER, RESILIENCE
 from gateway.auth import bearer_token, key_digest
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
-from gateway.metrics.scrape import Scrape, breaker_family, read_budgets, reload_family
+from gateway.metrics.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
 
 __all__ = ["metrics_endpoint", "add_metrics_routes"]
 
@@ -33,7 +33,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     require_metrics_key(request, settings)
     metrics = app[METRICS]
     families = [*await read_budgets(app[BUDGET], settings, metrics),
-                breaker_family(app[RESILIENCE], settings), reload_family(app.get(RELOADER))]
+                breaker_family(app[RESILIENCE], settings), reload_family(app.get(RELOADER)),
+                background_family(app[BACKGROUND])]
     return await make_aiohttp_handler(Scrape(metrics.registry, families))(request)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.background import BackgroundFailures
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.status import budget_report
 from gateway.config.model import Settings
@@ -22,11 +23,12 @@ from gateway.metrics.instruments import GatewayMetrics
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["BREAKER_STATES", "STORE_READ_TIMEOUT_S", "Scrape", "read_budgets", "budget_families",
-           "breaker_family", "reload_family"]
+           "breaker_family", "reload_family", "background_family", "BACKGROUND_TASKS"]
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 STORE_READ_TIMEOUT_S = 2.0
 _BUDGET_LABELS = ("policy", "period", "unit")
+BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_reservations")
 
 
 class Scrape(Collector):
@@ -86,4 +88,14 @@ def reload_family(reloader: ConfigReloader | None) -> Metric:
     results = reloader.results if reloader is not None else {"success": 0, "failure": 0}
     for result, count in results.items():
         family.add_metric([result], count)
+    return family
+
+
+def background_family(failures: BackgroundFailures) -> Metric:
+    """Failures of long-lived background tasks, by task (each task keeps running after one)."""
+    family = CounterMetricFamily("gateway_background_failures",
+                                 "Exceptions caught in long-lived background tasks, which keep running.",
+                                 labels=("task",))
+    for task in sorted({*BACKGROUND_TASKS, *failures.counts}):
+        family.add_metric([task], failures.counts.get(task, 0))
     return family
