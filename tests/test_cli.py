@@ -41,6 +41,14 @@ def test_check_accepts_the_shipped_configs_and_summarizes_without_secrets() -> N
     assert "sk-mock" not in result.stdout
 
 
+def test_check_says_when_metrics_are_public(tmp_path: Path) -> None:
+    config = (FIXTURES / "glob_and_upstream_unpriced_ok" / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("server: {host: 0.0.0.0}\n" + config)
+    result = gateway_cli("check", "--config", str(tmp_path / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "server: 0.0.0.0:8080, auth: keys, /metrics: public (no metrics_key set)" in result.stdout
+
+
 async def run_cli(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *args, cwd=ROOT,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

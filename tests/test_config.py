@@ -217,6 +217,19 @@ def test_summaries_never_show_secrets(tmp_path: Path) -> None:
     assert not [value for value in env.values() if value in line + summary]
 
 
+@pytest.mark.parametrize(("server", "metrics"), [
+    ("{host: 0.0.0.0}", "/metrics: public (no metrics_key set)"),
+    ("{host: '::'}", "/metrics: public (no metrics_key set)"),
+    ("{host: 0.0.0.0, metrics_key: m3trics}", "/metrics: needs metrics_key"),
+    ("{host: 127.0.0.1}", "/metrics: loopback only"),
+    ("{host: localhost}", "/metrics: loopback only"),
+])
+def test_the_startup_line_and_summary_say_who_may_read_metrics(tmp_path: Path, server: str, metrics: str) -> None:
+    settings = load_settings(write_config(tmp_path, f"server: {server}\n" + MINIMAL), env={})
+    assert startup_line(settings).endswith(f"; {metrics}")
+    assert summarize(settings).splitlines()[0].endswith(f", {metrics}")
+
+
 # --- decoding details ----------------------------------------------------------------------------------------
 
 def test_floats_are_exact_decimals(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ are resolved from `env` during pass two: this is the only place the gateway read
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from gateway.auth import key_digest
+from gateway.config.hosts import is_loopback
 from gateway.config.model import (
     ApiKey, BreakerConfig, CallerIdentity, Policy, ProviderConfig, ProviderTimeouts,
     RetryConfig, Route, RouteTarget, ServerConfig, Settings, StoreConfig,
@@ -118,7 +118,7 @@ def _server(node: Node) -> ServerConfig:
     """The `server` section; `auth: none` only on a loopback host."""
     host = node.at("host").text(_SERVER.host)
     auth = node.at("auth").choice(_AUTH_MODES, _SERVER.auth)
-    if auth == "none" and not _is_loopback(host):
+    if auth == "none" and not is_loopback(host):
         node.at("auth").report(
             "'none' is only allowed when server.host is a loopback address (127.0.0.0/8, ::1, localhost)")
     return ServerConfig(
@@ -131,16 +131,6 @@ def _server(node: Node) -> ServerConfig:
         metrics_key_sha256=_server_key_digest(node, "metrics_key"),
         access_log=node.at("access_log").flag(_SERVER.access_log),
     )
-
-
-def _is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _server_key_digest(server: Node, name: str) -> str | None:
