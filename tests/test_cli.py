@@ -27,6 +27,8 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("missing_env_var", "missing_env_var/config.yaml: providers.mock.api_key: environment variable MOCK_KEY_NOT_SET"),
     ("port_not_integer", "port_not_integer/config.yaml: server.port: must be an integer"),
     ("route_unknown_provider", "route_unknown_provider/config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
+    ("policy_budgets_misspelled", "policy_budgets_misspelled/policies/team.yaml: budgts: unknown key; did you mean "
+                                  "'budgets'?"),
 ])
 def test_check_names_the_file_and_key_path_and_fails(mistake: str, expected: str) -> None:
     result = gateway_cli("check", "--config", str(FIXTURES / mistake / "config.yaml"))

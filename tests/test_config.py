@@ -113,7 +113,8 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
      "policies/b.yaml: policies[0].name: duplicate policy name 'web' (also in policies/a.yaml)"),
     ("policy_unknown_timezone",
      "policies/team.yaml: timezone: unknown time zone: must be an IANA name such as UTC or Europe/Paris"),
-    ("policy_unknown_key", "policies/team.yaml: on_exceeded: unknown key"),
+    ("policy_unknown_key", "policies/team.yaml: on_exceeded: unknown key; did you mean 'on_exceed'?"),
+    ("policy_budgets_misspelled", "policies/team.yaml: budgts: unknown key; did you mean 'budgets'?"),
     ("policy_file_empty", "policies/team.yaml: file is empty"),
     ("policy_file_truncated", "policies/team.yaml: policies[0].budgets[0].period: must be one of: daily, monthly"),
     ("policy_period_twice", "policies/team.yaml: budgets[1].period: daily budget already set at budgets[0]"),
@@ -128,11 +129,11 @@ def test_mistake_is_reported_with_file_and_key_path(fixture: str, expected: str,
 
 def test_unknown_keys_are_reported_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fixture_issues("unknown_key", monkeypatch) == [
-        "config.yaml: server.hots: unknown key",
-        "config.yaml: providers.mock.timeouts.conect_s: unknown key",
-        "config.yaml: routes.gpt-4.1[0].modle: unknown key",
-        "config.yaml: pricing.gpt-4.1.cached: unknown key",
-        "config.yaml: rate_limits: unknown key",
+        "config.yaml: server.hots: unknown key; did you mean 'host'?",
+        "config.yaml: providers.mock.timeouts.conect_s: unknown key; did you mean 'connect_s'?",
+        "config.yaml: routes.gpt-4.1[0].modle: unknown key; did you mean 'model'?",
+        "config.yaml: pricing.gpt-4.1.cached: unknown key; did you mean 'cached_input'?",
+        "config.yaml: rate_limits: unknown key",   # nothing close: no guess
     ]
 
 
