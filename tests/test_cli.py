@@ -27,6 +27,13 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("missing_env_var", "missing_env_var/config.yaml: providers.mock.api_key: environment variable MOCK_KEY_NOT_SET"),
     ("port_not_integer", "port_not_integer/config.yaml: server.port: must be an integer"),
     ("route_unknown_provider", "route_unknown_provider/config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
+    ("policy_match_unknown_team", "policy_match_unknown_team/policies/team.yaml: match.teams[0]: no key has team "
+                                  "'wbe', so the policy can never match; did you mean 'web'?"),
+    ("policy_match_unknown_key_name", "policy_match_unknown_key_name/policies/team.yaml: match.keys[0]: no key is "
+                                      "named 'web-ap', so the policy can never match; did you mean 'web-app'?"),
+    ("policy_match_model_unrouted", "policy_match_model_unrouted/policies/team.yaml: match.models[0]: no route "
+                                    "serves a model matching 'gpt4*', so the policy can never match; did you mean "
+                                    "'gpt-4*'?"),
     ("policy_budgets_misspelled", "policy_budgets_misspelled/policies/team.yaml: budgts: unknown key; did you mean "
                                   "'budgets'?"),
 ])
