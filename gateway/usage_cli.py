@@ -16,6 +16,7 @@ from gateway.status_cli import fetch_status, table
 __all__ = ["COLUMNS", "usage_path", "render_table", "render_csv", "collect", "run_usage"]
 
 COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # what makes a spreadsheet read a cell as a formula
 
 
 def usage_path(since: str | None, until: str | None, group_by: str) -> str:
@@ -33,13 +34,17 @@ def render_table(body: dict[str, Any]) -> str:
 
 
 def render_csv(body: dict[str, Any]) -> str:
-    """A header row, then one row per group (an empty cell for a row without that group)."""
+    """A header row, then one row per group (an empty cell for a row without that group); no cell is a formula."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([body["group_by"], *COLUMNS])
-    for entry in body["data"]:
-        writer.writerow([entry["group"] or "", *(entry[column] for column in COLUMNS)])
+    rows = [[body["group_by"], *COLUMNS]]
+    rows += [[entry["group"] or "", *(entry[column] for column in COLUMNS)] for entry in body["data"]]
+    csv.writer(out).writerows([_text_cell(str(cell)) for cell in row] for row in rows)
     return out.getvalue()
+
+
+def _text_cell(text: str) -> str:
+    """`text` as a spreadsheet shows it: a leading `'` when it would otherwise start a formula."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _group(name: str | None) -> str:

@@ -27,6 +27,15 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
     ("missing_env_var", "missing_env_var/config.yaml: providers.mock.api_key: environment variable MOCK_KEY_NOT_SET"),
     ("port_not_integer", "port_not_integer/config.yaml: server.port: must be an integer"),
     ("route_unknown_provider", "route_unknown_provider/config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
+    ("policy_match_unknown_team", "policy_match_unknown_team/policies/team.yaml: match.teams[0]: no key has team "
+                                  "'wbe', so the policy can never match; did you mean 'web'?"),
+    ("policy_match_unknown_key_name", "policy_match_unknown_key_name/policies/team.yaml: match.keys[0]: no key is "
+                                      "named 'web-ap', so the policy can never match; did you mean 'web-app'?"),
+    ("policy_match_model_unrouted", "policy_match_model_unrouted/policies/team.yaml: match.models[0]: no route "
+                                    "serves a model matching 'gpt4*', so the policy can never match; did you mean "
+                                    "'gpt-4*'?"),
+    ("policy_budgets_misspelled", "policy_budgets_misspelled/policies/team.yaml: budgts: unknown key; did you mean "
+                                  "'budgets'?"),
 ])
 def test_check_names_the_file_and_key_path_and_fails(mistake: str, expected: str) -> None:
     result = gateway_cli("check", "--config", str(FIXTURES / mistake / "config.yaml"))
@@ -39,6 +48,14 @@ def test_check_accepts_the_shipped_configs_and_summarizes_without_secrets() -> N
     assert result.returncode == 0, result.stderr
     assert "providers: mock" in result.stdout and "policies: 3" in result.stdout
     assert "sk-mock" not in result.stdout
+
+
+def test_check_says_when_metrics_are_public(tmp_path: Path) -> None:
+    config = (FIXTURES / "glob_and_upstream_unpriced_ok" / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text("server: {host: 0.0.0.0}\n" + config)
+    result = gateway_cli("check", "--config", str(tmp_path / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "server: 0.0.0.0:8080, auth: keys, /metrics: public (no metrics_key set)" in result.stdout
 
 
 async def run_cli(*args: str) -> tuple[int, str]:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import itertools
+import random
 import shutil
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from gateway.auth import key_digest
+from gateway.config.globs import globs_overlap
 from gateway.config.interpolate import interpolate
 from gateway.config.loader import load_settings, startup_line, summarize
 from gateway.config.model import RouteTarget, Settings
@@ -68,6 +73,8 @@ def test_demo_config_loads_with_an_empty_environment() -> None:
     assert settings.server.auth == "none"
     assert settings.providers["mock"].base_url == "http://127.0.0.1:9000/v1"
     assert {route.pattern for route in settings.routes} == set(settings.pricing)
+    teams = {name: settings.key_index[key_digest(name)].identity.team for name in ("demo-web-key", "demo-batch-key")}
+    assert teams == {"demo-web-key": "web", "demo-batch-key": "data"}   # the demo's team policies can match
 
 
 def test_shipped_prices_are_exact_decimals() -> None:
@@ -113,7 +120,19 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
      "policies/b.yaml: policies[0].name: duplicate policy name 'web' (also in policies/a.yaml)"),
     ("policy_unknown_timezone",
      "policies/team.yaml: timezone: unknown time zone: must be an IANA name such as UTC or Europe/Paris"),
-    ("policy_unknown_key", "policies/team.yaml: on_exceeded: unknown key"),
+    ("policy_unknown_key", "policies/team.yaml: on_exceeded: unknown key; did you mean 'on_exceed'?"),
+    ("policy_budgets_misspelled", "policies/team.yaml: budgts: unknown key; did you mean 'budgets'?"),
+    ("policy_match_unknown_team", "policies/team.yaml: match.teams[0]: no key has team 'wbe', so the policy can "
+                                  "never match; did you mean 'web'?"),
+    ("policy_match_unknown_key_name", "policies/team.yaml: match.keys[0]: no key is named 'web-ap', so the policy "
+                                      "can never match; did you mean 'web-app'?"),
+    ("policy_match_unknown_tag", "policies/team.yaml: match.tags[0]: no key has tag 'prdo', so the policy can "
+                                 "never match; did you mean 'prod'?"),
+    ("policy_match_model_unrouted", "policies/team.yaml: match.models[0]: no route serves a model matching 'gpt4*', "
+                                    "so the policy can never match; did you mean 'gpt-4*'?"),
+    ("policy_match_model_unpriced_glob",
+     "policies/team.yaml: match.models[0]: no route serves a model matching 'claude-opus-*', so the policy can "
+     "never match; did you mean 'claude-*'?"),
     ("policy_file_empty", "policies/team.yaml: file is empty"),
     ("policy_file_truncated", "policies/team.yaml: policies[0].budgets[0].period: must be one of: daily, monthly"),
     ("policy_period_twice", "policies/team.yaml: budgets[1].period: daily budget already set at budgets[0]"),
@@ -128,11 +147,11 @@ def test_mistake_is_reported_with_file_and_key_path(fixture: str, expected: str,
 
 def test_unknown_keys_are_reported_at_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fixture_issues("unknown_key", monkeypatch) == [
-        "config.yaml: server.hots: unknown key",
-        "config.yaml: providers.mock.timeouts.conect_s: unknown key",
-        "config.yaml: routes.gpt-4.1[0].modle: unknown key",
-        "config.yaml: pricing.gpt-4.1.cached: unknown key",
-        "config.yaml: rate_limits: unknown key",
+        "config.yaml: server.hots: unknown key; did you mean 'host'?",
+        "config.yaml: providers.mock.timeouts.conect_s: unknown key; did you mean 'connect_s'?",
+        "config.yaml: routes.gpt-4.1[0].modle: unknown key; did you mean 'model'?",
+        "config.yaml: pricing.gpt-4.1.cached: unknown key; did you mean 'cached_input'?",
+        "config.yaml: rate_limits: unknown key",   # nothing close: no guess
     ]
 
 
@@ -168,6 +187,35 @@ def test_glob_routes_and_unpriced_upstream_models_are_fine(monkeypatch: pytest.M
     settings = load_fixture("glob_and_upstream_unpriced_ok", monkeypatch)
     assert settings.route_for("gpt-4.1").targets[1] == RouteTarget("backup", "my-gpt-4.1-deployment")
     assert settings.route_for("claude-opus-4").pattern == "claude-*"
+
+
+def test_a_policy_may_match_every_caller_and_model_that_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    web, models = load_fixture("policy_match_names_that_exist_ok", monkeypatch).policies
+    assert (web.match.keys, web.match.teams, web.match.tags) == (("web-app", "admin"), ("web",), ("eu",))
+    assert models.match.models == ("gpt-4.1", "gpt-*", "gemini-2.5-*", "claude-opus-*", "[cg]*")
+
+
+def test_the_caller_without_a_key_is_matchable_only_under_auth_none(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    write_config(tmp_path, "name: p\nmatch: {keys: [local]}\nbudgets: [{period: daily, usd: 1}]\n",
+                 "policies/p.yaml")
+    open_config = write_config(tmp_path, "server: {auth: none}\n" + MINIMAL)
+    assert load_settings(open_config, env={}).policies[0].match.keys == ("local",)
+    with pytest.raises(ConfigError, match="no key is named 'local'"):
+        load_settings(write_config(tmp_path, MINIMAL), env={})
+
+
+GLOB_TOKENS = ("a", "-", "*", "?", "[ab]", "[!a]", "[a-d]", "[!a-bd]", "[", "[!-z]")
+
+
+def test_model_globs_overlap_exactly_when_some_name_matches_both() -> None:
+    globs = ["".join(tokens) for size in range(4) for tokens in itertools.product(GLOB_TOKENS, repeat=size)]
+    globs = globs[:111] + random.Random(7).sample(globs[111:], 60)   # all of up to two tokens, some of three
+    # a shortest name two such globs share has at most 4 characters: these names hold it if there is one
+    names = ["".join(chars) for size in range(5) for chars in itertools.product("abcd-[z", repeat=size)]
+    matched = {glob: {name for name in names if fnmatch.fnmatchcase(name, glob)} for glob in globs}
+    for first, second in itertools.product(globs, repeat=2):
+        assert globs_overlap(first, second) == bool(matched[first] & matched[second]), (first, second)
 
 
 # --- interpolation and secrets -----------------------------------------------------------------------------
@@ -215,6 +263,19 @@ def test_summaries_never_show_secrets(tmp_path: Path) -> None:
     line, summary = startup_line(settings), summarize(settings)
     assert "store: redis (cache.internal:6379)" in line
     assert not [value for value in env.values() if value in line + summary]
+
+
+@pytest.mark.parametrize(("server", "metrics"), [
+    ("{host: 0.0.0.0}", "/metrics: public (no metrics_key set)"),
+    ("{host: '::'}", "/metrics: public (no metrics_key set)"),
+    ("{host: 0.0.0.0, metrics_key: m3trics}", "/metrics: needs metrics_key"),
+    ("{host: 127.0.0.1}", "/metrics: loopback only"),
+    ("{host: localhost}", "/metrics: loopback only"),
+])
+def test_the_startup_line_and_summary_say_who_may_read_metrics(tmp_path: Path, server: str, metrics: str) -> None:
+    settings = load_settings(write_config(tmp_path, f"server: {server}\n" + MINIMAL), env={})
+    assert startup_line(settings).endswith(f"; {metrics}")
+    assert summarize(settings).splitlines()[0].endswith(f", {metrics}")
 
 
 # --- decoding details ----------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ import pytest
 
 from gateway import cli
 from gateway.appkeys import BUDGET
+from gateway.auth import key_digest
 from gateway.budget.journal import SpendJournal
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import CounterKey, LedgerEntry
 from gateway.budget.usage import GROUPS
 from gateway.clock import FakeClock
-from gateway.config.model import StoreConfig
+from gateway.config.model import ApiKey, CallerIdentity, StoreConfig
 from gateway.mock_upstream import Action
 from gateway.pricing import Charge, Usage, cost_nano, nano_to_usd
 from gateway.usage_cli import COLUMNS
@@ -175,6 +176,28 @@ async def test_csv_export_has_a_header_and_one_row_per_group(upstream, start_gat
     assert await asyncio.to_thread(cli.main, args) == 0
     table = capsys.readouterr().out
     assert "TOTAL" in table and "COST USD" in table and "web" in table
+
+
+FORMULA_TEAMS = ('=HYPERLINK("https://evil.example","open")', "+1+1", "-1+1", "@SUM(A1:A9)", "\tx", "\rx")
+
+
+async def test_csv_cells_that_would_start_a_formula_are_text(upstream, start_gateway, http, capsys, tmp_path):
+    keys = tuple(ApiKey(key_digest(f"sk-formula-{index}"), CallerIdentity(f"caller-{index}", team=team))
+                 for index, team in enumerate(FORMULA_TEAMS))
+    store = StoreConfig(path=str(tmp_path / "budget.db"))
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store, keys=keys,
+                                                policies=(make_policy("global", **LIMITS),)))
+    for index in range(len(keys)):
+        reply = await http(gateway, "POST", "/v1/chat/completions", json=CHAT, key=f"sk-formula-{index}")
+        assert reply.status == 200
+    capsys.readouterr()
+
+    args = ["usage", "--url", gateway.url, "--key", ADMIN_KEY, "--group-by", "team", "--csv"]
+    assert await asyncio.to_thread(cli.main, args) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+
+    assert sorted(row[0] for row in rows[1:]) == sorted("'" + team for team in FORMULA_TEAMS)
+    assert all(row[1] == "1" for row in rows[1:])   # numbers stay numbers
 
 
 async def test_journaled_spend_replays_with_its_ledger_row_and_old_lines_still_replay(tmp_path: Path):

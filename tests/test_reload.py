@@ -39,6 +39,13 @@ INVALID_EDITS = {
     "half-written file": ("policies/global.yaml", POLICY_YAML.format(limit=10)[:30]),
     "empty file": ("policies/global.yaml", ""),
 }
+NEVER_MATCHING = {   # a policy edit that can never match, and the suggestion the refusal gives
+    "teams: [wbe]": "match.teams[0]: no key has team 'wbe', so the policy can never match; did you mean 'web'?",
+    "keys: [web-ap]": "match.keys[0]: no key is named 'web-ap', so the policy can never match; did you mean "
+                      "'web-app'?",
+    'models: ["gpt4*"]': "match.models[0]: no route serves a model matching 'gpt4*', so the policy can never "
+                         "match; did you mean 'gpt-4*'?",
+}
 
 
 @pytest.fixture
@@ -107,3 +114,22 @@ async def test_an_invalid_edit_keeps_the_last_good_config(config_dir, start_gate
     assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
     refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
     assert refused and all("policies/" in line for line in refused), refused
+
+
+@pytest.mark.parametrize("match", list(NEVER_MATCHING))
+async def test_a_policy_edit_that_can_never_match_is_refused_with_a_suggestion(config_dir, start_gateway, http,
+                                                                                caplog, match):
+    caplog.set_level(logging.ERROR, "gateway.config")
+    path = str(config_dir / "config.yaml")
+    gateway = await start_gateway(load_settings(path), config_path=path)
+    reloader = gateway.app[RELOADER]
+    good = gateway.app[CONFIG].current
+
+    (config_dir / "policies" / "global.yaml").write_text(POLICY_YAML.format(limit=10) + f"match: {{{match}}}\n")
+    await until(lambda: reloader.results["failure"] == 1)
+
+    assert gateway.app[CONFIG].current is good and limit_of(gateway.app) == 1000
+    assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200
+    refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert [line.split("config: ", 1)[1] for line in refused] == [
+        f"{config_dir / 'policies' / 'global.yaml'}: {NEVER_MATCHING[match]}"]

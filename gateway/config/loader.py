@@ -9,7 +9,6 @@ are resolved from `env` during pass two: this is the only place the gateway read
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +18,8 @@ from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from gateway.auth import key_digest
+from gateway.config.globs import is_glob
+from gateway.config.hosts import is_loopback
 from gateway.config.model import (
     ApiKey, BreakerConfig, CallerIdentity, Policy, ProviderConfig, ProviderTimeouts,
     RetryConfig, Route, RouteTarget, ServerConfig, Settings, StoreConfig,
@@ -28,6 +29,7 @@ from gateway.config.node import (
 )
 from gateway.config.policies import decode_policies, report_duplicate_names
 from gateway.config.prices import Prices, decode_prices
+from gateway.config.reach import Reach
 from gateway.config.schema import CONFIG_FILE, POLICY_FILE, PRICING_FILE
 from gateway.config.shape import Shape
 from gateway.config.summary import startup_line, summarize
@@ -46,7 +48,6 @@ _AUTH_MODES: tuple[Literal["keys", "none"], ...] = ("keys", "none")
 _OUTAGE_MODES: tuple[Literal["fail_closed", "fail_open"], ...] = ("fail_closed", "fail_open")
 _REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-_GLOB_CHARS = frozenset("*?[")
 _DEFAULT_POLICY_DIR = "policies"
 
 
@@ -106,7 +107,8 @@ def _decode(root: Node, loading: _Loading) -> Settings:
     prices = _pricing(root.at("pricing", required=True), loading)
     routes = _routes(root.at("routes", required=True), providers, prices)
     keys = _keys(root.at("keys"))
-    policies = _policies(root.at("policies"), loading, prices, routes)
+    reach = Reach.of(server, keys, routes, prices)
+    policies = _policies(root.at("policies"), loading, reach)
     return Settings(
         server=server, store=store, providers=providers, routes=routes, pricing=prices or {}, keys=keys,
         policies=policies, retry=_retry(root.at("retry")), breaker=_breaker(root.at("breaker")),
@@ -118,7 +120,7 @@ def _server(node: Node) -> ServerConfig:
     """The `server` section; `auth: none` only on a loopback host."""
     host = node.at("host").text(_SERVER.host)
     auth = node.at("auth").choice(_AUTH_MODES, _SERVER.auth)
-    if auth == "none" and not _is_loopback(host):
+    if auth == "none" and not is_loopback(host):
         node.at("auth").report(
             "'none' is only allowed when server.host is a loopback address (127.0.0.0/8, ::1, localhost)")
     return ServerConfig(
@@ -131,16 +133,6 @@ def _server(node: Node) -> ServerConfig:
         metrics_key_sha256=_server_key_digest(node, "metrics_key"),
         access_log=node.at("access_log").flag(_SERVER.access_log),
     )
-
-
-def _is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _server_key_digest(server: Node, name: str) -> str | None:
@@ -251,7 +243,7 @@ def _route(pattern: str, node: Node, providers: Mapping[str, ProviderConfig], pr
     """One route: known providers, each once; a plain model name must have a price (globs need not)."""
     if not node.elements():
         node.report("must list at least one provider")
-    if prices is not None and not _GLOB_CHARS & set(pattern) and pattern not in prices:
+    if prices is not None and not is_glob(pattern) and pattern not in prices:
         node.report(f"model '{pattern}' has no price")
     found = [target for target in (_target(element, providers) for element in node.elements()) if target]
     for name, provider, first in repeats((name, target.provider) for name, target in found):
@@ -325,13 +317,13 @@ def _sha256_hex(value: Any) -> str:
     return text.lower()
 
 
-def _policies(node: Node, loading: _Loading, prices: Prices, routes: tuple[Route, ...]) -> tuple[Policy, ...]:
-    """Every policy in the policy files; names unique across files."""
+def _policies(node: Node, loading: _Loading, reach: Reach) -> tuple[Policy, ...]:
+    """Every policy in the policy files; names unique across files, matches that can match."""
     decoded = []
     for path, display in _policy_files(node, loading):
         root = loading.open(path, display, POLICY_FILE)
         if root is not None:
-            decoded.extend(decode_policies(root, prices, routes))
+            decoded.extend(decode_policies(root, reach))
     report_duplicate_names(decoded)
     return tuple(policy for _, policy in decoded)
 

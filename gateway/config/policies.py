@@ -1,4 +1,7 @@
-"""Pass two for policy files: each holds one policy or `policies: [...]`; names are unique across files."""
+"""Pass two for policy files: each holds one policy or `policies: [...]`; names are unique across files.
+
+A `match` may name only keys, teams, tags and models that exist (see `gateway.config.reach`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from gateway.config.model import AlertConfig, BudgetLimit, Policy, PolicyMatch, Route
 from gateway.config.node import FRACTION, InvalidValue, Node, as_name, as_text, at_least, repeats
 from gateway.config.prices import Prices
+from gateway.config.reach import Reach
 
 __all__ = ["decode_policies", "report_duplicate_names"]
 
@@ -22,9 +26,9 @@ _DEFAULT = Policy(name="", match=PolicyMatch(), budgets=())
 OnExceed = tuple[Literal["block", "downgrade"], str | None]
 
 
-def decode_policies(root: Node, prices: Prices, routes: Sequence[Route]) -> list[tuple[Node, Policy]]:
+def decode_policies(root: Node, reach: Reach) -> list[tuple[Node, Policy]]:
     """The policies of one file, each with the node it was read from."""
-    return [(node, _policy(node, prices, routes)) for node in _policy_nodes(root)]
+    return [(node, _policy(node, reach)) for node in _policy_nodes(root)]
 
 
 def report_duplicate_names(decoded: Sequence[tuple[Node, Policy]]) -> None:
@@ -45,12 +49,12 @@ def _policy_nodes(root: Node) -> list[Node]:
     return listed.elements()
 
 
-def _policy(node: Node, prices: Prices, routes: Sequence[Route]) -> Policy:
+def _policy(node: Node, reach: Reach) -> Policy:
     """One policy."""
-    on_exceed, downgrade_to = _on_exceed(node.at("on_exceed"), prices, routes)
+    on_exceed, downgrade_to = _on_exceed(node.at("on_exceed"), reach.prices, reach.routes)
     return Policy(
         name=node.at("name", required=True).parse(as_name, ""),
-        match=_match(node.at("match")),
+        match=_match(node.at("match"), reach),
         budgets=_budgets(node.at("budgets", required=True)),
         timezone=node.at("timezone").parse(_timezone, _DEFAULT.timezone),
         warn_at=_warn_at(node.at("warn_at")),
@@ -62,14 +66,28 @@ def _policy(node: Node, prices: Prices, routes: Sequence[Route]) -> Policy:
     )
 
 
-def _match(node: Node) -> PolicyMatch:
-    """Which requests the policy applies to."""
+def _match(node: Node, reach: Reach) -> PolicyMatch:
+    """Which requests the policy applies to; a name that can match nothing is reported."""
     return PolicyMatch(
-        keys=node.at("keys").texts(),
-        teams=node.at("teams").texts(),
-        tags=node.at("tags").texts(),
-        models=node.at("models").texts(),
+        keys=_matchable(node, "keys", reach),
+        teams=_matchable(node, "teams", reach),
+        tags=_matchable(node, "tags", reach),
+        models=_matchable(node, "models", reach),
     )
+
+
+def _matchable(match: Node, field: str, reach: Reach) -> tuple[str, ...]:
+    """The names listed under `field`; each that can match nothing is reported."""
+    names = []
+    for element in match.at(field).elements():
+        name = element.text(None)
+        if name is None:
+            continue
+        miss = reach.miss(field, name, element.quoted(name))
+        if miss is not None:
+            element.report(miss)
+        names.append(name)
+    return tuple(names)
 
 
 def _budgets(node: Node) -> tuple[BudgetLimit, ...]:

@@ -1,8 +1,9 @@
 """Pass one of config validation: only known keys, and every value has the shape its key expects.
 
 Shapes describe what a YAML document may contain (see `gateway.config.schema`). `Shape.check` reports
-unknown keys and misshapen values; it returns False only for misshapen ones, after which the document
-is not decoded (an unknown key alone leaves the rest safe to decode, so pass two still runs).
+unknown keys (naming the known key most like each, when one is close) and misshapen values; it returns
+False only for misshapen ones, after which the document is not decoded (an unknown key alone leaves the
+rest safe to decode, so pass two still runs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.node import Doc
+from gateway.config.suggest import did_you_mean
 
 __all__ = ["Shape", "Scalar", "Keys", "MapOf", "ListOf", "Either", "IfKey", "SCALAR"]
 
@@ -75,7 +77,7 @@ class Keys(_Mapping):
 
     def check_entry(self, key: Any, item: Any, path: str, doc: Doc) -> bool:
         if key not in self.fields:
-            doc.report(path, "unknown key")
+            doc.report(path, "unknown key" + did_you_mean(str(key), self.fields))
             return True
         return self.fields[key].check(item, path, doc)
 

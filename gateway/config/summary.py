@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from gateway.config.hosts import is_loopback
 from gateway.config.model import RouteTarget, Settings
 
 __all__ = ["summarize", "startup_line"]
@@ -14,7 +15,7 @@ def summarize(settings: Settings) -> str:
     """A few lines describing what the config sets up."""
     server = settings.server
     lines = [
-        f"server: {server.host}:{server.port}, auth: {_auth(settings)}",
+        f"server: {server.host}:{server.port}, auth: {_auth(settings)}, /metrics: {_metrics(settings)}",
         f"store: {_store(settings, detail=True)}",
         "providers: " + ", ".join(f"{p.name} ({_url_host(p.base_url)})" for p in settings.providers.values()),
         f"routes: {len(settings.routes)}",
@@ -27,7 +28,7 @@ def summarize(settings: Settings) -> str:
 
 
 def startup_line(settings: Settings) -> str:
-    """One log line: providers, routes, store, keys, policies, auth."""
+    """One log line: providers, routes, store, keys, policies, auth, who may read /metrics."""
     return "; ".join([
         "providers: " + ", ".join(settings.providers),
         f"routes: {len(settings.routes)}",
@@ -35,12 +36,21 @@ def startup_line(settings: Settings) -> str:
         f"keys: {len(settings.keys)}",
         f"policies: {len(settings.policies)}",
         f"auth: {_auth(settings)}",
+        f"/metrics: {_metrics(settings)}",
     ])
 
 
 def _auth(settings: Settings) -> str:
     """The auth mode, flagged when there is none."""
     return "none (loopback only)" if settings.server.auth == "none" else "keys"
+
+
+def _metrics(settings: Settings) -> str:
+    """Who may read /metrics: said out loud when anyone who reaches the host may."""
+    server = settings.server
+    if server.metrics_key_sha256:
+        return "needs metrics_key"
+    return "loopback only" if is_loopback(server.host) else "public (no metrics_key set)"
 
 
 def _store(settings: Settings, *, detail: bool) -> str:
