@@ -2,9 +2,9 @@
 """Load test of the gateway against a bare pass-through proxy, on loopback, in one run.
 
 What one run does (`bench/run.sh`, which calls `bench.py run`):
-1. starts a redis-server (own free port, no persistence), the shared fast mock upstream
-   (../shared/bench/mock_upstream.py, else our `gateway mock-upstream`), the shared bare aiohttp
-   proxy (../shared/bench/bare_proxy.py) and the gateway with a realistic config (two budget
+1. starts a redis-server (own free port, no persistence), the fast mock upstream (fast_upstream.py
+   here, raw asyncio; `--own-mock`: `gateway mock-upstream`), the bare aiohttp pass-through proxy
+   (bare_proxy.py here: the reference) and the gateway with a realistic config (two budget
    policies on Redis, retries, breaker, metrics as built, access log to logs/gateway.log);
 2. checks each target: one request per scenario answers 200 with usage and reaches the mock
    exactly once; measures the gateway's unit cost (budget status delta of that one request);
@@ -55,7 +55,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED_BENCH = REPO.parent / "shared" / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLIENT_KEY = "sk-bench-client-0001"      # bench-only keys, not secrets
 ADMIN_KEY = "sk-bench-admin-0002"
@@ -443,11 +442,11 @@ class Bench:
         self._wait_redis(port)
         mock_port = free_port()
         self.mock_url = f"http://127.0.0.1:{mock_port}"
-        if (SHARED_BENCH / "mock_upstream.py").exists() and not args.own_mock:
-            mock_cmd = [py, str(SHARED_BENCH / "mock_upstream.py"), "--port", str(mock_port)]
-        else:
+        if args.own_mock:
             mock_cmd = [py, "-m", "gateway", "mock-upstream", "--port", str(mock_port)]
-            self.notes.append("mock upstream: gateway mock-upstream (aiohttp), not the shared raw-asyncio one")
+            self.notes.append("mock upstream: gateway mock-upstream (aiohttp), not bench/fast_upstream.py")
+        else:
+            mock_cmd = [py, str(HERE / "fast_upstream.py"), "--port", str(mock_port)]
         mock = self._spawn("mock", mock_cmd, cpu0, env=gateway_env())
         self.startup_s["mock"] = wait_ready(self.mock_url + "/__stats", mock)
         self.targets["direct"] = Target("direct", self.mock_url, mock)
@@ -458,11 +457,8 @@ class Bench:
 
     def _start_bare(self, py: str, cpus: str | None, *, name: str = "bare", wrap: list[str] | None = None,
                     ready_s: float = 20.0) -> None:
-        if not (SHARED_BENCH / "bare_proxy.py").exists():
-            self.notes.append(f"bare: {SHARED_BENCH / 'bare_proxy.py'} not found, target skipped")
-            return
         port = free_port()
-        bare = self._spawn(name, [*(wrap or []), py, str(SHARED_BENCH / "bare_proxy.py"), "--port", str(port),
+        bare = self._spawn(name, [*(wrap or []), py, str(HERE / "bare_proxy.py"), "--port", str(port),
                                   "--upstream", self.mock_url], cpus)
         url = f"http://127.0.0.1:{port}"
         self.startup_s[name] = self._wait_post_ready(url, bare, ready_s)
@@ -1148,7 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sut-cpus", default="1", help="the bare proxy and the gateway")
     run.add_argument("--no-pin", action="store_true", help="no taskset")
     run.add_argument("--gateway-workers", type=int, default=1, help="gateway run --workers N")
-    run.add_argument("--own-mock", action="store_true", help="use `gateway mock-upstream`, not the shared mock")
+    run.add_argument("--own-mock", action="store_true", help="use `gateway mock-upstream`, not bench/fast_upstream.py")
     run.add_argument("--soak", type=int, metavar="N", help="soak instead of the matrix: N gateway requests")
     run.add_argument("--soak-conc", type=int, default=16)
     run.add_argument("--soak-max-s", type=float, default=1800, help="stop the soak after this many seconds")
