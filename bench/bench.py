@@ -70,6 +70,7 @@ SCENARIOS = {"chat": HERE / "payloads" / "chat.json", "stream": HERE / "payloads
 PRICE_NANO_PER_TOKEN = (150, 600)        # gpt-4o-mini: 0.15 / 0.60 USD per 1M tokens, in nano-USD
 SOAK_BASELINE = 50_000
 SOAK_TOLERANCE = 0.10
+MAX_WALL_PER_TARGET_S = 140.0            # the default matrix takes ~110 s of runs per target
 REDIS_DATABASES = 16                     # redis-server's default: one per gateway target at most
 
 
@@ -743,6 +744,8 @@ def check_target_names(args: argparse.Namespace) -> None:
         args.instruction_targets = ["bare", *gateways]
     if args.baseline and BASELINE not in args.targets and not args.soak:
         args.targets = [*args.targets, BASELINE]
+    if args.max_wall is None:
+        args.max_wall = MAX_WALL_PER_TARGET_S * len(args.targets)
     for option, names, known in (("--targets", args.targets, ["direct", "bare", *gateways]),
                                  ("--instruction-targets", args.instruction_targets, ["bare", *gateways])):
         unknown = [name for name in names if name not in known]
@@ -780,7 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drain", type=int, default=1,
                      help="seconds after each run's --duration in which wrk sends nothing new and the requests "
                           "in flight finish (0: wrk cuts them off, so budget checks can only be bounds)")
-    run.add_argument("--max-wall", type=float, default=420, help="start no new run after this many seconds")
+    run.add_argument("--max-wall", type=float,
+                     help=f"start no new run after this many seconds (default {MAX_WALL_PER_TARGET_S:.0f} per target "
+                          "of --targets: 420 for the default three)")
     run.add_argument("--loadgen-cpus", default="0", help="wrk, mock upstream and redis-server")
     run.add_argument("--sut-cpus", default="1", help="the bare proxy and the gateway")
     run.add_argument("--no-pin", action="store_true", help="no taskset")
