@@ -1,0 +1,120 @@
+"""The gateway config the bench runs, and its named variants: the same config with one thing changed.
+
+A variant edits the config and policy documents before they are written; a gateway target named
+`gateway-<variant>` runs it (`gateway` runs "default", `gateway-base` runs "default" from the --baseline
+build). To bench a new feature against a plain route, add a variant here: `--targets` and
+`--instruction-targets` take its target name from then on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLIENT_KEY = "sk-bench-client-0001"      # bench-only keys, not secrets
+ADMIN_KEY = "sk-bench-admin-0002"
+PROVIDER_KEY = "sk-bench-provider-0003"
+TEAM_POLICY = "bench-team"
+GATEWAY = "gateway"
+BASELINE = "gateway-base"
+HEADER = "# Written by bench/bench.py (bench/gateway_config.py, variant {variant}).\n"
+
+Document = dict[str, Any]
+
+
+def base_config(port: int, redis_url: str, upstream: str) -> Document:
+    """A realistic gateway config against the bench's mock upstream, every feature on."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port, "auth": "keys", "admin_key": "${BENCH_ADMIN_KEY}",
+                   "access_log": True},
+        "store": {"url": redis_url, "timeout_s": 0.25, "pool_size": 64, "on_outage": "fail_closed",
+                  "journal_path": "./journal.jsonl"},
+        "providers": {"mock": {"base_url": upstream, "api_key": "${BENCH_PROVIDER_KEY}",
+                               "timeouts": {"connect_s": 2, "read_s": 30, "total_s": 60}, "max_connections": 256}},
+        "routes": {"gpt-4o-mini": ["mock"]},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.60, "cached_input": 0.075,
+                                    "max_output_tokens": 16384}},
+        "keys": [{"name": "bench-client", "team": "bench", "tags": ["bench"], "key_env": "BENCH_CLIENT_KEY"}],
+        "policies": ["policies.yaml"],
+        "retry": {"max_retries": 2, "statuses": [429, 500, 502, 503, 504], "backoff_base_s": 0.25,
+                  "deadline_s": 60},
+        "breaker": {"window_s": 30, "min_calls": 10, "failure_rate": 0.5, "consecutive_failures": 5, "open_s": 15},
+    }
+
+
+def base_policies() -> Document:
+    """Two matching policies: a request reserves and settles three counters in one store round trip."""
+    return {"policies": [
+        {"name": "bench-global", "budgets": [{"period": "daily", "usd": 100000}, {"period": "monthly", "usd": 1000000}]},
+        {"name": TEAM_POLICY, "match": {"teams": ["bench"]},
+         "budgets": [{"period": "daily", "usd": 100000, "tokens": 1_000_000_000_000, "requests": 1_000_000_000}]},
+    ]}
+
+
+def _default(config: Document, policies: Document) -> None:
+    """Every feature on."""
+
+
+def _no_access_log(config: Document, policies: Document) -> None:
+    """The access log off."""
+    config["server"]["access_log"] = False
+
+
+def _no_budget(config: Document, policies: Document) -> None:
+    """One policy that no bench caller matches: requests reserve and settle nothing."""
+    policies["policies"] = [{"name": "bench-unmatched", "match": {"teams": ["nobody"]},
+                             "budgets": [{"period": "daily", "usd": 1}]}]
+
+
+VARIANTS: dict[str, Callable[[Document, Document], None]] = {
+    "default": _default,
+    "no-access-log": _no_access_log,
+    "no-budget": _no_budget,
+}
+
+
+@dataclass(frozen=True)
+class WrittenConfig:
+    """A config on disk and what the bench can check of a gateway that runs it."""
+
+    path: Path
+    access_log: bool      # its chat 200 lines can be counted
+    budgeted: bool        # the team policy applies: its budget moves by every request
+
+
+def write_config(directory: Path, port: int, redis_url: str, upstream: str,
+                 variant: str = "default") -> WrittenConfig:
+    """The gateway config (and its policy file) of `variant` in `directory`."""
+    config, policies = base_config(port, redis_url, upstream), base_policies()
+    VARIANTS[variant](config, policies)
+    header = HEADER.format(variant=variant)
+    (directory / "policies.yaml").write_text(header + yaml.safe_dump(policies, sort_keys=False))
+    path = directory / "gateway.yaml"
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    budgeted = any(policy["name"] == TEAM_POLICY for policy in policies["policies"])
+    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted)
+
+
+def target_name(variant: str) -> str:
+    """The gateway target that runs `variant` from this tree."""
+    return GATEWAY if variant == "default" else f"{GATEWAY}-{variant}"
+
+
+def variant_of(target: str) -> str | None:
+    """The variant a gateway target runs (`gateway-base` runs "default"); None when `target` is no gateway."""
+    if target in (GATEWAY, BASELINE):
+        return "default"
+    variant = target.removeprefix(GATEWAY + "-")
+    return variant if variant != target and variant in VARIANTS else None
+
+
+def gateway_env(source: Path) -> dict[str, str]:
+    """The environment of a gateway process: the bench's keys, and the gateway package of `source` first."""
+    env = dict(os.environ, BENCH_ADMIN_KEY=ADMIN_KEY, BENCH_CLIENT_KEY=CLIENT_KEY, BENCH_PROVIDER_KEY=PROVIDER_KEY)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    return env
