@@ -8,6 +8,7 @@ build). To bench a new feature against a plain route, add a variant here: `--tar
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def _no_access_log(config: Document, policies: Document) -> None:
 
 
 def _no_budget(config: Document, policies: Document) -> None:
-    """One policy that no bench caller matches: requests reserve and settle nothing."""
+    """One policy that no caller of the bench matches (its team's key is never used): nothing is reserved."""
+    config["keys"].append({"name": "bench-unused", "team": "nobody", "sha256": hashlib.sha256(b"unused").hexdigest()})
     policies["policies"] = [{"name": "bench-unmatched", "match": {"teams": ["nobody"]},
                              "budgets": [{"period": "daily", "usd": 1}]}]
 
