@@ -7,6 +7,9 @@ For each target, in plan order:
     retryable status, connect error -> retried under the provider's policy and retry budget,
                                        then the next target
     other 5xx (501, 505, 520-524)   -> the next target at once, without a retry
+    3xx (a redirect)                -> not followed, a breaker failure: the next target at once, never
+                                       retried (a redirect does not go away on retry), whatever
+                                       `retry.statuses` says
 
 Every attempt holds its own breaker permit, so a breaker that opens during the retries stops them and
 the request fails over. When every target fails, `UpstreamFailure` describes the last upstream error.
@@ -50,6 +53,10 @@ class UpstreamReply:
 
 class _BreakerOpen(Exception):
     """The provider's breaker rejects calls: fail over, never retry."""
+
+
+class _Redirected(Exception):
+    """The provider answered a redirect: fail over, never retry."""
 
 
 @dataclass
@@ -115,7 +122,7 @@ async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
             response = await _attempt(call, target, gate)
         except (RetryableStatus, UpstreamConnectError) as error:
             response = await _retry(call, target, gate, budget, error)
-    except (_BreakerOpen, RetryableStatus, UpstreamConnectError):
+    except (_BreakerOpen, _Redirected, RetryableStatus, UpstreamConnectError):
         return None
     finally:
         first.ignore()                       # no-op once used; frees a probe slot if never used
@@ -156,6 +163,8 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
             permit.success()
             return response
         _settle(permit, status)
+        if 300 <= status < 400:
+            raise _redirected(call, target, response)
         if status >= 500 or status in call.resilience.retry.statuses:
             raise await _retryable(call, response)   # the retry policy retries only its statuses
         return response
@@ -210,11 +219,18 @@ async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> Retryable
     return RetryableStatus(response.status, response.headers, body)
 
 
+def _redirected(call: _Call, target: Target, response: aiohttp.ClientResponse) -> _Redirected:
+    """A redirect, its connection dropped unread; the request's last error if no other target answers."""
+    response.close()
+    call.last_provider, call.last_error = target.provider, RetryableStatus(response.status, response.headers)
+    return _Redirected(target.provider)
+
+
 def _settle(permit: Permit, status: int) -> None:
-    """Report an answer to the breaker: 2xx succeeds; 429 and 5xx fail; other answers say nothing."""
+    """Report an answer to the breaker: 2xx succeeds; 3xx, 429 and 5xx fail; other answers say nothing."""
     if 200 <= status < 300:
         permit.success()
-    elif status == 429 or status >= 500:
+    elif status == 429 or status >= 500 or 300 <= status < 400:
         permit.failure()
     else:
         permit.ignore()
@@ -270,6 +286,8 @@ def _status_failure(call: _Call, provider: str | None, error: RetryableStatus,
                     headers: dict[str, str]) -> UpstreamFailure:
     """The last answer was an HTTP error: 429 passes on with its wait, 503/504 stay, the rest is 502."""
     message = f"Provider '{provider}' answered {error.status}."
+    if 300 <= error.status < 400:
+        message = f"Provider '{provider}' answered a redirect ({error.status}), which the gateway does not follow."
     if error.status != 429:
         status = error.status if error.status in (503, 504) else 502
         return UpstreamFailure(message, status=status, code="upstream_error", headers=headers)
