@@ -28,6 +28,7 @@ import orjson
 from tenacity import RetryCallState
 
 from gateway.errors import UpstreamFailure
+from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.plan import Plan, Target
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.request import ProxyRequest, upstream_body
@@ -39,6 +40,7 @@ __all__ = ["UpstreamReply", "dispatch"]
 
 _DEFAULT_RETRY_AFTER_S = 1.0   # told to a rate-limited client when the upstream named no wait
 _TIMEOUT_SLACK_S = 2.0   # aiohttp rounds each long timeout (connect, read, total) up to a whole second
+_ERROR_BODY_BYTES = 64 * 1024   # of an error answer read before a retry (used only for a 429's error object)
 _UpstreamError = RetryableStatus | UpstreamConnectError
 
 
@@ -166,7 +168,7 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
         if 300 <= status < 400:
             raise _redirected(call, target, response)
         if status >= 500 or status in call.resilience.retry.statuses:
-            raise await _retryable(call, response)   # the retry policy retries only its statuses
+            raise await _retryable(call, target, response)   # the retry policy retries only its statuses
         return response
     except (RetryableStatus, UpstreamConnectError) as exc:
         permit.failure()                     # no-op when the status already settled it
@@ -207,12 +209,16 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
         call.resilience.attempted(target.provider, monotonic() - started, outcome)
 
 
-async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> RetryableStatus:
-    """A retryable answer with its body read (within the deadline) and its connection released."""
+async def _retryable(call: _Call, target: Target, response: aiohttp.ClientResponse) -> RetryableStatus:
+    """A retryable answer with its body read (within the deadline and 64 KiB) and its connection released.
+
+    A larger or broken body is dropped with its connection: the answer is still the status it was.
+    """
+    limit = min(_ERROR_BODY_BYTES, call.pool[target.provider].config.max_response_bytes)
     try:
         async with asyncio.timeout(max(call.remaining(), 0.0)):
-            body = await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+            body = await read_bounded(response, limit)
+    except (BodyTooLarge, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
         body = b""
     finally:
         response.release()
