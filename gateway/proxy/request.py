@@ -92,7 +92,7 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 
 def _forwarded_body(payload: dict[str, Any]) -> bytes:
-    """The payload encoded for the upstream; 400 when it is nested too deeply to encode (orjson: 255 levels)."""
+    """The payload encoded for the upstream; 400 when it is nested too deeply to encode (orjson: 254 levels)."""
     try:
         return orjson.dumps(payload)
     except orjson.JSONEncodeError:
