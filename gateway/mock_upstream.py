@@ -20,6 +20,13 @@ streams are never billed.
 
 Scripted actions are taken per request in this order: the queue for the request's path, the path-less
 queue, the sticky `always` action, else the normal answer.
+
+Misbehaviours for hostile-upstream tests: a redirect is `Action(status=302, headers={"Location": ...})`;
+`raw_body` answers bytes no serializer would write (a key echoed JSON-escaped or %-encoded, a hand-made
+SSE stream); `pad_to` pads a chat or completions answer, or an error body, with spaces to any size, sent
+in 64 KiB pieces and never held whole (with Content-Length, or chunked), and `dropped` counts the padded
+answers the client broke off. `requests` keeps each body's raw bytes as well as its parsed JSON, so a
+test sees exactly what an upstream received (a key sent twice, say).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ __all__ = [
 
 JSON = dict[str, Any]
 _POLL_S = 0.05
+_PAD_PIECE = b" " * 65536
 _EMBEDDING_DIM = 8
 _MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 _ERRORS: dict[int, tuple[str, str]] = {
@@ -89,6 +97,9 @@ class Action:
     truncate_after: int | None = None
     delay_s: float = 0.0
     echo_request: bool = False
+    raw_body: str | None = None      # sent as is (Content-Type application/json unless `headers` names one)
+    pad_to: int | None = None        # pad the answer with spaces to this many bytes (see the module docstring)
+    chunked: bool = False            # send a padded answer chunked, without Content-Length
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Action:
@@ -110,6 +121,7 @@ class RecordedRequest:
     headers: dict[str, str]
     json: Any
     time: float
+    raw: bytes = b""                 # the body exactly as received
 
 
 @dataclass
@@ -357,6 +369,7 @@ class MockUpstream:
         """Forget requests, billing, scripts, the sticky action and the stream gate."""
         self.requests: list[RecordedRequest] = []
         self.hits = 0
+        self.dropped = 0
         self.billed = BilledUsage()
         self.stream_gate: asyncio.Event | None = None
         self._queue: deque[Action] = deque()
@@ -433,7 +446,7 @@ class MockUpstream:
         except ValueError:
             body = None
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.requests.append(RecordedRequest(request.method, request.path, headers, body, self._clock.now()))
+        self.requests.append(RecordedRequest(request.method, request.path, headers, body, self._clock.now(), raw))
         self.hits += 1
         return body
 
@@ -457,8 +470,14 @@ class MockUpstream:
             return _abort(request)
         if action.echo_request:
             return self._json(action.status, self._echo(request, body), action.headers)
+        if action.raw_body is not None:
+            headers = {"Content-Type": "application/json", **self._headers, **action.headers}
+            return web.Response(status=action.status, body=action.raw_body.encode(), headers=headers)
         if action.status != 200:
-            return self._json(action.status, action.body or _error_json(action.status), action.headers)
+            error = action.body or _error_json(action.status)
+            if action.pad_to is not None:
+                return (await self._padded(request, action.status, _dumps(error), action))[0]
+            return self._json(action.status, error, action.headers)
         return await answer(request, body, action)
 
     async def _answer_chat(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
@@ -483,6 +502,11 @@ class MockUpstream:
         payload = _dumps(fmt.full(reply.base, reply.done, reply.usage))
         if reply.truncate_after is not None:
             return await self._truncated_body(request, payload, reply.truncate_after, reply.headers)
+        if action is not None and action.pad_to is not None:
+            response, complete = await self._padded(request, 200, payload, action)
+            if complete:
+                self.billed.add(reply.model, reply.usage)
+            return response
         self.billed.add(reply.model, reply.usage)
         return web.Response(body=payload, content_type="application/json", headers=reply.headers)
 
@@ -543,6 +567,34 @@ class MockUpstream:
             await resp.write(payload[:keep])
             await request.writer.drain()
         return _abort(request, resp)
+
+    async def _padded(
+        self, request: web.Request, status: int, payload: bytes, action: Action,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send a JSON `payload` with spaces before its closing brace, up to `action.pad_to` bytes in all,
+        one piece at a time; whether all of it was sent (a client that left is counted in `dropped`)."""
+        padding = max(0, (action.pad_to or 0) - len(payload))
+        resp = web.StreamResponse(status=status, headers={
+            **self._headers, **action.headers, "Content-Type": "application/json"})
+        if not action.chunked:
+            resp.content_length = len(payload) + padding
+        try:
+            await resp.prepare(request)
+            await resp.write(payload[:-1])
+            while padding > 0:
+                piece = _PAD_PIECE if padding >= len(_PAD_PIECE) else _PAD_PIECE[:padding]
+                await resp.write(piece)
+                await request.writer.drain()
+                padding -= len(piece)
+            await resp.write(payload[-1:])
+            await resp.write_eof()
+        except ConnectionError:
+            self.dropped += 1
+            return resp, False
+        except asyncio.CancelledError:       # aiohttp's TestServer cancels the handler of a client that left
+            self.dropped += 1
+            raise
+        return resp, True
 
     async def _answer_embeddings(
         self, request: web.Request, body: Any, action: Action | None,
@@ -628,7 +680,8 @@ class MockUpstream:
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Hits, billed usage and pending scripted actions."""
-        stats = {"name": self.name, "hits": self.hits, "billed": self.billed.to_json(), "pending": self.pending}
+        stats = {"name": self.name, "hits": self.hits, "billed": self.billed.to_json(), "pending": self.pending,
+                 "dropped": self.dropped}
         return self._json(200, stats)
 
     async def _reset(self, request: web.Request) -> web.Response:

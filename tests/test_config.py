@@ -100,6 +100,7 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
     ("port_not_integer", "config.yaml: server.port: must be an integer"),
     ("port_out_of_range", "config.yaml: server.port: must be between 0 and 65535"),
     ("base_url_not_http", "config.yaml: providers.mock.base_url: must be an http(s) URL"),
+    ("max_response_bytes_too_small", "config.yaml: providers.mock.max_response_bytes: must be >= 1024"),
     ("route_unknown_provider", "config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
     ("route_provider_twice",
      "config.yaml: routes.gpt-4.1[1].provider: provider 'mock' is already listed at routes.gpt-4.1[0]"),
@@ -291,6 +292,12 @@ def test_empty_store_url_means_embedded_and_paths_follow_the_config_dir(tmp_path
     store = load_settings(write_config(tmp_path, text), env={"GATEWAY_REDIS_URL": ""}).store
     assert store.url is None
     assert store.path == str(tmp_path / "state" / "gw.db")
+
+
+def test_max_response_bytes_defaults_to_32_mib_and_can_be_set(tmp_path: Path) -> None:
+    assert load_settings(write_config(tmp_path, MINIMAL), env={}).providers["mock"].max_response_bytes == 32 << 20
+    text = MINIMAL.replace("    api_key:", "    max_response_bytes: 1048576\n    api_key:")
+    assert load_settings(write_config(tmp_path, text), env={}).providers["mock"].max_response_bytes == 1 << 20
 
 
 def test_admin_key_from_env_is_kept_only_as_its_digest(tmp_path: Path) -> None:

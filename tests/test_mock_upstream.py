@@ -192,6 +192,37 @@ async def test_truncate_after_on_a_plain_answer_cuts_the_body(mock: MockUpstream
     assert mock.billed.requests == 0
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_pad_to_pads_a_valid_answer_to_the_byte(mock: MockUpstream, client: TestClient, chunked: bool) -> None:
+    mock.script(Action(pad_to=200_000, chunked=chunked), Action(status=503, pad_to=70_000))
+    resp = await client.post(CHAT, json=chat_body())
+    body = await resp.read()
+    assert len(body) == 200_000 and json.loads(body)["choices"][0]["message"]["content"] == CONTENT
+    assert (resp.content_length is None) == chunked and mock.billed.requests == 1
+    error = await client.post(CHAT, json=chat_body())
+    assert error.status == 503 and len(await error.read()) == 70_000 and mock.billed.requests == 1
+
+
+async def test_a_padded_answer_the_client_leaves_is_counted_as_dropped(mock: MockUpstream, client: TestClient) -> None:
+    mock.script(Action(pad_to=64 << 20))
+    resp = await client.post(CHAT, json=chat_body())
+    await resp.content.readexactly(1 << 20)
+    resp.close()
+    async with asyncio.timeout(5):
+        while mock.dropped == 0:
+            await asyncio.sleep(0.01)
+    assert mock.billed.requests == 0
+
+
+async def test_raw_body_is_sent_as_is_and_raw_request_bytes_are_kept(mock: MockUpstream, client: TestClient) -> None:
+    sent = b'{"model": "gpt-4o-mini", "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    mock.script(Action(status=400, raw_body='{"error": "\\u0073k-\\/"}'))
+    resp = await client.post(CHAT, data=sent, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and await resp.read() == b'{"error": "\\u0073k-\\/"}'
+    assert resp.headers["Content-Type"] == "application/json"
+    assert mock.requests[0].raw == sent and mock.requests[0].json["model"] == "gpt-4o"
+
+
 async def test_stream_gate_holds_the_rest_until_set(mock: MockUpstream, client: TestClient) -> None:
     gate = mock.stream_gate = asyncio.Event()
     resp = await client.post(CHAT, json=chat_body(stream=True, stream_options={"include_usage": True}))

@@ -49,6 +49,7 @@ _OUTAGE_MODES: tuple[Literal["fail_closed", "fail_open"], ...] = ("fail_closed",
 _REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _DEFAULT_POLICY_DIR = "policies"
+_MIN_RESPONSE_BYTES = 1024   # below this even a short answer with its usage would be refused
 
 
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -188,6 +189,8 @@ def _provider(name: str, node: Node) -> ProviderConfig:
         headers=tuple((header, value.text("")) for header, value in node.at("headers").entries()),
         timeouts=_timeouts(node.at("timeouts")),
         max_connections=node.at("max_connections").integer(_PROVIDER.max_connections, at_least(1)),
+        max_response_bytes=node.at("max_response_bytes").integer(_PROVIDER.max_response_bytes,
+                                                                 at_least(_MIN_RESPONSE_BYTES)),
     )
 
 

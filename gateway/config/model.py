@@ -65,6 +65,7 @@ class ProviderConfig:
     headers: tuple[tuple[str, str], ...] = ()
     timeouts: ProviderTimeouts = ProviderTimeouts()
     max_connections: int = 256
+    max_response_bytes: int = 32 * 1024 * 1024   # a larger non-streamed answer is a 502
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ _STORE = _scalars(
     "ledger_max_entries", "reserve_ahead", "reserve_ahead_idle_s",
 )
 _PROVIDER = _scalars(
-    "base_url", "api_key", "max_connections",
+    "base_url", "api_key", "max_connections", "max_response_bytes",
     headers=MapOf(SCALAR),
     timeouts=_scalars("connect_s", "read_s", "total_s"),
 )

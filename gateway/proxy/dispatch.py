@@ -7,6 +7,9 @@ For each target, in plan order:
     retryable status, connect error -> retried under the provider's policy and retry budget,
                                        then the next target
     other 5xx (501, 505, 520-524)   -> the next target at once, without a retry
+    3xx (a redirect)                -> not followed, a breaker failure: the next target at once, never
+                                       retried (a redirect does not go away on retry), whatever
+                                       `retry.statuses` says
 
 Every attempt holds its own breaker permit, so a breaker that opens during the retries stops them and
 the request fails over. When every target fails, `UpstreamFailure` describes the last upstream error.
@@ -25,6 +28,7 @@ import orjson
 from tenacity import RetryCallState
 
 from gateway.errors import UpstreamFailure
+from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.plan import Plan, Target
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.request import ProxyRequest, upstream_body
@@ -36,6 +40,7 @@ __all__ = ["UpstreamReply", "dispatch"]
 
 _DEFAULT_RETRY_AFTER_S = 1.0   # told to a rate-limited client when the upstream named no wait
 _TIMEOUT_SLACK_S = 2.0   # aiohttp rounds each long timeout (connect, read, total) up to a whole second
+_ERROR_BODY_BYTES = 64 * 1024   # of an error answer read before a retry (used only for a 429's error object)
 _UpstreamError = RetryableStatus | UpstreamConnectError
 
 
@@ -50,6 +55,10 @@ class UpstreamReply:
 
 class _BreakerOpen(Exception):
     """The provider's breaker rejects calls: fail over, never retry."""
+
+
+class _Redirected(Exception):
+    """The provider answered a redirect: fail over, never retry."""
 
 
 @dataclass
@@ -115,7 +124,7 @@ async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
             response = await _attempt(call, target, gate)
         except (RetryableStatus, UpstreamConnectError) as error:
             response = await _retry(call, target, gate, budget, error)
-    except (_BreakerOpen, RetryableStatus, UpstreamConnectError):
+    except (_BreakerOpen, _Redirected, RetryableStatus, UpstreamConnectError):
         return None
     finally:
         first.ignore()                       # no-op once used; frees a probe slot if never used
@@ -156,8 +165,10 @@ async def _attempt(call: _Call, target: Target, gate: _Gate) -> aiohttp.ClientRe
             permit.success()
             return response
         _settle(permit, status)
+        if 300 <= status < 400:
+            raise _redirected(call, target, response)
         if status >= 500 or status in call.resilience.retry.statuses:
-            raise await _retryable(call, response)   # the retry policy retries only its statuses
+            raise await _retryable(call, target, response)   # the retry policy retries only its statuses
         return response
     except (RetryableStatus, UpstreamConnectError) as exc:
         permit.failure()                     # no-op when the status already settled it
@@ -198,23 +209,34 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
         call.resilience.attempted(target.provider, monotonic() - started, outcome)
 
 
-async def _retryable(call: _Call, response: aiohttp.ClientResponse) -> RetryableStatus:
-    """A retryable answer with its body read (within the deadline) and its connection released."""
+async def _retryable(call: _Call, target: Target, response: aiohttp.ClientResponse) -> RetryableStatus:
+    """A retryable answer with its body read (within the deadline and 64 KiB) and its connection released.
+
+    A larger or broken body is dropped with its connection: the answer is still the status it was.
+    """
+    limit = min(_ERROR_BODY_BYTES, call.pool[target.provider].config.max_response_bytes)
     try:
         async with asyncio.timeout(max(call.remaining(), 0.0)):
-            body = await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+            body = await read_bounded(response, limit)
+    except (BodyTooLarge, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
         body = b""
     finally:
         response.release()
     return RetryableStatus(response.status, response.headers, body)
 
 
+def _redirected(call: _Call, target: Target, response: aiohttp.ClientResponse) -> _Redirected:
+    """A redirect, its connection dropped unread; the request's last error if no other target answers."""
+    response.close()
+    call.last_provider, call.last_error = target.provider, RetryableStatus(response.status, response.headers)
+    return _Redirected(target.provider)
+
+
 def _settle(permit: Permit, status: int) -> None:
-    """Report an answer to the breaker: 2xx succeeds; 429 and 5xx fail; other answers say nothing."""
+    """Report an answer to the breaker: 2xx succeeds; 3xx, 429 and 5xx fail; other answers say nothing."""
     if 200 <= status < 300:
         permit.success()
-    elif status == 429 or status >= 500:
+    elif status == 429 or status >= 500 or 300 <= status < 400:
         permit.failure()
     else:
         permit.ignore()
@@ -270,6 +292,8 @@ def _status_failure(call: _Call, provider: str | None, error: RetryableStatus,
                     headers: dict[str, str]) -> UpstreamFailure:
     """The last answer was an HTTP error: 429 passes on with its wait, 503/504 stay, the rest is 502."""
     message = f"Provider '{provider}' answered {error.status}."
+    if 300 <= error.status < 400:
+        message = f"Provider '{provider}' answered a redirect ({error.status}), which the gateway does not follow."
     if error.status != 429:
         status = error.status if error.status in (503, 504) else 502
         return UpstreamFailure(message, status=status, code="upstream_error", headers=headers)

@@ -82,7 +82,8 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
                  "x-request-id": request[RECORD].request_id}
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
-            response, delivery.usage = await relay_json(reply.response, redactor, served_by)
+            max_bytes = providers[reply.target.provider].config.max_response_bytes
+            response, delivery.usage = await relay_json(reply.response, redactor, served_by, max_bytes)
             await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={

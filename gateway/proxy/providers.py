@@ -68,9 +68,13 @@ class ProviderClient:
         return url
 
     def post(self, path: str, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
-        """POST `body` to the provider (await it); the caller must release the response."""
+        """POST `body` to the provider (await it); the caller must release the response.
+
+        A redirect is returned, never followed: aiohttp would send the body and the configured headers
+        (all but Authorization) to whatever host it names.
+        """
         self.last_used = time.monotonic()   # (asyncio.get_running_loop costs a getpid call on 3.11)
-        return self.session.post(self.url(path), data=body)
+        return self.session.post(self.url(path), data=body, allow_redirects=False)
 
     async def close(self) -> None:
         """Close the session and its connections."""

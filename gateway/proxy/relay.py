@@ -10,7 +10,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.errors import UpstreamFailure
 from gateway.pricing import Usage
+from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.request import media_type_of
 from gateway.proxy.usage import usage_from
 from gateway.redact import Redactor
@@ -43,14 +45,32 @@ def is_event_stream(response: aiohttp.ClientResponse) -> bool:
     return media_type_of(response.headers.get("Content-Type")) == "text/event-stream"
 
 
-async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor,
-                     extra_headers: dict[str, str]) -> tuple[web.Response, Usage | None]:
-    """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success."""
-    body = redactor.bytes(await response.read())
+async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra_headers: dict[str, str],
+                     max_bytes: int) -> tuple[web.Response, Usage | None]:
+    """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success.
+
+    An answer that cannot be read whole (over `max_bytes`, cut short, stalled) is an UpstreamFailure.
+    """
+    body = redactor.bytes(await _read_answer(response, max_bytes))
     usage = usage_of_answer(body) if 200 <= response.status < 300 else None
     headers = passed_headers(response)
     headers.update(extra_headers)
     return web.Response(body=body, status=response.status, headers=headers), usage
+
+
+async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole answer; 502 when it is too large or cut short, 504 when it stalled (its connection closed)."""
+    try:
+        return await read_bounded(response, max_bytes)
+    except BodyTooLarge:
+        raise UpstreamFailure(f"The provider's answer is larger than the gateway's {max_bytes}-byte limit.",
+                              code="upstream_response_too_large") from None
+    except asyncio.TimeoutError:     # (before ClientError: aiohttp's read timeout is both)
+        raise UpstreamFailure("The provider stopped sending its answer before it was complete.",
+                              status=504, code="upstream_timeout") from None
+    except (aiohttp.ClientError, ConnectionError):
+        raise UpstreamFailure("The provider's answer ended before it was complete.",
+                              code="upstream_truncated") from None
 
 
 def usage_of_answer(body: bytes) -> Usage | None:

@@ -1,4 +1,10 @@
-"""Reading a client's proxy request: only the fields the gateway needs, original bytes kept."""
+"""Reading a client's proxy request: only the fields the gateway needs, and the body as it will be forwarded.
+
+The body forwarded is the parsed payload encoded again, never the client's raw bytes: a key sent twice
+(`"model"`, `"max_tokens"`, or one nested in a message) is priced by the value orjson keeps, the last,
+and an upstream whose parser keeps the first must not get the other one. Encoding a typical chat body
+again costs ~0.2 us (~110 us for 1 MiB), less than any way of finding duplicate keys.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ class ProxyRequest(NamedTuple):
     """A validated client request."""
 
     endpoint: Endpoint
-    body: bytes
+    body: bytes                  # `payload` encoded: what was priced, byte for byte
     payload: dict[str, Any]
     model: str
     stream: bool
@@ -85,6 +91,14 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def _forwarded_body(payload: dict[str, Any]) -> bytes:
+    """The payload encoded for the upstream; 400 when it is nested too deeply to encode (orjson: 254 levels)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
+
+
 def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
     """The first of `names` given, checked to be an integer from 0 to MAX_TOKENS_LIMIT."""
     for name in names:
@@ -123,11 +137,15 @@ async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: S
     options = payload.get("stream_options")
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     max_tokens = _optional_int(payload, "max_completion_tokens", "max_tokens")
-    return ProxyRequest(endpoint, body, payload, model, stream, wants_usage, max_tokens)
+    return ProxyRequest(endpoint, _forwarded_body(payload), payload, model, stream, wants_usage, max_tokens)
 
 
 def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:
-    """The bytes to send upstream: the client's own unless the model or usage option must change."""
+    """The bytes to send upstream: `req.body` unless the model or usage option must change.
+
+    Encoding the changed payload cannot fail: `_forwarded_body` encoded it, and the changes add no depth
+    past the second level.
+    """
     rename = upstream_model is not None and upstream_model != req.model
     ask_usage = req.stream and not req.wants_usage
     if not rename and not ask_usage:
@@ -138,7 +156,4 @@ def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:
     if ask_usage:
         options = payload.get("stream_options")
         payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    try:
-        return orjson.dumps(payload)
-    except orjson.JSONEncodeError:
-        raise InvalidRequest("The request body is nested too deeply.") from None
+    return orjson.dumps(payload)

@@ -38,7 +38,10 @@ _EPSILON = 1e-9  # float deposits of `ratio` must add up to whole tokens
 
 
 class RetryableStatus(Exception):
-    """An upstream error answer (429, 5xx) to retry or fail over from: its status, headers and body."""
+    """An upstream error answer (429, 5xx) to retry or fail over from: its status, headers and body.
+
+    A redirect (3xx) is kept as one too, as a request's last error, but never retried (dispatch).
+    """
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"") -> None:
         super().__init__(f"upstream answered {status}")
