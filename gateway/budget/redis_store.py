@@ -38,7 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
@@ -53,7 +53,7 @@ __all__ = ["RedisBudgetStore", "create_redis_client"]
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
-_SCRIPTS = ("reserve", "settle", "release", "record", "read")
+_SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -225,10 +225,11 @@ class RedisBudgetStore:
                                         lambda: self._client.set(marker, "1", nx=True, pxat=_ms(expires_at))))
 
     async def ping(self) -> bool:
-        """True when Redis answers PING."""
+        """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
+        Sentinel), so a driver that cannot carry them is not ready, however PING on another connection fares."""
         try:
-            return bool(await self._client.ping())
-        except (RedisError, RedisClusterException, OSError):
+            return await self._call("ping", [self._leases], [], _is_one)
+        except StoreError:
             return False
 
     async def close(self) -> None:
@@ -237,8 +238,8 @@ class RedisBudgetStore:
             if self._pipeline is not None:
                 await self._pipeline.aclose()
             await self._client.aclose()
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"closing redis failed: {exc}") from exc
+        except Exception as exc:
+            raise StoreError(f"closing redis failed: {type(exc).__name__}: {exc}") from exc
 
     def _key(self, kind: str, request_id: str | None = None) -> str:
         return f"{self._prefix}{kind}" if request_id is None else f"{self._prefix}{kind}:{request_id}"
@@ -260,7 +261,12 @@ class RedisBudgetStore:
         otherwise; observed as `operation` (default: the script's name). A `lazy` call is one nobody waits
         for yet: pipelined, it may wait a moment to share a write."""
         if self._pipeline is not None:
-            return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
+            try:
+                return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
+            except StoreError:
+                raise
+            except Exception as exc:         # the pipeline met a driver it does not know
+                raise _store_error(exc) from exc
         return self._direct_call(name, keys, args, parse, operation or name)
 
     async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
@@ -284,13 +290,13 @@ class RedisBudgetStore:
             return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _command(self, name: str, command: Callable[[], Awaitable[T]]) -> T:
-        """Run one command; every driver error becomes StoreError."""
+        """Run one command; every error of the driver (or of a driver release it does not fit) is StoreError."""
         try:
             if self._cluster_pending:
                 await self._initialize_cluster()
             async with self._in_flight or contextlib.nullcontext():
                 return await command()
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except Exception as exc:
             raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
 
     async def _initialize_cluster(self) -> None:
@@ -433,8 +439,13 @@ def _answered(value: T) -> asyncio.Future[T]:
     return future
 
 
-def _store_error(error: Exception) -> Exception:
-    """A driver error (or an error reply) as the store raises it."""
-    if isinstance(error, (RedisError, OSError)):
-        return StoreError(f"redis failed: {type(error).__name__}: {error}")
-    return error
+def _store_error(error: Exception) -> StoreError:
+    """A driver error, an error reply, or any failure of the driver's internals, as the store raises it.
+
+    The pipeline takes over private parts of redis-py (see redis_batch): a release it does not fit fails
+    with AttributeError or RuntimeError, and that must reach the engine as a store failure (outage mode,
+    /readyz), never as a 500.
+    """
+    if isinstance(error, StoreError):
+        return error
+    return StoreError(f"redis failed: {type(error).__name__}: {error}")
