@@ -34,6 +34,7 @@ from tests.support.metrics import (
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_settings
 
 METRICS_KEY = "sk-metrics-scraper-0004"
+MESSAGES_FOR_COUNT = [{"role": "user", "content": "count me once"}]
 FLOOD_REQUESTS = 10_000
 FLOOD_BATCH = 250
 
@@ -113,6 +114,26 @@ async def test_budget_gauges_equal_the_status_endpoint(traffic, http) -> None:
         assert value(text, "gateway_budget_utilization", **labels) == entry["utilization"]
     assert value(text, "gateway_budget_utilization", policy="embed-cap", period="daily", unit="requests") == 1.0
     assert value(text, "gateway_budget_refusals_total", policy="embed-cap", period="daily") == 1
+
+
+async def test_scrapes_health_checks_and_status_reads_are_not_counted_as_requests(
+        upstream, backup_upstream, start_gateway, http) -> None:
+    gateway = await start_gateway(metrics_settings(upstream, backup_upstream))
+    for _ in range(3):
+        chat = {"model": "gpt-4.1", "messages": MESSAGES_FOR_COUNT, "max_tokens": 5}
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=chat)).status == 200
+    for _ in range(4):
+        await scrape(gateway, http)
+    for path, key in (("/healthz", None), ("/readyz", None), ("/v1/providers/status", ADMIN_KEY),
+                      ("/v1/budget/status", ADMIN_KEY), ("/v1/budget/usage", ADMIN_KEY)):
+        assert (await http(gateway, "GET", path, key=key)).status == 200
+
+    text = await scrape(gateway, http)
+    assert total(text, "gateway_requests_total") == 3
+    assert total(text, "gateway_request_duration_seconds_count") == 3
+    assert value(text, "gateway_control_requests_total", path="/metrics", status_class="2xx") == 4
+    for path in ("/healthz", "/readyz", "/v1/providers/status", "/v1/budget/status", "/v1/budget/usage"):
+        assert value(text, "gateway_control_requests_total", path=path, status_class="2xx") == 1
 
 
 async def test_retries_failovers_and_breakers(traffic) -> None:
