@@ -11,7 +11,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
-from gateway.appkeys import ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, PROVIDERS, RELOADER, RESILIENCE
+from gateway.appkeys import (
+    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, PEERS, PROVIDERS, RELOADER, RESILIENCE,
+)
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import add_budget_alerts
 from gateway.budget.factory import create_engine
@@ -25,6 +27,7 @@ from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
 from gateway.metrics import GatewayMetrics, add_metrics_routes
 from gateway.middleware import request_middleware
+from gateway.peers import Peers
 from gateway.proxy.handler import add_proxy_routes
 from gateway.proxy.provider_status import add_provider_status_routes
 from gateway.proxy.providers import ProviderPool
@@ -40,8 +43,11 @@ RECOVERY_INTERVAL_S = 1.0
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
                store: BudgetStore | None = None, access_log: AccessLog | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-               registry: CollectorRegistry | None = None) -> web.Application:
-    """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry)."""
+               registry: CollectorRegistry | None = None, peers: Peers | None = None) -> web.Application:
+    """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry).
+
+    `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
+    """
     app = web.Application(middlewares=[request_middleware],
                           client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
@@ -52,6 +58,9 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
     metrics.follow(app[RESILIENCE])
+    if peers is not None:
+        app[PEERS] = peers
+        app.cleanup_ctx.append(peers.link)
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
     add_budget_alerts(app, sleep=sleep)

@@ -15,10 +15,12 @@ if TYPE_CHECKING:
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
     from gateway.metrics import GatewayMetrics
+    from gateway.peers import Peers
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
+           "PEERS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -30,3 +32,4 @@ RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
+PEERS: web.AppKey[Peers] = web.AppKey("peers")

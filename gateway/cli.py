@@ -61,15 +61,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         from gateway.workers import WorkerSpec, supervise
         return supervise(WorkerSpec(args.config, server.host, server.port, args.workers, args.log_level,
                                     args.with_mock), settings)
+    peers = None
     if args.worker_index is not None:
+        from gateway.peers import Peers
         from gateway.workers import worker_settings
         settings = worker_settings(settings, args.worker_index)
+        if args.peer_dir:
+            peers = Peers(args.peer_dir, args.worker_index, args.worker_count)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(settings, config_path=args.config, access_log=command_access_log(settings.server.access_log))
+    app = create_app(settings, config_path=args.config, access_log=command_access_log(settings.server.access_log),
+                     peers=peers)
     app.on_startup.append(freeze_startup_heap)
     if args.with_mock:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=positive_int, default=1, metavar="N",
                      help="serve with N processes sharing the port (SO_REUSEPORT) under one supervisor")
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)   # ditto
+    run.add_argument("--peer-dir", help=argparse.SUPPRESS)   # ditto: where sibling workers answer (gateway.peers)
     run.add_argument("--with-mock", nargs="?", const="127.0.0.1:9000", metavar="HOST:PORT",
                      help="also serve the bundled mock provider (default 127.0.0.1:9000)")
     run.set_defaults(func=cmd_run)

@@ -9,6 +9,7 @@ GatewayError                      -> an HTTP error answered in OpenAI's error sh
  ├── UnsupportedMediaType  415
  ├── BudgetExceeded        429    budget_exceeded (x-should-retry: false, Retry-After)
  ├── StoreUnavailable      503    budget_store_unavailable
+ ├── WorkerUnavailable     503    worker_unavailable (a sibling worker did not answer for /metrics or status)
  └── UpstreamFailure       502/503/504/429  every provider failed
 ConfigError                        -> invalid configuration; lists every problem with file and key path
 StoreError                         -> the budget store could not be reached or answered badly
@@ -21,7 +22,7 @@ from typing import Any
 
 __all__ = [
     "GatewayError", "InvalidRequest", "Unauthorized", "NotFound", "RequestTimeout", "PayloadTooLarge",
-    "UnsupportedMediaType", "BudgetExceeded", "StoreUnavailable", "UpstreamFailure",
+    "UnsupportedMediaType", "BudgetExceeded", "StoreUnavailable", "WorkerUnavailable", "UpstreamFailure",
     "ConfigError", "ConfigIssue", "StoreError", "error_body",
 ]
 
@@ -86,6 +87,10 @@ class BudgetExceeded(GatewayError):
 
 class StoreUnavailable(GatewayError):
     status, type, code = 503, "budget_store_unavailable", "budget_store_unavailable"
+
+
+class WorkerUnavailable(GatewayError):
+    status, type, code = 503, "server_error", "worker_unavailable"
 
 
 class UpstreamFailure(GatewayError):

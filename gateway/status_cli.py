@@ -37,10 +37,17 @@ def render_budgets(entries: list[dict[str, Any]]) -> str:
 
 
 def render_providers(entries: list[dict[str, Any]]) -> str:
-    """Provider breakers, one row each."""
-    rows = [[e["provider"], e["state"], f"{e['failure_rate'] * 100:.1f}%", str(e.get("calls_in_window", "")),
-             e.get("open_until") or "-"] for e in entries]
+    """Provider breakers, one row each (under --workers, the worst worker's, with how many share its state)."""
+    rows = [[e["provider"], _breaker_state(e), f"{e['failure_rate'] * 100:.1f}%",
+             str(e.get("calls_in_window", "")), e.get("open_until") or "-"] for e in entries]
     return table(rows, ["PROVIDER", "BREAKER", "FAILURES", "CALLS", "OPEN UNTIL"])
+
+
+def _breaker_state(entry: dict[str, Any]) -> str:
+    """The state, and "(k of n workers)" when the workers' breakers disagree."""
+    workers = entry.get("workers") or []
+    alike = sum(1 for worker in workers if worker["state"] == entry["state"])
+    return f"{entry['state']} ({alike} of {len(workers)} workers)" if alike < len(workers) else entry["state"]
 
 
 async def fetch_status(url: str, key: str | None, path: str) -> tuple[int, Any]:

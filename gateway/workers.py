@@ -18,6 +18,9 @@ What workers share and what they do not:
 - not the spend journal: worker I journals to `<journal stem>.w<I><suffix>`, because replaying one file
   from two processes could lose entries (`SpendJournal.replay` moves and unlinks it).
 - not the fail-open allowance, the breakers or the retry budget: each worker is one replica for them.
+- not the metrics: each worker counts its own, and the one answering `/metrics` or provider status asks
+  the others over private unix sockets in a directory the supervisor makes (0700) and removes at exit
+  (see gateway.peers), so counters read the same whichever worker answers.
 - `--with-mock` is served by worker 0 only.
 """
 
@@ -27,9 +30,11 @@ import ctypes
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +61,16 @@ class WorkerSpec:
     workers: int
     log_level: str = "INFO"
     with_mock: str | None = None
+    peer_dir: str | None = None              # where the workers answer each other (gateway.peers)
 
 
 def worker_command(spec: WorkerSpec, index: int) -> list[str]:
     """The command line of worker `index`: the same `gateway run`, one process, sharing the port."""
     command = [sys.executable, "-m", "gateway", "--log-level", spec.log_level, "run", "--config", spec.config,
-               "--host", spec.host, "--port", str(spec.port), "--reuse-port", "--workers", "1",
-               "--worker-index", str(index)]
+               "--host", spec.host, "--port", str(spec.port)]
+    if spec.peer_dir:
+        command += ["--peer-dir", spec.peer_dir, "--worker-count", str(spec.workers)]
+    command += ["--reuse-port", "--workers", "1", "--worker-index", str(index)]
     if spec.with_mock and index == 0:
         command += ["--with-mock", spec.with_mock]
     return command
@@ -87,7 +95,12 @@ def supervise(spec: WorkerSpec, settings: Settings | None = None) -> int:
         log.warning("the %d workers share the embedded SQLite store %s: budget counts stay exact, but every "
                     "budget operation waits for its one file lock; set store.url to a Redis for throughput",
                     spec.workers, settings.store.path)
-    return Supervisor([worker_command(spec, index) for index in range(spec.workers)]).run()
+    peer_dir = tempfile.mkdtemp(prefix="gateway-workers-")   # mode 0700
+    try:
+        spec = dataclasses.replace(spec, peer_dir=peer_dir)
+        return Supervisor([worker_command(spec, index) for index in range(spec.workers)]).run()
+    finally:
+        shutil.rmtree(peer_dir, ignore_errors=True)
 
 
 class Supervisor:

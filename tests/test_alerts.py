@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,13 +13,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.appkeys import ALERTS, BUDGET
 from gateway.budget.alert_rules import Alert, alert_text, reached_alerts, webhook_payload
-from gateway.budget.alerts import AlertSender
+from gateway.budget.alerts import BACKOFF_MAX_S, LEASE_S, AlertSender
+from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import CounterKey, CounterState
 from gateway.budget.windows import window_for
@@ -28,6 +31,7 @@ from gateway.config.loader import load_settings
 from gateway.config.model import AlertConfig, Policy, StoreConfig
 from gateway.pricing import Charge
 from tests.support.redis_server import free_port
+from tests.support.sleep import VirtualTime
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_policy, make_settings
 from tests.test_config import MINIMAL, fixture_issues, write_config
 
@@ -54,23 +58,41 @@ class Receiver:
         return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
 
 
+async def serve(hook: Receiver, port: int | None = None) -> TestServer:
+    """Serve `hook` on loopback (on `port`, when given) and set its URL."""
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server()
+    hook.url = str(server.make_url("/hook"))
+    return server
+
+
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     hook = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", hook.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    hook.url = str(server.make_url("/hook"))
+    server = await serve(hook)
     yield hook
     hook.release.set()
     await server.close()
 
 
-def alerting(webhook: str, *, requests: int = 10, message_format: str = "slack") -> Policy:
-    """team-web's daily budget of `requests` requests, alerting `webhook`."""
-    policy = make_policy("team-web", requests=requests, teams=("web",))
+def alerting(webhook: str, *, requests: int = 10, message_format: str = "slack", name: str = "team-web") -> Policy:
+    """A daily budget of `requests` requests on team web, alerting `webhook`."""
+    policy = make_policy(name, requests=requests, teams=("web",))
     return dataclasses.replace(policy, alerts=AlertConfig(webhook, message_format))  # type: ignore[arg-type]
+
+
+async def never(_seconds: float) -> None:
+    """A pace for sweeps the test runs itself."""
+    await asyncio.Event().wait()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Let the loop run (real sockets need real turns) until `predicate` holds."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.005)
 
 
 async def send(http, gateways, count: int) -> list[int]:
@@ -251,3 +273,94 @@ def test_an_unknown_alert_format_is_reported(tmp_path: Path):
                            "alerts: {webhook: 'https://hooks.example/x', format: teams}\n", "policies/p.yaml")
     with pytest.raises(Exception, match="alerts.format: must be one of: slack, discord"):
         load_settings(write_config(tmp_path, MINIMAL), env={})
+
+
+# -- delivery: per receiver, at least once, taken over after a lease ----------------------------------
+
+async def test_a_down_receiver_delays_only_its_own_alert_and_gets_it_once_when_back(
+        upstream, start_gateway, http, receiver, tmp_path):
+    clock = FakeClock(NOON_UTC)
+    virtual = VirtualTime(clock)
+    down = Receiver(url=f"http://127.0.0.1:{(down_port := free_port())}/hook")   # nothing listens there yet
+    policies = (alerting(down.url, requests=1, name="team-down"), alerting(receiver.url, requests=1, name="team-up"))
+    settings = make_settings({"primary": upstream.url}, store=StoreConfig(path=str(tmp_path / "b.db")),
+                             policies=policies)
+    gateway = await start_gateway(settings, clock=clock, sleep=virtual)
+
+    assert await send(http, [gateway], 1) == [200]      # both budgets reach 100 % at once
+    await asyncio.wait_for(receiver.arrived.wait(), 2)  # the healthy receiver: within 2 s, not behind the other
+    await wait_until(lambda: virtual.sleepers == 1)     # the down receiver's loop waits to try again
+    assert down.posts == []
+
+    back = await serve(down, down_port)                 # it comes back, within the retry window
+    try:
+        await virtual.advance(BACKOFF_MAX_S + 1)
+        await asyncio.wait_for(down.arrived.wait(), 2)
+        await asyncio.wait_for(gateway.app[ALERTS].idle(), 5)
+        await virtual.advance(LEASE_S + 1)              # its lease is over: had it not been marked delivered,
+        assert await gateway.app[ALERTS].sweep() == 0   # any replica would take it over now
+    finally:
+        await back.close()
+    [late] = down.posts
+    [prompt] = receiver.posts
+    assert late["text"].startswith("Budget exceeded: policy 'team-down'")
+    assert prompt["text"].startswith("Budget exceeded: policy 'team-up'")
+
+
+async def test_an_alert_claimed_by_a_replica_that_died_is_taken_over_after_its_lease(redis_url, receiver):
+    clock = FakeClock(time.time())                      # Redis expires the alert at its window's real end
+    store = RedisBudgetStore(create_redis_client(redis_url, 5.0, 4))
+    config = ConfigHolder(make_settings({}, policies=(alerting(receiver.url),)))
+    dying_sleep = VirtualTime(clock)
+    receiver.statuses = [503]
+    async with aiohttp.ClientSession() as session:
+        dying = AlertSender(store, config, clock, sleep=dying_sleep, pace=never)
+        dying.start(session)
+        dying.observe([state("team-web", Charge(requests=7), clock.now())])
+        await wait_until(lambda: dying_sleep.sleepers == 1)   # claimed, posted (503), waits to retry ...
+        await dying.stop()                                    # ... and dies: never marked delivered
+        [first] = receiver.posts
+
+        taker = AlertSender(store, config, clock, sleep=VirtualTime(clock), pace=never)
+        taker.start(session)
+        assert await taker.sweep() == 0                       # the dead replica's lease still runs
+        clock.advance(LEASE_S + 1)
+        assert await taker.sweep() == 1
+        await asyncio.wait_for(taker.idle(), 5)
+        assert receiver.posts == [first, first]               # the stored message, delivered by the taker
+        clock.advance(LEASE_S + 1)
+        assert await taker.sweep() == 0                       # and marked delivered: taken over once
+        await taker.stop()
+    await store.close()
+
+
+async def test_an_exception_in_alert_delivery_is_logged_once_counted_and_delivery_goes_on(
+        upstream, start_gateway, http, receiver, tmp_path, caplog, monkeypatch):
+    async def no_wait(_seconds: float) -> None:
+        pass
+
+    settings = make_settings({"primary": upstream.url}, store=StoreConfig(path=str(tmp_path / "b.db")),
+                             policies=(alerting(receiver.url),))
+    gateway = await start_gateway(settings, sleep=no_wait)
+    store = gateway.app[BUDGET].store.wrapped
+    claim, calls = store.claim_alert, []
+
+    def claim_failing_once(*args: Any) -> Awaitable[bool]:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return claim(*args)
+
+    monkeypatch.setattr(store, "claim_alert", claim_failing_once)
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        assert await send(http, [gateway], 7) == [200] * 7     # 70 %: its delivery raises
+        await delivered(gateway)
+        assert receiver.posts == []
+        assert await send(http, [gateway], 1) == [200]         # the next settle offers it again: the loop
+        await delivered(gateway)                               # went on and delivers it
+
+    [post] = receiver.posts
+    assert "70% threshold" in post["text"]
+    assert len([r for r in caplog.records if "'alert_delivery' failed (RuntimeError)" in r.getMessage()]) == 1
+    metrics = (await http(gateway, "GET", "/metrics", key=None)).body.decode()
+    assert 'gateway_background_failures_total{task="alert_delivery"} 1.0' in metrics

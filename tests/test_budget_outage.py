@@ -135,3 +135,41 @@ async def test_a_settle_whose_answer_was_lost_is_journaled_and_counted_once(dura
     assert await engine.recover()
     assert not engine.journal.has_entries()
     assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)
+
+
+class ForeignWriter:
+    """A connection's stream writer as a redis-py release might wrap it: redis-py's own commands still work
+    through it, but it is no asyncio.StreamWriter, so the script pipeline cannot take its transport over."""
+
+    def __init__(self, inner: asyncio.StreamWriter) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def incompatible_redis_py(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every new redis-py connection keeps its writer in a type the pipeline does not know."""
+    from redis.asyncio.connection import Connection
+
+    connect = Connection._connect
+
+    async def wrapped_connect(self) -> None:
+        await connect(self)
+        self._writer = ForeignWriter(self._writer)
+
+    monkeypatch.setattr(Connection, "_connect", wrapped_connect)
+
+
+@pytest.mark.parametrize("mode, served", [("fail_closed", 503), ("fail_open", 200)])
+async def test_a_redis_py_the_pipeline_does_not_fit_engages_the_outage_mode(
+        redis_server, incompatible_redis_py, upstream, start_gateway, http, mode, served):
+    gateway = await gateway_on(start_gateway, upstream, redis_server, mode)
+    assert await gateway.app[BUDGET].store.wrapped._client.ping()   # plain PING on a pool connection still works
+
+    statuses = [(await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status for _ in range(4)]
+    assert statuses == [served] * 4
+    ready = await http(gateway, "GET", "/readyz", key=None)
+    assert ready.status == 503 and ready.json()["store"] == "unreachable"
+    assert upstream.hits == (4 if mode == "fail_open" else 0)

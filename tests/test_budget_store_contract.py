@@ -468,17 +468,90 @@ async def test_the_ledger_keeps_about_the_newest_max_entries(backend: Backend, c
         await small.close()
 
 
-async def test_an_alert_is_claimed_once_until_it_expires(backend: Backend, clock: FakeClock) -> None:
-    expires_at = clock.now() + 3600
-    assert await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at, clock.now())
-    assert not await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at, clock.now())
-    assert await backend.store.claim_alert("team-a:daily:d1:0.9", expires_at, clock.now())
-    if isinstance(backend.store, RedisBudgetStore):
+ALERT_LEASE_S = 120.0
+
+
+async def claim(store: BudgetStore, clock: FakeClock, key: str, payload: str = "{}", expires_in: float = 3600) -> bool:
+    now = clock.now()
+    return await store.claim_alert(key, payload, now, now + ALERT_LEASE_S, now + expires_in)
+
+
+async def test_an_alert_is_claimed_once_while_its_lease_runs_and_never_after_delivery(
+        backend: Backend, clock: FakeClock) -> None:
+    assert await claim(backend.store, clock, "team-a:daily:d1:0.7")
+    assert not await claim(backend.store, clock, "team-a:daily:d1:0.7")
+    assert await claim(backend.store, clock, "team-a:daily:d1:0.9")
+    clock.advance(ALERT_LEASE_S)             # the lease runs to its last moment
+    assert not await claim(backend.store, clock, "team-a:daily:d1:0.7")
+    await backend.store.alert_delivered("team-a:daily:d1:0.9", clock.now())
+    clock.advance(1)
+    assert not await claim(backend.store, clock, "team-a:daily:d1:0.9")   # delivered: never again
+    assert await backend.store.pending_alerts(clock.now(), 10) == [("team-a:daily:d1:0.7", "{}")]
+
+
+async def test_an_undelivered_claim_is_taken_over_with_its_payload_after_its_lease(
+        backend: Backend, clock: FakeClock) -> None:
+    payload = '{"policy": "team-a", "body": {"text": "Budget warning"}}'
+    assert await claim(backend.store, clock, "team-a:daily:d1:0.7", payload)   # this replica then dies
+    assert await backend.store.pending_alerts(clock.now(), 10) == []          # its lease still runs
+
+    clock.advance(ALERT_LEASE_S + 1)
+    assert await backend.store.pending_alerts(clock.now(), 10) == [("team-a:daily:d1:0.7", payload)]
+    assert await claim(backend.store, clock, "team-a:daily:d1:0.7", "{}")      # taken over: payload kept
+    assert not await claim(backend.store, clock, "team-a:daily:d1:0.7")        # one taker at a time
+    assert await backend.store.pending_alerts(clock.now(), 10) == []
+    clock.advance(ALERT_LEASE_S + 1)
+    assert await backend.store.pending_alerts(clock.now(), 10) == [("team-a:daily:d1:0.7", payload)]
+    await backend.store.alert_delivered("team-a:daily:d1:0.7", clock.now())
+    assert await backend.store.pending_alerts(clock.now(), 10) == []
+
+
+async def test_pending_alerts_come_oldest_lease_first_up_to_the_limit(backend: Backend, clock: FakeClock) -> None:
+    for index in range(3):
+        assert await claim(backend.store, clock, f"p:daily:d1:{index}", f'"{index}"')
+        clock.advance(1)
+    clock.advance(ALERT_LEASE_S + 1)
+    assert await backend.store.pending_alerts(clock.now(), 2) == [("p:daily:d1:0", '"0"'), ("p:daily:d1:1", '"1"')]
+
+
+async def test_only_one_of_many_concurrent_claims_wins(backend: Backend, clock: FakeClock) -> None:
+    won = await asyncio.gather(*(claim(backend.store, clock, "p:daily:d1:1") for _ in range(20)))
+    assert sum(won) == 1
+
+
+async def test_an_alert_is_forgotten_when_its_window_expires(backend: Backend, clock: FakeClock) -> None:
+    assert await claim(backend.store, clock, "team-a:daily:d1:0.7", expires_in=2)
+    if isinstance(backend.store, RedisBudgetStore):   # Redis expires keys on its own clock
         ttl_ms = await backend.client.pttl("{gw}:alert:team-a:daily:d1:0.7")
-        assert abs(ttl_ms / 1000 - (expires_at - time.time())) < 5
+        assert 0 < ttl_ms <= 2000
     else:
-        clock.set(expires_at)
-        assert await backend.store.claim_alert("team-a:daily:d1:0.7", expires_at + 3600, clock.now())
+        clock.advance(ALERT_LEASE_S + 1)
+        assert await backend.store.pending_alerts(clock.now(), 10) == []
+        assert await claim(backend.store, clock, "team-a:daily:d1:0.7")
+
+
+async def test_an_alert_claimed_by_an_earlier_release_counts_as_delivered(redis_backend: Backend,
+                                                                          clock: FakeClock) -> None:
+    await redis_backend.client.set("{gw}:alert:team-a:daily:d1:0.7", "1")   # that release's SET NX marker
+    assert not await claim(redis_backend.store, clock, "team-a:daily:d1:0.7")
+    await redis_backend.store.alert_delivered("team-a:daily:d1:0.7", clock.now())
+    assert await redis_backend.client.get("{gw}:alert:team-a:daily:d1:0.7") == b"1"
+
+
+async def test_sqlite_alerts_of_an_earlier_release_are_carried_over_as_delivered(tmp_path: Path,
+                                                                                 clock: FakeClock) -> None:
+    import sqlite3
+
+    path = str(tmp_path / "budget.db")
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE alerts (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);")
+    old.execute("INSERT INTO alerts VALUES (?, ?)", ("team-a:daily:d1:0.7", clock.now() + 3600))
+    old.commit()
+    old.close()
+    store = SqliteBudgetStore(path)
+    assert not await claim(store, clock, "team-a:daily:d1:0.7")
+    assert await claim(store, clock, "team-a:daily:d1:0.9")
+    await store.close()
 
 
 async def test_concurrent_reserves_admit_exactly_what_fits(backend: Backend, clock: FakeClock) -> None:
@@ -606,9 +679,9 @@ async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clo
     assert await reserve(redis_backend.store, clock, "r1", line(clock, counter(clock), Charge(10)))
     recorded = [(counter(clock, "b"), Charge(1), expiry(clock))]
     assert await redis_backend.store.record("r2", recorded, clock.now(), entry(clock, "r2"))
-    assert await redis_backend.store.claim_alert("b:daily:d1:0.7", expiry(clock), clock.now())
+    assert await claim(redis_backend.store, clock, "b:daily:d1:0.7")
     keys = [key async for key in redis_backend.client.scan_iter(match="*")]
-    assert {b"{gw}:ledger", b"{gw}:alert:b:daily:d1:0.7"} <= set(keys)
+    assert {b"{gw}:ledger", b"{gw}:alert:b:daily:d1:0.7", b"{gw}:alert_leases"} <= set(keys)
     assert len(keys) >= 6 and all(key.startswith(b"{gw}:") for key in keys)
 
 

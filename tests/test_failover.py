@@ -349,6 +349,40 @@ async def test_hooks_report_retries_failovers_and_transitions(start, chat, upstr
                     ("transition", "primary", BreakerState.OPEN), ("failover", "primary", "backup")]
 
 
+async def test_a_failover_is_counted_only_when_the_next_provider_is_called(start, chat, http, upstream,
+                                                                           backup_upstream, clock):
+    gateway = await start(upstream, backup_upstream, retry=RetryConfig(max_retries=0),
+                          breaker=BreakerConfig(consecutive_failures=3, min_calls=10_000, open_s=15))
+    registry = gateway.app[RESILIENCE]
+    moved: list[tuple[str, str]] = []
+    registry.on_failover.append(lambda source, target: moved.append((source, target)))
+    for _ in range(3):                       # backup's breaker opens: the next calls to it are refused
+        registry.breaker("backup").acquire().failure()
+    upstream.always(Action(status=500))
+
+    replies = [await chat(gateway) for _ in range(2)]  # primary fails; backup's breaker refuses: nothing moves
+    assert [reply.status for reply in replies] == [502, 502] and backup_upstream.hits == 0
+    assert moved == []
+
+    clock.advance(16)                        # backup half-opens: its probe is the request's real failover
+    assert (await chat(gateway)).status == 200 and backup_upstream.hits == 1
+    assert moved == [("primary", "backup")]
+    text = (await http(gateway, "GET", "/metrics", key=None)).body.decode()
+    assert 'gateway_failovers_total{from_provider="primary",to_provider="backup"} 1.0' in text
+
+
+async def test_a_failover_from_a_skipped_first_provider_names_it(start, chat, upstream, backup_upstream):
+    gateway = await start(upstream, backup_upstream, breaker=BreakerConfig(consecutive_failures=3, min_calls=10_000))
+    registry = gateway.app[RESILIENCE]
+    moved: list[tuple[str, str]] = []
+    registry.on_failover.append(lambda source, target: moved.append((source, target)))
+    for _ in range(3):
+        registry.breaker("primary").acquire().failure()
+
+    assert (await chat(gateway)).status == 200 and (upstream.hits, backup_upstream.hits) == (0, 1)
+    assert moved == [("primary", "backup")]
+
+
 # -- the status endpoint and the registry -------------------------------------------------------------
 
 async def test_provider_status_is_for_admins_only(start, http, upstream, caplog):

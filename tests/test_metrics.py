@@ -34,6 +34,8 @@ from tests.support.metrics import (
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_settings
 
 METRICS_KEY = "sk-metrics-scraper-0004"
+BREAKER_OPENS_AT = 6   # consecutive failures, as metrics_settings configures the breaker
+MESSAGES_FOR_COUNT = [{"role": "user", "content": "count me once"}]
 FLOOD_REQUESTS = 10_000
 FLOOD_BATCH = 250
 
@@ -113,6 +115,26 @@ async def test_budget_gauges_equal_the_status_endpoint(traffic, http) -> None:
         assert value(text, "gateway_budget_utilization", **labels) == entry["utilization"]
     assert value(text, "gateway_budget_utilization", policy="embed-cap", period="daily", unit="requests") == 1.0
     assert value(text, "gateway_budget_refusals_total", policy="embed-cap", period="daily") == 1
+
+
+async def test_scrapes_health_checks_and_status_reads_are_not_counted_as_requests(
+        upstream, backup_upstream, start_gateway, http) -> None:
+    gateway = await start_gateway(metrics_settings(upstream, backup_upstream))
+    for _ in range(3):
+        chat = {"model": "gpt-4.1", "messages": MESSAGES_FOR_COUNT, "max_tokens": 5}
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=chat)).status == 200
+    for _ in range(4):
+        await scrape(gateway, http)
+    for path, key in (("/healthz", None), ("/readyz", None), ("/v1/providers/status", ADMIN_KEY),
+                      ("/v1/budget/status", ADMIN_KEY), ("/v1/budget/usage", ADMIN_KEY)):
+        assert (await http(gateway, "GET", path, key=key)).status == 200
+
+    text = await scrape(gateway, http)
+    assert total(text, "gateway_requests_total") == 3
+    assert total(text, "gateway_request_duration_seconds_count") == 3
+    assert value(text, "gateway_control_requests_total", path="/metrics", status_class="2xx") == 4
+    for path in ("/healthz", "/readyz", "/v1/providers/status", "/v1/budget/status", "/v1/budget/usage"):
+        assert value(text, "gateway_control_requests_total", path=path, status_class="2xx") == 1
 
 
 async def test_retries_failovers_and_breakers(traffic) -> None:
@@ -343,3 +365,69 @@ async def test_random_models_paths_and_keys_leave_series_bounded_by_the_config(
     for secret in ("rnd-", CLIENT_KEY, OTHER_KEY, key_digest(CLIENT_KEY), key_digest(OTHER_KEY), "web-app",
                    "batch", "sk-"):
         assert secret not in text
+
+
+# -- several worker processes answer as one (gateway.peers) ----------------------------------------------
+
+async def test_sibling_workers_scrape_as_one_and_show_every_workers_breakers(
+        upstream, backup_upstream, start_gateway, http, tmp_path: Path) -> None:
+    from gateway.appkeys import RESILIENCE
+    from gateway.peers import Peers
+    from gateway.status_cli import render_providers
+
+    settings = metrics_settings(upstream, backup_upstream)
+    workers = [await start_gateway(settings, peers=Peers(str(tmp_path), index, 2)) for index in (0, 1)]
+    chat = {"model": "gpt-4.1", "messages": MESSAGES_FOR_COUNT, "max_tokens": 5}
+    for index in (0, 0, 0, 1, 1):
+        assert (await http(workers[index], "POST", "/v1/chat/completions", json=chat)).status == 200
+    breaker = workers[1].app[RESILIENCE].breaker("primary")
+    for _ in range(BREAKER_OPENS_AT):         # only worker 1's breaker of primary opens
+        breaker.acquire().failure()
+
+    for worker in workers:
+        text = await scrape(worker, http)
+        assert total(text, "gateway_requests_total") == 5
+        assert total(text, "gateway_request_duration_seconds_count") == 5
+        assert value(text, "gateway_breaker_state", provider="primary") == 2   # the worst worker's
+        assert value(text, "gateway_budget_spent", policy="everyone", period="daily", unit="usd") == \
+            float((await http(worker, "GET", "/v1/budget/status", key=ADMIN_KEY)).json()["data"][0]["spent"])
+        status = (await http(worker, "GET", "/v1/providers/status", key=ADMIN_KEY)).json()["data"]
+        primary = next(entry for entry in status if entry["provider"] == "primary")
+        assert primary["state"] == "open"
+        assert [(w["worker"], w["state"]) for w in primary["workers"]] == [(0, "closed"), (1, "open")]
+        assert "open (1 of 2 workers)" in render_providers(status)    # what `gateway status` prints
+
+
+async def test_a_sibling_that_does_not_answer_fails_the_scrape_rather_than_shrink_it(
+        upstream, backup_upstream, start_gateway, http, tmp_path: Path) -> None:
+    from gateway.peers import Peers
+
+    alone = await start_gateway(metrics_settings(upstream, backup_upstream), peers=Peers(str(tmp_path), 0, 2))
+    reply = await http(alone, "GET", "/metrics", key=None)
+    assert reply.status == 503 and reply.json()["error"]["code"] == "worker_unavailable"
+    assert (await http(alone, "GET", "/v1/providers/status", key=ADMIN_KEY)).status == 503
+
+
+def test_merged_counters_add_up_created_is_the_earliest_and_breaker_state_is_the_worst() -> None:
+    from prometheus_client import Counter, Gauge
+
+    from gateway.metrics.merge import decode, encode, merge
+
+    def worker(requests: int, breaker: int, created: float) -> list:
+        registry = CollectorRegistry()
+        counter = Counter("gateway_demo_requests", "Requests.", ("route",), registry=registry)
+        counter.labels("chat").inc(requests)
+        Gauge("gateway_breaker_state", "Breaker.", ("provider",), registry=registry).labels("p").set(breaker)
+        Gauge("gateway_requests_in_flight", "In flight.", registry=registry).set(1)
+        families = decode(encode(registry.collect()))     # as a sibling sends them
+        for family in families:
+            family.samples[:] = [s._replace(value=created) if s.name.endswith("_created") else s
+                                 for s in family.samples]
+        return families
+
+    merged = {(s.name, tuple(s.labels.values())): s.value
+              for family in merge([worker(3, 0, 200.0), worker(4, 2, 100.0)]) for s in family.samples}
+    assert merged[("gateway_demo_requests_total", ("chat",))] == 7
+    assert merged[("gateway_demo_requests_created", ("chat",))] == 100.0
+    assert merged[("gateway_breaker_state", ("p",))] == 2
+    assert merged[("gateway_requests_in_flight", ())] == 2

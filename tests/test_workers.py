@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.model import ModelPrice, ServerConfig, Settings, StoreConfig
 from gateway.mock_upstream import MockUpstream
@@ -184,6 +186,54 @@ async def test_two_workers_share_the_port_and_count_every_request_once(
     assert listening_sockets(port) == 0
 
 
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple], tuple[str, float]]:
+    """One /metrics answer: (sample name, labels) -> (family type, value)."""
+    async with session.get(url + "/metrics") as reply:
+        assert reply.status == 200, await reply.text()
+        text = await reply.text()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): (family.type, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def went_backwards(before: dict, after: dict) -> list[str]:
+    """Counter and histogram samples (not `_created`) that shrank or vanished between two scrapes."""
+    return [f"{name}{dict(labels)}: {value} -> {after.get((name, labels), (None, None))[1]}"
+            for (name, labels), (kind, value) in before.items()
+            if kind in ("counter", "histogram") and not name.endswith("_created")
+            and not ((name, labels) in after and after[(name, labels)][1] >= value)]
+
+
+async def test_metrics_and_breakers_answer_for_every_worker(tmp_path: Path, upstream: MockUpstream,
+                                                            supervised: list) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port, upstream.url, "{path: ./data/gateway.db}")
+    log = tmp_path / "gateway.log"
+    supervised.append(process := await start_supervisor(config, 2, log))
+    await wait_serving(process, port, 2, log)
+    url, gate = f"http://127.0.0.1:{port}", asyncio.Semaphore(16)
+
+    scrapes = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for _ in range(50):                  # 100 requests, two beside each of 50 scrapes
+            *replies, seen = await asyncio.gather(chat(session, url, gate), chat(session, url, gate),
+                                                  scrape(session, url))
+            assert [status for status, _ in replies] == [200, 200]
+            scrapes.append(seen)
+        await settled_budget(session, url)
+        scrapes.append(await scrape(session, url))
+        async with session.get(url + "/v1/providers/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as reply:
+            [provider] = (await reply.json())["data"]
+
+    for before, after in zip(scrapes, scrapes[1:]):
+        assert went_backwards(before, after) == []
+    final = scrapes[-1]
+    assert sum(value for (name, _), (_, value) in final.items() if name == "gateway_requests_total") == 100
+    assert final[("gateway_budget_spent", (("period", "daily"), ("policy", "all"), ("unit", "requests")))][1] == 100
+    assert final[("gateway_control_requests_total", (("path", "/metrics"), ("status_class", "2xx")))][1] == 50
+    assert [worker["worker"] for worker in provider["workers"]] == [0, 1]
+    assert provider["state"] == "closed" and sum(w["calls_in_window"] for w in provider["workers"]) == 100
+
+
 async def test_a_dead_worker_stops_the_others_and_the_supervisor(
         tmp_path: Path, upstream: MockUpstream, supervised: list) -> None:
     port = free_port()
@@ -245,3 +295,5 @@ def test_each_worker_journals_to_its_own_file_and_only_worker_0_serves_the_mock(
     assert worker_settings(settings, 1).store.journal_path == "/var/lib/gw/journal.w1.jsonl"
     assert "--with-mock" in worker_command(spec, 0) and "--with-mock" not in worker_command(spec, 1)
     assert worker_command(spec, 1)[-5:] == ["--reuse-port", "--workers", "1", "--worker-index", "1"]
+    with_peers = worker_command(dataclasses.replace(spec, peer_dir="/run/gw"), 1)
+    assert with_peers[with_peers.index("--peer-dir"):][:4] == ["--peer-dir", "/run/gw", "--worker-count", "2"]

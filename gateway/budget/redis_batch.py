@@ -36,6 +36,11 @@ for it at once. So a frozen Redis answers every caller within about `timeout_s`,
 timeout for the calls that arrive after the drop.
 
 Redis Cluster is not pipelined here (see `RedisBudgetStore`): its calls route and retry per node.
+
+Driver internals: the connection's `_reader`/`_writer` (redis-py >= 4.2), `ConnectionPool.make_connection`,
+`connection_kwargs`, `get_encoder` and `disconnect(nowait=...)`; the store needs `Redis.from_pool`
+(5.0.1). pyproject.toml pins the releases checked (`redis>=5.0.1,<9`). Any failure of those parts
+reaches the caller through `wrap_error`, like a lost connection, never as an error of its own.
 """
 
 from __future__ import annotations
@@ -228,15 +233,17 @@ class ScriptPipeline:
         """Open a connection through the pool, take its transport over, then send what queued meanwhile."""
         # Made by the pool, not checked out of it: a checkout held for ever would take one of pool_size
         # connections from the other commands for good (and starve them at pool_size 1).
-        connection = self._pool.make_connection()
+        connection = None
         try:
+            connection = self._pool.make_connection()
             await connection.connect()
             writer = _take_writer(connection)
-        except Exception as error:
+        except Exception as error:   # a driver error, or a redis-py release whose internals differ
             self._connecting = None
             queued, self._queue = self._queue, []
             self._fail(queued, error)
-            self._in_background(_quietly(connection.disconnect(nowait=True)))
+            if connection is not None:
+                self._in_background(_quietly(lambda: connection.disconnect(nowait=True)))
             return
         self._connecting = None
         self._protocol = _Replies(self, writer)
@@ -326,7 +333,7 @@ class ScriptPipeline:
         if isinstance(error, RedisConnectionError) and not self._closed:
             # The pool's idle connections went to the same server and are most likely dead too, and
             # redis-py 8 no longer spots that at checkout: close them, so its next command reconnects.
-            self._in_background(_quietly(self._pool.disconnect(inuse_connections=False)))
+            self._in_background(_quietly(lambda: self._pool.disconnect(inuse_connections=False)))
         self._fail(outstanding, error)
         if self._queue:
             self._schedule_flush()
@@ -409,9 +416,10 @@ def _resolve(future: asyncio.Future[Any], reply: Any, parse: Parse | None) -> No
         future.set_exception(error)
 
 
-async def _quietly(closing: Any) -> None:
+async def _quietly(closing: Callable[[], Any]) -> None:
+    """Await `closing()`; whatever it raises (even for not fitting this redis-py) is ignored."""
     with contextlib.suppress(Exception):   # what it closes is gone either way
-        await closing
+        await closing()
 
 
 def _resp(words: Sequence[str], utf8: bool, encoding: str, errors: str) -> bytes:

@@ -1,6 +1,7 @@
 """The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
 
-Ledger reads (XRANGE) and alert claims (SET NX) are single commands and need no script.
+Ledger reads (XRANGE) are single commands and need no script; alert claims are scripts on a pool
+connection, as rare as alerts.
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
 JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
@@ -15,7 +16,11 @@ Key layout (prefix "gw"):
     {gw}:leases                              zset request_id scored by lease_until
     {gw}:spent:<request_id>                  marker: spend recorded (journal replay) or by an ended lease
     {gw}:ledger                              stream: one row per request (id = its time), MAXLEN ~ N
-    {gw}:alert:<key>                         marker: this alert was claimed; PXAT the window end
+    {gw}:alert:<key>                         hash payload, lease (ms), done once delivered; PXAT the
+                                             window end (a plain "1" marker of an earlier release:
+                                             delivered)
+    {gw}:alert_leases                        zset alert key scored by its claim's lease end (ms), until
+                                             delivered
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
 that is the price of atomic reservations across policies (a request reserves on all its counters in
@@ -38,7 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
@@ -53,7 +58,8 @@ __all__ = ["RedisBudgetStore", "create_redis_client"]
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
-_SCRIPTS = ("reserve", "settle", "release", "record", "read")
+_SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
+_ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -72,6 +78,7 @@ class RedisBudgetStore:
         self._ledger_max = ledger_max_entries
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
+        self._alert_scripts = {name: client.register_script(_script_source(name)) for name in _ALERT_SCRIPTS}
         self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._pipeline = _pipeline_for(client)
         self._observe: CallObserver | None = None
@@ -218,17 +225,32 @@ class RedisBudgetStore:
             start = "(" + _text(page[-1][0])
         return rows
 
-    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
-        """SET NX of the alert's marker, expiring at `expires_at` (Redis's clock, like every key)."""
-        marker = self._key("alert", key)
-        return bool(await self._command("claim_alert",
-                                        lambda: self._client.set(marker, "1", nx=True, pxat=_ms(expires_at))))
+    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+        """Claim alert `key` until `lease_until` (see `BudgetStore`); it expires at `expires_at` on Redis's clock."""
+        keys = [self._key("alert", key), self._key("alert_leases")]
+        args = [key, payload, f"[{_ms(now)},{_ms(lease_until)},{_ms(expires_at)}]"]
+        return await self._alert_script("alert_claim", keys, args) == 1
+
+    async def alert_delivered(self, key: str, now: float) -> None:
+        """Mark alert `key` delivered (see `BudgetStore`)."""
+        await self._alert_script("alert_delivered", [self._key("alert", key), self._key("alert_leases")], [key])
+
+    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """Claimed, undelivered alerts whose lease ended, oldest lease first (see `BudgetStore`)."""
+        flat = await self._alert_script("alert_pending", [self._key("alert_leases")],
+                                        [self._prefix, f"[{_ms(now)},{limit}]"])
+        return [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
+        """An alert script on a pool connection (alerts are rare: they need no pipeline)."""
+        return self._command(name, lambda: self._evalsha(self._alert_scripts[name], keys, args))
 
     async def ping(self) -> bool:
-        """True when Redis answers PING."""
+        """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
+        Sentinel), so a driver that cannot carry them is not ready, however PING on another connection fares."""
         try:
-            return bool(await self._client.ping())
-        except (RedisError, RedisClusterException, OSError):
+            return await self._call("ping", [self._leases], [], _is_one)
+        except StoreError:
             return False
 
     async def close(self) -> None:
@@ -237,8 +259,8 @@ class RedisBudgetStore:
             if self._pipeline is not None:
                 await self._pipeline.aclose()
             await self._client.aclose()
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"closing redis failed: {exc}") from exc
+        except Exception as exc:
+            raise StoreError(f"closing redis failed: {type(exc).__name__}: {exc}") from exc
 
     def _key(self, kind: str, request_id: str | None = None) -> str:
         return f"{self._prefix}{kind}" if request_id is None else f"{self._prefix}{kind}:{request_id}"
@@ -260,7 +282,12 @@ class RedisBudgetStore:
         otherwise; observed as `operation` (default: the script's name). A `lazy` call is one nobody waits
         for yet: pipelined, it may wait a moment to share a write."""
         if self._pipeline is not None:
-            return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
+            try:
+                return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
+            except StoreError:
+                raise
+            except Exception as exc:         # the pipeline met a driver it does not know
+                raise _store_error(exc) from exc
         return self._direct_call(name, keys, args, parse, operation or name)
 
     async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
@@ -284,13 +311,13 @@ class RedisBudgetStore:
             return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _command(self, name: str, command: Callable[[], Awaitable[T]]) -> T:
-        """Run one command; every driver error becomes StoreError."""
+        """Run one command; every error of the driver (or of a driver release it does not fit) is StoreError."""
         try:
             if self._cluster_pending:
                 await self._initialize_cluster()
             async with self._in_flight or contextlib.nullcontext():
                 return await command()
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except Exception as exc:
             raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
 
     async def _initialize_cluster(self) -> None:
@@ -433,8 +460,13 @@ def _answered(value: T) -> asyncio.Future[T]:
     return future
 
 
-def _store_error(error: Exception) -> Exception:
-    """A driver error (or an error reply) as the store raises it."""
-    if isinstance(error, (RedisError, OSError)):
-        return StoreError(f"redis failed: {type(error).__name__}: {error}")
-    return error
+def _store_error(error: Exception) -> StoreError:
+    """A driver error, an error reply, or any failure of the driver's internals, as the store raises it.
+
+    The pipeline takes over private parts of redis-py (see redis_batch): a release it does not fit fails
+    with AttributeError or RuntimeError, and that must reach the engine as a store failure (outage mode,
+    /readyz), never as a 500.
+    """
+    if isinstance(error, StoreError):
+        return error
+    return StoreError(f"redis failed: {type(error).__name__}: {error}")

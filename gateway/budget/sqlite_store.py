@@ -58,9 +58,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
-CREATE TABLE IF NOT EXISTS alerts (
-    key TEXT PRIMARY KEY, expires_at REAL NOT NULL
+CREATE TABLE IF NOT EXISTS alert_claims (
+    key TEXT PRIMARY KEY, payload TEXT NOT NULL, lease_until REAL NOT NULL, delivered INTEGER NOT NULL,
+    expires_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS alert_claims_lease ON alert_claims (delivered, lease_until);
 """
 
 _LEDGER_COLUMNS = (
@@ -142,9 +144,18 @@ class SqliteBudgetStore:
         """The oldest `limit` ledger rows with since <= time < until."""
         return await self._transaction(lambda db: self._ledger(db, since, until, limit))
 
-    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
-        """True for the first claim of `key` until `expires_at`."""
-        return await self._transaction(lambda db: self._claim_alert(db, key, expires_at, now))
+    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+        """Claim alert `key` until `lease_until`: the first claim, or one whose earlier lease ended undelivered."""
+        return await self._transaction(lambda db: self._claim_alert(db, key, payload, now, lease_until, expires_at))
+
+    async def alert_delivered(self, key: str, now: float) -> None:
+        """Mark alert `key` delivered."""
+        await self._transaction(lambda db: db.execute(
+            "UPDATE alert_claims SET delivered = 1, payload = '' WHERE key = ?", (key,)))
+
+    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """Claimed, undelivered alerts whose lease ended, oldest lease first."""
+        return await self._transaction(lambda db: self._pending_alerts(db, now, limit))
 
     async def ping(self) -> bool:
         """True when the database answers a query."""
@@ -233,9 +244,23 @@ class SqliteBudgetStore:
         ).fetchall()
         return [_entry(row) for row in rows]
 
-    def _claim_alert(self, db: Db, key: str, expires_at: float, now: float) -> bool:
-        db.execute("DELETE FROM alerts WHERE expires_at <= ?", (now,))
-        return db.execute("INSERT OR IGNORE INTO alerts VALUES (?, ?)", (key, expires_at)).rowcount == 1
+    def _claim_alert(self, db: Db, key: str, payload: str, now: float, lease_until: float,
+                     expires_at: float) -> bool:
+        db.execute("DELETE FROM alert_claims WHERE expires_at <= ?", (now,))
+        row = db.execute("SELECT delivered, lease_until FROM alert_claims WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO alert_claims VALUES (?, ?, ?, 0, ?)", (key, payload, lease_until, expires_at))
+            return True
+        delivered, held_until = row
+        if delivered or held_until >= now:
+            return False
+        db.execute("UPDATE alert_claims SET lease_until = ? WHERE key = ?", (lease_until, key))
+        return True
+
+    def _pending_alerts(self, db: Db, now: float, limit: int) -> list[tuple[str, str]]:
+        db.execute("DELETE FROM alert_claims WHERE expires_at <= ?", (now,))
+        return db.execute("SELECT key, payload FROM alert_claims WHERE delivered = 0 AND lease_until < ?"
+                          " ORDER BY lease_until LIMIT ?", (now, limit)).fetchall()
 
     # --- building blocks ---
 
@@ -353,6 +378,7 @@ class SqliteBudgetStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            _migrate_alerts(conn)
             self._conn = conn
         return self._conn
 
@@ -360,6 +386,19 @@ class SqliteBudgetStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _migrate_alerts(conn: sqlite3.Connection) -> None:
+    """Carry the `alerts` table of an earlier release over as delivered claims (each was announced)."""
+    conn.execute("BEGIN IMMEDIATE")   # several workers may open one file at once: one migrates
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone():
+            conn.execute("INSERT OR IGNORE INTO alert_claims SELECT key, '', 0, 1, expires_at FROM alerts")
+            conn.execute("DROP TABLE alerts")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 def _times(charge: Charge, count: int) -> Charge:

@@ -7,6 +7,10 @@ releases the reservation when it fails. A reservation not settled by its lease t
 a crashed replica never under-counts. Every request id adds spend at most once: settling, lease
 expiry and `record` (journal replay) each leave a marker that makes a later `record` a no-op.
 
+Budget alerts are claimed, posted and marked delivered (`claim_alert`, `alert_delivered`): a claim is a
+lease, and one not marked delivered when it ends can be taken over by any replica (`pending_alerts`),
+so an alert is delivered at least once, and once in the normal case.
+
 The spend ledger keeps one row per request (`LedgerEntry`), written in the same atomic operation as
 the spend it explains, so ledger totals always equal the counters: settle, release and record file
 the caller's row; a lease that ends files a `lease_expired` row with the reserved amounts. Rows are
@@ -219,8 +223,21 @@ class BudgetStore(Protocol):
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
         """The oldest `limit` ledger rows with since <= time < until, in time order."""
 
-    async def claim_alert(self, key: str, expires_at: float, now: float) -> bool:
-        """True for the first claim of `key` until `expires_at`, False for every later one (any replica)."""
+    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+        """Claim the delivery of alert `key` until `lease_until`, across replicas.
+
+        True for the first claim, which stores `payload` (what any replica needs to send it), and for a
+        claim made after an earlier one's lease ended (lease_until < now) without `alert_delivered`: that
+        one takes the alert over, keeping the stored payload. False while another claim's lease runs,
+        and once the alert was delivered. The alert is forgotten after `expires_at` (its window's end).
+        """
+
+    async def alert_delivered(self, key: str, now: float) -> None:
+        """Mark alert `key` delivered: no claim succeeds again until it is forgotten. No-op if unknown."""
+
+    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` alerts claimed but not delivered whose lease ended, oldest lease first, as
+        (key, payload): what a replica that claimed them and died (or gave up) left to be sent."""
 
     async def ping(self) -> bool:
         """True when the storage answers."""

@@ -3,6 +3,7 @@
     instruments  GatewayMetrics: the metrics and the callbacks that update them
     labels       label values bounded by the active config
     scrape       budget windows, breaker states and config reloads read per scrape
+    merge        sibling workers' families summed into one exposition (`gateway run --workers N`)
     endpoint     GET /metrics
 """
 

@@ -22,13 +22,16 @@ from gateway.metrics.served import ServedCollector, ServedKey, ServedTotals
 from gateway.resilience.breaker import Transition
 from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["GatewayMetrics", "Children"]
+__all__ = ["GatewayMetrics", "Children", "CONTROL_PATHS"]
 
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 MAX_SERVED_KINDS = 4096
+CONTROL_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v1/providers/status", "/v1/budget/status",
+                           "/v1/budget/usage"})
+"""Scrapes, health checks and status reads: counted in `gateway_control_requests_total`, not as traffic."""
 M = TypeVar("M", Counter, LoopHistogram)
 
 
@@ -75,6 +78,9 @@ class GatewayMetrics:
         self.first_token = Children(LoopHistogram(
             "gateway_time_to_first_token_seconds", "Streams: time from arrival to the first relayed event.",
             ("route", "provider"), buckets=FIRST_TOKEN_BUCKETS, registry=registry))
+        self.control = Children(Counter(
+            "gateway_control_requests_total", "Scrapes, health checks and status reads, by path and status class "
+            "(not in gateway_requests_total).", ("path", "status_class"), registry=registry))
         self.requests_in_flight = 0          # kept by the request middleware, read at scrape
         Gauge("gateway_requests_in_flight", "Requests being served.",
               registry=registry).set_function(lambda: self.requests_in_flight)
@@ -128,6 +134,9 @@ class GatewayMetrics:
 
     def request_served(self, record: AccessRecord, refusal: BudgetExceeded | None = None) -> None:
         """Count one answered request from its access record (and the budget refusal it got, if any)."""
+        if record.path in CONTROL_PATHS:
+            self.control(record.path, status_class(record.status)).inc()
+            return
         if refusal is not None:
             self.budget_refused(refusal)
         self._follow_config()

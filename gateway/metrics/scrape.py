@@ -32,14 +32,12 @@ BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_
 
 
 class Scrape(Collector):
-    """The registry's metrics followed by the families read for this one scrape."""
+    """The families of one scrape: the processes' own, then those read for it from the store."""
 
-    def __init__(self, registry: Collector, families: Iterable[Metric]) -> None:
-        self.registry = registry
-        self.families = list(families)
+    def __init__(self, families: Iterable[Metric], read: Iterable[Metric]) -> None:
+        self.families = [*families, *read]
 
     def collect(self) -> Iterable[Metric]:
-        yield from self.registry.collect()
         yield from self.families
 
 

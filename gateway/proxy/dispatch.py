@@ -13,6 +13,8 @@ For each target, in plan order:
 
 Every attempt holds its own breaker permit, so a breaker that opens during the retries stops them and
 the request fails over. When every target fails, `UpstreamFailure` describes the last upstream error.
+A failover is reported only when a later target's breaker admits the call: from the last provider that
+failed (the first target when its breaker skipped it); a target its breaker skips moves nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _Call:
     attempts: int = 0
     last_provider: str | None = None
     last_error: _UpstreamError | None = None
+    failover_from: str | None = None         # set on a later target: reported once its breaker admits a call
 
     def remaining(self) -> float:
         """Seconds left before the request's deadline."""
@@ -101,11 +104,10 @@ async def dispatch(req: ProxyRequest, plan: Plan, pool: ProviderPool, resilience
     for index, target in enumerate(targets):
         if call.remaining() <= 0:
             break
+        call.failover_from = (call.last_provider or targets[0].provider) if index else None
         reply = await _try_provider(call, target)
         if reply is not None:
             return reply
-        if index + 1 < len(targets):
-            resilience.failed_over(target.provider, targets[index + 1].provider)
     raise _all_failed(call, plan)
 
 
@@ -116,6 +118,8 @@ async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
     first = breaker.acquire()
     if first is None:
         return None
+    if call.failover_from is not None:
+        resilience.failed_over(call.failover_from, target.provider)
     budget = resilience.budget(target.provider)
     gate = _Gate(breaker, first)
     budget.start()

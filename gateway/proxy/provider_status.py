@@ -1,7 +1,9 @@
 """`GET /v1/providers/status`: each provider's circuit breaker, for admins only.
 
 Anyone else gets the same 404 as an unknown path, so the endpoint does not reveal that it exists.
-Only breaker state is shown: never a key, never a base URL.
+Only breaker state is shown: never a key, never a base URL. Under `gateway run --workers N` each worker
+has its own breakers: a provider's entry is then its worst worker's (open before half-open before
+closed, then the higher failure rate) and `workers` lists every worker's, by index.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import CONFIG, RESILIENCE
+from gateway.appkeys import CONFIG, PEERS, RESILIENCE
 from gateway.auth import authenticate
 from gateway.errors import Unauthorized
 
 __all__ = ["provider_status", "add_provider_status_routes"]
 
 _FIELDS = ("provider", "state", "failure_rate", "calls_in_window", "open_until", "consecutive_opens")
+_SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -43,13 +46,36 @@ def _require_admin(request: web.Request) -> None:
         raise web.HTTPNotFound()
 
 
+def _every_worker(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per provider from every worker's snapshots: the worst worker's fields, and each worker's."""
+    by_provider: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for index, snapshots in enumerate(workers):
+        for snapshot in snapshots:
+            by_provider.setdefault(snapshot["provider"], []).append((index, snapshot))
+    data = []
+    for seen in by_provider.values():
+        _, worst = max(seen, key=lambda item: (_SEVERITY[item[1]["state"]], item[1]["failure_rate"]))
+        entry = _entry(worst)
+        entry["workers"] = [{"worker": index, **_entry(snapshot)} for index, snapshot in seen]
+        for worker in entry["workers"]:
+            del worker["provider"]
+        data.append(entry)
+    return data
+
+
 async def provider_status(request: web.Request) -> web.Response:
     """The breaker state of every configured provider, in OpenAI's list shape."""
     _require_admin(request)
-    data = [_entry(snapshot) for snapshot in request.app[RESILIENCE].snapshot()]
+    own = request.app[RESILIENCE].snapshot()
+    peers = request.app.get(PEERS)
+    data = [_entry(snapshot) for snapshot in own] if peers is None else \
+        _every_worker(await peers.everyone("breakers", own))
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 def add_provider_status_routes(app: web.Application) -> None:
-    """Register the provider status endpoint."""
+    """Register the provider status endpoint; under --workers, also tell sibling workers this one's breakers."""
     app.router.add_get("/v1/providers/status", provider_status)
+    peers = app.get(PEERS)
+    if peers is not None:
+        peers.provide("breakers", app[RESILIENCE].snapshot)
