@@ -90,14 +90,18 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:
-    """Watch the config files and apply valid edits to every component that follows the config."""
+    """Watch the config files and apply valid edits to every component that follows the config.
+
+    The watcher survives any exception (a full file descriptor table, a bug in a callback): it is logged,
+    counted and the next poll goes on.
+    """
     holder = app[CONFIG]
     assert holder.path is not None
     app[RELOADER] = reloader = ConfigReloader(holder, holder.path, on_change=[
         lambda fresh: app[PROVIDERS].sync(fresh.providers),
         app[RESILIENCE].sync,
     ])
-    task = asyncio.create_task(reloader.watch())
+    task = asyncio.create_task(keep_running("config_reload", reloader.poll, app[BACKGROUND]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
