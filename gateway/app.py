@@ -23,6 +23,7 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
+from gateway.log_scrub import scrub_logs
 from gateway.metrics import GatewayMetrics, add_metrics_routes
 from gateway.middleware import request_middleware
 from gateway.proxy.handler import add_proxy_routes
@@ -42,6 +43,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                registry: CollectorRegistry | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry)."""
+    scrub_logs()
     app = web.Application(middlewares=[request_middleware],
                           client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
@@ -67,10 +69,12 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession per provider for the app's lifetime."""
-    app[PROVIDERS] = ProviderPool(app[CONFIG].current.providers)
+    """One pooled ClientSession per provider for the app's lifetime; their secrets stay out of every log."""
+    app[PROVIDERS] = pool = ProviderPool(app[CONFIG].current.providers)
+    unfollow = scrub_logs().follow(lambda: pool.redactor)
     yield
-    await app[PROVIDERS].close()
+    await pool.close()
+    unfollow()
 
 
 async def budget_recovery(app: web.Application) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, RELOADER, RESILIENCE
-from gateway.auth import bearer_token, key_digest
+from gateway.auth import bearer_token, token_digest
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
 from gateway.metrics.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
@@ -22,7 +22,8 @@ def require_metrics_key(request: web.Request, settings: Settings) -> None:
     if expected is None:
         return
     token = bearer_token(request)
-    if token is None or not hmac.compare_digest(expected, key_digest(token)):
+    digest = None if token is None else token_digest(token)
+    if digest is None or not hmac.compare_digest(expected, digest):
         raise Unauthorized("The metrics endpoint needs 'Authorization: Bearer <metrics key>'.")
 
 
