@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.redact import Redactor
 
-__all__ = ["LogScrubber", "LOG_SCRUBBER", "scrub_logs"]
+__all__ = ["LogScrubber", "LOG_SCRUBBER", "scrub_logs", "without_raw_bytes"]
 
 REDACTED = "[redacted]"
 _HEADER_VALUE = re.compile(
@@ -46,6 +46,11 @@ def _shapes(text: str) -> str:
     if "bearer" in lower or "basic" in lower:
         text = _SCHEME_TOKEN.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", text)
     return text
+
+
+def without_raw_bytes(text: str) -> str:
+    """`text` with every quoted byte string (`b'...'`) replaced by a note that it was left out."""
+    return _BYTE_STRING.sub("b'[raw request bytes not logged]'", text)
 
 
 def _from_parser(error: BaseException | None) -> bool:
@@ -106,7 +111,7 @@ class LogScrubber:
         if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
             trace = _EXCEPTION_FORMATTER.formatException(record.exc_info)
             if _from_parser(record.exc_info[1]):
-                trace = _BYTE_STRING.sub("b'[raw request bytes not logged]'", trace)
+                trace = without_raw_bytes(trace)
             record.exc_text = self.text(trace)
         if record.stack_info:
             record.stack_info = self.text(record.stack_info)
