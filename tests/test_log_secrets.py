@@ -46,9 +46,13 @@ def assert_no_keys(caplog: pytest.LogCaptureFixture) -> None:
         assert CANARY_KEY not in line and HEADER_SECRET not in line, line
 
 
-@pytest.fixture
-async def gateway(upstream, start_gateway):
-    return await start_gateway(make_settings({"primary": upstream.url}))
+@pytest.fixture(params=["aiohttp's own server", "gateway.serving"])
+async def gateway(request, upstream, start_gateway, serve_gateway):
+    """The gateway behind aiohttp's RequestHandler (as in tests), or behind the one `gateway run` uses."""
+    settings = make_settings({"primary": upstream.url})
+    if request.param == "gateway.serving":
+        return await serve_gateway(settings)
+    return await start_gateway(settings)
 
 
 @pytest.mark.parametrize("variant", list(MALFORMED))

@@ -7,7 +7,8 @@ connections whose clock ran past `server.header_timeout_s` (one sweep a fraction
 a timer per request). An idle kept-alive connection is closed by aiohttp after `keepalive_timeout_s`.
 
 At the cap, a new connection makes room by closing the connection that has waited longest for its
-request headers, else an idle kept-alive one; when every connection is busy with a request it waits.
+request headers (EVICT_MIN_AGE_S at least), else an idle kept-alive one; when every connection is busy
+with a request it waits.
 
 The handler reads two attributes of aiohttp's `RequestHandler` that are not public API, `_waiter` (set
 while it waits for the next request) and `_messages` (parsed requests not yet handled); pyproject.toml
@@ -17,6 +18,7 @@ pins aiohttp to the releases this was checked against.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -35,6 +37,7 @@ __all__ = ["ClientConnections", "GatewayRequestHandler"]
 
 log = logging.getLogger("gateway")
 REPORT_EVERY_S = 60.0     # closings for the deadline or the cap are logged at most this often
+EVICT_MIN_AGE_S = 0.5     # a head younger than this may just not have been read yet: not closed for room
 
 
 class ClientConnections:
@@ -62,19 +65,23 @@ class ClientConnections:
 
     async def room(self) -> None:
         """Return once one more connection fits: at the cap, close one that waits for a request, else wait."""
+        loop = asyncio.get_running_loop()
         while len(self._open) >= self.cap:
             self._changed.clear()
-            victim = self._waited_longest()
+            victim = self._waited_longest(loop.time())
             if victim is not None:
                 victim.force_close()
                 self._count("at_capacity")
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), EVICT_MIN_AGE_S)
 
-    def _waited_longest(self) -> GatewayRequestHandler | None:
-        """The connection waiting longest for its headers, else an idle kept-alive one, else None."""
-        waiting = [c for c in self._open if c.between_requests]
-        return min(waiting, key=lambda c: math.inf if c.header_started is None else c.header_started,
-                   default=None)
+    def _waited_longest(self, now: float) -> GatewayRequestHandler | None:
+        """The connection waiting longest (EVICT_MIN_AGE_S at least) for its headers, else an idle kept-alive
+        one, else None."""
+        heads = [c for c in self._open if c.header_started is not None and now - c.header_started >= EVICT_MIN_AGE_S]
+        if heads:
+            return min(heads, key=lambda c: c.header_started or 0.0)
+        return next((c for c in self._open if c.between_requests and c.header_started is None), None)
 
     def close_overdue(self, now: float) -> int:
         """Close every connection whose headers are not complete `header_timeout_s` after its clock started."""

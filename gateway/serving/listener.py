@@ -76,14 +76,15 @@ class Acceptor:
         self._connections = connections
 
     async def step(self) -> None:
-        """Accept one connection and hand it to a new protocol; errors go to the caller (keep_running)."""
-        await self._connections.room()
+        """Accept one connection and hand it to a new protocol once the table has room for it; errors go to
+        the caller (keep_running). Room is made for a connection that is there, never in advance."""
         loop = asyncio.get_running_loop()
         try:
             conn = await self._accept(loop)
         except ConnectionAbortedError:               # the client gave up before we took it
             return
         try:
+            await self._connections.room()
             conn.setblocking(False)
             await loop.connect_accepted_socket(self._protocol, conn)
         except BaseException:
