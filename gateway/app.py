@@ -11,7 +11,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
-from gateway.appkeys import ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, PROVIDERS, RELOADER, RESILIENCE
+from gateway.appkeys import (
+    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PROVIDERS, RELOADER, RESILIENCE,
+)
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import add_budget_alerts
 from gateway.budget.factory import create_engine
@@ -27,6 +29,7 @@ from gateway.log_scrub import scrub_logs
 from gateway.metrics import GatewayMetrics, add_metrics_routes
 from gateway.middleware import request_middleware
 from gateway.proxy.handler import add_proxy_routes
+from gateway.proxy.open_streams import OpenStreams
 from gateway.proxy.provider_status import add_provider_status_routes
 from gateway.proxy.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
@@ -53,6 +56,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
+    app[OPEN_STREAMS] = OpenStreams()
     metrics.follow(app[RESILIENCE])
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)

@@ -15,10 +15,12 @@ if TYPE_CHECKING:
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
     from gateway.metrics import GatewayMetrics
+    from gateway.proxy.open_streams import OpenStreams
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND"]
+__all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
+           "OPEN_STREAMS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -30,3 +32,4 @@ RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
+OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")

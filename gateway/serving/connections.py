@@ -7,8 +7,8 @@ connections whose clock ran past `server.header_timeout_s` (one sweep a fraction
 a timer per request). An idle kept-alive connection is closed by aiohttp after `keepalive_timeout_s`.
 
 At the cap, a new connection makes room by closing the connection that has waited longest for its
-request headers (EVICT_MIN_AGE_S at least), else an idle kept-alive one; when every connection is busy
-with a request it waits.
+request headers (EVICT_MIN_AGE_S at least; up to EVICT_BATCH of them at once, as nginx drains), else an
+idle kept-alive one; when every connection is busy with a request it waits.
 
 The handler reads two attributes of aiohttp's `RequestHandler` that are not public API, `_waiter` (set
 while it waits for the next request) and `_messages` (parsed requests not yet handled); pyproject.toml
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import time
@@ -37,7 +38,8 @@ __all__ = ["ClientConnections", "GatewayRequestHandler"]
 
 log = logging.getLogger("gateway")
 REPORT_EVERY_S = 60.0     # closings for the deadline or the cap are logged at most this often
-EVICT_MIN_AGE_S = 0.5     # a head younger than this may just not have been read yet: not closed for room
+EVICT_MIN_AGE_S = 0.25    # a head younger than this may just not have been read yet: not closed for room
+EVICT_BATCH = 16          # heads closed at once at the cap (under a flood, one at a time is too slow)
 
 
 class ClientConnections:
@@ -68,20 +70,19 @@ class ClientConnections:
         loop = asyncio.get_running_loop()
         while len(self._open) >= self.cap:
             self._changed.clear()
-            victim = self._waited_longest(loop.time())
-            if victim is not None:
+            for victim in self._waited_longest(loop.time()):
                 victim.force_close()
                 self._count("at_capacity")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), EVICT_MIN_AGE_S)
 
-    def _waited_longest(self, now: float) -> GatewayRequestHandler | None:
-        """The connection waiting longest (EVICT_MIN_AGE_S at least) for its headers, else an idle kept-alive
-        one, else None."""
+    def _waited_longest(self, now: float) -> list[GatewayRequestHandler]:
+        """Up to EVICT_BATCH connections waiting longest (EVICT_MIN_AGE_S at least) for their headers, else
+        one idle kept-alive connection, else none."""
         heads = [c for c in self._open if c.header_started is not None and now - c.header_started >= EVICT_MIN_AGE_S]
         if heads:
-            return min(heads, key=lambda c: c.header_started or 0.0)
-        return next((c for c in self._open if c.between_requests and c.header_started is None), None)
+            return heapq.nsmallest(EVICT_BATCH, heads, key=lambda c: c.header_started or 0.0)
+        return [c for c in self._open if c.between_requests and c.header_started is None][:1]
 
     def close_overdue(self, now: float) -> int:
         """Close every connection whose headers are not complete `header_timeout_s` after its clock started."""

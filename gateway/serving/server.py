@@ -4,10 +4,10 @@ Stopping (SIGTERM or SIGINT; a second signal ends the grace period at once):
 
 1. the listening sockets close, and every connection that is not serving a request is closed;
 2. requests in flight get up to `server.shutdown_grace_s` to finish; their connections close after them;
-3. then the upstream calls still open are cut: a stream ends with the SSE error event of a stream its
-   upstream cut off (`stream_truncated`) and is charged for what it delivered, like one; any other
-   request still waiting for its upstream ends with an error and is charged as the charging rules say;
-4. what still runs CANCEL_WAIT_S after that is cancelled (its reservation is still settled or released);
+3. then the streams still open are cut: each ends with the SSE error event of a stream its upstream cut
+   off (`stream_truncated`) and is charged for what it delivered, like one (gateway.proxy.open_streams);
+4. what still runs CUT_WAIT_S + CANCEL_WAIT_S after that is cancelled; its reservation is still settled
+   or released (gateway.proxy.charging);
 5. the app's cleanup waits for the settlements (to the store, or the spend journal when the store fails)
    and closes the store.
 
@@ -26,7 +26,7 @@ import threading
 
 from aiohttp import web
 
-from gateway.appkeys import BACKGROUND, PROVIDERS
+from gateway.appkeys import BACKGROUND, OPEN_STREAMS
 from gateway.background import keep_running
 from gateway.config.loader import startup_line
 from gateway.config.model import ServerConfig, Settings
@@ -90,10 +90,9 @@ class GatewayServer:
         if self._runner.server is not None:
             self._runner.server.pre_shutdown()      # kept-alive connections close after their request
         if not await self.connections.drained(grace_s, hurry):
-            log.warning("%d client connections still busy after the %.3g s shutdown grace: ending their "
-                        "upstream calls", len(self.connections), grace_s)
-            if PROVIDERS in self.app:
-                await self.app[PROVIDERS].close()
+            cut = self.app[OPEN_STREAMS].cut_all()
+            log.warning("%d client connections still busy after the %.3g s shutdown grace: %d streams cut, "
+                        "the other requests are cancelled in %.3g s", len(self.connections), grace_s, cut, CUT_WAIT_S)
             await self.connections.drained(CUT_WAIT_S)
         await self._runner.cleanup()
 
