@@ -246,7 +246,9 @@ async def test_under_a_low_file_limit_the_cap_keeps_descriptors_free_and_the_nor
     closed, latencies, open_files = await under_slowloris(gateway, 600)
 
     assert all(t is not None for t in closed)
-    assert latencies and all(status == 200 and took < 1.0 for status, took in latencies), max(latencies)
+    # At the cap a new connection waits behind the flood in the backlog until heads turn 0.25 s old: a
+    # second or so on a busy machine (the 1 s bound is the test above, where the cap is not reached).
+    assert latencies and all(status == 200 and took < 2.0 for status, took in latencies), max(latencies)
     assert max(open_files) < limit and "Too many open files" not in gateway.log
     assert "lowered to 256" in gateway.log
     await assert_a_policy_edit_applies_live(gateway)
