@@ -352,3 +352,24 @@ async def test_sigterm_lets_a_request_in_flight_finish_within_the_grace(tmp_path
     code = await asyncio.wait_for(gateway.process.wait(), 10)
 
     assert status == 200 and code == 0
+
+
+def test_the_supervisor_kills_a_worker_at_the_shutdown_grace_plus_a_margin(monkeypatch):
+    from gateway import workers
+    from gateway.config.model import ServerConfig, Settings, StoreConfig
+
+    deadlines = []
+
+    class Supervisor:
+        def __init__(self, commands, *, grace_s):
+            deadlines.append(grace_s)
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(workers, "Supervisor", Supervisor)
+    settings = Settings(server=ServerConfig(shutdown_grace_s=7), store=StoreConfig(), providers={}, routes=(),
+                        pricing={})
+
+    assert workers.supervise(workers.WorkerSpec("gw.yaml", "127.0.0.1", free_port(), 2), settings) == 0
+    assert deadlines == [7 + workers.STOP_MARGIN_S]
