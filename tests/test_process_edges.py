@@ -109,12 +109,12 @@ async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
             await process.wait()
 
 
-async def run_gateway(config: Path, processes: list, *args: str,
-                      preexec: Callable[[], None] | None = None) -> asyncio.subprocess.Process:
+async def run_gateway(config: Path, processes: list, *args: str, preexec: Callable[[], None] | None = None,
+                      log_level: str = "INFO") -> asyncio.subprocess.Process:
     sink = open(config.parent / "gateway.log", "ab")   # noqa: SIM115 - the child writes to it
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(config), *args,
+            sys.executable, "-m", "gateway", "--log-level", log_level, "run", "--config", str(config), *args,
             stdout=sink, stderr=sink, env=child_env(), cwd=config.parent, preexec_fn=preexec)
     finally:
         sink.close()
@@ -123,11 +123,12 @@ async def run_gateway(config: Path, processes: list, *args: str,
 
 
 async def start_gateway_process(directory: Path, upstream: MockUpstream, processes: list, *,
-                                preexec: Callable[[], None] | None = None, **config: object) -> GatewayProcess:
+                                preexec: Callable[[], None] | None = None, log_level: str = "INFO",
+                                **config: object) -> GatewayProcess:
     """A gateway process on a free port, once it logged that it listens."""
     port = free_port()
     path = write_config(directory, port, upstream.url, **config)  # type: ignore[arg-type]
-    process = await run_gateway(path, processes, preexec=preexec)
+    process = await run_gateway(path, processes, preexec=preexec, log_level=log_level)
     gateway = GatewayProcess(process, port, directory)
     async with asyncio.timeout(READY_TIMEOUT_S):
         while "gateway listening on" not in gateway.log:
@@ -278,6 +279,24 @@ async def test_after_running_out_of_descriptors_the_gateway_serves_again_once_th
     failures = [line for line in metrics.splitlines()
                 if line.startswith('gateway_background_failures_total{task="accept_connections"}')]
     assert failures and float(failures[0].split()[-1]) >= 1
+
+
+# -- acceptance 4: keys never reach a log, in the process's own stderr at DEBUG --------------------------
+
+async def test_malformed_heads_leave_no_key_in_the_process_log_at_debug(tmp_path, upstream, processes):
+    from tests.test_log_secrets import MALFORMED
+
+    gateway = await start_gateway_process(tmp_path, upstream, processes, log_level="DEBUG")
+    for raw in MALFORMED.values():
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(raw.replace(b"sk-client-web-0001", CLIENT_KEY.encode()))
+        assert b" 400 " in (await asyncio.wait_for(reader.read(), 5)).split(b"\r\n")[0]
+        writer.close()
+    gateway.process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(gateway.process.wait(), 10)
+
+    assert gateway.log.count("refused a malformed request") == len(MALFORMED)
+    assert CLIENT_KEY not in gateway.log and CLIENT_KEY[3:] not in gateway.log and CANARY_KEY not in gateway.log
 
 
 # -- acceptance 9: start-up fails fast ----------------------------------------------------------------------
