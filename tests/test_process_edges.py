@@ -11,6 +11,7 @@ import asyncio
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,8 +24,10 @@ import pytest
 from gateway.budget.factory import create_engine
 from gateway.budget.status import budget_report
 from gateway.clock import SystemClock
+from gateway import workers
 from gateway.config.loader import load_settings
-from gateway.mock_upstream import MockUpstream
+from gateway.config.model import ServerConfig, Settings, StoreConfig
+from gateway.mock_upstream import Action, MockUpstream
 from tests.support.canary import CANARY_KEY
 from tests.support.redis_server import free_port
 
@@ -303,7 +306,7 @@ async def test_malformed_heads_leave_no_key_in_the_process_log_at_debug(tmp_path
 
 @pytest.mark.parametrize("variant", ["embedded store", "redis store", "--workers 2"])
 async def test_a_port_in_use_exits_non_zero_within_2s_with_one_line(tmp_path, upstream, processes, variant, request):
-    holder = __import__("socket").create_server(("127.0.0.1", 0))
+    holder = socket.create_server(("127.0.0.1", 0))
     port = holder.getsockname()[1]
     store = f'{{url: "{request.getfixturevalue("redis_url")}"}}' if variant == "redis store" else EMBEDDED
     config = write_config(tmp_path, port, upstream.url, store=store)
@@ -360,7 +363,7 @@ async def test_sigterm_ends_long_streams_with_the_error_event_settles_them_and_e
 
 async def test_sigterm_lets_a_request_in_flight_finish_within_the_grace(tmp_path, upstream, processes):
     gateway = await start_gateway_process(tmp_path, upstream, processes, grace_s=5)
-    upstream.script(__import__("gateway.mock_upstream", fromlist=["Action"]).Action(delay_s=1.0))
+    upstream.script(Action(delay_s=1.0))
     in_flight = asyncio.create_task(chat(gateway.url))
     async with asyncio.timeout(5):
         while upstream.hits == 0:
@@ -374,9 +377,6 @@ async def test_sigterm_lets_a_request_in_flight_finish_within_the_grace(tmp_path
 
 
 def test_the_supervisor_kills_a_worker_at_the_shutdown_grace_plus_a_margin(monkeypatch):
-    from gateway import workers
-    from gateway.config.model import ServerConfig, Settings, StoreConfig
-
     deadlines = []
 
     class Supervisor:
