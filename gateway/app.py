@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
 from gateway.appkeys import (
-    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, PEERS, PROVIDERS, RELOADER, RESILIENCE,
+    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
+    RESILIENCE,
 )
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import add_budget_alerts
@@ -25,10 +26,12 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.info import add_info_routes
+from gateway.log_scrub import scrub_logs
 from gateway.metrics import GatewayMetrics, add_metrics_routes
 from gateway.middleware import request_middleware
 from gateway.peers import Peers
 from gateway.proxy.handler import add_proxy_routes
+from gateway.proxy.open_streams import OpenStreams
 from gateway.proxy.provider_status import add_provider_status_routes
 from gateway.proxy.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
@@ -48,6 +51,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
 
     `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
     """
+    scrub_logs()
     app = web.Application(middlewares=[request_middleware],
                           client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
@@ -57,6 +61,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
     app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
+    app[OPEN_STREAMS] = OpenStreams()
     metrics.follow(app[RESILIENCE])
     if peers is not None:
         app[PEERS] = peers
@@ -76,10 +81,12 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession per provider for the app's lifetime."""
-    app[PROVIDERS] = ProviderPool(app[CONFIG].current.providers)
+    """One pooled ClientSession per provider for the app's lifetime; their secrets stay out of every log."""
+    app[PROVIDERS] = pool = ProviderPool(app[CONFIG].current.providers)
+    unfollow = scrub_logs().follow(lambda: pool.redactor)
     yield
-    await app[PROVIDERS].close()
+    await pool.close()
+    unfollow()
 
 
 async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
@@ -99,14 +106,18 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:
-    """Watch the config files and apply valid edits to every component that follows the config."""
+    """Watch the config files and apply valid edits to every component that follows the config.
+
+    The watcher survives any exception (a full file descriptor table, a bug in a callback): it is logged,
+    counted and the next poll goes on.
+    """
     holder = app[CONFIG]
     assert holder.path is not None
     app[RELOADER] = reloader = ConfigReloader(holder, holder.path, on_change=[
         lambda fresh: app[PROVIDERS].sync(fresh.providers),
         app[RESILIENCE].sync,
     ])
-    task = asyncio.create_task(reloader.watch())
+    task = asyncio.create_task(keep_running("config_reload", reloader.poll, app[BACKGROUND]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

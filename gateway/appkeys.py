@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from gateway.config.reload import ConfigReloader
     from gateway.metrics import GatewayMetrics
     from gateway.peers import Peers
+    from gateway.proxy.open_streams import OpenStreams
     from gateway.proxy.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
-           "PEERS"]
+           "PEERS", "OPEN_STREAMS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -33,3 +34,4 @@ METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
 PEERS: web.AppKey[Peers] = web.AppKey("peers")
+OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.config.model import CallerIdentity, Settings
 from gateway.errors import Unauthorized
 
-__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "authenticate", "KnownTokens"]
+__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "token_digest", "authenticate", "KnownTokens"]
 
 MAX_KNOWN_TOKENS = 1024
 
@@ -21,6 +21,14 @@ ADMIN_CALLER = CallerIdentity(name="admin", admin=True)
 def key_digest(key: str) -> str:
     """Hex SHA-256 of a client key: the only form in which keys are kept."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def token_digest(token: str) -> str | None:
+    """The digest of a token a client sent; None when it is no text at all (undecodable header bytes)."""
+    try:
+        return key_digest(token)
+    except UnicodeEncodeError:
+        return None
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -36,7 +44,9 @@ def identify(settings: Settings, token: str | None) -> CallerIdentity | None:
     """The caller a token belongs to, or None when the token is unknown."""
     if token is None:
         return None
-    digest = key_digest(token)
+    digest = token_digest(token)
+    if digest is None:
+        return None
     admin = settings.server.admin_key_sha256
     if admin and hmac.compare_digest(admin, digest):
         return ADMIN_CALLER

@@ -41,12 +41,21 @@ class BackgroundFailures:
 async def keep_running(task: str, step: Callable[[], Awaitable[object]], failures: BackgroundFailures, *,
                        pause_s: float = PAUSE_AFTER_FAILURE_S, sleep: Sleep = asyncio.sleep) -> None:
     """Await `step()` again and again until cancelled; a step that raises is logged, counted, and retried
-    after `pause_s` (the step itself waits between turns when it should)."""
+    after `pause_s` (the step itself waits between turns when it should).
+
+    A cancellation that a step swallowed (some drivers turn it into their own error or a quiet return)
+    still ends the loop after that step: otherwise whoever cancelled it would wait forever.
+    """
+    me = asyncio.current_task()
     while True:
         try:
             await step()
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError from error
             failures.failed(task, error)
             await sleep(pause_s)
+        if me is not None and me.cancelling():
+            raise asyncio.CancelledError

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.access_log import AccessLog
+from gateway.config.model import Settings
 from gateway.errors import ConfigError
 from gateway.log_output import configure_logging, stderr_handler
 
@@ -43,7 +44,7 @@ def command_access_log(enabled: bool) -> AccessLog:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
-    from gateway.config.loader import load_settings, startup_line
+    from gateway.config.loader import load_settings
 
     try:
         settings = load_settings(args.config)
@@ -68,6 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = worker_settings(settings, args.worker_index)
         if args.peer_dir:
             peers = Peers(args.peer_dir, args.worker_index, args.worker_count)
+    from gateway.serving.listener import bind_or_explain
+    sockets = bind_or_explain(server.host, server.port, reuse_port=args.reuse_port)
+    if sockets is None:
+        return 1
     try:
         import uvloop
         uvloop.install()
@@ -78,10 +83,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     app.on_startup.append(freeze_startup_heap)
     if args.with_mock:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
-    log.info("gateway listening on http://%s:%d %s", server.host, server.port, startup_line(settings))
-    web.run_app(app, host=server.host, port=server.port, print=None, access_log=None,
-                reuse_port=args.reuse_port, handler_cancellation=True)
-    return 0
+    from gateway.serving.server import run
+    return run(app, settings, sockets, client_connection_cap(settings))
+
+
+def client_connection_cap(settings: Settings) -> int:
+    """server.max_connections, lowered (with a warning) to what the open-file limit leaves for clients."""
+    from gateway.serving.limits import connection_cap, raise_open_file_limit, reserved_files
+
+    open_files = raise_open_file_limit()
+    cap = connection_cap(settings, open_files)
+    if cap < settings.server.max_connections:
+        log.warning("server.max_connections %d lowered to %d: the open-file limit is %d and upstream and store "
+                    "connections need up to %d; raise 'ulimit -n' to allow more", settings.server.max_connections,
+                    cap, open_files, reserved_files(settings))
+    return cap
 
 
 async def freeze_startup_heap(_app: web.Application) -> None:
@@ -102,7 +118,7 @@ def mock_upstream_ctx(address: str):
     host, _, port = address.rpartition(":")
 
     async def serve(_app: web.Application):
-        runner = web.AppRunner(MockUpstream().app(), access_log=None)
+        runner = web.AppRunner(MockUpstream().app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
         log.info("mock upstream listening on http://%s:%s/v1", host or "127.0.0.1", port)

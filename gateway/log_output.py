@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import TextIO
 
+from gateway.log_scrub import scrub_logs
+
 __all__ = ["MessageFormatter", "LoopFlushedStreamHandler", "configure_logging", "stderr_handler"]
 
 BUFFER_BYTES = 1 << 16
@@ -98,7 +100,11 @@ def _buffered_stderr() -> TextIO:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Plain messages on stderr: access lines are JSON already, other lines are short sentences."""
+    """Plain messages on stderr: access lines are JSON already, other lines are short sentences.
+
+    Every record is scrubbed of credentials first (gateway.log_scrub), whichever logger made it.
+    """
+    scrub_logs()
     # Records need no thread or process names (the formatter prints only the message): skip looking them up.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = LoopFlushedStreamHandler(_buffered_stderr())

@@ -6,8 +6,10 @@ spreads new connections across them. Workers run in their own process group, so 
 reaches the supervisor alone and is forwarded once; on Linux each worker also gets SIGTERM if the
 supervisor itself dies (PR_SET_PDEATHSIG), so no orphan keeps serving the port.
 
-Signals: the first SIGTERM or SIGINT is forwarded to every worker (graceful aiohttp shutdown); a second
-one, or STOP_GRACE_S without an exit, SIGKILLs the rest. A worker that exits on its own stops the others:
+Signals: the first SIGTERM or SIGINT is forwarded to every worker (each stops within its
+`server.shutdown_grace_s` + 2 s, see gateway.serving.server); a second one, or that grace + STOP_MARGIN_S
+without an exit, SIGKILLs the rest. Before starting any worker the supervisor checks that the port is
+free, so a port in use fails at once, with one line. A worker that exits on its own stops the others:
 the supervisor never restarts workers (whatever runs the gateway restarts the whole tree), and it exits
 with the first unexpected exit status (128 + signal for a killed worker), else 0.
 
@@ -40,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from gateway.config.model import Settings
+from gateway.config.model import ServerConfig, Settings
+from gateway.serving.listener import bind_or_explain
 
-__all__ = ["WorkerSpec", "Supervisor", "supervise", "worker_command", "worker_settings", "STOP_GRACE_S"]
+__all__ = ["WorkerSpec", "Supervisor", "supervise", "worker_command", "worker_settings", "STOP_MARGIN_S"]
 
 log = logging.getLogger("gateway")
 
-STOP_GRACE_S = 75            # aiohttp's run_app gives handlers up to 60 s on shutdown
+STOP_MARGIN_S = 5.0          # a worker is killed this long after its shutdown grace (it exits by grace + 2 s)
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
 
@@ -89,24 +92,36 @@ def supervise(spec: WorkerSpec, settings: Settings | None = None) -> int:
         print("--workers needs a fixed --port: with port 0 every worker would get a different one",
               file=sys.stderr)
         return 2
+    if not _port_free(spec.host, spec.port):
+        return 1
     log.info("gateway supervisor %d: starting %d workers on http://%s:%d",
              os.getpid(), spec.workers, spec.host, spec.port)
     if settings is not None and not settings.store.url and settings.policies:
         log.warning("the %d workers share the embedded SQLite store %s: budget counts stay exact, but every "
                     "budget operation waits for its one file lock; set store.url to a Redis for throughput",
                     spec.workers, settings.store.path)
+    grace_s = (settings.server if settings is not None else ServerConfig()).shutdown_grace_s + STOP_MARGIN_S
     peer_dir = tempfile.mkdtemp(prefix="gateway-workers-")   # mode 0700
     try:
         spec = dataclasses.replace(spec, peer_dir=peer_dir)
-        return Supervisor([worker_command(spec, index) for index in range(spec.workers)]).run()
+        return Supervisor([worker_command(spec, index) for index in range(spec.workers)], grace_s=grace_s).run()
     finally:
         shutil.rmtree(peer_dir, ignore_errors=True)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """True when host:port can be bound without SO_REUSEPORT (else one line says why): workers share the
+    port with each other only, never with whatever holds it now."""
+    sockets = bind_or_explain(host, port)
+    for sock in sockets or ():
+        sock.close()
+    return sockets is not None
 
 
 class Supervisor:
     """Starts worker processes, forwards stop signals to them, reaps them, and exits when they have."""
 
-    def __init__(self, commands: Sequence[Sequence[str]], *, grace_s: float = STOP_GRACE_S) -> None:
+    def __init__(self, commands: Sequence[Sequence[str]], *, grace_s: float) -> None:
         self._commands = commands
         self._grace_s = grace_s
         self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}   # pid -> (worker index, process)

@@ -45,3 +45,25 @@ async def test_only_an_oserror_message_is_logged(caplog: pytest.LogCaptureFixtur
         except ValueError as error:
             failures.failed("alert_delivery", error)
     assert "secret-token" not in caplog.text and "ValueError" in caplog.text
+
+
+@pytest.mark.parametrize("swallow", ["return", "raise"])
+async def test_a_step_that_swallows_its_cancellation_still_ends_the_loop(swallow: str) -> None:
+    """As a store driver does that turns a cancelled read into a quiet return or its own error."""
+    failures, started = BackgroundFailures(), asyncio.Event()
+
+    async def step() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if swallow == "raise":
+                raise ConnectionError("connection closed while reading") from None
+
+    task = asyncio.create_task(keep_running("journal_replay", step, failures))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+
+    assert done and task.cancelled()
+    assert failures.counts == {}

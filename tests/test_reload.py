@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from pathlib import Path
@@ -11,8 +12,11 @@ import pytest
 
 from gateway.appkeys import CONFIG, RELOADER
 from gateway.auth import key_digest
+from gateway.config import reload as reload_module
 from gateway.config.loader import load_settings
+from gateway.config.reload import fingerprint
 from tests.support.canary import CANARY_KEY
+from tests.support.metrics import scrape, value
 from tests.support.settings import CLIENT_KEY
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -133,3 +137,28 @@ async def test_a_policy_edit_that_can_never_match_is_refused_with_a_suggestion(c
     refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
     assert [line.split("config: ", 1)[1] for line in refused] == [
         f"{config_dir / 'policies' / 'global.yaml'}: {NEVER_MATCHING[match]}"]
+
+
+async def test_the_watcher_survives_an_exception_logs_it_once_counts_it_and_applies_a_later_edit(
+        config_dir, start_gateway, http, caplog, monkeypatch):
+    caplog.set_level(logging.ERROR, "gateway")
+    path = str(config_dir / "config.yaml")
+    gateway = await start_gateway(load_settings(path), config_path=path)
+    failed = []
+
+    def fingerprint_failing_once(files):
+        if not failed:
+            failed.append(True)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return fingerprint(files)
+
+    monkeypatch.setattr(reload_module, "fingerprint", fingerprint_failing_once)
+    await until(lambda: failed)
+    (config_dir / "policies" / "global.yaml").write_text(POLICY_YAML.format(limit=2000))
+    await until(lambda: limit_of(gateway.app) == 2000)
+
+    lines = [r.getMessage() for r in caplog.records if "config_reload" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files" in lines[0], lines
+    text = await scrape(gateway, http)
+    assert value(text, "gateway_background_failures_total", task="config_reload") == 1
+    assert gateway.app[RELOADER].results["success"] == 1

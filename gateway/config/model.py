@@ -23,6 +23,10 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 4 * 1024 * 1024
     client_timeout_s: float = 60.0           # how long a client may take to send its request body
+    header_timeout_s: float = 10.0           # how long a client may take to send its request line and headers
+    keepalive_timeout_s: float = 75.0        # an idle kept-alive client connection is closed after this
+    max_connections: int = 4096              # open client connections (lowered to what the file limit allows)
+    shutdown_grace_s: float = 30.0           # on SIGTERM, how long requests in flight may take to finish
     auth: Literal["keys", "none"] = "keys"
     admin_key_sha256: str | None = None      # hex digest; from `admin_key` (env) or `admin_key_sha256`
     metrics_key_sha256: str | None = None    # set: GET /metrics needs this bearer key (`metrics_key` or digest)

@@ -50,11 +50,10 @@ class ConfigReloader:
         self.results = {"success": 0, "failure": 0}
         self._seen = fingerprint(holder.current.source_files)
 
-    async def watch(self, interval_s: float = POLL_INTERVAL_S) -> None:
-        """Poll until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.check()
+    async def poll(self, interval_s: float = POLL_INTERVAL_S) -> bool | None:
+        """Wait `interval_s`, then `check` (one turn of the watcher, which `keep_running` repeats)."""
+        await asyncio.sleep(interval_s)
+        return await self.check()
 
     async def check(self) -> bool | None:
         """Reload when a file changed: True applied, False refused, None nothing changed."""

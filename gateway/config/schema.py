@@ -13,7 +13,8 @@ def _scalars(*names: str, **shapes: Shape) -> Keys:
 
 
 _SERVER = _scalars(
-    "host", "port", "max_body_bytes", "client_timeout_s", "auth", "admin_key", "admin_key_sha256",
+    "host", "port", "max_body_bytes", "client_timeout_s", "header_timeout_s", "keepalive_timeout_s",
+    "max_connections", "shutdown_grace_s", "auth", "admin_key", "admin_key_sha256",
     "access_log", "metrics_key", "metrics_key_sha256",
 )
 _STORE = _scalars(

@@ -14,7 +14,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 
 from gateway.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
-from gateway.auth import bearer_token, key_digest
+from gateway.auth import bearer_token, token_digest
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
 from gateway.metrics.merge import decode, encode, merge
@@ -29,7 +29,8 @@ def require_metrics_key(request: web.Request, settings: Settings) -> None:
     if expected is None:
         return
     token = bearer_token(request)
-    if token is None or not hmac.compare_digest(expected, key_digest(token)):
+    digest = None if token is None else token_digest(token)
+    if digest is None or not hmac.compare_digest(expected, digest):
         raise Unauthorized("The metrics endpoint needs 'Authorization: Bearer <metrics key>'.")
 
 

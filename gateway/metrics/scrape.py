@@ -28,7 +28,8 @@ __all__ = ["BREAKER_STATES", "STORE_READ_TIMEOUT_S", "Scrape", "read_budgets", "
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 STORE_READ_TIMEOUT_S = 2.0
 _BUDGET_LABELS = ("policy", "period", "unit")
-BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_reservations")
+BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_reservations", "accept_connections",
+                    "header_deadlines")
 
 
 class Scrape(Collector):

@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.access_log import AccessRecord
-from gateway.appkeys import BUDGET, CONFIG, PROVIDERS, RESILIENCE
+from gateway.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
 from gateway.auth import KnownTokens, authenticate
 from gateway.budget.engine import BudgetEngine, Reservation
 from gateway.config.holder import ConfigHolder
@@ -90,7 +90,12 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
         delivery.stream = StreamOutcome()
-        await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
+        streams = request.app[OPEN_STREAMS]
+        streams.add(reply.response)          # a shutdown past its grace cuts it (gateway.serving.server)
+        try:
+            await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
+        finally:
+            streams.discard(reply.response)
         return client
     finally:
         reply.response.release()

@@ -19,10 +19,13 @@ from aiohttp.test_utils import TestServer
 from gateway.app import create_app
 from gateway.config.model import Settings, StoreConfig
 from gateway.mock_upstream import MockUpstream
+from gateway.serving.listener import bind
+from gateway.serving.server import GatewayServer
 from tests.support.canary import CanaryTransport, assert_no_canary
 from tests.support.settings import CLIENT_KEY
 
-__all__ = ["RunningGateway", "Reply", "upstream", "backup_upstream", "start_gateway", "sdk", "http"]
+__all__ = ["RunningGateway", "Reply", "ServedGateway", "upstream", "backup_upstream", "start_gateway", "serve_gateway",
+           "sdk", "http"]
 
 
 @dataclass
@@ -140,3 +143,33 @@ async def http() -> AsyncIterator[Callable[..., Awaitable[Reply]]]:
 
     yield call
     await session.close()
+
+
+@dataclass
+class ServedGateway:
+    """A gateway app served by gateway.serving (own accept loop, connection cap, header deadline)."""
+
+    app: web.Application
+    server: GatewayServer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture
+async def serve_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServedGateway]]]:
+    """Serve the real gateway app as `gateway run` does, in the test's loop, on a free loopback port."""
+    running: list[GatewayServer] = []
+
+    async def start(settings: Settings, *, max_connections: int | None = None, **kwargs: Any) -> ServedGateway:
+        app = create_app(in_tmp(settings, tmp_path), **kwargs)
+        server = GatewayServer(app, bind("127.0.0.1", 0), settings.server,
+                               max_connections or settings.server.max_connections)
+        await server.start()
+        running.append(server)
+        return ServedGateway(app, server)
+
+    yield start
+    for server in reversed(running):
+        await server.stop(0)

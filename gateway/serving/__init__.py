@@ -1,0 +1,1 @@
+"""Serving the app to clients: the listening socket, limits on client connections, start and stop."""

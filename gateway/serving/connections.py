@@ -1,0 +1,174 @@
+"""Client connections: aiohttp's protocol with a header deadline, and the table that caps and sweeps them.
+
+aiohttp has no deadline for the request line and headers. `GatewayRequestHandler` starts a clock when a
+connection is accepted, and again at the first byte of each later request on a kept-alive connection;
+the clock stops when aiohttp has parsed the whole head. `ClientConnections.close_overdue` closes the
+connections whose clock ran past `server.header_timeout_s` (one sweep a fraction of a second, instead of
+a timer per request). An idle kept-alive connection is closed by aiohttp after `keepalive_timeout_s`.
+
+At the cap, a new connection makes room by closing the connection that has waited longest for its
+request headers (EVICT_MIN_AGE_S at least; up to EVICT_BATCH of them at once, as nginx drains), else an
+idle kept-alive one; when every connection is busy with a request it waits.
+
+The handler reads two attributes of aiohttp's `RequestHandler` that are not public API, `_waiter` (set
+while it waits for the next request) and `_messages` (parsed requests not yet handled); pyproject.toml
+pins aiohttp to the releases this was checked against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from gateway.errors import InvalidRequest
+from gateway.log_scrub import without_raw_bytes
+from gateway.middleware import error_response
+
+__all__ = ["ClientConnections", "GatewayRequestHandler"]
+
+log = logging.getLogger("gateway")
+REPORT_EVERY_S = 60.0     # closings for the deadline or the cap are logged at most this often
+EVICT_MIN_AGE_S = 0.25    # a head younger than this may just not have been read yet: not closed for room
+EVICT_BATCH = 16          # heads closed at once at the cap (under a flood, one at a time is too slow)
+
+
+class ClientConnections:
+    """The open client connections: at most `cap`, none waiting for its headers past `header_timeout_s`."""
+
+    def __init__(self, cap: int, header_timeout_s: float) -> None:
+        self.cap = cap
+        self.header_timeout_s = header_timeout_s
+        self._open: set[GatewayRequestHandler] = set()
+        self._changed = asyncio.Event()
+        self._closed = {"header_timeout": 0, "at_capacity": 0}
+        self._reported_at = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def opened(self, connection: GatewayRequestHandler) -> None:
+        """Count a connection just accepted."""
+        self._open.add(connection)
+
+    def lost(self, connection: GatewayRequestHandler) -> None:
+        """Forget a closed connection."""
+        self._open.discard(connection)
+        self._changed.set()
+
+    async def room(self) -> None:
+        """Return once one more connection fits: at the cap, close one that waits for a request, else wait."""
+        loop = asyncio.get_running_loop()
+        while len(self._open) >= self.cap:
+            self._changed.clear()
+            for victim in self._waited_longest(loop.time()):
+                victim.force_close()
+                self._count("at_capacity")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), EVICT_MIN_AGE_S)
+
+    def _waited_longest(self, now: float) -> list[GatewayRequestHandler]:
+        """Up to EVICT_BATCH connections waiting longest (EVICT_MIN_AGE_S at least) for their headers, else
+        one idle kept-alive connection, else none."""
+        heads = [c for c in self._open if c.header_started is not None and now - c.header_started >= EVICT_MIN_AGE_S]
+        if heads:
+            return heapq.nsmallest(EVICT_BATCH, heads, key=lambda c: c.header_started or 0.0)
+        return [c for c in self._open if c.between_requests and c.header_started is None][:1]
+
+    def close_overdue(self, now: float) -> int:
+        """Close every connection whose headers are not complete `header_timeout_s` after its clock started."""
+        overdue = [c for c in self._open if c.header_started is not None and now - c.header_started > self.header_timeout_s]
+        for connection in overdue:
+            connection.force_close()
+            self._count("header_timeout")
+        return len(overdue)
+
+    def close_waiting(self) -> None:
+        """Close every connection that is not serving a request (for shutdown)."""
+        for connection in [c for c in self._open if c.between_requests]:
+            connection.force_close()
+
+    async def drained(self, timeout_s: float, hurry: asyncio.Event | None = None) -> bool:
+        """Wait until every connection has closed, at most `timeout_s` or until `hurry` is set; True if all did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._open and (hurry is None or not hurry.is_set()) and (left := deadline - loop.time()) > 0:
+            self._changed.clear()
+            waits = [asyncio.ensure_future(self._changed.wait())]
+            if hurry is not None:
+                waits.append(asyncio.ensure_future(hurry.wait()))
+            _, pending = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for wait in pending:
+                wait.cancel()
+        return not self._open
+
+    def _count(self, reason: str) -> None:
+        """Count a connection closed by the server; say so in the log at most every REPORT_EVERY_S."""
+        self._closed[reason] += 1
+        now = time.monotonic()
+        if now - self._reported_at >= REPORT_EVERY_S:
+            self._reported_at = now
+            log.warning("closed client connections: %d that sent no complete request head within %.3g s, "
+                        "%d to make room at the cap of %d (totals since start)",
+                        self._closed["header_timeout"], self.header_timeout_s, self._closed["at_capacity"],
+                        self.cap)
+
+
+def _reason(error: HttpProcessingError) -> str:
+    """What the parser found wrong, without the raw bytes it quotes after it."""
+    first = str(error.message or "").partition("\n")[0]
+    return without_raw_bytes(first).partition(" b'[")[0].strip(" :") or "bad request"
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's HTTP protocol, with a header deadline, a place in `ClientConnections`, and malformed
+    requests answered in OpenAI's error shape without echoing (or logging) their raw bytes."""
+
+    __slots__ = ("_table", "header_started")
+
+    def __init__(self, manager: web.Server, table: ClientConnections, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._table = table
+        self.header_started: float | None = None    # loop.time() when the current request head began
+
+    @property
+    def between_requests(self) -> bool:
+        """True while no request is being served: the headers are still coming, or the connection is idle."""
+        waiter = self._waiter
+        return self.header_started is not None or (waiter is not None and not waiter.done())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.header_started = self._loop.time()     # the first request's head is due from the accept on
+        super().connection_made(transport)
+        self._table.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._table.lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.header_started is None and self._waiter is not None:
+            self.header_started = self._loop.time()     # the first byte of a request on a kept-alive connection
+        super().data_received(data)
+        if self._messages:                          # a whole head was parsed: the request is due to be served
+            self.header_started = None
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request aiohttp could not parse: a short log line and an OpenAI-shaped error, no raw bytes."""
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        reason = _reason(exc)
+        log.info("refused a malformed request from %s: %s", request.remote, reason)
+        response = error_response(InvalidRequest(f"Malformed HTTP request: {reason}.", status=status))
+        response.force_close()
+        return response
