@@ -230,6 +230,7 @@ def _timeouts(node: Node) -> ProviderTimeouts:
         connect_s=node.at("connect_s").number(_TIMEOUTS.connect_s, above(0)),
         read_s=node.at("read_s").number(_TIMEOUTS.read_s, above(0)),
         total_s=node.at("total_s").number(_TIMEOUTS.total_s, above(0)),
+        stream_s=node.at("stream_s").number(_TIMEOUTS.stream_s, above(0)),
     )
 
 
