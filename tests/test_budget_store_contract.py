@@ -611,9 +611,9 @@ async def test_rows_of_the_previous_json_layout_read_back_with_the_later_fields_
     old = entry(clock, "old")
     fields = list(old[1:14])                 # the fields after `time` as the previous build wrote them
     later = entry(clock, "later")._replace(requested_model="gpt-4.1", usage_estimated=True)
-    for row in (fields, [*later[1:], "a field of a later build"]):
+    for seq, row in enumerate((fields, [*later[1:], "a field of a later build"])):
         row[3] = list(row[3])
-        await redis_backend.client.xadd("{gw}:ledger", {"row": orjson.dumps(row)}, id=f"{time_ms(clock.now())}-*")
+        await redis_backend.client.xadd("{gw}:ledger", {"row": orjson.dumps(row)}, id=f"{time_ms(clock.now())}-{seq}")
     assert await ledger(redis_backend.store, clock) == [old, later]
 
 
