@@ -42,7 +42,7 @@ def events(body: bytes) -> list[Any]:
 
 def output_events(body: bytes) -> int:
     return sum(1 for e in events(body) if isinstance(e, dict) and any(
-        (c.get("delta") or {}).get("content") for c in e.get("choices") or []))
+        (c.get("delta") or {}).get("content") or c.get("text") for c in e.get("choices") or []))
 
 
 async def spent_usd(http, gateway) -> Decimal:
@@ -104,6 +104,18 @@ async def test_an_endless_stream_stops_at_its_reserved_output(upstream, start_ga
     assert 0 < await spent_usd(http, gateway) <= worst_usd(CHAT, CHAT["max_tokens"])
     [record] = [r for r in log.records if r.path == "/v1/chat/completions"]
     assert record.error == "stream_budget_exhausted" and record.usage is not None and record.usage.estimated
+
+
+async def test_an_endless_legacy_completions_stream_stops_too(upstream, start_gateway, http) -> None:
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, routes={"gpt-4.1": ["primary"]}))
+    upstream.script(Action(endless=True))
+    body = {"model": "gpt-4.1", "prompt": "never stop", "max_tokens": 2, "n": 2, "stream": True}
+
+    reply = await http(gateway, "POST", "/v1/completions", json=body)
+
+    assert output_events(reply.body) <= 2 * 2 + 1
+    assert events(reply.body)[-1]["error"]["code"] == "stream_budget_exhausted"
+    await asyncio.wait_for(upstream.stream_abandoned.wait(), 5)
 
 
 async def test_the_sdk_raises_the_stream_budget_error_after_the_reserved_output(upstream, start_gateway, sdk) -> None:
