@@ -1,4 +1,4 @@
-"""One JSON access-log line per request: who, which model, where, what it cost. Never a key or a prompt."""
+"""One JSON access-log line per request: who, which model served it, where, what it cost. Never a key or a prompt."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class AccessRecord:
     path: str
     started: float = field(default_factory=time.perf_counter)
     caller: str | None = None
-    model: str | None = None
+    model: str | None = None                 # the model that served (or was to serve) the request
+    requested_model: str | None = None       # the model the client asked for
     route: str | None = None                 # the route pattern that served the model (a bounded label)
     policies: tuple[str, ...] = ()           # budget policies the request was matched and charged against
     downgraded_from: str | None = None
@@ -31,6 +32,7 @@ class AccessRecord:
     status: int = 0
     usage: Usage | None = None
     cost_nano: int | None = None
+    usage_unknown: str | None = None         # why the upstream's usage was not charged (gateway.proxy.charging)
     attempts: int = 0
     stream: bool = False
     first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event
@@ -47,6 +49,7 @@ class AccessRecord:
             "path": self.path,
             "caller": self.caller,
             "model": self.model,
+            "requested_model": self.requested_model,
             "downgraded_from": self.downgraded_from,
             "policies": self.policies,
             "provider": self.provider,
@@ -56,6 +59,7 @@ class AccessRecord:
             "completion_tokens": usage.completion_tokens if usage else None,
             "cached_tokens": usage.cached_tokens if usage else None,
             "usage_estimated": usage.estimated if usage else None,
+            "usage_unknown": self.usage_unknown,
             "cost_usd": format_usd(self.cost_nano) if self.cost_nano is not None else None,
             "latency_ms": int((time.perf_counter() - self.started) * 100_000 + 0.5) / 100,
             "attempts": self.attempts,

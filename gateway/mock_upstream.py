@@ -27,6 +27,14 @@ SSE stream); `pad_to` pads a chat or completions answer, or an error body, with 
 in 64 KiB pieces and never held whole (with Content-Length, or chunked), and `dropped` counts the padded
 answers the client broke off. `requests` keeps each body's raw bytes as well as its parsed JSON, so a
 test sees exactly what an upstream received (a key sent twice, say).
+
+Misbehaviours for the money path (chat and completions):
+- `usage`: what the answer reports as usage, whole answers and stream usage chunks alike; a mapping
+  replaces those fields of the real usage (None sends null), anything else replaces the whole block.
+  `billed` still counts the real usage (what a provider bills). `omit_usage` sends no usage at all
+  (and bills nothing).
+- `endless`: a stream that never ends: content chunks, one word each, `event_interval_s` apart, until
+  the client closes the connection (then `abandoned_streams` goes up and `stream_abandoned` is set).
 """
 
 from __future__ import annotations
@@ -100,6 +108,10 @@ class Action:
     raw_body: str | None = None      # sent as is (Content-Type application/json unless `headers` names one)
     pad_to: int | None = None        # pad the answer with spaces to this many bytes (see the module docstring)
     chunked: bool = False            # send a padded answer chunked, without Content-Length
+    usage: Any = None
+    omit_usage: bool = False
+    endless: bool = False
+    event_interval_s: float = 0.0
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Action:
@@ -347,6 +359,19 @@ class _Reply:
     include_usage: bool
     headers: Mapping[str, str]
     truncate_after: int | None
+    action: Action | None
+
+    @property
+    def reported_usage(self) -> Any:
+        """The usage the answer reports: the real one unless the action garbles it."""
+        action = self.action
+        if action is None or action.usage is None:
+            return self.usage
+        return {**self.usage, **action.usage} if isinstance(action.usage, dict) else action.usage
+
+    @property
+    def omits_usage(self) -> bool:
+        return self.action is not None and self.action.omit_usage
 
 
 class MockUpstream:
@@ -370,6 +395,8 @@ class MockUpstream:
         self.requests: list[RecordedRequest] = []
         self.hits = 0
         self.dropped = 0
+        self.abandoned_streams = 0
+        self.stream_abandoned = asyncio.Event()
         self.billed = BilledUsage()
         self.stream_gate: asyncio.Event | None = None
         self._queue: deque[Action] = deque()
@@ -499,15 +526,19 @@ class MockUpstream:
         reply = self._reply(body, action, fmt)
         if body.get("stream"):
             return await self._stream(request, reply)
-        payload = _dumps(fmt.full(reply.base, reply.done, reply.usage))
+        answer = fmt.full(reply.base, reply.done, reply.reported_usage)
+        if reply.omits_usage:
+            del answer["usage"]
+        payload = _dumps(answer)
         if reply.truncate_after is not None:
             return await self._truncated_body(request, payload, reply.truncate_after, reply.headers)
         if action is not None and action.pad_to is not None:
             response, complete = await self._padded(request, 200, payload, action)
-            if complete:
+            if complete and not reply.omits_usage:
                 self.billed.add(reply.model, reply.usage)
             return response
-        self.billed.add(reply.model, reply.usage)
+        if not reply.omits_usage:
+            self.billed.add(reply.model, reply.usage)
         return web.Response(body=payload, content_type="application/json", headers=reply.headers)
 
     def _reply(self, body: JSON, action: Action | None, fmt: _Format) -> _Reply:
@@ -521,7 +552,7 @@ class MockUpstream:
             fmt=fmt, base=base, done=self._completion(_max_tokens(body)), usage=self.usage_for(body),
             model=body["model"], include_usage=include_usage,
             headers={**self._headers, **action.headers} if action else self._headers,
-            truncate_after=action.truncate_after if action else None,
+            truncate_after=action.truncate_after if action else None, action=action,
         )
 
     async def _stream(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
@@ -535,20 +566,41 @@ class MockUpstream:
                 await self._send(request, resp, reply.fmt.piece(reply.base, text, i == 0))
                 if i == 0 and self.stream_gate is not None and not await self._wait(request, self.stream_gate):
                     return _abort(request, resp)
+            if reply.action is not None and reply.action.endless:
+                return await self._endless(request, resp, reply)
             await self._finish_stream(request, resp, reply)
         except ConnectionError:
             return resp
-        if reply.include_usage:
+        if reply.include_usage and not reply.omits_usage:
             self.billed.add(reply.model, reply.usage)
         return resp
 
     async def _finish_stream(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> None:
         """Send the finish_reason chunk, the usage chunk when asked for, and [DONE]."""
         await self._send(request, resp, reply.fmt.final(reply.base, reply.done.finish_reason))
-        if reply.include_usage:
-            await self._send(request, resp, reply.fmt.usage(reply.base, reply.usage))
+        if reply.include_usage and not reply.omits_usage:
+            await self._send(request, resp, reply.fmt.usage(reply.base, reply.reported_usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
+
+    async def _endless(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> web.StreamResponse:
+        """Send one word per chunk until the client closes the connection (or the mock shuts down)."""
+        assert reply.action is not None
+        interval, words = reply.action.event_interval_s, self._words or ["word"]
+        sent = 0
+        try:
+            with contextlib.suppress(ConnectionError):
+                while not _disconnected(request):
+                    await self._send(request, resp, reply.fmt.piece(reply.base, " " + words[sent % len(words)], False))
+                    sent += 1
+                    if interval > 0 and not await self._delay(request, interval):
+                        return _abort(request, resp)
+                    await asyncio.sleep(0)   # let the connection's closing be seen
+        finally:                             # (aiohttp may cancel a handler whose client is gone)
+            if _disconnected(request):
+                self.abandoned_streams += 1
+                self.stream_abandoned.set()
+        return resp
 
     @staticmethod
     async def _send(request: web.Request, resp: web.StreamResponse, obj: JSON) -> None:

@@ -6,12 +6,14 @@ Time is a FakeClock started at the real time (Redis expires keys on its own cloc
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.budget.journal import Replay, SpendJournal
@@ -675,6 +677,39 @@ async def test_rows_of_the_earlier_column_layout_read_back_beside_new_rows(redis
     assert await ledger(redis_backend.store, clock) == [old, anonymous]
 
 
+async def test_rows_of_the_previous_json_layout_read_back_with_the_later_fields_defaulted(
+        redis_backend: Backend, clock: FakeClock) -> None:
+    """A row of the JSON layout before `requested_model` reads with its defaults; one with a later build's extra
+    field reads without it."""
+    old = entry(clock, "old")
+    fields = list(old[1:14])                 # the fields after `time` as the previous build wrote them
+    later = entry(clock, "later")._replace(requested_model="gpt-4.1", usage_estimated=True)
+    for seq, row in enumerate((fields, [*later[1:], "a field of a later build"])):
+        row[3] = list(row[3])
+        await redis_backend.client.xadd("{gw}:ledger", {"row": orjson.dumps(row)}, id=f"{time_ms(clock.now())}-{seq}")
+    assert await ledger(redis_backend.store, clock) == [old, later]
+
+
+async def test_an_sqlite_ledger_of_an_earlier_build_gains_the_new_columns(tmp_path: Path, clock: FakeClock) -> None:
+    path = str(tmp_path / "old.db")
+    old = entry(clock, "old")
+    with sqlite3.connect(path) as db:        # the ledger table as the first release made it
+        db.execute("CREATE TABLE ledger (seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, request_id TEXT NOT NULL,"
+                   " caller TEXT, team TEXT, policies TEXT NOT NULL, model TEXT, provider TEXT, prompt_tokens INTEGER"
+                   " NOT NULL, completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER"
+                   " NOT NULL, status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL)")
+        db.execute("INSERT INTO ledger VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (time_ms(old.time), *old[1:4], ",".join(old.policies), *old[5:14]))
+    db.close()
+    store = SqliteBudgetStore(path)
+    new = entry(clock, "new")._replace(model="gpt-4o-mini", requested_model="gpt-4.1", usage_estimated=True)
+    try:
+        assert await store.record("new", [(counter(clock), Charge(1), expiry(clock))], clock.now(), new)
+        assert await ledger(store, clock) == [old, new]
+    finally:
+        await store.close()
+
+
 async def test_every_key_shares_one_cluster_hash_tag(redis_backend: Backend, clock: FakeClock) -> None:
     assert await reserve(redis_backend.store, clock, "r1", line(clock, counter(clock), Charge(10)))
     recorded = [(counter(clock, "b"), Charge(1), expiry(clock))]
@@ -745,6 +780,13 @@ def test_unusable_store_urls_are_rejected(url: str) -> None:
     with pytest.raises(ValueError):
         create_redis_client(url, timeout_s=0.25, pool_size=4)
 
+
+
+async def test_a_row_keeps_the_served_and_requested_model_and_the_estimated_flag(backend: Backend,
+                                                                                 clock: FakeClock) -> None:
+    row = entry(clock, "downgraded")._replace(model="gpt-4o-mini", requested_model="gpt-4.1", usage_estimated=True)
+    assert await backend.store.record(row.request_id, [(counter(clock), Charge(1), expiry(clock))], clock.now(), row)
+    assert await ledger(backend.store, clock) == [row]
 
 
 async def test_ledger_rows_keep_any_text(backend: Backend, clock: FakeClock) -> None:

@@ -109,6 +109,8 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
     ("route_provider_twice",
      "config.yaml: routes.gpt-4.1[1].provider: provider 'mock' is already listed at routes.gpt-4.1[0]"),
     ("route_model_unpriced", "config.yaml: routes.gpt-4o: model 'gpt-4o' has no price"),
+    ("route_target_unpriced", "config.yaml: routes.gpt-4o: model 'gpt-4o' has no price for provider 'backup': "
+                              "every target of a route needs one (its upstream model's, else the client model's)"),
     ("auth_none_public_host", "config.yaml: server.auth: 'none' is only allowed when server.host is a loopback "
                               "address (127.0.0.0/8, ::1, localhost)"),
     ("key_digest_invalid", "config.yaml: keys[0].sha256: must be a SHA-256 hex digest (64 hex characters)"),

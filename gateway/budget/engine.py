@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import replace
 from typing import Any, NamedTuple, TypeVar
 
 from gateway.access_log import AccessRecord
@@ -25,7 +24,7 @@ from gateway.budget.slots import KEY_GRACE_S, SlotCache, budget_slots, limits_of
 from gateway.budget.spares import SPARE_ROOM, Spare, SparePool, SpareReservations
 from gateway.budget.store import MAX_AMOUNT, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
 from gateway.budget.windows import Window, WindowCache, seconds_until_reset
-from gateway.budget.worst_case import worst_case_charge
+from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
 from gateway.errors import BudgetExceeded, StoreError, StoreUnavailable
@@ -49,10 +48,11 @@ def _bounded(charge: Charge | None) -> Charge | None:
 
 
 class Reservation(NamedTuple):
-    """A request's hold on its budgets; `plan` may be a downgraded one."""
+    """A request's hold on its budgets; `plan` may be a downgraded one, `worst` bounds its charge and output."""
 
     request_id: str
     plan: Plan
+    worst: WorstCase                     # what is held (with no lines: what would have been), see worst_case
     lines: tuple[ReserveLine, ...] = ()
     local: bool = False                 # held in this replica's fail-open allowance, not in the store
     downgraded_from: str | None = None
@@ -130,25 +130,26 @@ class BudgetEngine:
                       plan: Plan, req: ProxyRequest) -> Reservation:
         """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
         match = self._slots.match(settings, caller, plan.model)
+        worst = worst_case(req, plan, match.policies)
         if not match.policies or self.store is None:
-            return Reservation(request_id, plan)
+            return Reservation(request_id, plan, worst)
         now = self.clock.now()
         slots = self._slots.slots(match, now)
-        amount = worst_case_charge(req, plan, match.policies)
+        amount = worst.amount
         spares, pool = self.spares, None
         if spares is not None:
             pool = spares.pool(slots)
             spare = spares.take(pool, amount)
             if spare is not None:
                 self._reserve_ahead(pool, spare.lines, amount)
-                return self._on_spare(request_id, plan, spare, caller, match.names)
+                return self._on_spare(request_id, plan, worst, spare, caller, match.names)
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is not None and not outcome.ok and spares is not None and pool is not None:
             self._send_queued()              # a batch on its way that waits for company: now
             spare, released = await spares.reclaim(pool, amount)
             if spare is not None:
-                return self._on_spare(request_id, plan, spare, caller, match.names)
+                return self._on_spare(request_id, plan, worst, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
                 # kept to their end if the client leaves meanwhile: a spare must never linger
                 await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released],
@@ -157,7 +158,7 @@ class BudgetEngine:
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
                 self._reserve_ahead(pool, lines, amount)
-            return Reservation(request_id, plan, lines, local=outcome is None, caller=caller,
+            return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         line, slot = lines[outcome.refused_index or 0], slots[outcome.refused_index or 0]
         downgrade = await self._downgrade(request_id, settings, caller, req, slot.policy, plan)
@@ -174,22 +175,22 @@ class BudgetEngine:
         """Serve with the refusing policy's cheaper model while that model is within budget."""
         if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
             return None
-        cheaper = plan_for(settings, policy.downgrade_to)
-        cheaper = replace(cheaper, model=plan.model)  # budgets and logs still name the client's model
+        cheaper = plan_for(settings, policy.downgrade_to)   # logs and the ledger name the model that serves
         match = self._slots.match(settings, caller, policy.downgrade_to)
         now = self.clock.now()
-        amount = worst_case_charge(req, cheaper, match.policies)
-        lines = tuple(slot.line(amount) for slot in self._slots.slots(match, now))
+        worst = worst_case(req, cheaper, match.policies)
+        lines = tuple(slot.line(worst.amount) for slot in self._slots.slots(match, now))
         outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is not None and not outcome.ok:
             return None
-        return Reservation(request_id, cheaper, lines, local=outcome is None,
+        return Reservation(request_id, cheaper, worst, lines, local=outcome is None,
                            downgraded_from=plan.model, caller=caller, policies=match.names)
 
     @staticmethod
-    def _on_spare(request_id: str, plan: Plan, spare: Spare, caller: CallerIdentity,
+    def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
                   policies: tuple[str, ...]) -> Reservation:
-        return Reservation(request_id, plan, spare.lines, caller=caller, policies=policies, spare_id=spare.spare_id)
+        return Reservation(request_id, plan, worst, spare.lines, caller=caller, policies=policies,
+                           spare_id=spare.spare_id)
 
     def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
         """Ask for the spares the pool wants, with `amount`, after the current request has gone upstream."""

@@ -17,17 +17,18 @@ __all__ = ["ledger_entry"]
 
 def ledger_entry(reservation: Reservation, charge: Charge | None, record: AccessRecord | None,
                  now: float) -> LedgerEntry:
-    """`served` with the charged cost, or `failed` (no spend) when there is no charge."""
+    """`served` with the charged cost, or `failed` (no spend) when there is no charge; under the served model."""
     caller = reservation.caller
     name, team = (caller.name, caller.team) if caller else (None, None)
     if record is None:
-        provider, latency_ms, attempts = None, 0, 0
+        model, requested, provider, latency_ms, attempts = reservation.plan.model, None, None, 0, 0
     else:
-        provider, attempts = record.provider, record.attempts
+        model, requested, provider, attempts = record.model, record.requested_model, record.provider, record.attempts
         latency_ms = round((time.perf_counter() - record.started) * 1000)
     usage = record.usage if record is not None and charge is not None else None
     prompt, completion, cached = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if usage \
         else (0, 0, 0)
-    return LedgerEntry(now, reservation.request_id, name, team, reservation.policies, reservation.plan.model,
+    return LedgerEntry(now, reservation.request_id, name, team, reservation.policies, model,
                        provider, prompt, completion, cached, charge.usd_nano if charge else 0,
-                       "failed" if charge is None else "served", latency_ms, attempts)
+                       "failed" if charge is None else "served", latency_ms, attempts, requested,
+                       usage is not None and usage.estimated)

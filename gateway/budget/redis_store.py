@@ -47,8 +47,8 @@ from redis.exceptions import NoScriptError
 
 from gateway.budget.redis_batch import CallObserver, ScriptPipeline
 from gateway.budget.store import (
-    RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry, ReserveLine,
-    ReserveOutcome, check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
+    LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry,
+    ReserveLine, ReserveOutcome, check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -421,7 +421,8 @@ def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
     row = raw.get(b"row", raw.get("row"))
     if row is not None:
         request_id, caller, team, policies, *rest = orjson.loads(row)
-        return LedgerEntry(filed_at, request_id, caller, team, tuple(policies), *rest)
+        # rows of earlier builds lack the later fields (defaults); fields a later build adds are left out
+        return LedgerEntry(filed_at, request_id, caller, team, tuple(policies), *rest[:LEDGER_FIELDS - 5])
     fields = {_text(key): _text(value) for key, value in raw.items()}
     ints = {name: int(fields[name] or 0) for name in _ROW_INTS}
     return LedgerEntry(

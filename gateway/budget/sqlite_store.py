@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, request_id TEXT NOT NULL, caller TEXT, team TEXT,
     policies TEXT NOT NULL, model TEXT, provider TEXT, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,
-    status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL
+    status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, requested_model TEXT,
+    usage_estimated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
 CREATE TABLE IF NOT EXISTS alert_claims (
@@ -67,8 +68,10 @@ CREATE INDEX IF NOT EXISTS alert_claims_lease ON alert_claims (delivered, lease_
 
 _LEDGER_COLUMNS = (
     "time_ms, request_id, caller, team, policies, model, provider, prompt_tokens, completion_tokens,"
-    " cached_tokens, cost_nano, status, latency_ms, attempts"
+    " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated"
 )
+# Ledger columns added after the first release, added to an older file when it is opened.
+_ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"))
 
 _ADD = """
 INSERT INTO counters (policy, period, window_id, reserved_usd, reserved_tokens, reserved_requests,
@@ -334,10 +337,11 @@ class SqliteBudgetStore:
             return
         latest = db.execute("SELECT MAX(time_ms) FROM ledger").fetchone()[0] or 0
         cursor = db.execute(
-            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (max(time_ms(entry.time), latest), entry.request_id, entry.caller, entry.team, ",".join(entry.policies),
              entry.model, entry.provider, entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens,
-             entry.cost_nano, entry.status, entry.latency_ms, entry.attempts),
+             entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
+             int(entry.usage_estimated)),
         )
         db.execute("DELETE FROM ledger WHERE seq <= ?", (cursor.lastrowid - self._ledger_max,))
 
@@ -379,6 +383,7 @@ class SqliteBudgetStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
             _migrate_alerts(conn)
+            _add_missing_columns(conn)
             self._conn = conn
         return self._conn
 
@@ -399,6 +404,14 @@ def _migrate_alerts(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.rollback()
         raise
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring the ledger table of a file written by an earlier build up to date (its rows read the defaults)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    for name, declaration in _ADDED_LEDGER_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE ledger ADD COLUMN {name} {declaration}")
 
 
 def _times(charge: Charge, count: int) -> Charge:
@@ -430,8 +443,9 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
-    time_ms_, request_id, caller, team, policies, *rest = row
-    return LedgerEntry(time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))), *rest)
+    time_ms_, request_id, caller, team, policies, *rest, estimated = row
+    return LedgerEntry(time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))), *rest,
+                       bool(estimated))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:

@@ -32,7 +32,7 @@ from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
-    "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "BudgetStore",
+    "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "LEDGER_FIELDS", "BudgetStore",
     "check_reserve_lines", "check_record_lines", "check_spare_ids", "check_spend", "time_ms",
 ]
 
@@ -134,9 +134,11 @@ LedgerStatus = Literal["served", "failed", "lease_expired"]
 class LedgerEntry(NamedTuple):
     """One request's row in the spend ledger; money in nano-USD, `time` in epoch seconds (ms precision).
 
-    A `lease_expired` row is written by the store, which knows only the reservation: it has no
-    caller, team, model or provider, its cost is the reserved amount and its reserved tokens count as
-    `prompt_tokens`.
+    `model` is the model that served the request, `requested_model` the one the client asked for (they
+    differ after a downgrade or a failover to a renamed model). A `lease_expired` row is written by the
+    store, which knows only the reservation: it has no caller, team, model or provider, its cost is the
+    reserved amount and its reserved tokens count as `prompt_tokens`. Fields added later have defaults,
+    so rows written before them still read.
     """
 
     time: float
@@ -153,6 +155,11 @@ class LedgerEntry(NamedTuple):
     status: LedgerStatus
     latency_ms: int
     attempts: int
+    requested_model: str | None = None
+    usage_estimated: bool = False            # charged on the gateway's count or bound, not the upstream's usage
+
+
+LEDGER_FIELDS = len(LedgerEntry._fields)
 
 
 class BudgetStore(Protocol):

@@ -1,14 +1,17 @@
-"""The most a request can cost, reserved before any upstream call.
+"""The most a request can use and cost: computed once, reserved, and carried to settlement.
 
 The output cap counts every completion the request may produce: `n` (or `best_of`, which the
 provider generates in full and bills) choices, for each prompt of a /v1/completions prompt list.
 An absurd worst case is held at the store's MAX_AMOUNT, which no budget limit exceeds.
+
+The same WorstCase bounds what the request is charged (usage unknown or larger is charged as this)
+and how much output a stream may relay, whether or not a policy reserved it in a store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.budget.store import MAX_AMOUNT
 from gateway.config.model import Policy
@@ -17,7 +20,14 @@ from gateway.proxy.plan import Plan
 from gateway.proxy.request import ProxyRequest
 from gateway.tokens import prompt_upper_bound
 
-__all__ = ["worst_case_charge", "completions_per_request"]
+__all__ = ["WorstCase", "worst_case", "completions_per_request"]
+
+
+class WorstCase(NamedTuple):
+    """A request's bound: its prompt bound and output cap (estimated usage), and their cost at the dearest target."""
+
+    usage: Usage
+    amount: Charge
 
 
 def prompt_count(prompt: Any) -> int:
@@ -51,11 +61,10 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
     return min(caps) if caps else max(t.price.max_output_tokens for t in plan.targets)
 
 
-def worst_case_charge(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Charge:
-    """Upper bound of the request's charge on any provider of the plan (failover may pick a dearer one)."""
+def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
+    """The request's bound on any provider of the plan (failover may pick a dearer one)."""
     prompt, completion = prompt_upper_bound(req.payload), output_cap(req, plan, policies)
-    usage = Usage(prompt, completion)
-    targets = plan.targets
-    dearest = cost_nano(targets[0].price, usage) if len(targets) == 1 else max(
-        cost_nano(target.price, usage) for target in targets)
-    return Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1)
+    usage = Usage(prompt, completion, estimated=True)
+    prices = plan.prices
+    dearest = cost_nano(prices[0], usage) if len(prices) == 1 else max(cost_nano(price, usage) for price in prices)
+    return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))

@@ -21,14 +21,14 @@ from gateway.auth import key_digest
 from gateway.config.globs import is_glob
 from gateway.config.hosts import is_loopback
 from gateway.config.model import (
-    ApiKey, BreakerConfig, CallerIdentity, Policy, ProviderConfig, ProviderTimeouts,
+    ApiKey, BreakerConfig, CallerIdentity, ModelPrice, Policy, ProviderConfig, ProviderTimeouts,
     RetryConfig, Route, RouteTarget, ServerConfig, Settings, StoreConfig,
 )
 from gateway.config.node import (
     FRACTION, Doc, InvalidValue, Node, above, as_name, as_text, at_least, between, is_name, repeats,
 )
 from gateway.config.policies import decode_policies, report_duplicate_names
-from gateway.config.prices import Prices, decode_prices
+from gateway.config.prices import Prices, decode_prices, target_price
 from gateway.config.reach import Reach
 from gateway.config.schema import CONFIG_FILE, POLICY_FILE, PRICING_FILE
 from gateway.config.shape import Shape
@@ -229,6 +229,7 @@ def _timeouts(node: Node) -> ProviderTimeouts:
         connect_s=node.at("connect_s").number(_TIMEOUTS.connect_s, above(0)),
         read_s=node.at("read_s").number(_TIMEOUTS.read_s, above(0)),
         total_s=node.at("total_s").number(_TIMEOUTS.total_s, above(0)),
+        stream_s=node.at("stream_s").number(_TIMEOUTS.stream_s, above(0)),
     )
 
 
@@ -247,15 +248,33 @@ def _routes(node: Node, providers: Mapping[str, ProviderConfig], prices: Prices)
 
 
 def _route(pattern: str, node: Node, providers: Mapping[str, ProviderConfig], prices: Prices) -> Route:
-    """One route: known providers, each once; a plain model name must have a price (globs need not)."""
+    """One route: known providers, each once; every target of a plain model name priced (see target_price).
+
+    A glob's targets are priced per model at request time: one that cannot be is refused there (404).
+    """
     if not node.elements():
         node.report("must list at least one provider")
-    if prices is not None and not is_glob(pattern) and pattern not in prices:
-        node.report(f"model '{pattern}' has no price")
     found = [target for target in (_target(element, providers) for element in node.elements()) if target]
+    if prices is not None and not _GLOB_CHARS & set(pattern):
+        _check_priced(pattern, node, found, prices)
     for name, provider, first in repeats((name, target.provider) for name, target in found):
         name.report(f"provider {name.quoted(provider)} is already listed at {first.path}")
     return Route(pattern, tuple(target for _, target in found))
+
+
+def _check_priced(model: str, node: Node, found: list[tuple[Node, RouteTarget]],
+                  prices: dict[str, ModelPrice]) -> None:
+    """Report the targets of `model`'s route that have no price by the pricing rule (see `target_price`)."""
+    if model in prices:
+        return                               # every target falls back on the client model's price
+    unpriced = [target.provider for _, target in found
+                if target_price(prices, model, target.upstream_model) is None]
+    if len(unpriced) == len(found):
+        node.report(f"model '{model}' has no price")
+        return
+    for provider in unpriced:
+        node.report(f"model '{model}' has no price for provider '{provider}': every target of a route needs one "
+                    "(its upstream model's, else the client model's)")
 
 
 def _target(node: Node, providers: Mapping[str, ProviderConfig]) -> tuple[Node, RouteTarget] | None:

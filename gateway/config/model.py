@@ -57,6 +57,7 @@ class ProviderTimeouts:
     connect_s: float = 5.0
     read_s: float = 120.0                    # between two reads (a stalled stream)
     total_s: float = 600.0
+    stream_s: float = 600.0                  # relaying one stream, from its response head (see README)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _STORE = _scalars(
 _PROVIDER = _scalars(
     "base_url", "api_key", "max_connections", "max_response_bytes",
     headers=MapOf(SCALAR),
-    timeouts=_scalars("connect_s", "read_s", "total_s"),
+    timeouts=_scalars("connect_s", "read_s", "total_s", "stream_s"),
 )
 _ROUTE_TARGET = Either((SCALAR, _scalars("provider", "model")), "a provider name or a mapping {provider, model}")
 _MODEL_PRICE = _scalars("input", "output", "cached_input", "max_output_tokens")

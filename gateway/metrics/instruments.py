@@ -92,6 +92,9 @@ class GatewayMetrics:
         self.refusals = Children(Counter(
             "gateway_budget_refusals_total", "Requests refused by a budget, by refusing policy and period.",
             ("policy", "period"), registry=registry))
+        self.usage_unknown = Children(Counter(
+            "gateway_usage_unknown_total", "Answers charged on the gateway's bound instead of the upstream's usage, "
+            "by provider and reason (missing, unreadable, over_reserved).", ("provider", "reason"), registry=registry))
 
     def _define_resilience(self, registry: CollectorRegistry) -> None:
         self.retries = Children(Counter(
@@ -158,6 +161,8 @@ class GatewayMetrics:
         if record.cost_nano is not None:
             totals.charged = True
             totals.cost_nano += record.cost_nano
+        if record.usage_unknown is not None:
+            self.usage_unknown(self.bounds.provider(record.provider), record.usage_unknown).inc()
 
     def _bind_served(self, key: tuple[str | None, str | None, str | None, int, tuple[str, ...]]) -> _Served:
         """The totals and histograms of one kind of answer (found by its raw values), under bounded labels."""

@@ -2,27 +2,33 @@
 
     nothing reached an upstream, or every attempt failed     -> nothing (the reservation is released)
     the upstream answered an error status                   -> nothing (providers do not bill errors)
-    an answer with the provider's own usage                 -> that usage at the serving provider's price
-    a stream without usage (cut off, or a quiet provider)   -> prompt bound + one token per content event
-    an answer whose usage is unknown, or a client that left
-    while an upstream call was in flight                    -> the worst case, at the dearest provider
+    an answer with the provider's own usage                 -> that usage at the serving model's price
+    a stream without (readable) usage: cut off, ended by
+    the gateway, or a quiet or garbled provider             -> prompt bound + one token per output event
+    an answer whose usage is missing or unreadable          -> the worst case, at the serving model's price
+    a client that left while an upstream call was in flight -> the worst case, at the dearest target
 
-So a client that disconnects is never served for free: the gateway may over-count, never under-count.
+Whatever the usage, the charge never exceeds the request's worst case (`Reservation.worst`, the amount
+it reserved): usage over it is charged as the worst case. So a client that disconnects is never served
+for free, and an upstream whose usage is garbled or inflated can neither switch a budget off nor drain it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
-from gateway.budget.worst_case import output_cap
-from gateway.pricing import Usage, cost_nano
+from gateway.budget.worst_case import WorstCase
+from gateway.pricing import Charge, Usage, charge_for, cost_nano
 from gateway.proxy.dispatch import UpstreamReply
 from gateway.proxy.plan import Plan, Target
-from gateway.proxy.relay import StreamOutcome
-from gateway.proxy.request import ProxyRequest
-from gateway.tokens import prompt_upper_bound
+from gateway.proxy.stream_meter import StreamOutcome
+from gateway.proxy.usage import ReadUsage
 
-__all__ = ["Delivery", "billable_usage"]
+__all__ = ["Delivery", "Bill", "UsageUnknown", "bill_for"]
+
+UsageUnknown = Literal["missing", "unreadable", "over_reserved"]
+"""Why the upstream's usage was not charged: none sent, not counts, or more than the request reserved."""
 
 
 @dataclass
@@ -33,31 +39,55 @@ class Delivery:
     upstream_failed: bool = False     # every attempt ended in an upstream error
     reply: UpstreamReply | None = None
     stream: StreamOutcome | None = None
-    usage: Usage | None = None        # from a whole JSON answer
+    usage: ReadUsage = None           # from a whole JSON answer
 
 
-def worst_usage(req: ProxyRequest, plan: Plan) -> Usage:
-    """The most the request can have used: the bound its reservation was made for."""
-    return Usage(prompt_tokens=prompt_upper_bound(req.payload), completion_tokens=output_cap(req, plan, ()),
-                 estimated=True)
+class Bill(NamedTuple):
+    """A served request's charge: at whose price, for what usage, and why the upstream's usage was not used."""
+
+    target: Target
+    usage: Usage
+    charge: Charge
+    unknown: UsageUnknown | None = None
 
 
-def stream_estimate(req: ProxyRequest, outcome: StreamOutcome) -> Usage:
-    """A stream's usage when the upstream sent none."""
-    return Usage(prompt_tokens=prompt_upper_bound(req.payload), completion_tokens=outcome.content_events,
-                 estimated=True)
-
-
-def billable_usage(delivery: Delivery, req: ProxyRequest, plan: Plan) -> tuple[Target, Usage] | None:
-    """Whose price and what usage to charge; None when nothing was served."""
+def bill_for(delivery: Delivery, plan: Plan, worst: WorstCase) -> Bill | None:
+    """What to charge; None when nothing was served."""
     reply = delivery.reply
     if reply is None:
         if not delivery.dispatched or delivery.upstream_failed:
             return None
-        usage = worst_usage(req, plan)
-        return max(plan.targets, key=lambda t: cost_nano(t.price, usage)), usage
+        dearest = max(plan.targets, key=lambda t: cost_nano(t.price, worst.usage))
+        return _bounded(dearest, worst.usage, worst, None)
     if not 200 <= reply.response.status < 300:
         return None
     if delivery.stream is not None:
-        return reply.target, delivery.stream.usage or stream_estimate(req, delivery.stream)
-    return reply.target, delivery.usage or worst_usage(req, plan)
+        return _stream_bill(reply.target, delivery.stream, worst)
+    usage = delivery.usage
+    if isinstance(usage, Usage):
+        return _bounded(reply.target, usage, worst, None)
+    return _bounded(reply.target, worst.usage, worst, "missing" if usage is None else "unreadable")
+
+
+def _stream_bill(target: Target, outcome: StreamOutcome, worst: WorstCase) -> Bill:
+    """A stream's usage chunk, else the estimate of what it relayed (unknown when the upstream garbled it)."""
+    if outcome.usage is not None and not outcome.usage_unreadable:
+        return _bounded(target, outcome.usage, worst, None)
+    estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+    unknown: UsageUnknown | None = "unreadable" if outcome.usage_unreadable else \
+        "missing" if outcome.complete else None   # a stream cut short has its own error
+    return _bounded(target, estimate, worst, unknown)
+
+
+def _bounded(target: Target, usage: Usage, worst: WorstCase, unknown: UsageUnknown | None) -> Bill:
+    """`usage` at the target's price, or the worst case when that is more than the request reserved.
+
+    Only usage the upstream reported is `over_reserved` when held: the gateway's own estimate of a stream
+    it cut may run past the bound by design (see EVENT_SLACK).
+    """
+    charge, amount = charge_for(target.price, usage), worst.amount
+    if charge.usd_nano <= amount.usd_nano and charge.tokens <= amount.tokens:
+        return Bill(target, usage, charge, unknown)
+    held = charge_for(target.price, worst.usage)
+    held = Charge(min(held.usd_nano, amount.usd_nano), min(held.tokens, amount.tokens), 1)
+    return Bill(target, worst.usage, held, unknown or (None if usage.estimated else "over_reserved"))

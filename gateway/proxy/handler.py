@@ -13,21 +13,24 @@ from gateway.access_log import AccessRecord
 from gateway.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
 from gateway.auth import KnownTokens, authenticate
 from gateway.budget.engine import BudgetEngine, Reservation
+from gateway.budget.worst_case import WorstCase
 from gateway.config.holder import ConfigHolder
 from gateway.errors import UpstreamFailure
 from gateway.middleware import RECORD
-from gateway.pricing import charge_for
-from gateway.proxy.charging import Delivery, billable_usage
+from gateway.proxy.charging import Bill, Delivery, bill_for
 from gateway.proxy.dispatch import dispatch
 from gateway.proxy.plan import PlanCache
 from gateway.proxy.providers import ProviderPool
-from gateway.proxy.relay import StreamOutcome, is_event_stream, relay_json, relay_stream
+from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
+from gateway.proxy.stream_meter import StreamLimits, StreamOutcome
 from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["Proxy", "serve", "add_proxy_routes"]
 
 log = logging.getLogger("gateway")
+_UNKNOWN = {"missing": "no usage", "unreadable": "unreadable usage",
+            "over_reserved": "usage over what the request reserved"}
 
 
 @dataclass(frozen=True)
@@ -54,32 +57,38 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     caller = authenticate(request, settings, proxy.tokens)
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
-    record.model, record.stream = req.model, req.stream
+    record.model = record.requested_model = req.model
+    record.stream = req.stream
     plan = proxy.plans.plan_for(settings, req.model)
     record.route = plan.route
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
+    record.model = reservation.plan.model
     delivery = Delivery(dispatched=True)
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
                                         deadline_s=settings.retry.deadline_s)
-        record.provider, record.attempts = delivery.reply.target.provider, delivery.reply.attempts
-        return await respond(request, req, delivery, providers)
+        record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
+        record.attempts = delivery.reply.attempts
+        return await respond(request, req, delivery, providers, reservation.worst)
     except UpstreamFailure:
         delivery.upstream_failed = True
         raise
     finally:
-        settle(proxy.budget, record, reservation, req, delivery)
+        settle(proxy.budget, record, reservation, delivery)
 
 
 async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
-                  providers: ProviderPool) -> web.StreamResponse:
-    """Pass the upstream answer on: streamed event by event, or whole."""
+                  providers: ProviderPool, worst: WorstCase) -> web.StreamResponse:
+    """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole."""
     assert delivery.reply is not None
-    reply, redactor = delivery.reply, providers.redactor
-    served_by = {"x-gateway-provider": reply.target.provider, "x-gateway-attempts": str(reply.attempts),
-                 "x-request-id": request[RECORD].request_id}
+    reply, redactor, record = delivery.reply, providers.redactor, request[RECORD]
+    target = reply.target
+    served_by = {"x-gateway-provider": target.provider, "x-gateway-model": target.upstream_model,
+                 "x-gateway-attempts": str(reply.attempts), "x-request-id": record.request_id}
+    if record.downgraded_from is not None:
+        served_by["x-gateway-downgraded-from"] = record.downgraded_from
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             max_bytes = providers[reply.target.provider].config.max_response_bytes
@@ -89,7 +98,9 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
-        delivery.stream = StreamOutcome()
+        stream_s = providers[target.provider].config.timeouts.stream_s
+        delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
+                                                     target.price, stream_s))
         streams = request.app[OPEN_STREAMS]
         streams.add(reply.response)          # a shutdown past its grace cuts it (gateway.serving.server)
         try:
@@ -125,22 +136,27 @@ async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: Stre
     if outcome.first_write_at is not None:
         record.first_byte_s = outcome.first_write_at - record.started
     if not outcome.complete:
-        record.error = "client_disconnected" if outcome.client_gone else "stream_truncated"
+        record.error = "client_disconnected" if outcome.client_gone else outcome.ended_by
 
 
-def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation, req: ProxyRequest,
-           delivery: Delivery) -> None:
+def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation, delivery: Delivery) -> None:
     """Charge what was served (see gateway.proxy.charging), or release the reservation when nothing was.
 
     The store is written in the background: the answer does not wait for it.
     """
-    charge = None
-    billable = billable_usage(delivery, req, reservation.plan)
-    if billable is not None:
-        target, usage = billable
-        charge = charge_for(target.price, usage)
-        record.usage, record.cost_nano = usage, charge.usd_nano
-    budget.settle(reservation, charge, record)
+    bill = bill_for(delivery, reservation.plan, reservation.worst)
+    if bill is not None:
+        record.usage, record.cost_nano, record.usage_unknown = bill.usage, bill.charge.usd_nano, bill.unknown
+        if bill.unknown is not None:
+            _warn_unknown(record, bill)
+    budget.settle(reservation, bill.charge if bill else None, record)
+
+
+def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
+    """Say that an answer was charged on the gateway's bound, not on the upstream's usage (never its values)."""
+    log.warning("provider %s answered request %s with %s; charged the gateway's bound instead (%d tokens)",
+                bill.target.provider, record.request_id, _UNKNOWN.get(bill.unknown or "", "usage"),
+                bill.usage.total_tokens)
 
 
 def add_proxy_routes(app: web.Application) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from gateway.config.model import ModelPrice, Settings
+from gateway.config.model import ModelPrice, RouteTarget, Settings
+from gateway.config.prices import target_price
 from gateway.errors import NotFound
 
 __all__ = ["Target", "Plan", "plan_for", "PlanCache"]
@@ -14,7 +16,7 @@ MAX_PLANS = 1024   # models kept per config; more are dropped together and plann
 
 @dataclass(frozen=True)
 class Target:
-    """One provider that can serve the request, with the model name it knows and its price."""
+    """One provider that can serve the request, with the model name it knows and that model's price."""
 
     provider: str
     upstream_model: str
@@ -29,22 +31,34 @@ class Plan:
     route: str
     targets: tuple[Target, ...]
 
+    @cached_property
+    def prices(self) -> tuple[ModelPrice, ...]:
+        """The targets' distinct prices (usually one: a model costs the same on every provider)."""
+        return tuple({id(target.price): target.price for target in self.targets}.values())
+
 
 def plan_for(settings: Settings, model: str) -> Plan:
-    """The plan for `model`; a model with no route or no price is refused before any upstream call."""
+    """The plan for `model`, every target priced (see `target_price`); else refused before any upstream call.
+
+    A target is never skipped for want of a price: failover may reach any of them, so each must be priced.
+    """
     route = settings.route_for(model)
     if route is None:
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
     targets = []
     for target in route.targets:
-        upstream_model = target.upstream_model or model
-        price = settings.price_for(upstream_model) or settings.price_for(model)
-        if price is not None:
-            targets.append(Target(target.provider, upstream_model, price))
-    if not targets:
-        raise NotFound(f"The model '{model}' has no price configured, so the gateway will not serve it.",
-                       param="model")
+        price = target_price(settings.pricing, model, target.upstream_model)
+        if price is None:
+            raise NotFound(_unpriced(model, target), param="model")
+        targets.append(Target(target.provider, target.upstream_model or model, price))
     return Plan(model, route.pattern, tuple(targets))
+
+
+def _unpriced(model: str, target: RouteTarget) -> str:
+    if target.upstream_model is None:
+        return f"The model '{model}' has no price configured, so the gateway will not serve it."
+    return (f"The model '{model}' has no price configured for provider '{target.provider}' (neither "
+            f"'{target.upstream_model}' nor '{model}' has a price), so the gateway will not serve it.")
 
 
 class PlanCache:

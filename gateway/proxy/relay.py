@@ -1,34 +1,40 @@
-"""Passing an upstream answer to the client: JSON whole, SSE event by event as it arrives."""
+"""Passing an upstream answer to the client: JSON whole, SSE event by event as it arrives (see stream_meter)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.errors import UpstreamFailure
-from gateway.pricing import Usage
+from gateway.errors import UpstreamFailure, error_body
 from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.request import media_type_of
-from gateway.proxy.usage import usage_from
+from gateway.proxy.stream_meter import (
+    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, inspect_event,
+)
+from gateway.proxy.usage import UNREADABLE, ReadUsage, usage_from
 from gateway.redact import Redactor
 
-__all__ = ["PASSED_HEADERS", "StreamOutcome", "relay_json", "relay_stream", "is_event_stream"]
+__all__ = ["PASSED_HEADERS", "relay_json", "relay_stream", "is_event_stream"]
 
 # Upstream headers a client may see; everything else (cookies, server, provider internals) stays here.
 PASSED_HEADERS = ("Content-Type", "Retry-After", "retry-after-ms", "x-ratelimit-limit-requests",
                   "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                   "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 _PASSED = {name.lower(): name for name in PASSED_HEADERS}
-_DONE = b"data: [DONE]"
-_NULL_USAGE = (b'"usage":null', b'"usage": null')
-TRUNCATED_EVENT = orjson.dumps({"error": {
-    "message": "The upstream stream ended before it was complete; the answer is truncated.",
-    "type": "upstream_error", "param": None, "code": "stream_truncated"}})
+_ENDINGS = (
+    (STREAM_TRUNCATED, "upstream_error",
+     "The upstream stream ended before it was complete; the answer is truncated."),
+    (STREAM_BUDGET_EXHAUSTED, "budget_exceeded",
+     "The stream reached the output its request reserved (max_tokens x n, else the policy's or the model's "
+     "max_output_tokens); the gateway ended it."),
+    (STREAM_TIMEOUT, "upstream_error", "The stream ran longer than its provider's stream_s; the gateway ended it."),
+)
+_ERROR_EVENTS = {code: b"data: " + orjson.dumps(error_body(message, type_, code)) + b"\n\n"
+                 for code, type_, message in _ENDINGS}
 
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
@@ -46,7 +52,7 @@ def is_event_stream(response: aiohttp.ClientResponse) -> bool:
 
 
 async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra_headers: dict[str, str],
-                     max_bytes: int) -> tuple[web.Response, Usage | None]:
+                     max_bytes: int) -> tuple[web.Response, ReadUsage]:
     """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success.
 
     An answer that cannot be read whole (over `max_bytes`, cut short, stalled) is an UpstreamFailure.
@@ -73,7 +79,7 @@ async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> byte
                               code="upstream_truncated") from None
 
 
-def usage_of_answer(body: bytes) -> Usage | None:
+def usage_of_answer(body: bytes) -> ReadUsage:
     """The usage block of a whole JSON answer, parsed from the answer's tail when it can be.
 
     Providers put `usage` last, after the long choices. `"usage"` with both quotes never occurs inside
@@ -91,18 +97,7 @@ def usage_of_answer(body: bytes) -> Usage | None:
     try:
         return usage_from(orjson.loads(body))
     except orjson.JSONDecodeError:
-        return None
-
-
-@dataclass
-class StreamOutcome:
-    """What a relayed stream delivered: usage when the upstream sent it, else an estimate."""
-
-    usage: Usage | None = None
-    content_events: int = 0
-    complete: bool = False           # [DONE] was relayed
-    client_gone: bool = False
-    first_write_at: float | None = None   # perf_counter() when the first event went to the client
+        return UNREADABLE if at >= 0 else None   # a usage key in a body that is no JSON: unknown, not absent
 
 
 class _SseSplitter:
@@ -126,52 +121,50 @@ class _SseSplitter:
         return [tail + b"\n\n"] if tail else []
 
 
-def _inspect(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
-    """Update `outcome` from one event; False when the event must not reach the client."""
-    if event.startswith(_DONE):
-        outcome.complete = True
-        return True
-    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
-        try:
-            chunk = orjson.loads(event[event.index(b"{"):])
-        except (ValueError, orjson.JSONDecodeError):
-            return True
-        outcome.usage = usage_from(chunk) or outcome.usage
-        if not chunk.get("choices"):
-            return wants_usage
-    outcome.content_events += 1
-    return True
-
-
 async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse, wants_usage: bool,
                        redactor: Redactor, outcome: StreamOutcome) -> None:
-    """Relay SSE events into `outcome` as they arrive; a stream that ends early gets an error event.
+    """Relay SSE events into `outcome` as they arrive, within its limits; a stream that ends early, or that
+    the gateway ends (its reserved output spent, its time up), gets an error event.
 
     `outcome` belongs to the caller, so what was relayed is known even if this is cancelled.
     """
     splitter = _SseSplitter()
+    timer = asyncio.timeout(outcome.limits.stream_s)   # one timer per stream, nothing per event
     try:
-        async for chunk in upstream.content.iter_any():
-            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
-        await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
+        async with timer:
+            async for chunk in upstream.content.iter_any():
+                await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
+                if outcome.ended_by is not None:
+                    break
+            else:
+                await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
     except _ClientGone:
         outcome.client_gone = True
         return
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        pass  # the upstream broke off: reported to the client below
+        if timer.expired():
+            outcome.ended_by = STREAM_TIMEOUT
+        # else the upstream broke off: reported to the client below
+    if outcome.ended_by is not None:
+        upstream.close()                     # the gateway ended it: the upstream must stop generating
     if not outcome.complete:
-        await _write_truncated(client, outcome)
+        await _write_error(client, outcome)
 
 
 async def _forward(events: list[bytes], client: web.StreamResponse, outcome: StreamOutcome,
                    wants_usage: bool, redactor: Redactor) -> None:
-    """Write the events the client should see, as one write."""
-    out = b"".join(e for e in events if _inspect(e, outcome, wants_usage))
+    """Write the events the client should see, as one write, up to an event that ends the stream."""
+    out = []
+    for event in events:
+        if inspect_event(event, outcome, wants_usage):
+            out.append(event)
+        elif outcome.ended_by is not None:
+            break
     if out:
         if outcome.first_write_at is None:
             outcome.first_write_at = time.perf_counter()
         try:
-            await client.write(redactor.bytes(out))
+            await client.write(redactor.bytes(b"".join(out)))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             raise _ClientGone from None
 
@@ -180,8 +173,10 @@ class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
 
 
-async def _write_truncated(client: web.StreamResponse, outcome: StreamOutcome) -> None:
+async def _write_error(client: web.StreamResponse, outcome: StreamOutcome) -> None:
+    """End the stream with the error event of `outcome.ended_by` (the upstream broke off, if unset)."""
+    outcome.ended_by = outcome.ended_by or STREAM_TRUNCATED
     try:
-        await client.write(b"data: " + TRUNCATED_EVENT + b"\n\n")
+        await client.write(_ERROR_EVENTS[outcome.ended_by])
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         outcome.client_gone = True

@@ -1,0 +1,164 @@
+"""Metering a relayed stream, event by event: what it delivered, and when the gateway must end it.
+
+The relay hands every SSE event to `inspect_event`. Output is counted as it goes: from a usage chunk sent
+along with the output when the upstream sends one, else one token per event that carries output (the
+estimate charged when no usage arrives). Events are parsed only where counting cannot do without:
+
+    before the first output      each event is parsed: role, filter and comment events carry none, so
+                                 they are never counted
+    within the reserved output   counted, not parsed (the hot path: two byte searches and a comparison)
+    past it (+ EVENT_SLACK)      each event is parsed: one without output (a finish or filter chunk)
+                                 passes; one with output ends the stream (`stream_budget_exhausted`)
+    a usage chunk with output    its completion tokens past the reserved output, or its cost past the
+                                 reserved amount, end the stream
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+from gateway.config.model import ModelPrice
+from gateway.pricing import Usage, cost_nano
+from gateway.proxy.usage import UNREADABLE, usage_from
+
+__all__ = ["StreamLimits", "StreamOutcome", "inspect_event", "carries_output", "EVENT_SLACK",
+           "STREAM_TRUNCATED", "STREAM_BUDGET_EXHAUSTED", "STREAM_TIMEOUT"]
+
+STREAM_TRUNCATED = "stream_truncated"                 # the upstream broke off
+STREAM_BUDGET_EXHAUSTED = "stream_budget_exhausted"   # the stream passed what its request reserved
+STREAM_TIMEOUT = "stream_timeout"                     # the stream ran past its provider's stream_s
+EVENT_SLACK = 1   # output events past the reserved output: one event without tokens mid-stream is no runaway
+_DONE = b"data: [DONE]"
+_DATA_JSON = b"data: {"
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+_OUTPUT_FIELDS = ("content", "text", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning",
+                  "audio")
+
+
+class StreamLimits(NamedTuple):
+    """What one stream may relay: the output its request reserved, the cost reserved, and for how long."""
+
+    output_tokens: int       # completion tokens reserved (max_tokens x n, or the policy or model cap)
+    usd_nano: int            # the reserved amount
+    price: ModelPrice        # of the model serving it
+    stream_s: float          # wall clock, from the response head
+
+
+@dataclass
+class StreamOutcome:
+    """What a relayed stream delivered: usage when the upstream sent it, else an estimate."""
+
+    limits: StreamLimits
+    usage: Usage | None = None
+    usage_unreadable: bool = False   # a usage chunk that could not be read: the usage is unknown
+    content_events: int = 0          # events that carried output, from the first one on (the estimate)
+    # Events are counted without parsing them while content_events < event_cap; the others are parsed:
+    # before the first output event (-1: role and filter chunks are free) and past the reserved output.
+    event_cap: int = -1
+    complete: bool = False           # [DONE] was relayed
+    client_gone: bool = False
+    ended_by: str | None = None      # the code of the error event that ended the stream, if one did
+    first_write_at: float | None = None   # perf_counter() when the first event went to the client
+
+
+def inspect_event(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
+    """Update `outcome` from one event; False when the event must not reach the client (or ends the stream).
+
+    The hot path (an event of JSON without usage, within the reserved output) is two byte searches, a
+    comparison and an increment; only the few other events are parsed.
+    """
+    if not event.startswith(_DATA_JSON):
+        return _unusual(event, outcome, wants_usage)
+    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
+        return _with_usage(event, outcome, wants_usage)
+    if outcome.content_events < outcome.event_cap:
+        outcome.content_events += 1
+        return True
+    return _checked(event, None, outcome)
+
+
+def _unusual(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
+    """An event that is not `data: {...`: [DONE], a comment (keep-alive), or data written another way."""
+    if event.startswith(_DONE):
+        outcome.complete = True
+        return True
+    if b"data:" not in event:                # no data, so no output
+        return True
+    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
+        return _with_usage(event, outcome, wants_usage)
+    return _counted(event, None, outcome)
+
+
+def _with_usage(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
+    """An event with a usage block: read it; a usage-only chunk reaches the client only if it asked."""
+    chunk = _json(event)
+    if isinstance(chunk, dict):
+        _read_usage(chunk, outcome)
+        if outcome.ended_by is not None:
+            return False
+        if not chunk.get("choices"):
+            return wants_usage
+    return _counted(event, chunk, outcome)
+
+
+def _counted(event: bytes, chunk: Any, outcome: StreamOutcome) -> bool:
+    """Count an event as output while within the reserved output; check it otherwise (see `_checked`)."""
+    if outcome.content_events < outcome.event_cap:
+        outcome.content_events += 1
+        return True
+    return _checked(event, chunk, outcome)
+
+
+def _json(event: bytes) -> Any:
+    """The JSON of an event's data, or None."""
+    try:
+        return orjson.loads(event[event.index(b"{"):])
+    except ValueError:                       # no JSON object (a comment line), or not valid JSON
+        return None
+
+
+def _read_usage(chunk: dict[str, Any], outcome: StreamOutcome) -> None:
+    """Keep a usage chunk's counts; one that runs along with output past what was reserved ends the stream
+    (undelivered, so the usage kept is the last one delivered)."""
+    usage = usage_from(chunk)
+    if usage is UNREADABLE:
+        outcome.usage_unreadable = True
+    elif isinstance(usage, Usage):
+        limits = outcome.limits
+        if chunk.get("choices") and (usage.completion_tokens > limits.output_tokens
+                                     or cost_nano(limits.price, usage) > limits.usd_nano):
+            outcome.ended_by = STREAM_BUDGET_EXHAUSTED
+        else:
+            outcome.usage = usage
+
+
+def _checked(event: bytes, chunk: Any, outcome: StreamOutcome) -> bool:
+    """An event parsed for output: before the first output it is free, past the reserved output it ends the stream.
+
+    Events without output (the role chunk, finish and content-filter chunks, comments) always pass.
+    """
+    if not carries_output(_json(event) if chunk is None else chunk):
+        return True
+    if outcome.event_cap < 0:                # the first output: counting starts
+        outcome.event_cap = outcome.limits.output_tokens + EVENT_SLACK
+        outcome.content_events += 1
+        return True
+    outcome.ended_by = STREAM_BUDGET_EXHAUSTED
+    return False
+
+
+def carries_output(chunk: Any) -> bool:
+    """Whether a chunk's choices hold generated output (text, tool calls, reasoning): what costs tokens."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            part = delta if isinstance(delta, dict) else choice   # /v1/completions: text on the choice
+            if any(part.get(name) for name in _OUTPUT_FIELDS):
+                return True
+    return False
