@@ -255,7 +255,7 @@ def _route(pattern: str, node: Node, providers: Mapping[str, ProviderConfig], pr
     if not node.elements():
         node.report("must list at least one provider")
     found = [target for target in (_target(element, providers) for element in node.elements()) if target]
-    if prices is not None and not _GLOB_CHARS & set(pattern):
+    if prices is not None and not is_glob(pattern):
         _check_priced(pattern, node, found, prices)
     for name, provider, first in repeats((name, target.provider) for name, target in found):
         name.report(f"provider {name.quoted(provider)} is already listed at {first.path}")
