@@ -24,7 +24,7 @@ What one run does (`bench/run.sh`, which calls `bench.py run`):
 
 `--soak N` instead drives the gateway alone until N requests (bounded by --soak-max-s) and checks
 that its RSS after N requests is within 10 % of its RSS after the first 50,000.
-`--instructions` instead counts, under callgrind, the instructions per chat request (16 connections) of
+`--instructions` instead counts, under callgrind, the instructions per request of each --scenarios (16 connections) of
 the bare proxy, the gateway, the gateway with its access log or its budgets off and (with --baseline)
 gateway-base: a figure that the noise of a shared machine cannot move, and what each feature costs.
 `--profile` adds a py-spy recording of the gateway under load (py-spy on PATH or --py-spy).
@@ -618,11 +618,12 @@ class Bench:
         move. The bare proxy, the gateway, the gateway with one feature off each (what that feature costs) and
         the --baseline build (what a change costs)."""
         # each bounded: start-up, then two bounded wrk runs
-        return [self._count_instructions(name) for name in self.args.instruction_targets]
+        return [self._count_instructions(name, scenario) for scenario in self.args.scenarios
+                for name in self.args.instruction_targets]
 
-    def _count_instructions(self, name: str) -> dict[str, Any]:
-        """Start `name` under callgrind, warm it up, count the instructions of one wrk run, stop it."""
-        dump = self.out / "callgrind" / f"{name}.out"
+    def _count_instructions(self, name: str, scenario: str) -> dict[str, Any]:
+        """Start `name` under callgrind, warm it up, count the instructions of one `scenario` run, stop it."""
+        dump = self.out / "callgrind" / f"{name}-{scenario}.out"
         dump.parent.mkdir(exist_ok=True)
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}"]
         if name == "bare":
@@ -630,7 +631,7 @@ class Bench:
         else:
             self._start_gateway(name, self.sut_cpus, wrap=wrap, ready_s=CALLGRIND_READY_S)
         target = self.targets[name]
-        body, seconds = SCENARIOS["chat"], max(self.args.duration, CALLGRIND_MIN_S)
+        body, seconds = SCENARIOS[scenario], max(self.args.duration, CALLGRIND_MIN_S)
         run_wrk(target, body, 16, self.args.warmup, self.loadgen_cpus, self.args.drain, timeout_s=30)
         wait_idle([target.proc], max_s=20)
         callgrind_control("-z", target.proc.pid)      # count from here: no start-up, no warm-up
@@ -644,8 +645,8 @@ class Bench:
         if errors:
             self.failures.append(f"instructions {name}: {errors} non-2xx or socket errors ({wrk})")
         per_request = instructions / max(1, wrk["requests"])
-        log(f"{name:24} {wrk['requests']:6,} requests  {per_request:12,.0f} instructions/request")
-        return {"target": name, "requests": wrk["requests"], "instructions": instructions,
+        log(f"{name:24} {scenario:6} {wrk['requests']:6,} requests  {per_request:12,.0f} instructions/request")
+        return {"target": name, "scenario": scenario, "requests": wrk["requests"], "instructions": instructions,
                 "per_request": per_request}
 
     # --- profile ---

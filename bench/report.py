@@ -250,17 +250,19 @@ def _memory_table(bench: Bench) -> list[str]:
 
 def _instructions_table(rows: list[dict[str, Any]]) -> list[str]:
     """Instructions per request of every target counted, against bare (and gateway against gateway-base)."""
-    per_request = {row["target"]: row["per_request"] for row in rows}
-    bare = per_request.get("bare")
-    lines = ["Instructions per chat request at 16 connections (callgrind; user space, every thread; the kernel's "
-             "share is not counted):", "", "| target | requests counted | instructions / request | x bare |",
-             "|---|---:|---:|---:|"]
+    per_request = {(row["target"], row["scenario"]): row["per_request"] for row in rows}
+    lines = ["Instructions per request at 16 connections (callgrind; user space, every thread; the kernel's "
+             "share is not counted):", "", "| scenario | target | requests counted | instructions / request | x bare |",
+             "|---|---|---:|---:|---:|"]
     for row in rows:
+        bare = per_request.get(("bare", row["scenario"]))
         ratio = f"{row['per_request'] / bare:.2f}" if bare else "-"
-        lines.append(f"| {row['target']} | {row['requests']:,} | {row['per_request']:,.0f} | {ratio} |")
-    if GATEWAY in per_request and BASELINE in per_request:
-        change = per_request[GATEWAY] / per_request[BASELINE] - 1
-        lines += ["", f"{GATEWAY} against {BASELINE}: {change:+.1%} instructions per request."]
+        lines.append(f"| {row['scenario']} | {row['target']} | {row['requests']:,} | {row['per_request']:,.0f} "
+                     f"| {ratio} |")
+    for scenario in dict.fromkeys(row["scenario"] for row in rows):
+        if (GATEWAY, scenario) in per_request and (BASELINE, scenario) in per_request:
+            change = per_request[(GATEWAY, scenario)] / per_request[(BASELINE, scenario)] - 1
+            lines += ["", f"{scenario}: {GATEWAY} against {BASELINE}: {change:+.1%} instructions per request."]
     return lines
 
 
