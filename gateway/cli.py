@@ -141,6 +141,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gateway.config.schema import schema_text
+
+    sys.stdout.write(schema_text(args.kind))
+    return 0
+
+
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import run_mock
 
@@ -196,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and print a summary")
     check.add_argument("--config", default="config.yaml")
     check.set_defaults(func=cmd_check)
+    schema = sub.add_parser("schema", help="print the JSON Schema of config.yaml, a policy file or a pricing file")
+    schema.add_argument("kind", nargs="?", default="config", choices=["config", "policy", "pricing"])
+    schema.set_defaults(func=cmd_schema)
     status = sub.add_parser("status", help="how much budget is left, until when; provider breakers")
     status.add_argument("--url", default="http://127.0.0.1:8080")
     status.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
