@@ -22,7 +22,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, ValidationInfo, W
 from pydantic_core import InitErrorDetails, core_schema
 
 __all__ = [
-    "STRICT", "FileContext", "Problems", "file_context", "problem", "unknown_key", "checked", "read_as",
+    "STRICT", "FileContext", "Problems", "file_context", "problem", "unknown_key", "checked", "again", "read_as",
     "file_form",
 ]
 
@@ -70,17 +70,20 @@ def checked(handler: Callable[[Any], T], data: Any, problems: Problems, inline: 
     try:
         result = handler(data)
     except ValidationError as exc:
-        errors += [_again(error, inline) for error in exc.errors()]
+        errors += [again(error, _unless(error["loc"], inline)) for error in exc.errors()]
     if errors:
         raise ValidationError.from_exception_data("config", errors)
     return result
 
 
-def _again(error: Any, inline: str | None) -> InitErrorDetails:
-    """An error pydantic reported, in the form that raises it again."""
-    kind, loc = error["type"], tuple(error["loc"])
-    if inline is not None and loc[:1] == (inline,):
-        loc = loc[1:]
+def _unless(loc: Loc, inline: str | None) -> Loc:
+    """`loc` without its first step when that is `inline`."""
+    return tuple(loc[1:]) if inline is not None and loc[:1] == (inline,) else tuple(loc)
+
+
+def again(error: Any, loc: Loc) -> InitErrorDetails:
+    """An error pydantic reported, to raise again at `loc`."""
+    kind = error["type"]
     if kind not in _BUILTIN_ERRORS:
         return problem(loc, error["msg"])
     return InitErrorDetails(type=kind, loc=loc, input=error.get("input"), ctx=error.get("ctx") or {})
@@ -99,6 +102,7 @@ def read_as(file_type: Any, convert: Callable[[Any], Any]) -> WrapValidator:
     adapter: TypeAdapter[Any] = TypeAdapter(file_type)
 
     def validate(value: Any, handler: Callable[[Any], Any], info: ValidationInfo) -> Any:
+        """The file form validated and converted; a value built in code as it is."""
         if file_context(info) is None and not isinstance(value, Mapping):
             return handler(value)
         return handler(convert(adapter.validate_python(value, context=info.context, by_name=False)))

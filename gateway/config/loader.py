@@ -44,7 +44,7 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     loading = _Loading(config.parent, FileContext(config.absolute().parent, os.environ if env is None else env))
     settings = loading.load(config, str(path))
     if settings is None or loading.issues:
-        raise ConfigError(loading.issues)
+        raise ConfigError(sorted(loading.issues, key=lambda issue: issue.file != str(path)))   # config.yaml's first
     return settings
 
 

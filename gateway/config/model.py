@@ -20,7 +20,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import CoreSchema
 
-from gateway.config.base import STRICT, Problems, checked, file_context, file_form, problem, read_as
+from gateway.config.base import STRICT, Problems, again, checked, file_context, file_form, problem, read_as
 from gateway.config.digest import key_digest
 from gateway.config.fields import (
     Count, Fraction, HttpUrl, Money, Name, Path, RedisUrl, Seconds, Sha256, Share, TimeZone, Webhook,
@@ -376,7 +376,7 @@ class Policy:
             try:
                 fields |= {"on_exceed": "downgrade", "downgrade_to": _DOWNGRADE.validate_python(choice).downgrade}
             except ValidationError as exc:
-                problems += [problem(("on_exceed", *error["loc"]), error["msg"]) for error in exc.errors()]
+                problems += [again(error, ("on_exceed", *error["loc"])) for error in exc.errors()]
         elif choice != "block":
             problems.append(problem(("on_exceed",), "must be 'block' or a mapping {downgrade: <model>}"))
         return checked(handler, fields, problems)
