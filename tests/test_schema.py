@@ -1,4 +1,4 @@
-"""The published JSON Schema: what `gateway schema` prints is what the repository ships, and it takes the shipped files."""
+"""The published JSON Schema: `gateway schema` prints what the repository ships, and it takes the shipped files."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class Resolved:
 
 
 def resolve(document: Any, env: Mapping[str, str]) -> Resolved:
-    """`document` with references resolved; a mapping's value naming an unset variable is left out (its default applies)."""
+    """`document` with references resolved; a value naming an unset variable is left out (its default applies)."""
     resolved = Resolved(None)
     resolved.value = _walk(document, (), env, resolved)
     return resolved

@@ -30,7 +30,8 @@ from gateway.config.hosts import is_loopback
 __all__ = [
     "ServerConfig", "StoreConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
     "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "AlertConfig", "Downgrade", "Policy",
-    "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings", "LOCAL_CALLER", "ADMIN_CALLER",
+    "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
+    "LOCAL_CALLER", "ADMIN_CALLER",
 ]
 
 Handler = Callable[[Any], Any]
