@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from aiohttp import web
 
-from gateway.config.model import CallerIdentity, Settings
+from gateway.config.digest import key_digest
+from gateway.config.model import ADMIN_CALLER, LOCAL_CALLER, CallerIdentity, Settings
 from gateway.errors import Unauthorized
 
 __all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "token_digest", "authenticate", "KnownTokens"]
 
 MAX_KNOWN_TOKENS = 1024
-
-LOCAL_CALLER = CallerIdentity(name="local")
-ADMIN_CALLER = CallerIdentity(name="admin", admin=True)
-
-
-def key_digest(key: str) -> str:
-    """Hex SHA-256 of a client key: the only form in which keys are kept."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def token_digest(token: str) -> str | None:

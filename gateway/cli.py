@@ -51,12 +51,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    server = dataclasses.replace(settings.server, host=args.host or settings.server.host,
-                                 port=args.port or settings.server.port)
-    if server.auth == "none" and not is_loopback(server.host):
-        print(f"{args.config}: server.auth: 'none' is only allowed on a loopback host, not {server.host}",
+    host = args.host or settings.server.host
+    if settings.server.auth == "none" and not is_loopback(host):
+        print(f"{args.config}: server.auth: 'none' is only allowed on a loopback host, not {host}",
               file=sys.stderr)
         return 2
+    server = dataclasses.replace(settings.server, host=host, port=args.port or settings.server.port)
     settings = dataclasses.replace(settings, server=server)
     if args.workers > 1:
         from gateway.workers import WorkerSpec, supervise
@@ -141,6 +141,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gateway.config.schema import schema_text
+
+    sys.stdout.write(schema_text(args.kind))
+    return 0
+
+
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import run_mock
 
@@ -168,6 +175,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
     parser.add_argument("--log-level", default="INFO")
@@ -175,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve the gateway")
     run.add_argument("--config", default="config.yaml")
     run.add_argument("--host")
-    run.add_argument("--port", type=int)
+    run.add_argument("--port", type=port_number)
     run.add_argument("--reuse-port", action="store_true", help="share the port with other processes")
     run.add_argument("--workers", type=positive_int, default=1, metavar="N",
                      help="serve with N processes sharing the port (SO_REUSEPORT) under one supervisor")
@@ -188,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and print a summary")
     check.add_argument("--config", default="config.yaml")
     check.set_defaults(func=cmd_check)
+    schema = sub.add_parser("schema", help="print the JSON Schema of config.yaml, a policy file or a pricing file")
+    schema.add_argument("kind", nargs="?", default="config", choices=["config", "policy", "pricing"])
+    schema.set_defaults(func=cmd_schema)
     status = sub.add_parser("status", help="how much budget is left, until when; provider breakers")
     status.add_argument("--url", default="http://127.0.0.1:8080")
     status.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")

@@ -1,87 +1,185 @@
-"""The frozen, typed configuration the gateway runs on (built and validated by `gateway.config.loader`)."""
+"""The frozen, typed configuration the gateway runs on: every key declared once, with its type, default and rule.
+
+A key is one field here. Its type and constraints validate `config.yaml`, the pricing and policy files
+(`gateway.config.loader`), and make the published JSON Schema (`gateway schema`). Rules that look across
+sections or files (routes -> providers, prices, what a policy can match) are in `gateway.config.checks`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler, TypeAdapter, ValidationError
+from pydantic import ValidationInfo, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import CoreSchema
+
+from gateway.config.base import STRICT, Problems, again, checked, file_context, file_form, problem, read_as
+from gateway.config.digest import key_digest
+from gateway.config.fields import (
+    Count, Fraction, HttpUrl, Money, Name, Path, RedisUrl, Seconds, Sha256, Share, TimeZone, Webhook,
+)
+from gateway.config.hosts import is_loopback
 
 __all__ = [
     "ServerConfig", "StoreConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
-    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "AlertConfig", "Policy",
-    "RetryConfig", "BreakerConfig", "Settings",
+    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "AlertConfig", "Downgrade", "Policy",
+    "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
+    "LOCAL_CALLER", "ADMIN_CALLER",
 ]
 
+Handler = Callable[[Any], Any]
+_PLAINTEXT_KEYS = {"admin_key": "admin_key_sha256", "metrics_key": "metrics_key_sha256"}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=STRICT)
 class ServerConfig:
     """How the gateway listens and talks to clients."""
 
     host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 4 * 1024 * 1024
-    client_timeout_s: float = 60.0           # how long a client may take to send its request body
-    header_timeout_s: float = 10.0           # how long a client may take to send its request line and headers
-    keepalive_timeout_s: float = 75.0        # an idle kept-alive client connection is closed after this
-    max_connections: int = 4096              # open client connections (lowered to what the file limit allows)
-    shutdown_grace_s: float = 30.0           # on SIGTERM, how long requests in flight may take to finish
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: Count = 4 * 1024 * 1024
+    client_timeout_s: Seconds = 60.0
+    """How long a client may take to send its request body."""
+    header_timeout_s: Seconds = 10.0
+    """How long a client may take to send its request line and headers."""
+    keepalive_timeout_s: Seconds = 75.0
+    """An idle kept-alive client connection is closed after this."""
+    max_connections: Count = 4096
+    """Open client connections (lowered to what the open-file limit allows)."""
+    shutdown_grace_s: Share = 30.0
+    """On SIGTERM, how long requests in flight may take to finish."""
     auth: Literal["keys", "none"] = "keys"
-    admin_key_sha256: str | None = None      # hex digest; from `admin_key` (env) or `admin_key_sha256`
-    metrics_key_sha256: str | None = None    # set: GET /metrics needs this bearer key (`metrics_key` or digest)
+    """`none` only on a loopback host."""
+    admin_key_sha256: Sha256 | None = None
+    """The admin key's digest; or `admin_key`, its plaintext (from the environment)."""
+    metrics_key_sha256: Sha256 | None = None
+    """Set: GET /metrics needs this bearer key; or `metrics_key`, its plaintext."""
     access_log: bool = True
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_file(cls, data: Any, handler: Handler, info: ValidationInfo) -> Any:
+        """In a file a key may be given as plaintext (`admin_key`), kept only as its digest."""
+        fields, problems = file_form(data, info, ())
+        if fields is None:
+            return handler(data)
+        for plain, digest in _PLAINTEXT_KEYS.items():
+            text = fields.pop(plain, None)
+            if text is not None and not isinstance(text, str):
+                problems.append(problem((plain,), "must be a string"))
+            elif text and fields.get(digest) is not None:
+                problems.append(problem((plain,), f"set {plain} or {digest}, not both"))
+            elif text:
+                fields[digest] = key_digest(text)
+        return checked(handler, fields, problems)
 
-@dataclass(frozen=True)
+    @model_validator(mode="after")
+    def _auth_none_on_loopback(self) -> Self:
+        """No client keys only where no other machine can reach the gateway."""
+        if self.auth == "none" and not is_loopback(self.host):
+            raise _at(("auth",), "'none' is only allowed when server.host is a loopback address "
+                                 "(127.0.0.0/8, ::1, localhost)")
+        return self
+
+    @staticmethod
+    def __get_pydantic_json_schema__(schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The plaintext spellings of the two keys, beside their digests."""
+        json_schema = handler(schema)
+        own = handler.resolve_ref_schema(json_schema)
+        for plain, digest in _PLAINTEXT_KEYS.items():
+            own["properties"][plain] = {"type": "string", "description": f"plaintext of {digest}, kept only as "
+                                                                        "its SHA-256 (use ${VAR})"}
+        return json_schema
+
+
+@dataclass(frozen=True, config=STRICT)
 class StoreConfig:
     """Where budget counters live: Redis when `url` is set, else the embedded SQLite file at `path`."""
 
-    url: str | None = None                   # redis://, rediss://, redis+cluster://, redis+sentinel://
-    path: str = "./data/gateway.db"
-    timeout_s: float = 0.25                  # socket connect/read timeout for each store call
-    pool_size: int = 64
+    url: RedisUrl = None
+    """redis://, rediss://, redis+cluster://, redis+sentinel://; empty: the embedded store."""
+    path: Path = "./data/gateway.db"
+    timeout_s: Seconds = 0.25
+    """Socket connect/read timeout for each store call."""
+    pool_size: Count = 64
     on_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
-    fail_open_allowance: Decimal = Decimal("0.01")   # share of each limit one replica may spend blind
-    lease_s: float = 900.0                   # a reservation not settled by then turns into spend
-    reserve_ahead: bool = True               # keep a spare reservation for the next request (budget/spares.py)
-    reserve_ahead_idle_s: float = 1.0        # a spare not taken by then is released
-    journal_path: str = "./data/journal.jsonl"
-    ledger_max_entries: int = 1_000_000      # spend ledger rows kept (the oldest are trimmed)
+    fail_open_allowance: Decimal = Field(default=Decimal("0.01"), ge=0, le=1)
+    """Share of each limit one replica may spend blind."""
+    lease_s: Seconds = 900.0
+    """A reservation not settled by then turns into spend."""
+    reserve_ahead: bool = True
+    """Keep a spare reservation for the next request (budget/spares.py)."""
+    reserve_ahead_idle_s: Seconds = 1.0
+    """A spare not taken by then is released."""
+    journal_path: Path = "./data/journal.jsonl"
+    ledger_max_entries: Count = 1_000_000
+    """Spend ledger rows kept (the oldest are trimmed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class ProviderTimeouts:
     """aiohttp client timeouts for one provider, in seconds."""
 
-    connect_s: float = 5.0
-    read_s: float = 120.0                    # between two reads (a stalled stream)
-    total_s: float = 600.0
-    stream_s: float = 600.0                  # relaying one stream, from its response head (see README)
+    connect_s: Seconds = 5.0
+    read_s: Seconds = 120.0
+    """Between two reads (a stalled stream)."""
+    total_s: Seconds = 600.0
+    stream_s: Seconds = 600.0
+    """Relaying one stream, from its response head (see README)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class ProviderConfig:
     """An OpenAI-compatible upstream. `api_key` comes from the environment; never log it."""
 
-    name: str
-    base_url: str                            # ends before /chat/completions, e.g. https://api.openai.com/v1
-    api_key: str = field(default="", repr=False)
-    headers: tuple[tuple[str, str], ...] = ()
+    base_url: HttpUrl
+    """Ends before /chat/completions, e.g. https://api.openai.com/v1."""
+    api_key: str = Field(default="", repr=False)
+    headers: Annotated[tuple[tuple[str, str], ...], read_as(dict[str, str], lambda m: tuple(m.items()))] = ()
+    """Sent with every call; values are kept as secret as api_key."""
     timeouts: ProviderTimeouts = ProviderTimeouts()
-    max_connections: int = 256
-    max_response_bytes: int = 32 * 1024 * 1024   # a larger non-streamed answer is a 502
+    max_connections: Count = 256
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """A larger non-streamed answer is a 502; below 1024 even a short answer would be refused."""
+    name: SkipJsonSchema[str] = Field(default="", kw_only=True)
+    """Its key under `providers`."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_file(cls, data: Any, handler: Handler, info: ValidationInfo) -> Any:
+        """In a file the name is the provider's key under `providers`."""
+        fields, problems = file_form(data, info, ("name",))
+        return handler(data) if fields is None else checked(handler, fields, problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class RouteTarget:
-    """One provider of a route, with the model name that provider knows."""
+    """One provider of a route, with the model name that provider knows; in a file, a name or a mapping."""
 
     provider: str
-    upstream_model: str | None = None        # None: the client's model name is forwarded as is
+    upstream_model: str | None = Field(default=None, validation_alias="model")
+    """None: the client's model name is forwarded as is."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name(cls, data: Any) -> Any:
+        """A provider named alone."""
+        return {"provider": data} if isinstance(data, str) else data
+
+    @staticmethod
+    def __get_pydantic_json_schema__(schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """A provider name, or {provider, model}."""
+        return {"anyOf": [{"type": "string", "description": "a provider name"}, handler(schema)]}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Route:
     """A model name or glob and the providers that serve it, primary first."""
 
@@ -93,14 +191,16 @@ class Route:
         return model == self.pattern or fnmatch.fnmatchcase(model, self.pattern)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class ModelPrice:
     """USD per 1M tokens, exact Decimals as written in the pricing file."""
 
-    input: Decimal
-    output: Decimal
-    cached_input: Decimal | None = None      # None: cached tokens cost the input price
-    max_output_tokens: int = 4096            # worst case reserved when a request has no max_tokens
+    input: Money
+    output: Money
+    cached_input: Money | None = None
+    """None: cached tokens cost the input price."""
+    max_output_tokens: int = Field(default=4096, ge=0)
+    """Worst case reserved when a request has no max_tokens."""
 
     @cached_property
     def whole_nano_per_token(self) -> tuple[int, int, int] | None:
@@ -112,109 +212,286 @@ class ModelPrice:
         return int(rates[0]), int(rates[1]), int(rates[2])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class CallerIdentity:
     """Who is calling: what policies match on and what the access log names."""
 
-    name: str
+    name: Name
     team: str | None = None
     tags: tuple[str, ...] = ()
     admin: bool = False
 
 
-@dataclass(frozen=True)
+LOCAL_CALLER = CallerIdentity(name="local")
+"""A request without a known key, under `auth: none`."""
+ADMIN_CALLER = CallerIdentity(name="admin", admin=True)
+"""A request with the admin key."""
+
+
+@dataclass(frozen=True, config=STRICT)
 class ApiKey:
-    """A client key known only by its SHA-256 hex digest."""
+    """A client key known only by its SHA-256 hex digest; in a file `{name, team, tags, admin, sha256 | key_env}`."""
 
-    sha256: str = field(repr=False)
-    identity: CallerIdentity = CallerIdentity("anonymous")
+    sha256: Sha256 = Field(repr=False)
+    identity: CallerIdentity = CallerIdentity(name="anonymous")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_file(cls, data: Any, handler: Handler, info: ValidationInfo) -> Any:
+        """The identity's keys sit beside the key's; the key is its digest or a variable holding its plaintext."""
+        context = file_context(info)
+        if context is None or not isinstance(data, dict):
+            return handler(data)
+        identity = dict(data)
+        digest, problems = _digest(identity.pop("sha256", None), identity.pop("key_env", None), context.env)
+        return checked(handler, {"sha256": digest, "identity": identity}, problems, inline="identity")
+
+    @staticmethod
+    def __get_pydantic_json_schema__(schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The identity's properties beside `sha256` or `key_env`."""
+        json_schema = handler(schema)
+        own = handler.resolve_ref_schema(json_schema)
+        identity = handler.resolve_ref_schema(own["properties"].pop("identity"))
+        key_env = {"type": "string", "description": "environment variable holding the plaintext key (hashed at load)"}
+        own["properties"] = {**identity["properties"], **own["properties"], "key_env": key_env}
+        own["required"] = identity["required"]
+        own["oneOf"] = [{"required": ["sha256"]}, {"required": ["key_env"]}]
+        return json_schema
 
 
-@dataclass(frozen=True)
+def _digest(sha256: Any, key_env: Any, env: Mapping[str, str]) -> tuple[Any, Problems]:
+    """The key's digest as written, or of the plaintext in `key_env`; a stand-in (never kept) when neither works."""
+    stand_in = "0" * 64
+    if (sha256 is None) == (key_env is None):
+        return stand_in, [problem((), "needs exactly one of sha256 or key_env")]
+    if key_env is None:
+        return sha256, []
+    if not isinstance(key_env, str):
+        return stand_in, [problem(("key_env",), "must be a string")]
+    secret = env.get(key_env)
+    if not secret:
+        return stand_in, [problem(("key_env",), f"environment variable {key_env} is "
+                                  + ("empty" if secret == "" else "not set"))]
+    return key_digest(secret), []
+
+
+@dataclass(frozen=True, config=STRICT)
 class PolicyMatch:
     """Which requests a policy applies to; every non-empty field must match, all empty = every request."""
 
-    keys: tuple[str, ...] = ()               # caller names
+    keys: tuple[str, ...] = ()
+    """Caller names."""
     teams: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
-    models: tuple[str, ...] = ()             # globs on the client's model name
+    models: tuple[str, ...] = ()
+    """Globs on the client's model name."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class BudgetLimit:
     """Limits for one calendar period; None means that unit is not limited."""
 
     period: Literal["daily", "monthly"]
-    usd: Decimal | None = None
-    tokens: int | None = None
-    requests: int | None = None
+    usd: Money | None = None
+    tokens: int | None = Field(default=None, ge=0)
+    requests: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _limits_something(cls, data: Any, handler: Handler) -> Any:
+        """A budget without a limit would limit nothing (said beside any other mistake in it)."""
+        if isinstance(data, dict):
+            limited = any(data.get(unit) is not None for unit in _UNITS)
+            return checked(handler, data, [] if limited else [problem((), _NO_LIMIT)])
+        budget = handler(data)
+        if all(getattr(budget, unit) is None for unit in _UNITS):
+            raise ValueError(_NO_LIMIT)
+        return budget
 
 
-@dataclass(frozen=True)
+_UNITS = ("usd", "tokens", "requests")
+_NO_LIMIT = "needs at least one limit: usd, tokens or requests"
+
+
+def _one_per_period(budgets: tuple[BudgetLimit, ...]) -> tuple[BudgetLimit, ...]:
+    """The budgets, when no two are for the same period."""
+    first: dict[str, int] = {}
+    problems = []
+    for index, budget in enumerate(budgets):
+        if budget.period in first:
+            problems.append(problem((index, "period"), f"{budget.period} budget already set at "
+                                                       f"budgets[{first[budget.period]}]"))
+        first.setdefault(budget.period, index)
+    if problems:
+        raise ValidationError.from_exception_data("config", problems)
+    return budgets
+
+
+@dataclass(frozen=True, config=STRICT)
 class AlertConfig:
     """Where a policy's budget alerts go; the webhook URL is a secret (never logged)."""
 
-    webhook: str = field(repr=False)
+    webhook: Webhook = Field(repr=False)
     format: Literal["slack", "discord"] = "slack"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
+class Downgrade:
+    """`on_exceed: {downgrade: <model>}`: over budget, serve this cheaper model instead of refusing."""
+
+    downgrade: str
+
+
+@dataclass(frozen=True, config=STRICT)
 class Policy:
     """A named budget policy from `policies/*.yaml`."""
 
-    name: str
-    match: PolicyMatch
-    budgets: tuple[BudgetLimit, ...]
-    timezone: str = "UTC"
-    warn_at: tuple[Decimal, ...] = (Decimal("0.7"), Decimal("0.9"), Decimal("0.95"))
-    on_exceed: Literal["block", "downgrade"] = "block"
-    downgrade_to: str | None = None
-    max_output_tokens: int | None = None     # overrides the model's cap for the reservation
-    source: str = ""                         # file the policy came from
-    alerts: AlertConfig | None = None        # webhook for warn_at and exceeded alerts
+    name: Name
+    match: PolicyMatch = PolicyMatch()
+    budgets: Annotated[tuple[BudgetLimit, ...], AfterValidator(_one_per_period)] = Field(min_length=1, kw_only=True)
+    timezone: TimeZone = "UTC"
+    warn_at: Annotated[tuple[Fraction, ...], AfterValidator(lambda shares: tuple(sorted(set(shares))))] = (
+        Decimal("0.7"), Decimal("0.9"), Decimal("0.95"))
+    """Spent shares that trigger a warning."""
+    on_exceed: Annotated[Literal["block", "downgrade"],
+                         BeforeValidator(lambda value: value, json_schema_input_type=Literal["block"] | Downgrade)
+                         ] = "block"
+    downgrade_to: SkipJsonSchema[str | None] = None
+    """From `on_exceed: {downgrade: <model>}`."""
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """Overrides the model's cap for the reservation."""
+    source: SkipJsonSchema[str] = ""
+    """The file the policy came from."""
+    alerts: AlertConfig | None = None
+    """Webhook for warn_at and exceeded alerts."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_file(cls, data: Any, handler: Handler, info: ValidationInfo) -> Any:
+        """`on_exceed` is `block` or `{downgrade: <model>}`; the loader sets where the policy came from."""
+        fields, problems = file_form(data, info, ("downgrade_to", "source"))
+        if fields is None:
+            return handler(data)
+        choice = fields.pop("on_exceed", "block")
+        if isinstance(choice, dict):
+            try:
+                fields |= {"on_exceed": "downgrade", "downgrade_to": _DOWNGRADE.validate_python(choice).downgrade}
+            except ValidationError as exc:
+                problems += [again(error, ("on_exceed", *error["loc"])) for error in exc.errors()]
+        elif choice != "block":
+            problems.append(problem(("on_exceed",), "must be 'block' or a mapping {downgrade: <model>}"))
+        return checked(handler, fields, problems)
 
 
-@dataclass(frozen=True)
+_DOWNGRADE = TypeAdapter(Downgrade)
+
+
+@dataclass(frozen=True, config=STRICT)
+class PolicyList:
+    """A policy file holding several policies."""
+
+    policies: tuple[Policy, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True, config=STRICT)
+class PricingFile:
+    """A pricing file: model name -> price."""
+
+    models: dict[str, ModelPrice]
+
+
+@dataclass(frozen=True, config=STRICT)
 class RetryConfig:
     """Retries within one provider (tenacity)."""
 
-    max_retries: int = 2
-    statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
-    backoff_base_s: float = 0.25
-    backoff_cap_s: float = 8.0
-    retry_after_cap_s: float = 30.0
-    deadline_s: float = 60.0                 # whole request across attempts and providers
-    budget_ratio: float = 0.2                # retries at most this share of requests in flight ...
-    budget_floor: int = 3                    # ... plus this many
+    max_retries: int = Field(default=2, ge=0)
+    statuses: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (429, 500, 502, 503, 504)
+    backoff_base_s: Share = 0.25
+    backoff_cap_s: Share = 8.0
+    retry_after_cap_s: Share = 30.0
+    """A longer Retry-After fails over instead of waiting."""
+    deadline_s: Seconds = 60.0
+    """Whole request across attempts and providers."""
+    budget_ratio: Share = 0.2
+    """Retries at most this share of requests in flight ..."""
+    budget_floor: int = Field(default=3, ge=0)
+    """... plus this many."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class BreakerConfig:
     """Circuit breaker per provider."""
 
-    window_s: float = 30.0
-    min_calls: int = 10
-    failure_rate: float = 0.5
-    consecutive_failures: int = 5
-    open_s: float = 15.0
-    open_max_s: float = 300.0
-    half_open_probes: int = 1
+    window_s: Seconds = 30.0
+    min_calls: Count = 10
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    consecutive_failures: Count = 5
+    open_s: Seconds = 15.0
+    """First open period, doubling up to open_max_s."""
+    open_max_s: Seconds = 300.0
+    half_open_probes: Count = 1
+
+    @model_validator(mode="after")
+    def _open_max_after_open(self) -> Self:
+        """The open period only grows."""
+        if self.open_max_s < self.open_s:
+            raise _at(("open_max_s",), "must be >= open_s")
+        return self
 
 
-@dataclass(frozen=True)
+def _named(providers: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+    """Each provider named by its key."""
+    return {name: _with_name(provider, name) for name, provider in providers.items()}
+
+
+def _with_name(provider: ProviderConfig, name: str) -> ProviderConfig:
+    """`provider` named `name`."""
+    return provider if provider.name == name else dataclasses.replace(provider, name=name)
+
+
+def _routes(routes: dict[str, list[RouteTarget]]) -> tuple[Route, ...]:
+    """Routes in file order."""
+    return tuple(Route(pattern=pattern, targets=tuple(targets)) for pattern, targets in routes.items())
+
+
+Providers = Annotated[dict[str, ProviderConfig], read_as(dict[str, ProviderConfig], _named)]
+Routes = Annotated[tuple[Route, ...], read_as(dict[str, Annotated[list[RouteTarget], Field(min_length=1)]], _routes)]
+Keys = tuple[ApiKey, ...]
+
+
+@dataclass(frozen=True, config=STRICT)
 class Settings:
     """The whole validated configuration; swapped as one reference on reload."""
 
-    server: ServerConfig
-    store: StoreConfig
-    providers: dict[str, ProviderConfig]
-    routes: tuple[Route, ...]
-    pricing: dict[str, ModelPrice]
-    keys: tuple[ApiKey, ...] = ()
-    policies: tuple[Policy, ...] = ()
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    providers: Providers = Field(kw_only=True)
+    """By name."""
+    routes: Routes = Field(kw_only=True)
+    """Client model name (or glob) -> providers, primary first."""
+    pricing: Annotated[dict[str, ModelPrice],
+                       BeforeValidator(lambda value: value, json_schema_input_type=str | dict[str, ModelPrice])
+                       ] = Field(kw_only=True)
+    """A pricing file (its `models`), or the prices inline."""
+    keys: Keys = ()
+    policies: Annotated[tuple[Policy, ...],
+                        BeforeValidator(lambda value: value, json_schema_input_type=str | list[str])] = ()
+    """A directory (every *.yaml) or a list of policy files."""
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
-    source_files: tuple[str, ...] = ()       # every file read, for the reload watcher
+    source_files: SkipJsonSchema[tuple[str, ...]] = ()
+    """Every file read, for the reload watcher."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_file(cls, data: Any, handler: Handler, info: ValidationInfo) -> Any:
+        """Sections left out are read as empty, so their defaults are taken as from this file (paths beside it)."""
+        fields, problems = file_form(data, info, ("source_files",))
+        if fields is None:
+            return handler(data)
+        for section in ("server", "store"):
+            fields.setdefault(section, {})
+        return checked(handler, fields, problems)
 
     @cached_property
     def key_index(self) -> dict[str, ApiKey]:
@@ -234,3 +511,8 @@ class Settings:
     def price_for(self, model: str) -> ModelPrice | None:
         """The price of `model` (an upstream or client model name)."""
         return self.pricing.get(model)
+
+
+def _at(loc: tuple[str | int, ...], message: str) -> ValidationError:
+    """A problem at `loc` of the value being validated, to raise."""
+    return ValidationError.from_exception_data("config", [problem(loc, message)])

@@ -1,65 +1,73 @@
-"""The shape of every config file: which keys exist and what kind of value each holds (pass one)."""
+"""The published JSON Schema of each config file kind, made from the models (`gateway schema`).
+
+Editors validate and complete `config.yaml`, `pricing.yaml` and `policies/*.yaml` with it. Every string
+is resolved before validation, so where a number, a boolean, a choice or a patterned string is expected
+the schema also takes a string holding a `${VAR}` reference: what it resolves to is checked at load.
+"""
 
 from __future__ import annotations
 
-from gateway.config.shape import SCALAR, Either, IfKey, Keys, ListOf, MapOf, Shape
+import json
+from functools import cache
+from typing import Any
 
-__all__ = ["CONFIG_FILE", "PRICING_FILE", "POLICY_FILE"]
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
+from gateway.config.model import Policy, PolicyList, PricingFile, Settings
+
+__all__ = ["KINDS", "schema_of", "schema_text"]
+
+KINDS: dict[str, Any] = {"config": Settings, "policy": Policy | PolicyList, "pricing": PricingFile}
+_TITLES = {"config": "gateway config.yaml", "policy": "gateway policy file", "pricing": "gateway pricing file"}
+_REFERENCE = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}",
+              "description": "a ${VAR} or ${VAR:-default} reference, checked once resolved"}
 
 
-def _scalars(*names: str, **shapes: Shape) -> Keys:
-    """A mapping whose `names` hold single values and whose `shapes` keys hold the given shapes."""
-    return Keys({**{name: SCALAR for name in names}, **shapes})
+class _FileSchema(GenerateJsonSchema):
+    """pydantic's schema, where values that a `${VAR}` string may stand for also take one; no generated titles."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def int_schema(self, schema: core_schema.IntSchema) -> JsonSchemaValue:
+        return _or_reference(super().int_schema(schema))
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> JsonSchemaValue:
+        return _or_reference(super().float_schema(schema))
+
+    def decimal_schema(self, schema: core_schema.DecimalSchema) -> JsonSchemaValue:
+        # pydantic also allows any string for a decimal: a number (or a reference) is what files hold
+        branches = [branch for branch in super().decimal_schema(schema)["anyOf"] if branch != {"type": "string"}]
+        return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+    def bool_schema(self, schema: core_schema.BoolSchema) -> JsonSchemaValue:
+        return _or_reference(super().bool_schema(schema))
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        return _or_reference(super().literal_schema(schema))
+
+    def str_schema(self, schema: core_schema.StringSchema) -> JsonSchemaValue:
+        plain = super().str_schema(schema)
+        return _or_reference(plain) if "pattern" in plain else plain
 
 
-_SERVER = _scalars(
-    "host", "port", "max_body_bytes", "client_timeout_s", "header_timeout_s", "keepalive_timeout_s",
-    "max_connections", "shutdown_grace_s", "auth", "admin_key", "admin_key_sha256",
-    "access_log", "metrics_key", "metrics_key_sha256",
-)
-_STORE = _scalars(
-    "url", "path", "timeout_s", "pool_size", "on_outage", "fail_open_allowance", "lease_s", "journal_path",
-    "ledger_max_entries", "reserve_ahead", "reserve_ahead_idle_s",
-)
-_PROVIDER = _scalars(
-    "base_url", "api_key", "max_connections", "max_response_bytes",
-    headers=MapOf(SCALAR),
-    timeouts=_scalars("connect_s", "read_s", "total_s", "stream_s"),
-)
-_ROUTE_TARGET = Either((SCALAR, _scalars("provider", "model")), "a provider name or a mapping {provider, model}")
-_MODEL_PRICE = _scalars("input", "output", "cached_input", "max_output_tokens")
-_MODEL_PRICES = MapOf(_MODEL_PRICE)
-_KEY = _scalars("name", "team", "sha256", "key_env", "admin", tags=ListOf(SCALAR))
-_RETRY = _scalars(
-    "max_retries", "backoff_base_s", "backoff_cap_s", "retry_after_cap_s", "deadline_s", "budget_ratio",
-    "budget_floor", statuses=ListOf(SCALAR),
-)
-_BREAKER = _scalars(
-    "window_s", "min_calls", "failure_rate", "consecutive_failures", "open_s", "open_max_s",
-    "half_open_probes",
-)
+def _or_reference(schema: JsonSchemaValue) -> JsonSchemaValue:
+    """`schema`, or a string with a reference."""
+    return {"anyOf": [schema, _REFERENCE]}
 
-CONFIG_FILE = Keys({
-    "server": _SERVER,
-    "store": _STORE,
-    "providers": MapOf(_PROVIDER),
-    "routes": MapOf(ListOf(_ROUTE_TARGET)),
-    "pricing": Either((SCALAR, _MODEL_PRICES), "a file path or a mapping of model prices"),
-    "keys": ListOf(_KEY),
-    "policies": Either((SCALAR, ListOf(SCALAR)), "a directory or a list of files"),
-    "retry": _RETRY,
-    "breaker": _BREAKER,
-})
 
-PRICING_FILE = Keys({"models": _MODEL_PRICES})
+@cache
+def schema_of(kind: str) -> dict[str, Any]:
+    """The JSON Schema of one kind of file: config, policy or pricing."""
+    schema = TypeAdapter(KINDS[kind]).json_schema(schema_generator=_FileSchema)
+    if kind == "policy":   # as the loader tells them apart: by the `policies` key
+        one, many = schema.pop("anyOf")
+        schema |= {"type": "object", "if": {"required": ["policies"]}, "then": many, "else": one}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": _TITLES[kind]}
 
-_BUDGET = _scalars("period", "usd", "tokens", "requests")
-_POLICY = _scalars(
-    "name", "timezone", "max_output_tokens",
-    match=Keys({field: ListOf(SCALAR) for field in ("keys", "teams", "tags", "models")}),
-    budgets=ListOf(_BUDGET),
-    warn_at=ListOf(SCALAR),
-    on_exceed=Either((SCALAR, _scalars("downgrade")), "'block' or a mapping {downgrade: <model>}"),
-    alerts=_scalars("webhook", "format"),
-)
-POLICY_FILE = IfKey("policies", Keys({"policies": ListOf(_POLICY)}), _POLICY)
+
+def schema_text(kind: str) -> str:
+    """The schema as `gateway schema` prints it and the repository ships it."""
+    return json.dumps(schema_of(kind), indent=2, sort_keys=True) + "\n"

@@ -8,8 +8,6 @@ from typing import Any
 
 import yaml
 
-from gateway.config.node import Doc
-
 __all__ = ["ExactLoader", "read_yaml"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -43,32 +41,21 @@ def _construct_decimal(loader: ExactLoader, node: yaml.ScalarNode) -> Decimal:
 ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
 
 
-def read_yaml(path: Path, doc: Doc) -> Any:
-    """The document parsed from `path`, or None after reporting why it cannot be used (empty included)."""
-    text = _read_text(path, doc)
-    if text is None:
-        return None
+def read_yaml(path: Path) -> tuple[Any, str | None]:
+    """The document parsed from `path`, or None and why it cannot be used (empty included)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, "file not found"
+    except UnicodeDecodeError:
+        return None, "file is not UTF-8 text"
+    except OSError as exc:
+        return None, f"cannot read file: {exc.strerror}"
     try:
         value = yaml.load(text, Loader=ExactLoader)  # noqa: S506 - ExactLoader is a SafeLoader
     except yaml.YAMLError as exc:
-        doc.report("", _syntax_message(exc))
-        return None
-    if value is None:
-        doc.report("", "file is empty")
-    return value
-
-
-def _read_text(path: Path, doc: Doc) -> str | None:
-    """The file's text, or None after reporting why it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        doc.report("", "file not found")
-    except UnicodeDecodeError:
-        doc.report("", "file is not UTF-8 text")
-    except OSError as exc:
-        doc.report("", f"cannot read file: {exc.strerror}")
-    return None
+        return None, _syntax_message(exc)
+    return value, "file is empty" if value is None else None
 
 
 def _syntax_message(exc: yaml.YAMLError) -> str:
