@@ -281,7 +281,9 @@ class ScriptPipeline:
         call.retried = True
         if call.script not in self._loading:
             self._loading.add(call.script)
-            load = _resp(("SCRIPT", "LOAD", call.script.script), self._utf8, self._encoding, self._errors)
+            source = call.script.script    # registered as text (redis-py's type allows bytes too)
+            source = source if isinstance(source, str) else bytes(source).decode()
+            load = _resp(("SCRIPT", "LOAD", source), self._utf8, self._encoding, self._errors)
             self._queue.append(_Call(load, None, call.script))
         self._queue.append(call)
         self._schedule_flush()
@@ -427,7 +429,7 @@ def _resp(words: Sequence[str], utf8: bool, encoding: str, errors: str) -> bytes
     strictly is packed word by word under the client's error handler)."""
     if utf8:
         try:
-            return hiredis.pack_command(tuple(words))
+            return hiredis.pack_command(tuple(words))  # type: ignore[arg-type]  # its stub says a 1-tuple
         except UnicodeEncodeError:
             pass
     parts = [b"*%d\r\n" % len(words)]

@@ -343,7 +343,7 @@ class SqliteBudgetStore:
              entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
              int(entry.usage_estimated)),
         )
-        db.execute("DELETE FROM ledger WHERE seq <= ?", (cursor.lastrowid - self._ledger_max,))
+        db.execute("DELETE FROM ledger WHERE seq <= ?", ((cursor.lastrowid or 0) - self._ledger_max,))
 
     def _is_spent(self, db: Db, request_id: str) -> bool:
         found = db.execute("SELECT 1 FROM spent_ids WHERE request_id = ?", (request_id,)).fetchone()
@@ -444,8 +444,8 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
     time_ms_, request_id, caller, team, policies, *rest, estimated = row
-    return LedgerEntry(time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))), *rest,
-                       bool(estimated))
+    return LedgerEntry._make((time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))),
+                              *rest, bool(estimated)))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:
