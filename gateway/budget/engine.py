@@ -22,7 +22,9 @@ from gateway.budget.journal import Replay, SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.slots import KEY_GRACE_S, SlotCache, budget_slots, limits_of
 from gateway.budget.spares import SPARE_ROOM, Spare, SparePool, SpareReservations
-from gateway.budget.store import MAX_AMOUNT, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome
+from gateway.budget.store import (
+    MAX_AMOUNT, PLAIN, BudgetStore, CounterState, LedgerEntry, ReserveLine, ReserveOutcome,
+)
 from gateway.budget.windows import Window, WindowCache, seconds_until_reset
 from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
@@ -119,7 +121,9 @@ class BudgetEngine:
         self._store_down_until = 0.0
         self._store_failures = 0
         self._background: set[asyncio.Future[Any]] = set()
-        self._pipelined = bool(getattr(store, "pipelined", False))
+        capabilities = store.capabilities if store is not None else PLAIN
+        # answered in order, each within the store's own time: no timer, no shield, no task per settlement
+        self._pipelined = capabilities.in_order and capabilities.bounds_time
         self._closing = False
         # a spare is taken well within its lease, so the request's lease is about as long as its own would be
         idle_s = min(config.reserve_ahead_idle_s, config.lease_s / 10)
@@ -151,9 +155,10 @@ class BudgetEngine:
             if spare is not None:
                 return self._on_spare(request_id, plan, worst, spare, caller, match.names)
             if released:                     # the spares held the headroom this request needs
+                releases = [self._release_spare(spare) for spare in released]
+                self._send_queued()          # the request waits for them
                 # kept to their end if the client leaves meanwhile: a spare must never linger
-                await asyncio.shield(asyncio.gather(*[self._release_spare(spare) for spare in released],
-                                                    return_exceptions=True))
+                await asyncio.shield(asyncio.gather(*releases, return_exceptions=True))
                 outcome = await self._reserve_lines(request_id, lines, now)
         if outcome is None or outcome.ok:
             if pool is not None and outcome is not None:
@@ -211,13 +216,13 @@ class BudgetEngine:
     def _make_spares(self, pool: SparePool, batch: list[Spare]) -> None:
         assert self.store is not None and self.spares is not None
         now = self.clock.now()
-        # A pool still half full can wait for company; one running low is sent now, or requests find it
-        # empty meanwhile and reserve on their own. A pool of one waits too: the request that finds it
+        # A pool still half full is not short of spares; one running low is, or requests find it empty
+        # meanwhile and reserve on their own. A pool of one is not short either: the request that finds it
         # empty doubles it (see SpareReservations.take), so steady traffic grows it to where it can wait.
-        lazy = 2 * len(pool.spares) >= pool.depth - 1
+        needed_now = 2 * len(pool.spares) < pool.depth - 1
         try:
             call = self.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
-                                             now + self.config.lease_s, SPARE_ROOM, lazy=lazy)
+                                             now + self.config.lease_s, SPARE_ROOM, needed_now)
         except Exception as exc:             # nothing was sent; a request waiting for the batch goes on
             self.spares.not_made(pool)
             if not isinstance(exc, StoreError):
@@ -242,18 +247,25 @@ class BudgetEngine:
 
     def _release_spare(self, spare: Spare) -> asyncio.Task[None]:
         """Give a spare back to the store, in the background; journaled when the store fails."""
-        return self._spawn(self._give_back_spare(spare))
-
-    async def _give_back_spare(self, spare: Spare) -> None:
         assert self.store is not None
+        try:                                 # made now, so a caller who waits for it can flush it
+            call = self.store.release(spare.spare_id, self.clock.now())
+        except StoreError as exc:
+            return self._spawn(self._spare_not_given_back(spare, exc))
+        return self._spawn(self._give_back_spare(spare, call))
+
+    async def _give_back_spare(self, spare: Spare, call: Awaitable[bool]) -> None:
         try:
-            await self._bounded(self.store.release(spare.spare_id, self.clock.now()))
+            await self._bounded(call)
         except (StoreError, TimeoutError) as exc:
-            self._mark_down(exc)
-            try:                             # replayed as a release when the store is back (within the lease)
-                await self._append_journal(spare.spare_id, spare.lines, Charge(), None, "release")
-            except OSError:
-                log.exception("journaling the release of spare %s failed", spare.spare_id)
+            await self._spare_not_given_back(spare, exc)
+
+    async def _spare_not_given_back(self, spare: Spare, exc: BaseException) -> None:
+        self._mark_down(exc)
+        try:                                 # replayed as a release when the store is back (within the lease)
+            await self._append_journal(spare.spare_id, spare.lines, Charge(), None, "release")
+        except OSError:
+            log.exception("journaling the release of spare %s failed", spare.spare_id)
 
     async def _reserve_lines(self, request_id: str, lines: Sequence[ReserveLine],
                              now: float) -> ReserveOutcome | None:
@@ -340,13 +352,13 @@ class BudgetEngine:
         return self._spawn(self._await_settle(call, reservation, charge, entry))
 
     def _store_settle(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> Awaitable[Any]:
-        """The store call: settle the real cost, or release when nothing is charged."""
+        """The store call: settle the real cost, or release when nothing is charged (the store may hold it
+        back a moment to share a write: the client has its answer, nobody waits for this one)."""
         assert self.store is not None
-        # lazy: the client has its answer, nobody waits for this one
         if charge is None:
-            return self.store.release(reservation.held_as, entry.time, entry, lazy=True)
+            return self.store.release(reservation.held_as, entry.time, entry)
         return self.store.settle(reservation.held_as, [(line.counter, charge) for line in reservation.lines],
-                                 entry.time, entry, lazy=True)
+                                 entry.time, entry)
 
     async def _await_settle(self, call: Awaitable[Any], reservation: Reservation, charge: Charge | None,
                             entry: LedgerEntry) -> None:
@@ -474,9 +486,8 @@ class BudgetEngine:
 
     def _send_queued(self) -> None:
         """Send the store calls waiting to share a write now: someone waits for them."""
-        send_queued = getattr(self.store, "send_queued", None)
-        if send_queued is not None:
-            send_queued()
+        if self.store is not None:
+            self.store.flush()
 
     async def quiet(self) -> None:
         """Wait until no store work is left, spares asked for meanwhile included (with no traffic: tests)."""
