@@ -17,9 +17,9 @@ the caller's row; a lease that ends files a `lease_expired` row with the reserve
 kept in time order and trimmed to about `ledger_max_entries` (oldest first).
 
 A backend declares what it offers beyond these operations in `capabilities` (`StoreCapabilities`): whether
-its calls are answered in order within its own timeout, whether it lets calls nobody waits for share a
-write (and `flush` sends them), which operations it times itself. Callers read that value; they never
-probe a store for attributes.
+its calls are answered in order, whether it bounds their time itself, whether it lets calls nobody waits
+for share a write (and `flush` sends them), which operations it times itself. Callers read that value;
+they never probe a store for attributes.
 
 Backends: `gateway.budget.redis_store.RedisBudgetStore`, `gateway.budget.sqlite_store.SqliteBudgetStore`
 (and `gateway.budget.instrumented.InstrumentedStore`, which times another one). All raise
