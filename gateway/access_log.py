@@ -91,4 +91,4 @@ class AccessLog:
         logger = self.logger
         if logger.isEnabledFor(logging.INFO):
             line = record.line().decode()
-            logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
+            logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, (), None))

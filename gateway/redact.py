@@ -10,6 +10,7 @@ data that then shows one goes through the slower pattern that replaces every for
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Iterable, Iterator
 
@@ -101,7 +102,7 @@ class Redactor:
         """`data` with each secret replaced by [redacted]."""
         return self.bytes(data.encode()).decode(errors="replace") if self._secrets else data
 
-    def _hides_one(self, data: bytes) -> bool:
+    def _hides_one(self, data: builtins.bytes) -> bool:
         """Whether a secret shows once the JSON escapes, then the %XX, of the secrets' characters are decoded."""
         unescaped = self._json(data) if data.find(b"\\") >= 0 else None
         if unescaped is not None and self._shows(unescaped):
@@ -110,6 +111,6 @@ class Redactor:
         unquoted = self._percent(data) if data.find(b"%") >= 0 else None
         return unquoted is not None and self._shows(unquoted)
 
-    def _shows(self, data: bytes) -> bool:
+    def _shows(self, data: builtins.bytes) -> bool:
         """Whether a secret occurs plainly in `data`."""
         return any(secret in data for secret in self._secrets)

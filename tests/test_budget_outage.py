@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from decimal import Decimal
 
 import pytest
+import redis
+from redis.asyncio import Redis
 
 from gateway.appkeys import BUDGET
 from gateway.budget.factory import create_store
+from gateway.budget.store import BudgetStore
 from gateway.config.model import StoreConfig
 from gateway.errors import StoreError
 from gateway.pricing import Usage, cost_nano, nano_to_usd
@@ -122,6 +126,9 @@ class SettleAnswerLostOnce:
         return settled
 
 
+_: type[BudgetStore] = SettleAnswerLostOnce   # a fake that keeps the store contract (mypy checks it)
+
+
 async def test_a_settle_whose_answer_was_lost_is_journaled_and_counted_once(durable_redis, upstream,
                                                                             start_gateway, http):
     settings = make_settings({"primary": upstream.url}, store=StoreConfig(url=durable_redis.url, reserve_ahead=False),
@@ -137,6 +144,28 @@ async def test_a_settle_whose_answer_was_lost_is_journaled_and_counted_once(dura
     assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)
 
 
+@pytest.fixture
+def unchecked_redis_py(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The installed redis-py is a release the script pipeline was not checked on (it takes over internals)."""
+    monkeypatch.setattr(redis, "__version__", "9.1.0")
+    return redis.__version__
+
+
+async def test_a_redis_py_the_pipeline_was_not_checked_on_serves_budgets_through_its_public_api(
+        redis_server, redis_url, unchecked_redis_py, upstream, start_gateway, http, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.budget")
+    gateway = await gateway_on(start_gateway, upstream, redis_server, "fail_closed")
+
+    statuses = [(await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status for _ in range(4)]
+    assert statuses == [200] * 4
+    assert (await http(gateway, "GET", "/readyz", key=None)).status == 200
+    await gateway.app[BUDGET].settled()
+    assert await spent_and_reserved(http, gateway) == (billing(upstream), 0)
+    [chosen] = [record for record in caplog.records if record.getMessage().startswith("budget store: Lua scripts")]
+    assert "public API" in chosen.getMessage() and unchecked_redis_py in chosen.getMessage()
+    assert chosen.levelno == logging.WARNING
+
+
 class ForeignWriter:
     """A connection's stream writer as a redis-py release might wrap it: redis-py's own commands still work
     through it, but it is no asyncio.StreamWriter, so the script pipeline cannot take its transport over."""
@@ -148,8 +177,7 @@ class ForeignWriter:
         return getattr(self._inner, name)
 
 
-@pytest.fixture
-def incompatible_redis_py(monkeypatch: pytest.MonkeyPatch) -> None:
+def foreign_writers_from_now_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every new redis-py connection keeps its writer in a type the pipeline does not know."""
     from redis.asyncio.connection import Connection
 
@@ -163,13 +191,20 @@ def incompatible_redis_py(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("mode, served", [("fail_closed", 503), ("fail_open", 200)])
-async def test_a_redis_py_the_pipeline_does_not_fit_engages_the_outage_mode(
-        redis_server, incompatible_redis_py, upstream, start_gateway, http, mode, served):
-    gateway = await gateway_on(start_gateway, upstream, redis_server, mode)
-    assert await gateway.app[BUDGET].store.wrapped._client.ping()   # plain PING on a pool connection still works
+async def test_a_redis_py_that_breaks_the_pipeline_at_run_time_engages_the_outage_mode(
+        fresh_redis_server, monkeypatch, upstream, start_gateway, http, mode, served):
+    gateway = await gateway_on(start_gateway, upstream, fresh_redis_server, mode)
+    assert [(await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status for _ in range(2)] == [200] * 2
 
+    foreign_writers_from_now_on(monkeypatch)   # the pipeline's next connection does not fit it
+    killer = Redis.from_url(fresh_redis_server.url)
+    try:
+        await killer.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await killer.aclose()
     statuses = [(await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status for _ in range(4)]
     assert statuses == [served] * 4
     ready = await http(gateway, "GET", "/readyz", key=None)
     assert ready.status == 503 and ready.json()["store"] == "unreachable"
-    assert upstream.hits == (4 if mode == "fail_open" else 0)
+    assert await gateway.app[BUDGET].store.wrapped._client.ping()   # plain PING on a pool connection still works
+    assert upstream.hits == 2 + (4 if mode == "fail_open" else 0)

@@ -19,7 +19,7 @@ from gateway.appkeys import METRICS, RELOADER
 from gateway.auth import key_digest
 from gateway.budget.instrumented import TIMED_OPERATIONS, InstrumentedStore
 from gateway.budget.sqlite_store import SqliteBudgetStore
-from gateway.budget.store import CounterKey, CounterState
+from gateway.budget.store import PLAIN, CounterKey, CounterState
 from gateway.clock import FakeClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
@@ -270,7 +270,10 @@ def test_two_apps_in_one_process_have_their_own_registries(tmp_path: Path) -> No
 
 
 class OddStore:
-    """A store with a failing read, a settle taking an extra argument, and an operation outside the protocol."""
+    """A store with a failing read, a settle taking an extra argument, and an operation outside the protocol;
+    like every store it declares its capabilities (none beyond the operations)."""
+
+    capabilities = PLAIN
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         raise StoreError("down")

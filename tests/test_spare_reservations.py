@@ -12,7 +12,7 @@ import pytest
 from gateway.appkeys import BUDGET
 from gateway.budget.factory import create_store
 from gateway.budget.spares import SPARE_ROOM
-from gateway.budget.store import CounterKey
+from gateway.budget.store import BudgetStore, CounterKey
 from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
 from gateway.errors import StoreError
@@ -51,6 +51,9 @@ class GatedReserves:
         self.reserves += 1
         await self.gate.wait()
         return await self.inner.reserve_spares(*args, **kwargs)
+
+
+_: type[BudgetStore] = GatedReserves   # fakes that keep the store contract (mypy checks them)
 
 
 async def budget(http, gateway, policy: str = "global") -> dict[str, dict]:
@@ -292,6 +295,9 @@ class SpareReleaseFailsOnce:
             self.failed = True
             raise StoreError("connection lost")
         return await self.inner.release(request_id, *args, **kwargs)
+
+
+_ = SpareReleaseFailsOnce
 
 
 async def test_a_spare_whose_release_fails_is_journaled_and_released_when_the_store_is_back(upstream, start_gateway, http,

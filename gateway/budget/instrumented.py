@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from gateway.budget.store import BudgetStore
+from gateway.budget.store import (
+    BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver, ReserveLine, ReserveOutcome,
+)
+from gateway.pricing import Charge
 
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 
-StoreObserver = Callable[[str, float, bool], None]   # (operation, seconds, failed)
+StoreObserver = OperationObserver   # (operation, seconds, failed)
 TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "read", "ping", "close")
 
 
@@ -20,34 +23,97 @@ class InstrumentedStore:
     """A BudgetStore whose `TIMED_OPERATIONS` report their duration and failure to `observe`.
 
     A failure is any exception the operation raises (a cancelled call is not reported). Arguments and
-    results pass through unchanged, and every other attribute is the wrapped store's own, untimed, so
-    operations added to the protocol keep working. An operation that answers with a future (a
-    pipelined store call) is timed by a callback on it and handed back as it is.
+    results pass through unchanged, and every attribute outside the protocol is the wrapped store's own,
+    untimed. An operation the wrapped store times itself (its `capabilities.self_timed`) reports to
+    `observe` directly and is bound straight to the store, so it costs nothing here; an operation that
+    answers with a future (a call already on its way) is timed by a callback on it and handed back as it is.
     """
 
-    def __init__(self, store: BudgetStore, observe: StoreObserver,
+    def __init__(self, store: BudgetStore, observe: OperationObserver,
                  timer: Callable[[], float] = time.perf_counter) -> None:
         self.wrapped = store
+        self.capabilities = store.capabilities
         self._observe = observe
         self._timer = timer
-        # A store that times some operations itself (the pipelined Redis store) reports them directly.
-        self_timed = store.observe_calls(observe) if hasattr(store, "observe_calls") else ()
-        for name in TIMED_OPERATIONS:
-            if not hasattr(store, name):
-                continue
-            operation = getattr(store, name)
-            # Bound here either way: the request path then never falls through to __getattr__.
-            setattr(self, name, operation if name in self_timed else functools.partial(self._timed, name, operation))
+        if self.capabilities.self_timed:
+            store.observe_calls(observe)
+            operations = {"reserve": store.reserve, "reserve_spares": store.reserve_spares, "settle": store.settle,
+                          "release": store.release, "record": store.record, "read": store.read,
+                          "ping": store.ping, "close": store.close}
+            for name in self.capabilities.self_timed & operations.keys():
+                setattr(self, name, operations[name])   # shadows the timing method below
 
     def __getattr__(self, name: str) -> Any:
-        """The wrapped store's untimed attribute."""
+        """The wrapped store's own attribute (outside the protocol), untimed."""
         return getattr(self.wrapped, name)
 
-    def _timed(self, operation: str, call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+    def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float,
+                lease_until: float) -> Awaitable[ReserveOutcome]:
+        """The wrapped store's `reserve`, timed."""
+        return self._timed("reserve", self.wrapped.reserve, request_id, lines, now, lease_until)
+
+    def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
+                       room: int, needed_now: bool = True) -> Awaitable[ReserveOutcome]:
+        """The wrapped store's `reserve_spares`, timed."""
+        return self._timed("reserve_spares", self.wrapped.reserve_spares, spare_ids, lines, now, lease_until, room,
+                           needed_now)
+
+    def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
+               entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
+        """The wrapped store's `settle`, timed."""
+        return self._timed("settle", self.wrapped.settle, request_id, actual, now, entry)
+
+    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
+        """The wrapped store's `release`, timed."""
+        return self._timed("release", self.wrapped.release, request_id, now, entry)
+
+    def record(self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
+               entry: LedgerEntry | None = None) -> Awaitable[bool]:
+        """The wrapped store's `record`, timed."""
+        return self._timed("record", self.wrapped.record, request_id, lines, now, entry)
+
+    def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
+        """The wrapped store's `read`, timed."""
+        return self._timed("read", self.wrapped.read, counters, now)
+
+    def ping(self) -> Awaitable[bool]:
+        """The wrapped store's `ping`, timed."""
+        return self._timed("ping", self.wrapped.ping)
+
+    def close(self) -> Awaitable[None]:
+        """The wrapped store's `close`, timed."""
+        return self._timed("close", self.wrapped.close)
+
+    def ledger(self, since: float, until: float, limit: int) -> Awaitable[list[LedgerEntry]]:
+        """The wrapped store's `ledger`."""
+        return self.wrapped.ledger(since, until, limit)
+
+    def claim_alert(self, key: str, payload: str, now: float, lease_until: float,
+                    expires_at: float) -> Awaitable[bool]:
+        """The wrapped store's `claim_alert`."""
+        return self.wrapped.claim_alert(key, payload, now, lease_until, expires_at)
+
+    def alert_delivered(self, key: str, now: float) -> Awaitable[None]:
+        """The wrapped store's `alert_delivered`."""
+        return self.wrapped.alert_delivered(key, now)
+
+    def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
+        """The wrapped store's `pending_alerts`."""
+        return self.wrapped.pending_alerts(now, limit)
+
+    def flush(self) -> None:
+        """Send what the wrapped store holds back to share a write."""
+        self.wrapped.flush()
+
+    def observe_calls(self, observe: OperationObserver) -> None:
+        """The wrapped store's self-timed operations report to `observe` instead."""
+        self.wrapped.observe_calls(observe)
+
+    def _timed(self, operation: str, call: Callable[..., Awaitable[Any]], *args: Any) -> Awaitable[Any]:
         """Start the operation; its duration and outcome are reported when it ends."""
         started = self._timer()
         try:
-            result = call(*args, **kwargs)
+            result = call(*args)
         except Exception:
             self._observe(operation, self._timer() - started, True)
             raise
@@ -68,3 +134,6 @@ class InstrumentedStore:
             raise
         self._observe(operation, self._timer() - started, False)
         return result
+
+
+_: type[BudgetStore] = InstrumentedStore   # mypy proves the wrapper keeps the contract

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -35,7 +35,7 @@ Replay = Literal["record", "settle", "release"]   # how an entry is sent to the 
 REPLAYS: tuple[Replay, ...] = get_args(Replay)
 
 Journaled = tuple[str, list[SpendLine], LedgerEntry | None, Replay]
-REPLAY_BATCH = 256   # entries sent together on replay to a pipelined store (they share writes)
+REPLAY_BATCH = 256   # entries sent together on replay to a store whose calls share writes (pipelined Redis)
 REPLAY_BATCH_UNPIPELINED = 32   # to one that runs calls one by one (SQLite, Cluster): live requests queue behind
 
 
@@ -60,15 +60,30 @@ def _decode(raw: bytes) -> Journaled:
     return decoded["id"], lines, entry, replay
 
 
-async def _send_again(store: BudgetStore, now: float, request_id: str, lines: list[SpendLine],
-                      entry: LedgerEntry | None, replay: Replay) -> None:
+def _send_again(store: BudgetStore, now: float, request_id: str, lines: list[SpendLine],
+                entry: LedgerEntry | None, replay: Replay) -> Awaitable[object]:
     """One journal entry to the store, as its `replay` says (see the module doc)."""
     if replay == "settle":
-        await store.settle(request_id, [(counter, charge) for counter, charge, _ in lines], now, entry)
-    elif replay == "release":
-        await store.release(request_id, now, entry)
-    else:
-        await store.record(request_id, lines, now, entry)
+        return store.settle(request_id, [(counter, charge) for counter, charge, _ in lines], now, entry)
+    if replay == "release":
+        return store.release(request_id, now, entry)
+    return store.record(request_id, lines, now, entry)
+
+
+async def _send_batch(store: BudgetStore, now: float, batch: list[Journaled]) -> list[object]:
+    """Send every entry of `batch` at once (they share writes where the store can); the outcome of each."""
+    calls: list[Awaitable[object]] = []
+    for journaled in batch:
+        try:
+            calls.append(_send_again(store, now, *journaled))
+        except Exception as exc:             # refused before it was sent: its outcome
+            calls.append(_raised(exc))
+    store.flush()                            # someone waits for these: no holding them back
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def _raised(exc: Exception) -> object:
+    raise exc
 
 
 class SpendJournal:
@@ -110,11 +125,10 @@ class SpendJournal:
                 continue  # a line torn by a crash mid-write was never acknowledged to anyone
         replayed, failed = 0, []
         # A batch at a time, so a pipelined store sends many per round trip (and per write).
-        size = REPLAY_BATCH if getattr(store, "pipelined", False) else REPLAY_BATCH_UNPIPELINED
+        size = REPLAY_BATCH if store.capabilities.shares_writes else REPLAY_BATCH_UNPIPELINED
         for start in range(0, len(entries), size):
             batch = entries[start:start + size]
-            outcomes = await asyncio.gather(*(_send_again(store, now, *journaled) for journaled in batch),
-                                            return_exceptions=True)
+            outcomes = await _send_batch(store, now, batch)
             for journaled, outcome in zip(batch, outcomes):
                 if isinstance(outcome, (StoreError, asyncio.CancelledError)):   # a call the store dropped
                     failed.append(journaled)

@@ -20,6 +20,7 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, record: Access
     """`served` with the charged cost, or `failed` (no spend) when there is no charge; under the served model."""
     caller = reservation.caller
     name, team = (caller.name, caller.team) if caller else (None, None)
+    model: str | None
     if record is None:
         model, requested, provider, latency_ms, attempts = reservation.plan.model, None, None, 0, 0
     else:

@@ -35,12 +35,13 @@ client's socket_connect_timeout and socket_timeout, and a refused connection fai
 for it at once. So a frozen Redis answers every caller within about `timeout_s`, plus a connect
 timeout for the calls that arrive after the drop.
 
-Redis Cluster is not pipelined here (see `RedisBudgetStore`): its calls route and retry per node.
+Redis Cluster is not pipelined here (see `gateway.budget.redis_driver`): its calls route and retry per node.
 
 Driver internals: the connection's `_reader`/`_writer` (redis-py >= 4.2), `ConnectionPool.make_connection`,
 `connection_kwargs`, `get_encoder` and `disconnect(nowait=...)`; the store needs `Redis.from_pool`
-(5.0.1). pyproject.toml pins the releases checked (`redis>=5.0.1,<9`). Any failure of those parts
-reaches the caller through `wrap_error`, like a lost connection, never as an error of its own.
+(5.0.1). pyproject.toml pins the releases checked (`redis>=5.0.1,<9`), and the store uses the pipeline
+only on those (`redis_driver.choose_driver`). Any failure of those parts reaches the caller through
+`wrap_error`, like a lost connection, never as an error of its own.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["ScriptPipeline", "CallObserver"]
+from gateway.budget.store import StoreCapabilities
+
+__all__ = ["ScriptPipeline", "CallObserver", "Parse"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
 QUIET_OUTSTANDING = 1   # at most this many calls outstanding: a call is written at once, not a loop turn later
@@ -120,6 +123,11 @@ class ScriptPipeline:
     def timeout(self) -> float | None:
         """How long the oldest outstanding call may wait for its reply (None: no bound)."""
         return self._timeout
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """Calls answered in order (within the timeout, when there is one); lazy calls share writes."""
+        return StoreCapabilities(in_order=True, bounds_time=self._timeout is not None, shares_writes=True)
 
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str]) -> Any:
         """The script's reply; its ResponseError or the driver's error (ConnectionError, TimeoutError) is raised."""
@@ -281,7 +289,9 @@ class ScriptPipeline:
         call.retried = True
         if call.script not in self._loading:
             self._loading.add(call.script)
-            load = _resp(("SCRIPT", "LOAD", call.script.script), self._utf8, self._encoding, self._errors)
+            source = call.script.script    # registered as text (redis-py's type allows bytes too)
+            source = source if isinstance(source, str) else bytes(source).decode()
+            load = _resp(("SCRIPT", "LOAD", source), self._utf8, self._encoding, self._errors)
             self._queue.append(_Call(load, None, call.script))
         self._queue.append(call)
         self._schedule_flush()
@@ -392,11 +402,10 @@ def _take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
     clearing them leaves it nothing to read, write or close, and nothing to warn about. The writer must
     stay referenced while its transport is used: asyncio closes the transport when it is collected.
     """
-    writer = getattr(connection, "_writer", None)
-    transport = getattr(writer, "transport", None)
-    if not (isinstance(writer, asyncio.StreamWriter) and hasattr(transport, "set_protocol")):
+    writer = connection._writer           # AttributeError where a release keeps it elsewhere
+    if not isinstance(writer, asyncio.StreamWriter):
         raise RuntimeError("this redis-py connection has no asyncio transport to pipeline on")
-    connection._reader = connection._writer = None  # type: ignore[attr-defined]
+    connection._reader = connection._writer = None
     return writer
 
 
@@ -427,7 +436,7 @@ def _resp(words: Sequence[str], utf8: bool, encoding: str, errors: str) -> bytes
     strictly is packed word by word under the client's error handler)."""
     if utf8:
         try:
-            return hiredis.pack_command(tuple(words))
+            return hiredis.pack_command(tuple(words))  # type: ignore[arg-type]  # its stub says a 1-tuple
         except UnicodeEncodeError:
             pass
     parts = [b"*%d\r\n" % len(words)]

@@ -5,7 +5,12 @@ connection, as rare as alerts.
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
 JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
-connection (`ScriptPipeline`). A cluster runs each call on its own: EVALSHA, SCRIPT LOAD on NOSCRIPT.
+connection (`ScriptPipeline`). A cluster (or a client the pipeline does not fit) runs each call on its
+own through redis-py's public API: EVALSHA, SCRIPT LOAD on NOSCRIPT (see `gateway.budget.redis_driver`).
+
+The store decides which calls may wait to share a write: settlements and releases (nobody waits for
+them: the request has its answer, or a spare goes back) and spare batches not needed now. A caller who
+starts waiting for them calls `flush`.
 
 Key layout (prefix "gw"):
 
@@ -30,9 +35,8 @@ one script). Needs Redis >= 6.2 (SET ... PXAT).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -42,13 +46,12 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
-from gateway.budget.redis_batch import CallObserver, ScriptPipeline
+from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
 from gateway.budget.store import (
-    LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, CounterKey, Limits, PackedStates, CounterState, LedgerEntry,
-    ReserveLine, ReserveOutcome, check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
+    LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
+    OperationObserver, PackedStates, ReserveLine, ReserveOutcome, StoreCapabilities, check_record_lines,
+    check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -59,6 +62,7 @@ HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
+_SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
 _ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
 
 RedisClient = Redis | RedisCluster
@@ -79,26 +83,20 @@ class RedisBudgetStore:
         self._prefix = f"{{{prefix}}}:"
         self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
         self._alert_scripts = {name: client.register_script(_script_source(name)) for name in _ALERT_SCRIPTS}
-        self._in_flight = asyncio.Semaphore(max_in_flight) if max_in_flight else None
-        self._pipeline = _pipeline_for(client)
-        self._observe: CallObserver | None = None
-        self._cluster_pending = isinstance(client, RedisCluster)
+        self._commands = PublicApiDriver(client, max_in_flight)   # ledger reads and alerts, always
+        self._driver: ScriptDriver = choose_driver(client, self._commands)
+        self.capabilities: StoreCapabilities = replace(self._driver.capabilities, self_timed=_SELF_TIMED)
         self._leases = self._key("leases")
         self._counter_keys: dict[CounterKey, str] = {}
         self._line_words: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
-        self._cluster_lock = asyncio.Lock()
 
-    @property
-    def pipelined(self) -> bool:
-        """True when script calls go down one pipelined connection: answered in the order they are made,
-        each bounded in time by the store's timeout, plus LAZY_FLUSH_S for a lazy one (the engine then
-        needs no timer of its own)."""
-        return self._pipeline is not None and self._pipeline.timeout is not None
+    def flush(self) -> None:
+        """Send the calls waiting to share a write now (somebody is waiting for them)."""
+        self._driver.send_queued()
 
-    def send_queued(self) -> None:
-        """Send the lazy calls waiting to share a write now (somebody is waiting for them)."""
-        if self._pipeline is not None:
-            self._pipeline.send_queued()
+    def observe_calls(self, observe: OperationObserver) -> None:
+        """Report the time and outcome of every script operation (`capabilities.self_timed`) to `observe`."""
+        self._driver.observe = observe
 
     def counter_key(self, counter: CounterKey) -> str:
         """The Redis key of a counter."""
@@ -131,11 +129,12 @@ class RedisBudgetStore:
         return self._reserve((request_id,), lines, now, lease_until, 1, "reserve")
 
     def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
-                       lease_until: float, room: int, lazy: bool = False) -> Awaitable[ReserveOutcome]:
-        """`reserve` under each id, all or none, leaving room for `room` - 1 more (see `BudgetStore`)."""
+                       lease_until: float, room: int, needed_now: bool = True) -> Awaitable[ReserveOutcome]:
+        """`reserve` under each id, all or none, leaving room for `room` - 1 more (see `BudgetStore`); spares
+        not needed now may wait a moment to share a write."""
         check_spare_ids(spare_ids, lines)
         check_reserve_lines(lines)
-        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares", lazy)
+        return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares", not needed_now)
 
     def _reserve(self, ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
                  room: int, operation: str, lazy: bool = False) -> Awaitable[ReserveOutcome]:
@@ -163,8 +162,8 @@ class RedisBudgetStore:
         return self._call("reserve", keys, args, outcome, operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-               entry: LedgerEntry | None = None, lazy: bool = False) -> Awaitable[Sequence[CounterState] | None]:
-        """Turn the live reservation into `actual` spend (see `BudgetStore`)."""
+               entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
+        """Turn the live reservation into `actual` spend (see `BudgetStore`); may wait a moment to share a write."""
         check_spend(actual)
         counters = [counter for counter, _ in actual]
         charges = {charge for _, charge in actual}
@@ -173,20 +172,19 @@ class RedisBudgetStore:
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{amounts}]",
                 *_row(entry)]
 
-        def states(reply: list[int]) -> Sequence[CounterState] | None:
+        def states(reply: list[Any]) -> Sequence[CounterState] | None:
             if reply[0] == -1:
                 raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
         keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
-        return self._call("settle", keys, args, states, lazy=lazy)
+        return self._call("settle", keys, args, states, lazy=True)
 
-    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
-                lazy: bool = False) -> Awaitable[bool]:
-        """Drop the live reservation without spend (see `BudgetStore`)."""
+    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
+        """Drop the live reservation without spend (see `BudgetStore`); may wait a moment to share a write."""
         keys = self._reservation_keys(request_id)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
-        return self._call("release", keys, args, _is_one, lazy=lazy)
+        return self._call("release", keys, args, _is_one, lazy=True)
 
     def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
@@ -213,17 +211,19 @@ class RedisBudgetStore:
         start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
         if time_ms(until) <= time_ms(since):
             return rows
-        if self._pipeline is not None:
-            await self._pipeline.answered()   # this replica's settlements so far are in the rows read
+        await self._driver.answered()         # this replica's settlements so far are in the rows read
         while len(rows) < limit:
             count = min(LEDGER_PAGE, limit - len(rows))
-            page = await self._command(
-                "ledger", lambda: self._client.xrange(self._key("ledger"), start, end, count))
+            page = await self._commands.command("ledger", lambda: self._ledger_page(start, end, count))
             rows += [_entry(stream_id, fields) for stream_id, fields in page]
             if len(page) < count:
                 break
             start = "(" + _text(page[-1][0])
         return rows
+
+    def _ledger_page(self, start: str, end: str, count: int) -> Awaitable[Any]:
+        """XRANGE of up to `count` rows: [(stream id, fields)] (redis-py types every reply as optional)."""
+        return self._client.xrange(self._key("ledger"), start, end, count)
 
     async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
         """Claim alert `key` until `lease_until` (see `BudgetStore`); it expires at `expires_at` on Redis's clock."""
@@ -243,11 +243,12 @@ class RedisBudgetStore:
 
     def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
         """An alert script on a pool connection (alerts are rare: they need no pipeline)."""
-        return self._command(name, lambda: self._evalsha(self._alert_scripts[name], keys, args))
+        return self._commands.command(name, lambda: self._commands.evalsha(self._alert_scripts[name], keys, args))
 
     async def ping(self) -> bool:
         """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
-        Sentinel), so a driver that cannot carry them is not ready, however PING on another connection fares."""
+        Sentinel, when it runs), so a driver that cannot carry them is not ready, however PING on another
+        connection fares."""
         try:
             return await self._call("ping", [self._leases], [], _is_one)
         except StoreError:
@@ -256,8 +257,7 @@ class RedisBudgetStore:
     async def close(self) -> None:
         """Close the script pipeline, the client and its connection pool."""
         try:
-            if self._pipeline is not None:
-                await self._pipeline.aclose()
+            await self._driver.aclose()
             await self._client.aclose()
         except Exception as exc:
             raise StoreError(f"closing redis failed: {type(exc).__name__}: {exc}") from exc
@@ -269,63 +269,16 @@ class RedisBudgetStore:
         """The first KEYS of every script on a request: the leases and the request's reservation."""
         return [self._leases, f"{self._prefix}resv:{request_id}"]
 
-    def observe_calls(self, observe: CallObserver) -> tuple[str, ...]:
-        """Report the time and outcome of every script operation to `observe`; the operations so timed."""
-        self._observe = observe
-        if self._pipeline is not None:
-            self._pipeline.observe = observe
-        return (*_SCRIPTS, "reserve_spares")
-
     def _call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
               operation: str | None = None, lazy: bool = False) -> Awaitable[T]:
-        """One call of script `name`, `parse`d: a pipelined future on Redis and Sentinel, a coroutine
-        otherwise; observed as `operation` (default: the script's name). A `lazy` call is one nobody waits
-        for yet: pipelined, it may wait a moment to share a write."""
-        if self._pipeline is not None:
-            try:
-                return self._pipeline.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
-            except StoreError:
-                raise
-            except Exception as exc:         # the pipeline met a driver it does not know
-                raise _store_error(exc) from exc
-        return self._direct_call(name, keys, args, parse, operation or name)
-
-    async def _direct_call(self, name: str, keys: list[str], args: list[str], parse: Callable[[Any], T],
-                           operation: str) -> T:
-        """A script call through redis-py's own command path (a cluster, or a client without sockets)."""
-        started, failed = time.perf_counter(), True
+        """One call of script `name`, `parse`d, down the driver; observed as `operation` (default: the
+        script's name). A `lazy` call is one nobody waits for yet: it may wait a moment to share a write."""
         try:
-            result = parse(await self._command(name, lambda: self._evalsha(self._scripts[name], keys, args)))
-            failed = False
-            return result
-        finally:
-            if self._observe is not None:
-                self._observe(operation, time.perf_counter() - started, failed)
-
-    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
-        """EVALSHA through execute_command (cheaper than AsyncScript.__call__); SCRIPT LOAD on NOSCRIPT."""
-        try:
-            return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:   # Redis restarted or SCRIPT FLUSH: the script did not run
-            script.sha = await self._client.script_load(script.script)
-            return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    async def _command(self, name: str, command: Callable[[], Awaitable[T]]) -> T:
-        """Run one command; every error of the driver (or of a driver release it does not fit) is StoreError."""
-        try:
-            if self._cluster_pending:
-                await self._initialize_cluster()
-            async with self._in_flight or contextlib.nullcontext():
-                return await command()
-        except Exception as exc:
-            raise StoreError(f"redis {name} failed: {type(exc).__name__}: {exc}") from exc
-
-    async def _initialize_cluster(self) -> None:
-        """Discover the cluster once: redis-py's RedisCluster races when first commands run concurrently."""
-        async with self._cluster_lock:
-            if self._cluster_pending:
-                await self._client.initialize()
-                self._cluster_pending = False
+            return self._driver.submit(self._scripts[name], keys, args, parse, operation or name, lazy)
+        except StoreError:
+            raise
+        except Exception as exc:             # the driver met a redis-py it does not know
+            raise store_error(exc) from exc
 
 
 def connect_timeout(timeout_s: float) -> float:
@@ -439,17 +392,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _pipeline_for(client: RedisClient) -> ScriptPipeline | None:
-    """A script pipeline over a socket connection of `client`'s pool; None for a cluster or an in-memory fake."""
-    if not isinstance(client, Redis):
-        return None
-    pool = client.connection_pool
-    if not pool.connection_class.__module__.startswith("redis."):
-        return None   # not redis-py's own socket connection (fakeredis): no transport to pipeline on
-    # create_redis_client made socket_timeout the store's timeout_s: the pipeline's bound on a reply
-    return ScriptPipeline(client, pool.connection_kwargs.get("socket_timeout"), wrap_error=_store_error)
-
-
 def _is_one(reply: int) -> bool:
     return reply == 1
 
@@ -461,13 +403,4 @@ def _answered(value: T) -> asyncio.Future[T]:
     return future
 
 
-def _store_error(error: Exception) -> StoreError:
-    """A driver error, an error reply, or any failure of the driver's internals, as the store raises it.
-
-    The pipeline takes over private parts of redis-py (see redis_batch): a release it does not fit fails
-    with AttributeError or RuntimeError, and that must reach the engine as a store failure (outage mode,
-    /readyz), never as a 500.
-    """
-    if isinstance(error, StoreError):
-        return error
-    return StoreError(f"redis failed: {type(error).__name__}: {error}")
+_: type[BudgetStore] = RedisBudgetStore   # mypy proves the store keeps the contract

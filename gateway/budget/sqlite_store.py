@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, TypeVar
 
 from gateway.budget.store import (
-    RESERVED, SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, Unit,
-    check_record_lines, check_reserve_lines, check_spare_ids, check_spend, time_ms,
+    PLAIN, RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver,
+    ReserveLine, ReserveOutcome, Unit, check_record_lines, check_reserve_lines, check_spare_ids, check_spend,
+    time_ms,
 )
 from gateway.errors import StoreError
 from gateway.pricing import Charge
@@ -97,7 +98,13 @@ class _Line(NamedTuple):
 
 
 class SqliteBudgetStore:
-    """BudgetStore in a SQLite file; same semantics as the Redis store (see `BudgetStore`)."""
+    """BudgetStore in a SQLite file; same semantics as the Redis store (see `BudgetStore`).
+
+    Its calls run one at a time on the worker thread, each sent when awaited, none timed by itself: the
+    `PLAIN` capabilities.
+    """
+
+    capabilities = PLAIN
 
     def __init__(self, path: str, *, ledger_max_entries: int = 1_000_000) -> None:
         self._path = path
@@ -116,20 +123,19 @@ class SqliteBudgetStore:
         return await self._transaction(lambda db: self._reserve(db, [request_id], lines, now, lease_until, 1))
 
     async def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
-                             lease_until: float, room: int, lazy: bool = False) -> ReserveOutcome:
+                             lease_until: float, room: int, needed_now: bool = True) -> ReserveOutcome:
         """`reserve` under each id, all or none, leaving room for `room` - 1 more."""
         check_spare_ids(spare_ids, lines)
         check_reserve_lines(lines)
         return await self._transaction(lambda db: self._reserve(db, spare_ids, lines, now, lease_until, room))
 
     async def settle(self, request_id: str, actual: Spend, now: float,
-                     entry: LedgerEntry | None = None, lazy: bool = False) -> list[CounterState] | None:
+                     entry: LedgerEntry | None = None) -> list[CounterState] | None:
         """Turn the live reservation into `actual` spend; the counters' states after it."""
         check_spend(actual)
         return await self._transaction(lambda db: self._settle(db, request_id, actual, now, entry))
 
-    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
-                      lazy: bool = False) -> bool:
+    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> bool:
         """Drop the live reservation without spend."""
         return await self._transaction(lambda db: self._release(db, request_id, now, entry))
 
@@ -167,6 +173,12 @@ class SqliteBudgetStore:
         except StoreError:
             return False
         return True
+
+    def flush(self) -> None:
+        """Nothing is held back: every call is sent when it is awaited."""
+
+    def observe_calls(self, observe: OperationObserver) -> None:
+        """No operation times itself here (an InstrumentedStore times them)."""
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread; closing twice is harmless."""
@@ -343,7 +355,7 @@ class SqliteBudgetStore:
              entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
              int(entry.usage_estimated)),
         )
-        db.execute("DELETE FROM ledger WHERE seq <= ?", (cursor.lastrowid - self._ledger_max,))
+        db.execute("DELETE FROM ledger WHERE seq <= ?", ((cursor.lastrowid or 0) - self._ledger_max,))
 
     def _is_spent(self, db: Db, request_id: str) -> bool:
         found = db.execute("SELECT 1 FROM spent_ids WHERE request_id = ?", (request_id,)).fetchone()
@@ -444,8 +456,8 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
     time_ms_, request_id, caller, team, policies, *rest, estimated = row
-    return LedgerEntry(time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))), *rest,
-                       bool(estimated))
+    return LedgerEntry._make((time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))),
+                              *rest, bool(estimated)))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:
@@ -458,3 +470,6 @@ def _amounts(charge: Charge) -> tuple[int, int, int]:
 
 def _negated(charge: Charge) -> Charge:
     return Charge(-charge.usd_nano, -charge.tokens, -charge.requests)
+
+
+_: type[BudgetStore] = SqliteBudgetStore   # mypy proves the store keeps the contract

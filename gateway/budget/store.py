@@ -16,14 +16,20 @@ the spend it explains, so ledger totals always equal the counters: settle, relea
 the caller's row; a lease that ends files a `lease_expired` row with the reserved amounts. Rows are
 kept in time order and trimmed to about `ledger_max_entries` (oldest first).
 
-Backends: `gateway.budget.redis_store.RedisBudgetStore`, `gateway.budget.sqlite_store.SqliteBudgetStore`.
-All raise `gateway.errors.StoreError` when the storage fails, and ValueError for invalid arguments.
+A backend declares what it offers beyond these operations in `capabilities` (`StoreCapabilities`): whether
+its calls are answered in order, whether it bounds their time itself, whether it lets calls nobody waits
+for share a write (and `flush` sends them), which operations it times itself. Callers read that value;
+they never probe a store for attributes.
+
+Backends: `gateway.budget.redis_store.RedisBudgetStore`, `gateway.budget.sqlite_store.SqliteBudgetStore`
+(and `gateway.budget.instrumented.InstrumentedStore`, which times another one). All raise
+`gateway.errors.StoreError` when the storage fails, and ValueError for invalid arguments.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -33,6 +39,7 @@ from gateway.pricing import Charge
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
     "ReserveOutcome", "RESERVED", "PackedStates", "LedgerStatus", "LedgerEntry", "LEDGER_FIELDS", "BudgetStore",
+    "StoreCapabilities", "PLAIN", "OperationObserver",
     "check_reserve_lines", "check_record_lines", "check_spare_ids", "check_spend", "time_ms",
 ]
 
@@ -162,6 +169,36 @@ class LedgerEntry(NamedTuple):
 LEDGER_FIELDS = len(LedgerEntry._fields)
 
 
+OperationObserver = Callable[[str, float, bool], None]
+"""Hears one store operation: (its name, seconds it took, whether it failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCapabilities:
+    """What a backend offers beyond the domain operations, declared once; the engine, the journal and
+    the timing wrapper read it instead of probing the store."""
+
+    in_order: bool = False
+    """Calls are answered in the order they are made: a release made after a reserve runs after it, even
+    while the reserve is still on its way."""
+
+    bounds_time: bool = False
+    """Every call answers or fails within the store's own timeout: a caller needs no timer of its own."""
+
+    shares_writes: bool = False
+    """Settlements, releases and spare batches not needed now may wait a moment to share one write with
+    other calls (on Redis, up to 2 ms); `flush` sends them at once, and so does the next call that is not
+    held back."""
+
+    self_timed: frozenset[str] = frozenset()
+    """Operations that report their own duration to the observer given to `observe_calls`."""
+
+
+PLAIN = StoreCapabilities()
+"""A store whose calls run on their own (in any order, bounded by no timeout of its own), each sent at once,
+none timed by itself."""
+
+
 class BudgetStore(Protocol):
     """Atomic budget operations; `now` is the caller's clock, in epoch seconds, on every call.
 
@@ -175,47 +212,52 @@ class BudgetStore(Protocol):
     `settle`, `release` and `record` write `entry` to the ledger when they change anything, in the same
     atomic operation. `ledger` rows are filed at max(their time, the latest row's time), so the ledger
     stays in order when a replica's clock lags or a journal is replayed.
+
+    An operation answers with an awaitable: a coroutine, or a future already on its way (a store whose
+    capabilities say `shares_writes` may hold a settlement or release back until `flush`).
     """
 
-    async def reserve(
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """What this store offers beyond the operations (see `StoreCapabilities`)."""
+
+    def reserve(
         self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
-    ) -> ReserveOutcome:
+    ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none; ValueError if `request_id` already holds a reservation.
 
         No lines: ok, and nothing is stored (a later settle or release returns False).
         """
 
-    async def reserve_spares(
+    def reserve_spares(
         self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float, room: int,
-        lazy: bool = False,
-    ) -> ReserveOutcome:
+        needed_now: bool = True,
+    ) -> Awaitable[ReserveOutcome]:
         """`reserve` of the same lines under each id, all or none, in one operation; refused unless
         (len(spare_ids) + room - 1) x each amount would fit, so spares leave room for `room` - 1 more.
-        `lazy`: nobody waits for the answer yet, so the store may hold the call back a moment to share a
-        write.
+        `needed_now`: requests may find their pool empty before these arrive (False: the pool still holds
+        plenty, so they are not needed at once).
 
         ValueError if an id already holds a reservation, or there are no ids or no lines.
         """
 
-    async def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
-                     entry: LedgerEntry | None = None, lazy: bool = False) -> Sequence[CounterState] | None:
+    def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
+               entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
         """Turn the live reservation into `actual` spend; the states of `actual`'s counters after it.
 
         None (no change) if there is no live reservation, so a settle sent again (the journal replaying one
         whose answer was lost) counts once. Nothing of the request stays in the store but its ledger row.
         Counters of the reservation missing from `actual` get no spend; ValueError (no change) if
-        `actual` names a counter the reservation does not hold. `lazy` as for `reserve_spares`.
+        `actual` names a counter the reservation does not hold.
         """
 
-    async def release(self, request_id: str, now: float, entry: LedgerEntry | None = None,
-                      lazy: bool = False) -> bool:
-        """Drop the live reservation without spend; False (no change) if there is none. `lazy` as for
-        `reserve_spares`."""
+    def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
+        """Drop the live reservation without spend; False (no change) if there is none."""
 
-    async def record(
+    def record(
         self, request_id: str, lines: Sequence[tuple[CounterKey, Charge, float]], now: float,
         entry: LedgerEntry | None = None,
-    ) -> bool:
+    ) -> Awaitable[bool]:
         """Add spend without a reservation (journal replay); lines are (counter, spend, expires_at).
 
         False (no change) if `request_id` already recorded spend, or its reservation's lease ended and
@@ -224,13 +266,14 @@ class BudgetStore(Protocol):
         release, never with record. ValueError if `lines` is empty.
         """
 
-    async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
+    def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order; one never written (or dropped after expiry) reads zero."""
 
-    async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
+    def ledger(self, since: float, until: float, limit: int) -> Awaitable[list[LedgerEntry]]:
         """The oldest `limit` ledger rows with since <= time < until, in time order."""
 
-    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+    def claim_alert(self, key: str, payload: str, now: float, lease_until: float,
+                    expires_at: float) -> Awaitable[bool]:
         """Claim the delivery of alert `key` until `lease_until`, across replicas.
 
         True for the first claim, which stores `payload` (what any replica needs to send it), and for a
@@ -239,17 +282,23 @@ class BudgetStore(Protocol):
         and once the alert was delivered. The alert is forgotten after `expires_at` (its window's end).
         """
 
-    async def alert_delivered(self, key: str, now: float) -> None:
+    def alert_delivered(self, key: str, now: float) -> Awaitable[None]:
         """Mark alert `key` delivered: no claim succeeds again until it is forgotten. No-op if unknown."""
 
-    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+    def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """Up to `limit` alerts claimed but not delivered whose lease ended, oldest lease first, as
         (key, payload): what a replica that claimed them and died (or gave up) left to be sent."""
 
-    async def ping(self) -> bool:
+    def ping(self) -> Awaitable[bool]:
         """True when the storage answers."""
 
-    async def close(self) -> None:
+    def flush(self) -> None:
+        """Send the calls held back to share a write now: someone waits for them (no-op without `shares_writes`)."""
+
+    def observe_calls(self, observe: OperationObserver) -> None:
+        """Report the duration and outcome of each operation in `capabilities.self_timed` to `observe`."""
+
+    def close(self) -> Awaitable[None]:
         """Release connections or files."""
 
 

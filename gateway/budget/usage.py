@@ -163,6 +163,7 @@ async def budget_usage(request: web.Request) -> web.Response:
     caller = authenticate(request, settings)
     engine = request.app[BUDGET]
     since, until, group_by = _query(request, engine.clock.now())
+    groups: dict[str | None, Totals]
     if engine.store is None:
         groups, total = {}, Totals()
     else:

@@ -41,7 +41,7 @@ def own_families(app: web.Application) -> list[Metric]:
             reload_family(app.get(RELOADER)), background_family(app[BACKGROUND])]
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     """Render every worker's families plus the budget gauges read for this scrape (one store read)."""
     app = request.app
     settings = app[CONFIG].current

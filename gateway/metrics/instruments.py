@@ -39,8 +39,8 @@ class Children(Generic[M]):
     """One labelled metric's children, bound once per label tuple (the hot path skips `labels()`)."""
 
     def __init__(self, metric: M) -> None:
-        self.metric = metric
-        self._bound: dict[tuple[str, ...], M] = {}
+        self.metric: M = metric
+        self._bound: dict[tuple[str, ...], Any] = {}   # the metric's children
 
     def __call__(self, *values: str) -> Any:
         child = self._bound.get(values)
