@@ -102,7 +102,7 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
         delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
                                                      target.price, stream_s))
         streams = request.app[OPEN_STREAMS]
-        streams.add(reply.response)          # a shutdown past its grace cuts it (gateway.serving.server)
+        streams.add(reply.response, delivery.stream)   # ended at stream_s, or by a shutdown past its grace
         try:
             await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
         finally:

@@ -124,27 +124,23 @@ class _SseSplitter:
 async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse, wants_usage: bool,
                        redactor: Redactor, outcome: StreamOutcome) -> None:
     """Relay SSE events into `outcome` as they arrive, within its limits; a stream that ends early, or that
-    the gateway ends (its reserved output spent, its time up), gets an error event.
+    the gateway ends (its reserved output spent, or its time up: see OpenStreams), gets an error event.
 
     `outcome` belongs to the caller, so what was relayed is known even if this is cancelled.
     """
     splitter = _SseSplitter()
-    timer = asyncio.timeout(outcome.limits.stream_s)   # one timer per stream, nothing per event
     try:
-        async with timer:
-            async for chunk in upstream.content.iter_any():
-                await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
-                if outcome.ended_by is not None:
-                    break
-            else:
-                await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
+        async for chunk in upstream.content.iter_any():
+            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
+            if outcome.ended_by is not None:
+                break
+        else:
+            await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
     except _ClientGone:
         outcome.client_gone = True
         return
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        if timer.expired():
-            outcome.ended_by = STREAM_TIMEOUT
-        # else the upstream broke off: reported to the client below
+        pass   # the upstream broke off, or OpenStreams closed it at its deadline: reported to the client below
     if outcome.ended_by is not None:
         upstream.close()                     # the gateway ended it: the upstream must stop generating
     if not outcome.complete:
