@@ -13,7 +13,7 @@ from gateway.errors import UpstreamFailure, error_body
 from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.request import media_type_of
 from gateway.proxy.stream_meter import (
-    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, inspect_event,
+    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, admit,
 )
 from gateway.proxy.usage import UNREADABLE, ReadUsage, usage_from
 from gateway.redact import Redactor
@@ -150,12 +150,7 @@ async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamRespo
 async def _forward(events: list[bytes], client: web.StreamResponse, outcome: StreamOutcome,
                    wants_usage: bool, redactor: Redactor) -> None:
     """Write the events the client should see, as one write, up to an event that ends the stream."""
-    out = []
-    for event in events:
-        if inspect_event(event, outcome, wants_usage):
-            out.append(event)
-        elif outcome.ended_by is not None:
-            break
+    out = admit(events, outcome, wants_usage)
     if out:
         if outcome.first_write_at is None:
             outcome.first_write_at = time.perf_counter()
