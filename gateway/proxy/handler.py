@@ -19,6 +19,7 @@ from gateway.errors import UpstreamFailure
 from gateway.middleware import RECORD
 from gateway.proxy.charging import Bill, Delivery, bill_for
 from gateway.proxy.dispatch import dispatch
+from gateway.proxy.open_streams import OpenStreams
 from gateway.proxy.plan import PlanCache
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
@@ -43,6 +44,7 @@ class Proxy:
     budget: BudgetEngine
     resilience: ResilienceRegistry
     tokens: KnownTokens
+    streams: OpenStreams
 
     @property
     def providers(self) -> ProviderPool:
@@ -71,7 +73,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
                                         deadline_s=settings.retry.deadline_s)
         record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
         record.attempts = delivery.reply.attempts
-        return await respond(request, req, delivery, providers, reservation.worst)
+        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst)
     except UpstreamFailure:
         delivery.upstream_failed = True
         raise
@@ -79,8 +81,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         settle(proxy.budget, record, reservation, delivery)
 
 
-async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
-                  providers: ProviderPool, worst: WorstCase) -> web.StreamResponse:
+async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, providers: ProviderPool,
+                  streams: OpenStreams, worst: WorstCase) -> web.StreamResponse:
     """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole."""
     assert delivery.reply is not None
     reply, redactor, record = delivery.reply, providers.redactor, request[RECORD]
@@ -101,7 +103,6 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
         stream_s = providers[target.provider].config.timeouts.stream_s
         delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
                                                      target.price, stream_s))
-        streams = request.app[OPEN_STREAMS]
         streams.add(reply.response, delivery.stream)   # ended at stream_s, or by a shutdown past its grace
         try:
             await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
@@ -161,7 +162,7 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
-    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens())
+    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

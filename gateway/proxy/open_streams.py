@@ -30,17 +30,18 @@ class OpenStreams:
         self._streams: dict[aiohttp.ClientResponse, tuple[float, StreamOutcome]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None   # the app's, at the first stream
 
     def __len__(self) -> int:
         return len(self._streams)
 
     def add(self, response: aiohttp.ClientResponse, outcome: StreamOutcome) -> None:
         """A stream starts being relayed; it is ended `outcome.limits.stream_s` from now."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         deadline = loop.time() + outcome.limits.stream_s
         self._streams[response] = (deadline, outcome)
         if deadline < self._timer_at:
-            self._wake_at(loop, deadline)
+            self._wake_at(deadline)
 
     def discard(self, response: aiohttp.ClientResponse) -> None:
         """A stream was relayed to its end (or its client left)."""
@@ -53,15 +54,21 @@ class OpenStreams:
             response.close()
         return len(cut)
 
-    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()   # once: on 3.11 it costs a getpid() call each time
+        return self._loop
+
+    def _wake_at(self, when: float) -> None:
+        assert self._loop is not None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._timer_at = loop.call_at(when, self._end_overdue, loop), when
+        self._timer, self._timer_at = self._loop.call_at(when, self._end_overdue), when
 
-    def _end_overdue(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _end_overdue(self) -> None:
         """End the streams past their deadline; wake again for the earliest one left."""
+        assert self._loop is not None
         self._timer, self._timer_at = None, math.inf
-        now = loop.time()
+        now = self._loop.time()
         overdue = [response for response, (deadline, _) in self._streams.items() if deadline <= now]
         for response in overdue:
             _, outcome = self._streams.pop(response)
@@ -70,4 +77,4 @@ class OpenStreams:
             response.close()
         if self._streams:
             earliest = min(deadline for deadline, _ in self._streams.values())
-            self._wake_at(loop, max(earliest, now + MIN_WAKE_S))
+            self._wake_at(max(earliest, now + MIN_WAKE_S))
