@@ -46,9 +46,9 @@ class Proxy:
     tokens: KnownTokens
     streams: OpenStreams
 
-    @property
+    @functools.cached_property
     def providers(self) -> ProviderPool:
-        """The provider pool (made when the app starts)."""
+        """The provider pool (made when the app starts, for its lifetime)."""
         return self.app[PROVIDERS]
 
 
@@ -93,16 +93,15 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
-            max_bytes = providers[reply.target.provider].config.max_response_bytes
-            response, delivery.usage = await relay_json(reply.response, redactor, served_by, max_bytes)
+            response, delivery.usage = await relay_json(reply.response, redactor, served_by,
+                                                        reply.provider_config.max_response_bytes)
             await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
-        stream_s = providers[target.provider].config.timeouts.stream_s
         delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
-                                                     target.price, stream_s))
+                                                     target.price, reply.provider_config.timeouts.stream_s))
         streams.add(reply.response, delivery.stream)   # ended at stream_s, or by a shutdown past its grace
         try:
             await relay_to_client(request, req, delivery.stream, reply.response, client, providers)

@@ -55,19 +55,11 @@ async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra
                      max_bytes: int) -> tuple[web.Response, ReadUsage]:
     """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success.
 
-    An answer that cannot be read whole (over `max_bytes`, cut short, stalled) is an UpstreamFailure.
+    An answer that cannot be read whole is an UpstreamFailure: 502 when it is over `max_bytes` or cut
+    short, 504 when it stalled (its connection is closed either way).
     """
-    body = redactor.bytes(await _read_answer(response, max_bytes))
-    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
-    headers = passed_headers(response)
-    headers.update(extra_headers)
-    return web.Response(body=body, status=response.status, headers=headers), usage
-
-
-async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole answer; 502 when it is too large or cut short, 504 when it stalled (its connection closed)."""
     try:
-        return await read_bounded(response, max_bytes)
+        body = redactor.bytes(await read_bounded(response, max_bytes))
     except BodyTooLarge:
         raise UpstreamFailure(f"The provider's answer is larger than the gateway's {max_bytes}-byte limit.",
                               code="upstream_response_too_large") from None
@@ -77,6 +69,10 @@ async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> byte
     except (aiohttp.ClientError, ConnectionError):
         raise UpstreamFailure("The provider's answer ended before it was complete.",
                               code="upstream_truncated") from None
+    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
+    headers = passed_headers(response)
+    headers.update(extra_headers)
+    return web.Response(body=body, status=response.status, headers=headers), usage
 
 
 def usage_of_answer(body: bytes) -> ReadUsage:
