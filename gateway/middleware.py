@@ -56,7 +56,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
     app = request.app
     metrics = app[METRICS]
-    record = AccessRecord(request_id=_new_request_id(), method=request.method, path=request.path)
+    record = AccessRecord(_new_request_id(), request.method, request.path)   # (keywords cost ~1.6k more)
     request[RECORD] = record
     refusal: BudgetExceeded | None = None
     metrics.requests_in_flight += 1

@@ -66,7 +66,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     record.model = reservation.plan.model
-    delivery = Delivery(dispatched=True)
+    delivery = Delivery(True)                # dispatched
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
