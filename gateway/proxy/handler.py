@@ -23,7 +23,7 @@ from gateway.proxy.open_streams import OpenStreams
 from gateway.proxy.plan import PlanCache
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
-from gateway.proxy.stream_meter import StreamLimits, StreamOutcome
+from gateway.proxy.stream_meter import StreamOutcome
 from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
 from gateway.resilience.registry import ResilienceRegistry
 
@@ -100,9 +100,9 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
-        delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
-                                                     target.price, reply.provider_config.timeouts.stream_s))
-        streams.add(reply.response, delivery.stream)   # ended at stream_s, or by a shutdown past its grace
+        delivery.stream = StreamOutcome(worst, target.price)
+        # ended at stream_s, or by a shutdown past its grace
+        streams.add(reply.response, delivery.stream, reply.provider_config.timeouts.stream_s)
         try:
             await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
         finally:

@@ -35,10 +35,10 @@ class OpenStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def add(self, response: aiohttp.ClientResponse, outcome: StreamOutcome) -> None:
-        """A stream starts being relayed; it is ended `outcome.limits.stream_s` from now."""
+    def add(self, response: aiohttp.ClientResponse, outcome: StreamOutcome, stream_s: float) -> None:
+        """A stream starts being relayed; it is ended `stream_s` from now (its provider's, from the response head)."""
         loop = self._loop or self._bind()
-        deadline = loop.time() + outcome.limits.stream_s
+        deadline = loop.time() + stream_s
         self._streams[response] = (deadline, outcome)
         if deadline < self._timer_at:
             self._wake_at(deadline)

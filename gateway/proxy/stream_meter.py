@@ -17,15 +17,16 @@ chunk sent along with the output when the upstream sends one, else one token per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
+from gateway.budget.worst_case import WorstCase
 from gateway.config.model import ModelPrice
 from gateway.pricing import Usage, cost_nano
 from gateway.proxy.usage import UNREADABLE, usage_from
 
-__all__ = ["StreamLimits", "StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
+__all__ = ["StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
            "STREAM_TRUNCATED", "STREAM_BUDGET_EXHAUSTED", "STREAM_TIMEOUT"]
 
 STREAM_TRUNCATED = "stream_truncated"                 # the upstream broke off
@@ -40,20 +41,13 @@ _OUTPUT_FIELDS = frozenset(("content", "text", "tool_calls", "function_call", "r
                             "reasoning", "audio"))
 
 
-class StreamLimits(NamedTuple):
-    """What one stream may relay: the output its request reserved, the cost reserved, and for how long."""
-
-    output_tokens: int       # completion tokens reserved (max_tokens x n, or the policy or model cap)
-    usd_nano: int            # the reserved amount
-    price: ModelPrice        # of the model serving it
-    stream_s: float          # wall clock, from the response head
-
-
 @dataclass
 class StreamOutcome:
-    """What a relayed stream delivered: usage when the upstream sent it, else an estimate."""
+    """What a relayed stream delivered (usage when the upstream sent it, else an estimate), within its request's
+    worst case: its output cap (max_tokens x n, or the policy or model cap) and the amount it reserved."""
 
-    limits: StreamLimits
+    worst: WorstCase
+    price: ModelPrice                # of the model serving it
     usage: Usage | None = None
     usage_unreadable: bool = False   # a usage chunk that could not be read: the usage is unknown
     content_events: int = 0          # events that carried output, from the first one on (the estimate)
@@ -148,9 +142,9 @@ def _read_usage(chunk: dict[str, Any], outcome: StreamOutcome) -> None:
     if usage is UNREADABLE:
         outcome.usage_unreadable = True
     elif isinstance(usage, Usage):
-        limits = outcome.limits
-        if chunk.get("choices") and (usage.completion_tokens > limits.output_tokens
-                                     or cost_nano(limits.price, usage) > limits.usd_nano):
+        worst = outcome.worst
+        if chunk.get("choices") and (usage.completion_tokens > worst.usage.completion_tokens
+                                     or cost_nano(outcome.price, usage) > worst.amount.usd_nano):
             outcome.ended_by = STREAM_BUDGET_EXHAUSTED
         else:
             outcome.usage = usage
@@ -164,7 +158,7 @@ def _checked(event: bytes, chunk: Any, outcome: StreamOutcome) -> bool:
     if not carries_output(_json(event) if chunk is None else chunk):
         return True
     if outcome.event_cap < 0:                # the first output: counting starts
-        outcome.event_cap = outcome.limits.output_tokens + EVENT_SLACK
+        outcome.event_cap = outcome.worst.usage.completion_tokens + EVENT_SLACK
         outcome.content_events += 1
         return True
     outcome.ended_by = STREAM_BUDGET_EXHAUSTED
