@@ -189,8 +189,8 @@ class BudgetEngine:
     @staticmethod
     def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
                   policies: tuple[str, ...]) -> Reservation:
-        return Reservation(request_id, plan, worst, spare.lines, caller=caller, policies=policies,
-                           spare_id=spare.spare_id)
+        # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
+        return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)
 
     def _reserve_ahead(self, pool: SparePool, lines: Sequence[ReserveLine], amount: Charge) -> None:
         """Ask for the spares the pool wants, with `amount`, after the current request has gone upstream."""
