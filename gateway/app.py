@@ -52,14 +52,14 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
     """
     scrub_logs()
-    app = web.Application(middlewares=[request_middleware],
-                          client_max_size=settings.server.max_body_bytes)
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[CLOCK] = clock = clock or SystemClock()
     app[BACKGROUND] = BackgroundFailures()
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
-    app[ACCESS_LOG] = access_log or AccessLog(settings.server.access_log)
+    app[ACCESS_LOG] = access_log = access_log or AccessLog(settings.server.access_log)
+    app.middlewares.append(request_middleware(metrics, access_log))
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
     app[OPEN_STREAMS] = OpenStreams()
     metrics.follow(app[RESILIENCE])

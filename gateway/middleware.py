@@ -6,19 +6,23 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from random import Random
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
-from gateway.access_log import AccessRecord
-from gateway.appkeys import ACCESS_LOG, METRICS
+from gateway.access_log import AccessLog, AccessRecord
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
+
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
 
 __all__ = ["RECORD", "request_middleware", "error_response"]
 
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 # Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
@@ -51,37 +55,40 @@ def _http_error(exc: web.HTTPException) -> web.Response:
                         status=exc.status, content_type="application/json")
 
 
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
-    app = request.app
-    metrics = app[METRICS]
-    record = AccessRecord(request_id=_new_request_id(), method=request.method, path=request.path)
-    request[RECORD] = record
-    refusal: BudgetExceeded | None = None
-    metrics.requests_in_flight += 1
-    try:
-        response = await handler(request)
-    except GatewayError as exc:
-        record.error = exc.code
-        record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
-        refusal = exc if isinstance(exc, BudgetExceeded) else None
-        response = error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        record.error = "request_too_large"
-        response = error_response(PayloadTooLarge("Request body is over the size limit."))
-    except web.HTTPException as exc:
-        record.error = exc.reason
-        response = _http_error(exc)
-    except Exception:
-        log.exception("unhandled error serving request %s", record.request_id)
-        record.error = "internal_error"
-        response = _unexpected()
-    finally:
-        metrics.requests_in_flight -= 1
-    record.status = response.status
-    if not response.prepared:
-        response.headers["x-request-id"] = record.request_id
-    app[ACCESS_LOG].write(record)
-    metrics.request_served(record, refusal)
-    return response
+def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middleware:
+    """The one middleware, bound to the app's metrics and access log (taken once, not from the app per request)."""
+
+    @web.middleware
+    async def serve_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
+        record = AccessRecord(_new_request_id(), request.method, request.path)   # (keywords cost ~1.6k more)
+        request[RECORD] = record
+        refusal: BudgetExceeded | None = None
+        metrics.requests_in_flight += 1
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            record.error = exc.code
+            record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
+            refusal = exc if isinstance(exc, BudgetExceeded) else None
+            response = error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            record.error = "request_too_large"
+            response = error_response(PayloadTooLarge("Request body is over the size limit."))
+        except web.HTTPException as exc:
+            record.error = exc.reason
+            response = _http_error(exc)
+        except Exception:
+            log.exception("unhandled error serving request %s", record.request_id)
+            record.error = "internal_error"
+            response = _unexpected()
+        finally:
+            metrics.requests_in_flight -= 1
+        record.status = response.status
+        if not response.prepared:
+            response.headers["x-request-id"] = record.request_id
+        access_log.write(record)
+        metrics.request_served(record, refusal)
+        return response
+
+    return serve_request

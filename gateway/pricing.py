@@ -83,4 +83,4 @@ def cost_nano(price: ModelPrice, usage: Usage) -> int:
 
 def charge_for(price: ModelPrice, usage: Usage) -> Charge:
     """The budget charge of one served request."""
-    return Charge(usd_nano=cost_nano(price, usage), tokens=usage.total_tokens, requests=1)
+    return Charge(cost_nano(price, usage), usage.prompt_tokens + usage.completion_tokens, 1)   # (once a request)

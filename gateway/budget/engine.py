@@ -202,4 +202,5 @@ class BudgetEngine:
 def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
               policies: tuple[str, ...]) -> Reservation:
     """A request's reservation held under the spare it took."""
-    return Reservation(request_id, plan, worst, spare.lines, caller=caller, policies=policies, spare_id=spare.spare_id)
+    # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
+    return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)

@@ -64,7 +64,7 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
 def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
     """The request's bound on any provider of the plan (failover may pick a dearer one)."""
     prompt, completion = prompt_upper_bound(req.payload), output_cap(req, plan, policies)
-    usage = Usage(prompt, completion, estimated=True)
+    usage = Usage(prompt, completion, 0, True)   # estimated
     prices = plan.prices
     dearest = cost_nano(prices[0], usage) if len(prices) == 1 else max(cost_nano(price, usage) for price in prices)
     return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))

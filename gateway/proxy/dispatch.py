@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 from tenacity import RetryCallState
 
+from gateway.config.model import ProviderConfig
 from gateway.errors import UpstreamFailure
 from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.plan import Plan, Target
@@ -53,6 +54,7 @@ class UpstreamReply:
     target: Target
     response: aiohttp.ClientResponse
     attempts: int
+    provider_config: ProviderConfig          # of the client that answered (its limits bound the answer)
 
 
 class _BreakerOpen(Exception):
@@ -75,6 +77,7 @@ class _Call:
     last_provider: str | None = None
     last_error: _UpstreamError | None = None
     failover_from: str | None = None         # set on a later target: reported once its breaker admits a call
+    provider_config: ProviderConfig | None = None   # of the client the last attempt was sent with
 
     def remaining(self) -> float:
         """Seconds left before the request's deadline."""
@@ -133,7 +136,8 @@ async def _try_provider(call: _Call, target: Target) -> UpstreamReply | None:
     finally:
         first.ignore()                       # no-op once used; frees a probe slot if never used
         budget.finish()
-    return UpstreamReply(target, response, call.attempts)
+    assert call.provider_config is not None
+    return UpstreamReply(target, response, call.attempts, call.provider_config)
 
 
 async def _retry(call: _Call, target: Target, gate: _Gate, budget: RetryBudget,
@@ -195,6 +199,7 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
     started, outcome = monotonic(), "cancelled"
     try:
         client, remaining = call.pool[target.provider], call.deadline_at - started
+        call.provider_config = client.config
         if remaining > client.head_timeout_s + _TIMEOUT_SLACK_S:
             response = await client.post(call.req.endpoint.path, body)   # aiohttp times out before the deadline
         else:

@@ -19,10 +19,11 @@ from gateway.errors import UpstreamFailure
 from gateway.middleware import RECORD
 from gateway.proxy.charging import Bill, Delivery, bill_for
 from gateway.proxy.dispatch import dispatch
+from gateway.proxy.open_streams import OpenStreams
 from gateway.proxy.plan import PlanCache
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
-from gateway.proxy.stream_meter import StreamLimits, StreamOutcome
+from gateway.proxy.stream_meter import StreamOutcome
 from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
 from gateway.resilience.registry import ResilienceRegistry
 
@@ -43,10 +44,11 @@ class Proxy:
     budget: BudgetEngine
     resilience: ResilienceRegistry
     tokens: KnownTokens
+    streams: OpenStreams
 
-    @property
+    @functools.cached_property
     def providers(self) -> ProviderPool:
-        """The provider pool (made when the app starts)."""
+        """The provider pool (made when the app starts, for its lifetime)."""
         return self.app[PROVIDERS]
 
 
@@ -64,14 +66,14 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     record.model = reservation.plan.model
-    delivery = Delivery(dispatched=True)
+    delivery = Delivery(True)                # dispatched
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
                                         deadline_s=settings.retry.deadline_s)
         record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
         record.attempts = delivery.reply.attempts
-        return await respond(request, req, delivery, providers, reservation.worst)
+        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst)
     except UpstreamFailure:
         delivery.upstream_failed = True
         raise
@@ -79,8 +81,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         settle(proxy.budget, record, reservation, delivery)
 
 
-async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
-                  providers: ProviderPool, worst: WorstCase) -> web.StreamResponse:
+async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, providers: ProviderPool,
+                  streams: OpenStreams, worst: WorstCase) -> web.StreamResponse:
     """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole."""
     assert delivery.reply is not None
     reply, redactor, record = delivery.reply, providers.redactor, request[RECORD]
@@ -91,18 +93,16 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery,
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
-            max_bytes = providers[reply.target.provider].config.max_response_bytes
-            response, delivery.usage = await relay_json(reply.response, redactor, served_by, max_bytes)
+            response, delivery.usage = await relay_json(reply.response, redactor, served_by,
+                                                        reply.provider_config.max_response_bytes)
             await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
-        stream_s = providers[target.provider].config.timeouts.stream_s
-        delivery.stream = StreamOutcome(StreamLimits(worst.usage.completion_tokens, worst.amount.usd_nano,
-                                                     target.price, stream_s))
-        streams = request.app[OPEN_STREAMS]
-        streams.add(reply.response)          # a shutdown past its grace cuts it (gateway.serving.server)
+        delivery.stream = StreamOutcome(worst, target.price)
+        # ended at stream_s, or by a shutdown past its grace
+        streams.add(reply.response, delivery.stream, reply.provider_config.timeouts.stream_s)
         try:
             await relay_to_client(request, req, delivery.stream, reply.response, client, providers)
         finally:
@@ -161,7 +161,7 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
-    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens())
+    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

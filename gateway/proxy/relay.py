@@ -13,7 +13,7 @@ from gateway.errors import UpstreamFailure, error_body
 from gateway.proxy.bounded import BodyTooLarge, read_bounded
 from gateway.proxy.request import media_type_of
 from gateway.proxy.stream_meter import (
-    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, inspect_event,
+    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, admit,
 )
 from gateway.proxy.usage import UNREADABLE, ReadUsage, usage_from
 from gateway.redact import Redactor
@@ -55,19 +55,11 @@ async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra
                      max_bytes: int) -> tuple[web.Response, ReadUsage]:
     """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success.
 
-    An answer that cannot be read whole (over `max_bytes`, cut short, stalled) is an UpstreamFailure.
+    An answer that cannot be read whole is an UpstreamFailure: 502 when it is over `max_bytes` or cut
+    short, 504 when it stalled (its connection is closed either way).
     """
-    body = redactor.bytes(await _read_answer(response, max_bytes))
-    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
-    headers = passed_headers(response)
-    headers.update(extra_headers)
-    return web.Response(body=body, status=response.status, headers=headers), usage
-
-
-async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole answer; 502 when it is too large or cut short, 504 when it stalled (its connection closed)."""
     try:
-        return await read_bounded(response, max_bytes)
+        body = redactor.bytes(await read_bounded(response, max_bytes))
     except BodyTooLarge:
         raise UpstreamFailure(f"The provider's answer is larger than the gateway's {max_bytes}-byte limit.",
                               code="upstream_response_too_large") from None
@@ -77,6 +69,10 @@ async def _read_answer(response: aiohttp.ClientResponse, max_bytes: int) -> byte
     except (aiohttp.ClientError, ConnectionError):
         raise UpstreamFailure("The provider's answer ended before it was complete.",
                               code="upstream_truncated") from None
+    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
+    headers = passed_headers(response)
+    headers.update(extra_headers)
+    return web.Response(body=body, status=response.status, headers=headers), usage
 
 
 def usage_of_answer(body: bytes) -> ReadUsage:
@@ -124,27 +120,23 @@ class _SseSplitter:
 async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse, wants_usage: bool,
                        redactor: Redactor, outcome: StreamOutcome) -> None:
     """Relay SSE events into `outcome` as they arrive, within its limits; a stream that ends early, or that
-    the gateway ends (its reserved output spent, its time up), gets an error event.
+    the gateway ends (its reserved output spent, or its time up: see OpenStreams), gets an error event.
 
     `outcome` belongs to the caller, so what was relayed is known even if this is cancelled.
     """
     splitter = _SseSplitter()
-    timer = asyncio.timeout(outcome.limits.stream_s)   # one timer per stream, nothing per event
     try:
-        async with timer:
-            async for chunk in upstream.content.iter_any():
-                await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
-                if outcome.ended_by is not None:
-                    break
-            else:
-                await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
+        async for chunk in upstream.content.iter_any():
+            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
+            if outcome.ended_by is not None:
+                break
+        else:
+            await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
     except _ClientGone:
         outcome.client_gone = True
         return
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        if timer.expired():
-            outcome.ended_by = STREAM_TIMEOUT
-        # else the upstream broke off: reported to the client below
+        pass   # the upstream broke off, or OpenStreams closed it at its deadline: reported to the client below
     if outcome.ended_by is not None:
         upstream.close()                     # the gateway ended it: the upstream must stop generating
     if not outcome.complete:
@@ -154,12 +146,7 @@ async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamRespo
 async def _forward(events: list[bytes], client: web.StreamResponse, outcome: StreamOutcome,
                    wants_usage: bool, redactor: Redactor) -> None:
     """Write the events the client should see, as one write, up to an event that ends the stream."""
-    out = []
-    for event in events:
-        if inspect_event(event, outcome, wants_usage):
-            out.append(event)
-        elif outcome.ended_by is not None:
-            break
+    out = admit(events, outcome, wants_usage)
     if out:
         if outcome.first_write_at is None:
             outcome.first_write_at = time.perf_counter()

@@ -1,12 +1,13 @@
 """Metering a relayed stream, event by event: what it delivered, and when the gateway must end it.
 
-The relay hands every SSE event to `inspect_event`. Output is counted as it goes: from a usage chunk sent
-along with the output when the upstream sends one, else one token per event that carries output (the
-estimate charged when no usage arrives). Events are parsed only where counting cannot do without:
+The relay hands the SSE events of each chunk it reads to `admit`. Output is counted as it goes: from a usage
+chunk sent along with the output when the upstream sends one, else one token per event that carries output
+(the estimate charged when no usage arrives). Events are parsed only where counting cannot do without:
 
     before the first output      each event is parsed: role, filter and comment events carry none, so
                                  they are never counted
-    within the reserved output   counted, not parsed (the hot path: two byte searches and a comparison)
+    within the reserved output   counted, not parsed (the hot path: a prefix, a search from the end for
+                                 `"usage"`, a comparison)
     past it (+ EVENT_SLACK)      each event is parsed: one without output (a finish or filter chunk)
                                  passes; one with output ends the stream (`stream_budget_exhausted`)
     a usage chunk with output    its completion tokens past the reserved output, or its cost past the
@@ -16,15 +17,16 @@ estimate charged when no usage arrives). Events are parsed only where counting c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
+from gateway.budget.worst_case import WorstCase
 from gateway.config.model import ModelPrice
 from gateway.pricing import Usage, cost_nano
 from gateway.proxy.usage import UNREADABLE, usage_from
 
-__all__ = ["StreamLimits", "StreamOutcome", "inspect_event", "carries_output", "EVENT_SLACK",
+__all__ = ["StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
            "STREAM_TRUNCATED", "STREAM_BUDGET_EXHAUSTED", "STREAM_TIMEOUT"]
 
 STREAM_TRUNCATED = "stream_truncated"                 # the upstream broke off
@@ -33,25 +35,19 @@ STREAM_TIMEOUT = "stream_timeout"                     # the stream ran past its 
 EVENT_SLACK = 1   # output events past the reserved output: one event without tokens mid-stream is no runaway
 _DONE = b"data: [DONE]"
 _DATA_JSON = b"data: {"
-_NULL_USAGE = (b'"usage":null', b'"usage": null')
-_OUTPUT_FIELDS = ("content", "text", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning",
-                  "audio")
-
-
-class StreamLimits(NamedTuple):
-    """What one stream may relay: the output its request reserved, the cost reserved, and for how long."""
-
-    output_tokens: int       # completion tokens reserved (max_tokens x n, or the policy or model cap)
-    usd_nano: int            # the reserved amount
-    price: ModelPrice        # of the model serving it
-    stream_s: float          # wall clock, from the response head
+_USAGE = b'"usage"'
+_NULL = (b":null", b": null")      # what follows `"usage"` when a chunk has no usage block
+_OUTPUT_FIELDS = frozenset(("content", "text", "tool_calls", "function_call", "refusal", "reasoning_content",
+                            "reasoning", "audio"))
 
 
 @dataclass
 class StreamOutcome:
-    """What a relayed stream delivered: usage when the upstream sent it, else an estimate."""
+    """What a relayed stream delivered (usage when the upstream sent it, else an estimate), within its request's
+    worst case: its output cap (max_tokens x n, or the policy or model cap) and the amount it reserved."""
 
-    limits: StreamLimits
+    worst: WorstCase
+    price: ModelPrice                # of the model serving it
     usage: Usage | None = None
     usage_unreadable: bool = False   # a usage chunk that could not be read: the usage is unknown
     content_events: int = 0          # events that carried output, from the first one on (the estimate)
@@ -64,20 +60,29 @@ class StreamOutcome:
     first_write_at: float | None = None   # perf_counter() when the first event went to the client
 
 
-def inspect_event(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
-    """Update `outcome` from one event; False when the event must not reach the client (or ends the stream).
+def admit(events: list[bytes], outcome: StreamOutcome, wants_usage: bool) -> list[bytes]:
+    """The events the client may see, each metered into `outcome`, up to one that ends the stream.
 
-    The hot path (an event of JSON without usage, within the reserved output) is two byte searches, a
-    comparison and an increment; only the few other events are parsed.
+    The hot path (an event of JSON without usage, within the reserved output) is a prefix check, a byte
+    search from the end, a comparison and an increment, inlined in this loop; only the few other events
+    are parsed.
     """
-    if not event.startswith(_DATA_JSON):
-        return _unusual(event, outcome, wants_usage)
-    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
-        return _with_usage(event, outcome, wants_usage)
-    if outcome.content_events < outcome.event_cap:
-        outcome.content_events += 1
-        return True
-    return _checked(event, None, outcome)
+    passed = []
+    for event in events:
+        if not event.startswith(_DATA_JSON):
+            keep = _unusual(event, outcome, wants_usage)
+        elif (at := event.rfind(_USAGE)) >= 0 and not event.startswith(_NULL, at + 7):   # see _has_usage
+            keep = _with_usage(event, outcome, wants_usage)
+        elif outcome.content_events < outcome.event_cap:
+            outcome.content_events += 1
+            keep = True
+        else:
+            keep = _checked(event, None, outcome)
+        if keep:
+            passed.append(event)
+        elif outcome.ended_by is not None:
+            break
+    return passed
 
 
 def _unusual(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
@@ -87,9 +92,19 @@ def _unusual(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
         return True
     if b"data:" not in event:                # no data, so no output
         return True
-    if b'"usage"' in event and _NULL_USAGE[0] not in event and _NULL_USAGE[1] not in event:
+    if _has_usage(event):
         return _with_usage(event, outcome, wants_usage)
     return _counted(event, None, outcome)
+
+
+def _has_usage(event: bytes) -> bool:
+    """Whether an event has a usage block that is not null: its last `"usage"` is not followed by null.
+
+    Searched from the end, where providers put it; a chunk with another `"usage"` nested before it is
+    parsed when its last one is not null, and usage_from reads only the top-level block.
+    """
+    at = event.rfind(_USAGE)
+    return at >= 0 and not event.startswith(_NULL, at + 7)
 
 
 def _with_usage(event: bytes, outcome: StreamOutcome, wants_usage: bool) -> bool:
@@ -127,9 +142,9 @@ def _read_usage(chunk: dict[str, Any], outcome: StreamOutcome) -> None:
     if usage is UNREADABLE:
         outcome.usage_unreadable = True
     elif isinstance(usage, Usage):
-        limits = outcome.limits
-        if chunk.get("choices") and (usage.completion_tokens > limits.output_tokens
-                                     or cost_nano(limits.price, usage) > limits.usd_nano):
+        worst = outcome.worst
+        if chunk.get("choices") and (usage.completion_tokens > worst.usage.completion_tokens
+                                     or cost_nano(outcome.price, usage) > worst.amount.usd_nano):
             outcome.ended_by = STREAM_BUDGET_EXHAUSTED
         else:
             outcome.usage = usage
@@ -143,7 +158,7 @@ def _checked(event: bytes, chunk: Any, outcome: StreamOutcome) -> bool:
     if not carries_output(_json(event) if chunk is None else chunk):
         return True
     if outcome.event_cap < 0:                # the first output: counting starts
-        outcome.event_cap = outcome.limits.output_tokens + EVENT_SLACK
+        outcome.event_cap = outcome.worst.usage.completion_tokens + EVENT_SLACK
         outcome.content_events += 1
         return True
     outcome.ended_by = STREAM_BUDGET_EXHAUSTED
@@ -159,6 +174,7 @@ def carries_output(chunk: Any) -> bool:
         if isinstance(choice, dict):
             delta = choice.get("delta")
             part = delta if isinstance(delta, dict) else choice   # /v1/completions: text on the choice
-            if any(part.get(name) for name in _OUTPUT_FIELDS):
-                return True
+            for name, value in part.items():   # (a delta holds a field or two: fewer steps than the names)
+                if value and name in _OUTPUT_FIELDS:
+                    return True
     return False

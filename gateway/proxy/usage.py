@@ -52,14 +52,17 @@ def _count(value: Any) -> int:
 
 def _cached(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and details.get("cached_tokens") is not None:
-        return _count(details["cached_tokens"])
-    hits = usage.get("prompt_cache_hit_tokens")   # DeepSeek's name for it
-    return 0 if hits is None else _count(hits)
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = usage.get("prompt_cache_hit_tokens")   # DeepSeek's name for it
+    return 0 if cached is None else _count(cached)
 
 
 def _counts(usage: dict[str, Any]) -> Usage:
     """Prompt, completion and cached counts of a usage block, or _Bad."""
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is int and type(completion) is int and 0 <= prompt <= MAX_COUNT and 0 <= completion <= MAX_COUNT:
+        return Usage(prompt, completion, _cached(usage))   # the usual block: `_count` of each, inlined
     if "prompt_tokens" not in usage and "completion_tokens" not in usage:
         return Usage(_count(usage.get("total_tokens")))   # a total-only block: all of it is prompt
     prompt = _count(usage.get("prompt_tokens"))

@@ -123,6 +123,9 @@ class ClientConnections:
                         self.cap)
 
 
+_data_received = RequestHandler.data_received
+
+
 def _reason(error: HttpProcessingError) -> str:
     """What the parser found wrong, without the raw bytes it quotes after it."""
     first = str(error.message or "").partition("\n")[0]
@@ -158,7 +161,7 @@ class GatewayRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self.header_started is None and self._waiter is not None:
             self.header_started = self._loop.time()     # the first byte of a request on a kept-alive connection
-        super().data_received(data)
+        _data_received(self, data)                  # (not super(): this runs for every read)
         if self._messages:                          # a whole head was parsed: the request is due to be served
             self.header_started = None
 
