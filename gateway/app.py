@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
 from gateway.appkeys import (
-    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
+    ACCESS_LOG, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
     RESILIENCE,
 )
 from gateway.background import BackgroundFailures, keep_running
@@ -21,6 +21,8 @@ from gateway.budget.factory import create_engine
 from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
 from gateway.budget.usage import add_budget_usage_routes
+from gateway.cache.factory import create_cache
+from gateway.cache.store import CacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
@@ -46,7 +48,8 @@ RECOVERY_INTERVAL_S = 1.0
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
                store: BudgetStore | None = None, access_log: AccessLog | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-               registry: CollectorRegistry | None = None, peers: Peers | None = None) -> web.Application:
+               registry: CollectorRegistry | None = None, peers: Peers | None = None,
+               cache_store: CacheStore | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry).
 
     `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
@@ -58,6 +61,8 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[BACKGROUND] = BackgroundFailures()
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
+    app[CACHE] = create_cache(settings.store, app[BUDGET].store, clock, cache_store)
+    metrics.follow_cache(app[CACHE])
     app[ACCESS_LOG] = access_log = access_log or AccessLog(settings.server.access_log)
     app.middlewares.append(request_middleware(metrics, access_log))
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
@@ -68,6 +73,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
         app.cleanup_ctx.append(peers.link)
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
+    app.cleanup_ctx.append(response_cache)        # closed before the budget store, whose client it may share
     add_budget_alerts(app, sleep=sleep)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
@@ -103,6 +109,12 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await engine.close()
+
+
+async def response_cache(app: web.Application) -> AsyncIterator[None]:
+    """Finish the cache writes under way and close the cache's storage at the end."""
+    yield
+    await app[CACHE].close()
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from gateway.background import BackgroundFailures
     from gateway.budget.alerts import AlertSender
     from gateway.budget.engine import BudgetEngine
+    from gateway.cache.service import ResponseCache
     from gateway.clock import Clock
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
-           "PEERS", "OPEN_STREAMS"]
+           "PEERS", "OPEN_STREAMS", "CACHE"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -35,3 +36,4 @@ ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
 PEERS: web.AppKey[Peers] = web.AppKey("peers")
 OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")
+CACHE: web.AppKey[ResponseCache] = web.AppKey("cache")

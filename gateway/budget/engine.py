@@ -10,22 +10,24 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, NamedTuple
 
 from gateway.access_log import AccessRecord
 from gateway.budget.journal import SpendJournal
-from gateway.budget.ledger import ledger_entry
+from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
 from gateway.budget.refusals import exceeded_error, held_error
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
 from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
-from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
+from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, LedgerEntry, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
 from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
+from gateway.errors import StoreError
 from gateway.pricing import Charge
 from gateway.proxy.plan import Plan, plan_for
 from gateway.proxy.request import ProxyRequest
@@ -170,6 +172,21 @@ class BudgetEngine:
         if reservation.local:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
         return self._settlements.start(reservation, charge, entry)
+
+    def file_cache_hit(self, settings: Settings, caller: CallerIdentity, model: str, record: AccessRecord,
+                       saved_nano: int) -> tuple[str, ...]:
+        """Ledger a request answered from the response cache: nothing reserved or spent, only its row, written
+        in the background (lost, not journaled, if the store fails: it moves no counter). Its policies."""
+        match = self._slots.match(settings, caller, model)
+        if match.policies and self.store is not None:
+            entry = cache_hit_entry(record.request_id, caller, match.names, record, saved_nano, self.clock.now())
+            self._calls.spawn(self._file_row(entry))
+        return match.names
+
+    async def _file_row(self, entry: LedgerEntry) -> None:
+        assert self.store is not None
+        with contextlib.suppress(StoreError, TimeoutError):
+            await self._calls.bounded(self.store.file_row(entry))
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""

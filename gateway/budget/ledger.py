@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 
 from gateway.access_log import AccessRecord
 from gateway.budget.store import LedgerEntry
+from gateway.config.model import CallerIdentity
 from gateway.pricing import Charge
 
 if TYPE_CHECKING:
     from gateway.budget.engine import Reservation
 
-__all__ = ["ledger_entry"]
+__all__ = ["ledger_entry", "cache_hit_entry"]
 
 
 def ledger_entry(reservation: Reservation, charge: Charge | None, record: AccessRecord | None,
@@ -33,3 +34,11 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, record: Access
                        provider, prompt, completion, cached, charge.usd_nano if charge else 0,
                        "failed" if charge is None else "served", latency_ms, attempts, requested,
                        usage is not None and usage.estimated)
+
+
+def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str, ...], record: AccessRecord,
+                    saved_nano: int, now: float) -> LedgerEntry:
+    """`cache_hit`: no tokens, no cost (so ledger totals still equal the counters), and what the answer saved."""
+    latency_ms = round((time.perf_counter() - record.started) * 1000)
+    return LedgerEntry(now, request_id, caller.name, caller.team, policies, record.model, None, 0, 0, 0, 0,
+                       "cache_hit", latency_ms, 0, record.requested_model, False, saved_nano)

@@ -61,7 +61,7 @@ __all__ = ["RedisBudgetStore", "create_redis_client"]
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
-_SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
+_SCRIPTS = ("reserve", "settle", "release", "record", "file_row", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
 _ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
 
@@ -89,6 +89,11 @@ class RedisBudgetStore:
         self._leases = self._key("leases")
         self._counter_keys: dict[CounterKey, str] = {}
         self._line_words: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
+
+    @property
+    def client(self) -> RedisClient:
+        """The redis-py client (the response cache shares it and its pool; the store closes it)."""
+        return self._client
 
     def flush(self) -> None:
         """Send the calls waiting to share a write now (somebody is waiting for them)."""
@@ -198,6 +203,11 @@ class RedisBudgetStore:
         keys = [*self._reservation_keys(request_id), self._key("spent", request_id),
                 *(self.counter_key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
+
+    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
+        """Add a ledger row that moves no counter (see `BudgetStore`); may wait a moment to share a write."""
+        args = [self._prefix, f"[{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
+        return self._call("file_row", [self._key("ledger")], args, _nothing, lazy=True)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
@@ -394,6 +404,10 @@ def _text(value: bytes | str) -> str:
 
 def _is_one(reply: int) -> bool:
     return reply == 1
+
+
+def _nothing(reply: Any) -> None:
+    return None
 
 
 def _answered(value: T) -> asyncio.Future[T]:

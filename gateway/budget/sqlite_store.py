@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     policies TEXT NOT NULL, model TEXT, provider TEXT, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,
     status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, requested_model TEXT,
-    usage_estimated INTEGER NOT NULL DEFAULT 0
+    usage_estimated INTEGER NOT NULL DEFAULT 0, saved_nano INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
 CREATE TABLE IF NOT EXISTS alert_claims (
@@ -69,10 +69,11 @@ CREATE INDEX IF NOT EXISTS alert_claims_lease ON alert_claims (delivered, lease_
 
 _LEDGER_COLUMNS = (
     "time_ms, request_id, caller, team, policies, model, provider, prompt_tokens, completion_tokens,"
-    " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated"
+    " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated, saved_nano"
 )
 # Ledger columns added after the first release, added to an older file when it is opened.
-_ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"))
+_ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
+                         ("saved_nano", "INTEGER NOT NULL DEFAULT 0"))
 
 _ADD = """
 INSERT INTO counters (policy, period, window_id, reserved_usd, reserved_tokens, reserved_requests,
@@ -144,6 +145,10 @@ class SqliteBudgetStore:
         """Add spend without a reservation, once per request id."""
         check_record_lines(lines)
         return await self._transaction(lambda db: self._record(db, request_id, lines, now, entry))
+
+    async def file_row(self, entry: LedgerEntry) -> None:
+        """Add a ledger row that moves no counter (see `BudgetStore`)."""
+        await self._transaction(lambda db: self._append_row(db, entry))
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""
@@ -349,11 +354,11 @@ class SqliteBudgetStore:
             return
         latest = db.execute("SELECT MAX(time_ms) FROM ledger").fetchone()[0] or 0
         cursor = db.execute(
-            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (max(time_ms(entry.time), latest), entry.request_id, entry.caller, entry.team, ",".join(entry.policies),
              entry.model, entry.provider, entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens,
              entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
-             int(entry.usage_estimated)),
+             int(entry.usage_estimated), entry.saved_nano),
         )
         db.execute("DELETE FROM ledger WHERE seq <= ?", ((cursor.lastrowid or 0) - self._ledger_max,))
 
@@ -455,9 +460,9 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
-    time_ms_, request_id, caller, team, policies, *rest, estimated = row
+    time_ms_, request_id, caller, team, policies, *rest, estimated, saved = row
     return LedgerEntry._make((time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))),
-                              *rest, bool(estimated)))
+                              *rest, bool(estimated), saved))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:

@@ -22,7 +22,7 @@ from gateway.budget.worst_case import WorstCase
 from gateway.pricing import Charge, Usage, charge_for, cost_nano
 from gateway.proxy.dispatch import UpstreamReply
 from gateway.proxy.plan import Plan, Target
-from gateway.proxy.stream_meter import StreamOutcome
+from gateway.proxy.stream_meter import Capture, StreamOutcome
 from gateway.proxy.usage import ReadUsage
 
 __all__ = ["Delivery", "Bill", "UsageUnknown", "bill_for"]
@@ -40,6 +40,9 @@ class Delivery:
     reply: UpstreamReply | None = None
     stream: StreamOutcome | None = None
     usage: ReadUsage = None           # from a whole JSON answer
+    body: bytes | None = None         # a whole answer, as the client got it
+    capture: Capture | None = None    # given to a stream's outcome: fed what it relays (the response cache)
+    bill: Bill | None = None          # what was charged, once settled
 
 
 class Bill(NamedTuple):

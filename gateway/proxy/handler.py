@@ -10,17 +10,20 @@ import aiohttp
 from aiohttp import web
 
 from gateway.access_log import AccessRecord
-from gateway.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
+from gateway.appkeys import BUDGET, CACHE, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
 from gateway.auth import KnownTokens, authenticate
 from gateway.budget.engine import BudgetEngine, Reservation
 from gateway.budget.worst_case import WorstCase
+from gateway.cache.service import ResponseCache
 from gateway.config.holder import ConfigHolder
+from gateway.config.model import CallerIdentity, Settings
 from gateway.errors import UpstreamFailure
 from gateway.middleware import RECORD
+from gateway.proxy.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.proxy.charging import Bill, Delivery, bill_for
 from gateway.proxy.dispatch import dispatch
 from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.plan import PlanCache
+from gateway.proxy.plan import Plan, PlanCache
 from gateway.proxy.providers import ProviderPool
 from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
 from gateway.proxy.stream_meter import StreamOutcome
@@ -45,6 +48,7 @@ class Proxy:
     resilience: ResilienceRegistry
     tokens: KnownTokens
     streams: OpenStreams
+    cache: ResponseCache
 
     @functools.cached_property
     def providers(self) -> ProviderPool:
@@ -53,7 +57,7 @@ class Proxy:
 
 
 async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> web.StreamResponse:
-    """caller -> request -> plan -> reserve -> providers -> relay -> settle."""
+    """caller -> request -> plan -> cache -> reserve -> providers -> relay -> settle (-> cache)."""
     record = request[RECORD]
     settings = proxy.config.current
     caller = authenticate(request, settings, proxy.tokens)
@@ -63,10 +67,26 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     record.stream = req.stream
     plan = proxy.plans.plan_for(settings, req.model)
     record.route = plan.route
+    lookup = await look_up(proxy.cache, settings, caller, req, request)
+    if lookup is None:
+        return await forward(request, proxy, settings, caller, req, plan, Delivery(True))
+    if lookup.entry is not None:
+        # request-rate limits (issue 18) count a hit here, as a request; no budget is reserved or charged
+        return await serve_hit(request, lookup, proxy.budget, settings, caller, proxy.cache.clock.now())
+    delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
+    try:
+        return await forward(request, proxy, settings, caller, req, plan, delivery)
+    finally:
+        keep_answer(proxy.cache, lookup, settings.cache, delivery, record)
+
+
+async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller: CallerIdentity,
+                  req: ProxyRequest, plan: Plan, delivery: Delivery) -> web.StreamResponse:
+    """reserve -> providers -> relay -> settle."""
+    record = request[RECORD]
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     record.model = reservation.plan.model
-    delivery = Delivery(True)                # dispatched
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
@@ -91,16 +111,20 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
                  "x-gateway-attempts": str(reply.attempts), "x-request-id": record.request_id}
     if record.downgraded_from is not None:
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
+    if record.cache is not None:
+        served_by["x-gateway-cache"] = cache_header(record.cache)
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by,
                                                         reply.provider_config.max_response_bytes)
+            delivery.body = response.body if isinstance(response.body, bytes) else None
             await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
         delivery.stream = StreamOutcome(worst, target.price)
+        delivery.stream.capture = delivery.capture
         # ended at stream_s, or by a shutdown past its grace
         streams.add(reply.response, delivery.stream, reply.provider_config.timeouts.stream_s)
         try:
@@ -144,7 +168,7 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
 
     The store is written in the background: the answer does not wait for it.
     """
-    bill = bill_for(delivery, reservation.plan, reservation.worst)
+    bill = delivery.bill = bill_for(delivery, reservation.plan, reservation.worst)
     if bill is not None:
         record.usage, record.cost_nano, record.usage_unknown = bill.usage, bill.charge.usd_nano, bill.unknown
         if bill.unknown is not None:
@@ -161,7 +185,8 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
-    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
+    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS],
+                  app[CACHE])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))
