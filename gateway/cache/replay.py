@@ -72,11 +72,11 @@ def _chat_chunks(base: JSON, choice: JSON) -> list[JSON]:
         return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]}
 
-    chunks = [chunk({"role": message.get("role", "assistant"), "content": ""})]
+    content, logprobs = message.get("content"), choice.get("logprobs")
+    chunks = [chunk({"role": message.get("role", "assistant"), "content": "" if isinstance(content, str) else None})]
     reasoning = message.get("reasoning_content")
     if isinstance(reasoning, str):
         chunks += [chunk({"reasoning_content": piece}) for piece in pieces(reasoning)]
-    content, logprobs = message.get("content"), choice.get("logprobs")
     if isinstance(content, str) and content:
         parts = [content] if logprobs is not None else pieces(content)
         chunks += [chunk({"content": part}, logprobs=logprobs) for part in parts]
