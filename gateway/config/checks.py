@@ -135,7 +135,8 @@ def _check_cache(doc: Doc, cache: CacheConfig, reach: Reach) -> None:
     for index, glob in enumerate(cache.models):
         loc = ("cache", "models", index)
         if reach.routes is not None and not reach.serves_some(glob):
-            doc.report(loc, f"no route serves a model matching {doc.quoted(loc, glob)}, so nothing is cached by it")
+            doc.report(loc, f"no route serves a model matching {doc.quoted(loc, glob)}, so nothing is cached by it"
+                            + reach.suggest_model(glob))
 
 
 def _check_policy_names(policies: Sequence[PolicyAt]) -> None:
