@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
+from gateway.config.model import CacheConfig
 from tests.support.metrics import ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 TEMPLATE_VARIABLES = {"$__rate_interval": "5m", "$policy": ".*", "$model": ".*"}
 PANEL_TOPICS = ("spend against budget", "cost per hour by model", "monthly forecast", "tokens by model",
                 "requests by status class", "latency p50 / p95 / p99", "time to first token", "breaker states",
-                "retries and failovers")
+                "retries and failovers", "cache hit rate", "cache savings")
 
 
 def dashboard() -> dict[str, Any]:
@@ -96,8 +97,12 @@ def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:
 async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic(
         upstream, backup_upstream, start_gateway, http) -> None:
     clock = FakeClock()
-    gateway = await start_gateway(metrics_settings(upstream, backup_upstream), clock=clock, sleep=ClockSleep(clock))
-    await mixed_traffic(gateway, http, upstream, backup_upstream)
+    settings = metrics_settings(upstream, backup_upstream, cache=CacheConfig(models=("gpt-4.1",)))
+    gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
+    await mixed_traffic(gateway, http, upstream, backup_upstream)     # its gpt-4.1 requests fail: nothing kept
+    for _ in range(2):                                                # a miss kept, then a hit
+        await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": "cache me"}]})
     exposed = sample_names(await scrape(gateway, http))
     used = [(title, name) for title, expr in dashboard_queries() for name in metric_names(expr)]
     used += [(rule["alert"], name) for rule in alert_rules() for name in metric_names(rule["expr"])]
