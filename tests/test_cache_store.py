@@ -207,3 +207,17 @@ def test_the_cache_config_refuses_an_entry_larger_than_the_store() -> None:
     with pytest.raises(ValueError, match="must be <= max_bytes"):
         CacheConfig(max_entry_bytes=2048, max_bytes=1024)
     assert dataclasses.replace(CacheConfig(), models=("gpt-4o*",)).caches("gpt-4o-mini")
+
+
+async def test_a_gateway_on_redis_cluster_keeps_answers_in_the_cluster(upstream, start_gateway, http,
+                                                                       redis_cluster_url) -> None:
+    store = StoreConfig(url=redis_cluster_url, reserve_ahead=False)
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store,
+                                                cache=CacheConfig(models=("gpt-4o-mini",))))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cluster"}]}
+    results = []
+    for _ in range(3):
+        results.append((await http(gateway, "POST", "/v1/chat/completions", json=body)).headers["x-gateway-cache"])
+        await gateway.app[CACHE].written()
+    assert results == ["miss", "hit", "hit"] and len(upstream.requests) == 1
+    assert isinstance(gateway.app[CACHE].store, RedisCacheStore)

@@ -13,12 +13,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.access_log import AccessRecord
 from gateway.budget.engine import BudgetEngine
 from gateway.cache.assemble import StreamAssembler, storable
 from gateway.cache.service import ERROR, Lookup, ResponseCache
 from gateway.config.model import CacheConfig, CallerIdentity, Settings
 from gateway.middleware import RECORD
-from gateway.access_log import AccessRecord
 from gateway.pricing import Usage
 from gateway.proxy.charging import Delivery
 from gateway.proxy.request import ProxyRequest
@@ -78,10 +78,11 @@ def keep_answer(cache: ResponseCache, lookup: Lookup, config: CacheConfig, deliv
                 record: AccessRecord) -> None:
     """Hand the cache the request's answer if it may be kept (else None: whoever waits on it goes on alone)."""
     bill = delivery.bill
+    if bill is None or bill.unknown is not None or bill.usage.estimated:   # charged on the gateway's bound
+        cache.finish(lookup, config, None, _NOTHING, 0)
+        return
     answer = _answer(delivery, config) if lookup.write and record.downgraded_from is None else None
-    if bill is None or bill.unknown is not None or bill.usage.estimated:
-        answer = None
-    cache.finish(lookup, config, answer, bill.usage if bill else _NOTHING, bill.charge.usd_nano if bill else 0)
+    cache.finish(lookup, config, answer, bill.usage, bill.charge.usd_nano)
 
 
 def _answer(delivery: Delivery, config: CacheConfig) -> bytes | None:
