@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway import cli
 from gateway.appkeys import BUDGET, CACHE
 from gateway.clock import FakeClock
 from gateway.config.model import CacheConfig, StoreConfig
@@ -93,6 +94,21 @@ async def test_a_hundred_sdk_requests_over_ten_prompts_make_ten_upstream_calls_a
     report = (await http(gateway, "GET", "/v1/budget/usage", key=ADMIN_KEY)).json()["total"]
     assert (report["requests"], report["cache_hits"]) == (20, 180)
     assert Decimal(report["saved_usd"]) == nano_to_usd(9 * billed)
+
+
+async def test_gateway_usage_shows_hits_and_savings_per_team(upstream, start_gateway, http, capsys, tmp_path):
+    gateway = await start_gateway(settings_for(upstream, StoreConfig(path=str(tmp_path / "b.db"))))
+    for _ in range(4):
+        assert (await post(http, gateway, CHAT)).status == 200
+        await settled(gateway)
+    [served] = [row for row in await ledger(gateway) if row.status == "served"]
+    capsys.readouterr()
+    args = ["usage", "--url", gateway.url, "--key", ADMIN_KEY, "--group-by", "team"]
+    assert await asyncio.to_thread(cli.main, args) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "CACHE HITS" in table[1] and "SAVED USD" in table[1]
+    web = next(line.split() for line in table if line.startswith("web"))
+    assert web[1] == "1" and web[-2:] == ["3", str(nano_to_usd(3 * served.cost_nano))]
 
 
 async def test_a_hit_says_so_with_its_age_and_a_miss_says_miss(upstream, start_gateway, http, tmp_path):
