@@ -15,7 +15,9 @@ import pytest
 from gateway.appkeys import CACHE
 from gateway.cache.assemble import StreamAssembler
 from gateway.cache.control import control_of
+from gateway.cache.entry import CacheEntry
 from gateway.cache.keys import cache_key, scope_identity
+from gateway.cache.memory import ENTRY_OVERHEAD, HOLD_S, MemoryFront
 from gateway.cache.redis_store import RedisCacheStore
 from gateway.cache.replay import replay_events
 from gateway.cache.sqlite_store import SqliteCacheStore
@@ -221,3 +223,18 @@ async def test_a_gateway_on_redis_cluster_keeps_answers_in_the_cluster(upstream,
         await gateway.app[CACHE].written()
     assert results == ["miss", "hit", "hit"] and len(upstream.requests) == 1
     assert isinstance(gateway.app[CACHE].store, RedisCacheStore)
+
+
+def test_the_memory_front_is_bounded_in_bytes_and_in_held_time() -> None:
+    front, now = MemoryFront(), 1000.0
+    entry = CacheEntry(b"x" * 1000, Usage(1, 1), 5, now, now + 3600)
+    limit = 10 * (1000 + ENTRY_OVERHEAD)
+    for index in range(30):
+        front.put(f"k{index}", entry, now, limit)
+        assert front.get("k0", now) is entry                      # used again and again: kept
+        assert front.bytes <= limit
+    assert len(front) == 10 and front.get("k1", now) is None and front.get("k29", now) is entry
+    assert front.get("k29", now + HOLD_S) is None                 # held at most HOLD_S, then read from the store
+    short = CacheEntry(b"y", Usage(1, 1), 5, now, now + 2)
+    front.put("short", short, now, limit)
+    assert front.get("short", now + 1) is short and front.get("short", now + 2) is None

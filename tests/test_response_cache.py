@@ -321,9 +321,12 @@ async def test_a_cache_store_outage_is_a_counted_miss_never_a_failed_request(ups
                                                                               tmp_path):
     gateway = await start_gateway(settings_for(upstream, StoreConfig(path=str(tmp_path / "b.db"))),
                                   cache_store=BrokenStore())
-    replies = [await post(http, gateway, CHAT) for _ in range(2)]
+    other = {**CHAT, "messages": [{"role": "user", "content": "Another question"}]}
+    replies = [await post(http, gateway, body) for body in (CHAT, other)]
     await settled(gateway)
     assert [(r.status, r.headers["x-gateway-cache"]) for r in replies] == [(200, "miss")] * 2
+    again = await post(http, gateway, CHAT)        # this replica still holds its own answer in memory
+    assert (again.status, again.headers["x-gateway-cache"], len(upstream.requests)) == (200, "hit", 2)
     text = (await http(gateway, "GET", "/metrics", key=ADMIN_KEY)).body.decode()
     assert sample(text, "gateway_cache_lookups_total", result="error", model="gpt-4o-mini") == 2
     assert sample(text, "gateway_cache_store_errors_total", operation="get") == 2

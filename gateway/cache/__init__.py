@@ -6,8 +6,11 @@
     assemble   a relayed stream put back together as the whole answer it stands for
     replay     a whole answer sent as the SSE events a provider would send
     store      the storage seam; redis_store (Redis, Cluster, Sentinel) and sqlite_store (embedded, LRU-bounded)
+    memory     a replica's hot entries, in front of the store (bounded in bytes and held seconds)
     flights    single-flight: identical requests in flight on one replica make one upstream call
     service    ResponseCache: lookups, answers kept, and what is counted
     factory    the storage the configured budget store implies
-    http       serving a hit (the only module here that speaks aiohttp)
+
+No module here speaks HTTP: the request path's hook (lookup, serving a hit, keeping an answer) is
+`gateway.proxy.cached`.
 """

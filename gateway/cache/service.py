@@ -3,7 +3,7 @@
     lookup   the model is not cached -> None (nothing is looked up or counted)
              Cache-Control no-cache / no-store -> `bypass` (no-cache still keeps its fresh answer)
              an identical request in flight here -> wait for its answer (a hit when it lands with one)
-             the store has a fresh entry -> `hit` (a stream gets it as SSE events)
+             this replica holds it in memory, or the store has it fresh -> `hit` (a stream gets it as SSE)
              otherwise -> `miss` (`error` when the store failed: a miss all the same), and the request
              leads a flight that identical requests arriving now will wait on
     finish   the leader's answer (None: nothing to keep) lands for whoever waits; a kept answer is
@@ -25,6 +25,7 @@ from gateway.cache.control import control_of
 from gateway.cache.entry import CacheEntry, decode, encode
 from gateway.cache.flights import Flight, Flights
 from gateway.cache.keys import cache_key, scope_identity
+from gateway.cache.memory import MemoryFront, front_bytes
 from gateway.cache.replay import replay_events
 from gateway.cache.store import CacheStore
 from gateway.clock import Clock
@@ -58,6 +59,7 @@ class ResponseCache:
         self.clock = clock
         self.timeout_s = timeout_s
         self.flights = Flights()
+        self.memory = MemoryFront()
         self.on_store_error: list[Callable[[str], None]] = []
         self._writes: set[asyncio.Task[None]] = set()
         self._cached: tuple[CacheConfig | None, dict[str, bool]] = (None, {})
@@ -88,7 +90,7 @@ class ResponseCache:
         result = MISS
         waiting = self.flights.waiting_on(key)
         if waiting is None:
-            entry, result = await self._read(key)
+            entry, result = await self._read(key, config)
             hit = self._hit(key, entry, stream, wants_usage)
             if hit is not None:
                 return hit
@@ -108,10 +110,13 @@ class ResponseCache:
         events = replay_events(entry.body, entry.usage, wants_usage)
         return None if events is None else Lookup(key, HIT, False, entry, events)
 
-    async def _read(self, key: str) -> tuple[CacheEntry | None, str]:
-        """The fresh entry under `key` (None: a miss), and `miss` or `error`."""
+    async def _read(self, key: str, config: CacheConfig) -> tuple[CacheEntry | None, str]:
+        """The fresh entry under `key`, from memory or the store (None: a miss), and `miss` or `error`."""
         assert self.store is not None
         now = self.clock.now()
+        held = self.memory.get(key, now)
+        if held is not None:
+            return held, MISS
         try:
             async with asyncio.timeout(self.timeout_s):
                 data = await self.store.get(key, now)
@@ -119,7 +124,10 @@ class ResponseCache:
             self._failed("get", exc)
             return None, ERROR
         entry = decode(data) if data is not None else None
-        return (entry, MISS) if entry is not None and entry.expires_at > now else (None, MISS)
+        if entry is None or entry.expires_at <= now:
+            return None, MISS
+        self.memory.put(key, entry, now, front_bytes(config.max_bytes))
+        return entry, MISS
 
     def finish(self, lookup: Lookup, config: CacheConfig, answer: bytes | None, usage: Usage,
                cost_nano: int) -> None:
@@ -138,6 +146,7 @@ class ResponseCache:
             if flight is not None:
                 self.flights.clear(lookup.key, flight)
             return
+        self.memory.put(lookup.key, entry, entry.created_at, front_bytes(config.max_bytes))
         task = asyncio.ensure_future(self._write(lookup.key, data, entry, config.max_bytes, flight))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

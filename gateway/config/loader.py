@@ -34,8 +34,8 @@ __all__ = ["load_settings", "summarize", "startup_line"]
 
 _DEFAULT_POLICY_DIR = "policies"
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {
-    kind: TypeAdapter(kind) for kind in (Settings, PricingFile, Policy, PolicyList, ServerConfig, Keys, Routes,
-                                  CacheConfig)
+    kind: TypeAdapter(kind)
+    for kind in (Settings, PricingFile, Policy, PolicyList, ServerConfig, Keys, Routes, CacheConfig)
 }
 
 

@@ -67,7 +67,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     record.stream = req.stream
     plan = proxy.plans.plan_for(settings, req.model)
     record.route = plan.route
-    lookup = await look_up(proxy.cache, settings, caller, req, request)
+    lookup = await look_up(proxy.cache, settings, caller, req, request) if settings.cache.models else None
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, plan, Delivery(True))
     if lookup.entry is not None:
