@@ -17,6 +17,7 @@ from gateway.clock import FakeClock
 from gateway.config.model import CacheConfig, StoreConfig
 from gateway.mock_upstream import Action
 from gateway.pricing import Usage, cost_nano, nano_to_usd
+from tests.support.canary import CANARY_KEY
 from tests.support.metrics import value as sample
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
@@ -347,3 +348,35 @@ async def test_metrics_count_lookups_by_result_and_model_and_usd_saved_by_policy
     assert [sample(text, "gateway_cache_lookups_total", result=result, model="gpt-4o-mini")
             for result in ("hit", "miss", "bypass")] == [3, 1, 1]
     assert sample(text, "gateway_cache_saved_usd_total", policy="everyone") == pytest.approx(3 * served.cost_nano / 1e9)
+
+
+# --- entries hold the answer and its usage, never a header or a key --------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_entry_holds_the_scrubbed_answer_never_a_header_or_key(upstream, start_gateway, http, tmp_path,
+                                                                        stream):
+    gateway = await start_gateway(settings_for(upstream, StoreConfig(path=str(tmp_path / "b.db"))))
+    upstream.script(_echoing_its_key(stream))
+    first = await post(http, gateway, {**CHAT, "stream": stream})   # `http` fails the test on a leaked key
+    await settled(gateway)
+    hit = await post(http, gateway, {**CHAT, "stream": stream})
+    assert (first.status, hit.status, hit.headers["x-gateway-cache"]) == (200, 200, "hit")
+    stored = (tmp_path / "b-cache.db").read_bytes() + (tmp_path / "b-cache.db-wal").read_bytes()
+    assert b"your key is" in stored and CANARY_KEY.encode() not in stored
+    assert b"x-mock-upstream" not in stored and b"Bearer" not in stored and CLIENT_KEY.encode() not in stored
+
+
+def _echoing_its_key(stream: bool) -> Action:
+    """An answer that repeats the provider's key (a chat answer, or its stream)."""
+    base = {"id": "chatcmpl-1", "created": 1, "model": "gpt-4o-mini"}
+    usage = {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}
+    text = f"your key is {CANARY_KEY} indeed"
+    if not stream:
+        return Action(raw_body=orjson.dumps({**base, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}).decode())
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": finish}]} for delta, finish in (
+            ({"role": "assistant", "content": text}, None), ({}, "stop"))]
+    chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    events = "".join(f"data: {orjson.dumps(chunk).decode()}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    return Action(raw_body=events, headers={"Content-Type": "text/event-stream"})
