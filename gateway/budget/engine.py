@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
 from gateway.access_log import AccessRecord
@@ -22,7 +23,7 @@ from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
 from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
-from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, LedgerEntry, ReserveLine, ReserveOutcome
+from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
 from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
@@ -180,13 +181,17 @@ class BudgetEngine:
         match = self._slots.match(settings, caller, model)
         if match.policies and self.store is not None:
             entry = cache_hit_entry(record.request_id, caller, match.names, record, saved_nano, self.clock.now())
-            self._calls.spawn(self._file_row(entry))
+            call = self.store.file_row(entry)
+            if isinstance(call, asyncio.Future) and self._calls.bounds_time:   # on its way: no task needed
+                call.add_done_callback(_retrieved)
+                self._calls.keep(call)
+            else:
+                self._calls.spawn(self._file_row(call))
         return match.names
 
-    async def _file_row(self, entry: LedgerEntry) -> None:
-        assert self.store is not None
+    async def _file_row(self, call: Awaitable[None]) -> None:
         with contextlib.suppress(StoreError, TimeoutError):
-            await self._calls.bounded(self.store.file_row(entry))
+            await self._calls.bounded(call)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
@@ -214,6 +219,12 @@ class BudgetEngine:
         await self._calls.wind_down()
         if self.store is not None:
             await self.store.close()
+
+
+def _retrieved(call: asyncio.Future[Any]) -> None:
+    """Take a background call's failure (it is counted by the store's observer, and needs no more)."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
