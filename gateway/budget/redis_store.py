@@ -92,8 +92,13 @@ class RedisBudgetStore:
 
     @property
     def client(self) -> RedisClient:
-        """The redis-py client (the response cache shares it and its pool; the store closes it)."""
+        """The redis-py client (the response cache shares it; the store closes it)."""
         return self._client
+
+    @property
+    def driver(self) -> ScriptDriver:
+        """What sends the store's scripts (the response cache sends its own down the same, pipelined on Redis)."""
+        return self._driver
 
     def flush(self) -> None:
         """Send the calls waiting to share a write now (somebody is waiting for them)."""

@@ -1,5 +1,5 @@
-"""The cache's storage, from the configured budget store: the same Redis (its client and pool), or an
-embedded SQLite file beside the budget's."""
+"""The cache's storage, from the configured budget store: the same Redis (its client, and its driver: the
+pipelined connection on Redis and Sentinel), or an embedded SQLite file beside the budget's."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def create_cache_store(config: StoreConfig, budget_store: BudgetStore | None) ->
     while isinstance(budget_store, InstrumentedStore):
         budget_store = budget_store.wrapped
     if isinstance(budget_store, RedisBudgetStore):
-        return RedisCacheStore(budget_store.client)
+        return RedisCacheStore(budget_store.client, driver=budget_store.driver)
     if config.url:
         return RedisCacheStore(create_redis_client(config.url, config.timeout_s, config.pool_size), owns_client=True)
     return SqliteCacheStore(cache_path(config.path))
