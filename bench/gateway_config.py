@@ -94,6 +94,16 @@ def _cache_store_miss(config: Document, policies: Document) -> None:
     config["cache"] = {"models": ["gpt-4o-mini"], "max_entry_bytes": 64}
 
 
+def _cache_refresh(config: Document, policies: Document) -> None:
+    """The response cache on for the bench's model, every request sent with `Cache-Control: no-cache`
+    (CLIENT_HEADERS): no lookup, each goes upstream and its answer is written to the store, as a miss's is
+    (a miss also reads the store once: one more call like the write)."""
+    config["cache"] = {"models": ["gpt-4o-mini"]}
+
+
+CLIENT_HEADERS = {"cache-refresh": {"Cache-Control": "no-cache"}}
+"""Request headers a variant's clients send."""
+
 VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
@@ -101,6 +111,7 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "cache-hit": _cache_hit,
     "cache-miss": _cache_miss,
     "cache-store-miss": _cache_store_miss,
+    "cache-refresh": _cache_refresh,
 }
 
 
@@ -113,6 +124,7 @@ class WrittenConfig:
     budgeted: bool        # the team policy applies: its budget moves by every request
     cached: bool = False  # the bench's answers are kept: a request after the first reaches neither the
     #                       upstream nor the budget (so neither is checked per request)
+    headers: tuple[tuple[str, str], ...] = ()   # sent with every request
 
 
 def write_config(directory: Path, port: int, redis_url: str, upstream: str,
@@ -125,9 +137,11 @@ def write_config(directory: Path, port: int, redis_url: str, upstream: str,
     path = directory / "gateway.yaml"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     cache = config.get("cache", {})
-    cached = "gpt-4o-mini" in cache.get("models", ()) and cache.get("max_entry_bytes", 1 << 20) >= 64 * 1024
+    headers = tuple(CLIENT_HEADERS.get(variant, {}).items())
+    cached = ("gpt-4o-mini" in cache.get("models", ()) and cache.get("max_entry_bytes", 1 << 20) >= 64 * 1024
+              and not headers)
     budgeted = any(policy["name"] == TEAM_POLICY for policy in policies["policies"]) and not cached
-    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted, cached)
+    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted, cached, headers)
 
 
 def target_name(variant: str) -> str:
