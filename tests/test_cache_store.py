@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.appkeys import CACHE
-from gateway.cache.assemble import StreamAssembler
+from gateway.cache.assemble import StreamAssembler, storable, storable_answer
 from gateway.cache.control import control_of
 from gateway.cache.entry import CacheEntry
 from gateway.cache.keys import cache_key, scope_identity
@@ -238,3 +238,16 @@ def test_the_memory_front_is_bounded_in_bytes_and_in_held_time() -> None:
     short = CacheEntry(b"y", Usage(1, 1), 5, now, now + 2)
     front.put("short", short, now, limit)
     assert front.get("short", now + 1) is short and front.get("short", now + 2) is None
+
+
+@pytest.mark.parametrize(("answer", "kept"), [
+    ({"choices": [{"message": {"content": "fine", "refusal": None}, "finish_reason": "stop"}]}, True),
+    ({"choices": [{"message": {"content": 'say "refusal": no, "finish_reason": "content_filter"'},
+                   "finish_reason": "stop"}]}, True),
+    ({"choices": [{"message": {"content": None, "refusal": "I can't help"}, "finish_reason": "stop"}]}, False),
+    ({"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}, False),
+], ids=["answer", "words_in_the_text", "refusal", "content_filter"])
+def test_a_whole_answer_is_kept_unless_it_is_a_refusal(answer: dict, kept: bool) -> None:
+    body = orjson.dumps(answer)
+    assert storable_answer(body) is storable(answer) is kept
+    assert storable_answer(orjson.dumps(answer, option=orjson.OPT_INDENT_2)) is kept

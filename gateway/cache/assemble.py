@@ -14,16 +14,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
+
 import orjson
 
 from gateway.pricing import Usage
 
-__all__ = ["usage_block", "storable", "StreamAssembler"]
+__all__ = ["usage_block", "storable", "storable_answer", "StreamAssembler"]
 
 JSON = dict[str, Any]
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 _JOINED = ("content", "refusal", "reasoning_content")
 _CHAT = "chat.completion.chunk"
+# a refusal's marks as keys of the answer: a quote inside a JSON string is escaped, so `"refusal"` followed
+# by `:` is a key, never text
+_REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)')
 
 
 class _Unstorable(Exception):
@@ -37,6 +42,12 @@ def usage_block(usage: Usage) -> JSON:
     if usage.cached_tokens:
         block["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
     return block
+
+
+def storable_answer(body: bytes) -> bool:
+    """`storable` of a whole answer the gateway already read as JSON (its usage), without parsing it again:
+    an object without a refusal's marks."""
+    return body[:1] == b"{" and _REFUSED.search(body) is None
 
 
 def storable(answer: Any) -> bool:

@@ -11,6 +11,7 @@ own `maxmemory` policy: `cache.max_bytes` does not apply here.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -42,11 +43,12 @@ class RedisCacheStore:
         """The stored value, or None."""
         return await self._call(self._get, key, [], lazy=False)
 
-    async def put(self, key: str, value: bytes, now: float, expires_at: float, max_bytes: int) -> None:
-        """SET with an expiry of what is left of the entry's time to live (nobody waits for it: it may
-        share a write with other calls)."""
+    def put(self, key: str, value: bytes, now: float, expires_at: float, max_bytes: int) -> Awaitable[None]:
+        """SET with an expiry of what is left of the entry's time to live: the driver's call, on its way
+        (nobody waits for it: it may share a write with other calls)."""
         ttl_ms = max(1, math.ceil((expires_at - now) * 1000)) + _SLACK_MS
-        await self._call(self._put, key, [value, str(ttl_ms)], lazy=True)
+        args: list[Any] = [value, str(ttl_ms)]   # the value goes as bytes (it is no text)
+        return self._driver.submit(self._put, [self._prefix + key], args, None, None, True)
 
     async def _call(self, script: Any, key: str, args: list[Any], *, lazy: bool) -> Any:
         try:

@@ -16,8 +16,9 @@ each reported to `on_store_error`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class ResponseCache:
         self.flights = Flights()
         self.memory = MemoryFront()
         self.on_store_error: list[Callable[[str], None]] = []
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Future[None]] = set()
         self._cached: tuple[CacheConfig | None, dict[str, bool]] = (None, {})
 
     def caches(self, config: CacheConfig, model: str) -> bool:
@@ -147,20 +148,32 @@ class ResponseCache:
                 self.flights.clear(lookup.key, flight)
             return
         self.memory.put(lookup.key, entry, entry.created_at, front_bytes(config.max_bytes))
-        task = asyncio.ensure_future(self._write(lookup.key, data, entry, config.max_bytes, flight))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._write(lookup.key, data, entry, config.max_bytes, flight)
 
-    async def _write(self, key: str, data: bytes, entry: CacheEntry, max_bytes: int, flight: Flight | None) -> None:
+    def _write(self, key: str, data: bytes, entry: CacheEntry, max_bytes: int, flight: Flight | None) -> None:
+        """Start writing the entry: a store call already on its way is kept as it is, a coroutine as a task."""
         assert self.store is not None
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await self.store.put(key, data, entry.created_at, entry.expires_at, max_bytes)
+            call = self.store.put(key, data, entry.created_at, entry.expires_at, max_bytes)
         except Exception as exc:
             self._failed("put", exc)
-        finally:
-            if flight is not None:
-                self.flights.clear(key, flight)
+            call = None
+        work = call if isinstance(call, asyncio.Future) else asyncio.ensure_future(self._bounded(call))
+        self._writes.add(work)
+        work.add_done_callback(functools.partial(self._written, key, flight))
+
+    async def _bounded(self, call: Awaitable[None] | None) -> None:
+        if call is not None:
+            async with asyncio.timeout(self.timeout_s):
+                await call
+
+    def _written(self, key: str, flight: Flight | None, work: asyncio.Future[None]) -> None:
+        """A write ended: count its failure; the flight it kept visible is forgotten."""
+        self._writes.discard(work)
+        if not work.cancelled() and work.exception() is not None:
+            self._failed("put", work.exception() or Exception())
+        if flight is not None:
+            self.flights.clear(key, flight)
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         log.warning("response cache %s failed (%s): served as a miss", operation, type(exc).__name__)

@@ -8,6 +8,7 @@ clock, so an entry is never served past its `expires_at` whatever the backend's 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 __all__ = ["CacheStore"]
@@ -19,8 +20,9 @@ class CacheStore(Protocol):
     async def get(self, key: str, now: float) -> bytes | None:
         """The value stored under `key`, or None (never stored, expired by `now`, or evicted)."""
 
-    async def put(self, key: str, value: bytes, now: float, expires_at: float, max_bytes: int) -> None:
-        """Store `value` under `key` until `expires_at`; an embedded store keeps within `max_bytes`."""
+    def put(self, key: str, value: bytes, now: float, expires_at: float, max_bytes: int) -> Awaitable[None]:
+        """Store `value` under `key` until `expires_at`; an embedded store keeps within `max_bytes`. Answers
+        with a coroutine, or a future already on its way (bounded in time by the backend)."""
 
     async def close(self) -> None:
         """Release what the store holds open (not a client it shares with the budget store)."""

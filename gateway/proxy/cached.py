@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from gateway.access_log import AccessRecord
 from gateway.budget.engine import BudgetEngine
-from gateway.cache.assemble import StreamAssembler, storable
+from gateway.cache.assemble import StreamAssembler, storable_answer
 from gateway.cache.service import ERROR, Lookup, ResponseCache
 from gateway.config.model import CacheConfig, CallerIdentity, Settings
 from gateway.middleware import RECORD
@@ -96,10 +95,7 @@ def _answer(delivery: Delivery, config: CacheConfig) -> bytes | None:
         if not outcome.complete or outcome.ended_by is not None or not isinstance(capture, StreamAssembler):
             return None
         return capture.answer(delivery.bill.usage)
-    body = delivery.body
-    if body is None or len(body) > config.max_entry_bytes:
+    body = delivery.body   # read as JSON already: its usage was, and a bill on unread usage is never kept
+    if body is None or len(body) > config.max_entry_bytes or not storable_answer(body):
         return None
-    try:
-        return body if storable(orjson.loads(body)) else None
-    except orjson.JSONDecodeError:
-        return None
+    return body
