@@ -26,6 +26,9 @@ Key layout (prefix "gw"):
                                              delivered)
     {gw}:alert_leases                        zset alert key scored by its claim's lease end (ms), until
                                              delivered
+    {gw}:canary:<canary>                     hash step, status, since (ms) and the arms' tally fields
+                                             of the step (see canary_record.py); PEXPIREAT moved on by
+                                             every sync
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
 that is the price of atomic reservations across policies (a request reserves on all its counters in
@@ -47,6 +50,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from gateway.budget.canary_record import (
+    ArmTally, CanaryRecord, CanaryStatus, check_canary_move, fields_of, record_of, tally_fields,
+)
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
 from gateway.budget.store import (
     LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
@@ -63,7 +69,7 @@ MAX_CACHED = 4096   # counter keys and limit words kept (they change with each w
 LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
-_ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
+_ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending", "canary_sync", "canary_move")
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -241,8 +247,26 @@ class RedisBudgetStore:
                                         [self._prefix, f"[{_ms(now)},{limit}]"])
         return [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
 
+    async def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                          expires_at: float) -> CanaryRecord:
+        """Add the tallies of `step` and read the canary back (see `BudgetStore`)."""
+        args = [f"[{int(step)},{_ms(now)},{_ms(expires_at)}]"]
+        for name, delta in tally_fields(tallies):
+            args += [name, str(delta)]
+        flat = await self._alert_script("canary_sync", [self._key("canary", canary)], args)
+        stored = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return record_of(int(stored["step"]), stored["status"], int(stored["since"]) / 1000,
+                         [(name, int(value)) for name, value in fields_of(stored)])   # type: ignore[arg-type]
+
+    async def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                          expires_at: float) -> bool:
+        """Move the canary on by compare-and-set on its step (see `BudgetStore`)."""
+        check_canary_move(from_step, to_step, status)
+        args = [f"[{int(from_step)},{int(to_step)},{_ms(now)},{_ms(expires_at)}]", status]
+        return await self._alert_script("canary_move", [self._key("canary", canary)], args) == 1
+
     def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
-        """An alert script on a pool connection (alerts are rare: they need no pipeline)."""
+        """An alert or canary script on a pool connection (both are rare: they need no pipeline)."""
         return self._commands.command(name, lambda: self._commands.evalsha(self._alert_scripts[name], keys, args))
 
     async def ping(self) -> bool:
