@@ -27,7 +27,7 @@ Key layout (prefix "gw"):
     {gw}:alert_leases                        zset alert key scored by its claim's lease end (ms), until
                                              delivered
     {gw}:canary:<canary>                     hash step, status, since (ms) and the arms' tally fields
-                                             of the step (see canary_record.py); PEXPIREAT moved on by
+                                             of the step (see canary_record.py); PEXPIRE moved on by
                                              every sync
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:

@@ -13,6 +13,7 @@ it on the record they read, and the store's compare-and-set on the step lets one
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import NamedTuple
 
 from gateway.budget.canary_record import PROMOTED, RAMPING, ROLLED_BACK, ArmTally, CanaryRecord, CanaryStatus
@@ -34,6 +35,7 @@ class ArmFigures(NamedTuple):
     """An arm's figures in a step."""
 
     requests: int
+    errors: int
     error_rate: float
     p95_latency_s: float | None
     cost_per_request_nano: float | None      # over the answers it served
@@ -42,7 +44,7 @@ class ArmFigures(NamedTuple):
 def figures(tally: ArmTally) -> ArmFigures:
     """The figures of an arm's tally."""
     served = tally.requests - tally.errors
-    return ArmFigures(tally.requests, tally.errors / tally.requests if tally.requests else 0.0,
+    return ArmFigures(tally.requests, tally.errors, tally.errors / tally.requests if tally.requests else 0.0,
                       p95_s(tally.latency), tally.cost_nano / served if served > 0 else None)
 
 
@@ -77,7 +79,7 @@ def decide(canary: CanaryConfig, record: CanaryRecord, now: float) -> Move | Non
 
 def rollback_reason(rules: RollbackIf, control: ArmFigures, candidate: ArmFigures, judged_from: int) -> str | None:
     """Why the candidate is rolled back, or None; ratios only when the control has served enough to compare."""
-    if rules.error_rate is not None and candidate.error_rate > rules.error_rate:
+    if rules.error_rate is not None and Fraction(candidate.errors, candidate.requests) > rules.error_rate:
         return f"candidate error rate {candidate.error_rate:.1%} over {float(rules.error_rate):.1%}"
     if control.requests < judged_from:
         return None

@@ -10,5 +10,5 @@ if tonumber(at) ~= from or status ~= 'ramping' then
 end
 call('DEL', canary)
 call('HSET', canary, 'step', int(to), 'status', ARGV[2], 'since', int(now))
-call('PEXPIREAT', canary, int(expires))
+call('PEXPIRE', canary, int(math.max(1, expires - now)))
 return 1
