@@ -1,6 +1,6 @@
 """The embedded store's canary records: one row per canary, its tallies as a JSON map of integer fields.
 
-Each function runs inside a transaction of `SqliteBudgetStore`, on its worker thread.
+Times are kept in whole milliseconds, as on Redis. Each function runs inside a transaction of `SqliteBudgetStore`, on its worker thread.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import orjson
 
 from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus, record_of, tally_fields
+from gateway.budget.store import time_ms
 
 __all__ = ["CANARY_SCHEMA", "sync_canary", "move_canary"]
 
@@ -28,7 +29,7 @@ def sync_canary(db: sqlite3.Connection, canary: str, step: int, tallies: Sequenc
     db.execute("DELETE FROM canaries WHERE expires_at <= ?", (now,))
     row = db.execute("SELECT step, status, since, tallies FROM canaries WHERE canary = ?", (canary,)).fetchone()
     if row is None:
-        row = (0, "ramping", now, "{}")
+        row = (0, "ramping", time_ms(now) / 1000, "{}")
         db.execute("INSERT INTO canaries VALUES (?, ?, ?, ?, ?, ?)", (canary, *row, expires_at))
     at, status, since, text = row
     stored: dict[str, int] = orjson.loads(text)
@@ -45,5 +46,5 @@ def move_canary(db: sqlite3.Connection, canary: str, from_step: int, to_step: in
     """Move a canary ramping at `from_step` on (see `BudgetStore.canary_move`)."""
     moved = db.execute("UPDATE canaries SET step = ?, status = ?, since = ?, tallies = '{}', expires_at = ? "
                        "WHERE canary = ? AND step = ? AND status = 'ramping' AND expires_at > ?",
-                       (to_step, status, now, expires_at, canary, from_step, now))
+                       (to_step, status, time_ms(now) / 1000, expires_at, canary, from_step, now))
     return moved.rowcount == 1

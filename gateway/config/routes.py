@@ -237,8 +237,18 @@ def _route_form(value: Any, handler: Handler, info: ValidationInfo) -> Any:
     return _LIST.validate_python(value, context=info.context, by_name=False)
 
 
+class _ListOrSpec:
+    """In the JSON Schema, a list is checked as a list and anything else as a mapping (if/then/else, not anyOf),
+    so an editor points at the mistake inside the route rather than at the whole route."""
+
+    @staticmethod
+    def __get_pydantic_json_schema__(schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        listed, spec = handler(schema)["anyOf"]
+        return {"if": {"type": "array"}, "then": listed, "else": spec}
+
+
 RouteForm = Annotated[Any, WrapValidator(_route_form, json_schema_input_type=(
-    Annotated[list[RouteTarget], Field(min_length=1)] | RouteSpec))]
+    Annotated[list[RouteTarget], Field(min_length=1)] | RouteSpec)), _ListOrSpec()]
 """One `routes` entry in a file."""
 
 
