@@ -149,6 +149,8 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
                                  "never match; did you mean 'prod'?"),
     ("policy_match_model_unrouted", "policies/team.yaml: match.models[0]: no route serves a model matching 'gpt4*', "
                                     "so the policy can never match; did you mean 'gpt-4*'?"),
+    ("policy_match_model_rules_route", "policies/team.yaml: match.models[0]: no route serves a model matching "
+                                       "'auto', so the policy can never match"),
     ("policy_match_model_unpriced_glob",
      "policies/team.yaml: match.models[0]: no route serves a model matching 'claude-opus-*', so the policy can "
      "never match; did you mean 'claude-*'?"),
