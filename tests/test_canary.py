@@ -277,3 +277,22 @@ async def test_status_metrics_and_gateway_status_show_the_step_and_each_arm(
     table = render_canaries([entry])
     assert "candidate backup" in table and "1/2 (50%)" in table and "ramping" in table
     assert orjson.dumps(entry).find(b"http") == -1          # providers by name only, never a URL
+
+
+def test_a_sticky_canary_keeps_each_caller_on_its_arm_while_the_step_stands() -> None:
+    config = canary(steps=(20, 50, 100))
+    route = Route(MODEL, (config.control, config.candidate), sticky="key", canary=config)
+    settings = with_routes(make_settings({"primary": "http://127.0.0.1:1/v1", "backup": "http://127.0.0.1:2/v1"}),
+                           route)
+    router = Router(CanaryRuns(None, FakeClock(START)))
+    callers = [CallerIdentity(f"key-{index}") for index in range(2000)]
+    [run] = router.canaries.runs(settings)
+    arms: dict[int, list[str | None]] = {}
+    for step in (0, 1):
+        run.adopt(CanaryRecord(step, RAMPING, START))
+        arms[step] = [router.route(settings, caller, chat(MODEL), {}).arm for caller in callers]
+        assert arms[step] == [router.route(settings, caller, chat(MODEL), {}).arm for caller in callers]
+
+    assert 0.17 < arms[0].count("candidate") / 2000 < 0.23 and 0.47 < arms[1].count("candidate") / 2000 < 0.53
+    moved = [before for before, after in zip(arms[0], arms[1]) if before != after]
+    assert set(moved) == {"control"}           # a larger step only moves callers from control to candidate
