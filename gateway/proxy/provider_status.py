@@ -1,8 +1,8 @@
 """`GET /v1/providers/status`: each provider's circuit breaker, for admins only.
 
 Anyone else gets the same 404 as an unknown path, so the endpoint does not reveal that it exists.
-Only breaker state is shown: never a key, never a base URL. `canaries` lists each canary route's step and
-arm figures, read from the store (so every replica answers the same; null when the store cannot be read). Under `gateway run --workers N` each worker
+Only breaker state is shown: never a key, never a base URL. With canary routes, `canaries` lists each one's
+step and arm figures, read from the store (so every replica answers the same; null when it cannot be read). Under `gateway run --workers N` each worker
 has its own breakers: a provider's entry is then its worst worker's (open before half-open before
 closed, then the higher failure rate) and `workers` lists every worker's, by index.
 """
@@ -72,7 +72,9 @@ async def provider_status(request: web.Request) -> web.Response:
     peers = request.app.get(PEERS)
     data = [_entry(snapshot) for snapshot in own] if peers is None else \
         _every_worker(await peers.everyone("breakers", own))
-    body = {"object": "list", "data": data, "canaries": await _canaries(request.app)}
+    body: dict[str, Any] = {"object": "list", "data": data}
+    if any(route.canary is not None for route in request.app[CONFIG].current.routes):
+        body["canaries"] = await _canaries(request.app)
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
