@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from gateway.appkeys import BUDGET, CONFIG
 from gateway.auth import key_digest
@@ -19,13 +18,14 @@ from gateway.clock import FakeClock
 from gateway.config.loader import load_settings
 from gateway.config.model import CallerIdentity, RetryConfig, Route, RouteTarget, Settings
 from gateway.config.routes import Rule, RuleWhen
+from gateway.mock_upstream import Action
 from gateway.pricing import Usage, cost_nano, nano_to_usd
 from gateway.proxy.request import ENDPOINTS, ProxyRequest
 from gateway.routing.canary_runs import CanaryRuns
 from gateway.routing.router import Router
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import RecordingLog, scrape, value
-from tests.support.settings import CLIENT_KEY, PRICES, make_settings
+from tests.support.settings import CLIENT_KEY, PRICES, make_policy, make_settings
 
 WEB = CallerIdentity("web-app", team="web", tags=("prod",))
 SHORT = [{"role": "user", "content": "hi"}]
@@ -152,7 +152,6 @@ async def test_split_weights_reload_live(tmp_path, upstream, backup_upstream, st
 
 async def test_a_failing_split_arm_fails_over_like_a_plain_route_with_one_charge(
         upstream, backup_upstream, start_gateway, http) -> None:
-    from gateway.mock_upstream import Action
     settings = with_routes(make_settings({"primary": upstream.url, "backup": backup_upstream.url}),
                            Route("gpt-4.1", (RouteTarget("primary"), RouteTarget("backup")), (1, 1000)))
     settings = dataclasses.replace(settings, retry=RetryConfig(max_retries=1, backoff_base_s=0, backoff_cap_s=0))
@@ -230,7 +229,6 @@ async def test_auto_serves_each_prompt_by_its_rule_charged_at_that_models_price(
 
 
 async def test_auto_reserves_the_chosen_models_price(upstream, start_gateway, http) -> None:
-    from tests.support.settings import make_policy
     # room for many deepseek-v3.2 worst cases (1000 output tokens at $0.42/M) but not one gpt-4.1 ($8/M)
     settings = with_routes(make_settings({"primary": upstream.url}, policies=(make_policy("all", usd="0.005"),)),
                            AUTO)

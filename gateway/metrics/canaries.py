@@ -34,6 +34,7 @@ class ArmCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
+        """The counts as one counter family."""
         family = CounterMetricFamily("gateway_route_arm_requests", "Requests routed down each arm of a split "
                                      "(provider), canary (control, candidate) or rules (model) route.",
                                      labels=("route", "arm"))

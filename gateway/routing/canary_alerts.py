@@ -31,6 +31,7 @@ def announce_rollbacks(sender: AlertSender) -> Rollback:
     """A rollback listener that queues one webhook alert per receiver."""
 
     def announce(run: CanaryRun, move: Move, now: float) -> None:
+        """Queue the rollback's message for every receiver, under a key naming the canary and receiver."""
         receivers = sender.receivers()
         if not receivers:
             log.warning("canary '%s' rolled back; no policy has an alerts webhook to tell", run.route)

@@ -24,7 +24,7 @@ from gateway.budget.canary_record import RAMPING, ROLLED_BACK, ArmTally, CanaryR
 from gateway.budget.store import BudgetStore
 from gateway.clock import Clock
 from gateway.config.model import Settings
-from gateway.config.routes import CanaryConfig, Route
+from gateway.config.routes import Route
 from gateway.errors import StoreError
 from gateway.proxy.plan import Plan
 from gateway.routing.canary import Move, decide, percent
@@ -48,6 +48,7 @@ class _Pending:
     latency: dict[int, int] = field(default_factory=dict)
 
     def tally(self) -> ArmTally:
+        """These outcomes as a tally for the store."""
         return ArmTally(self.requests, self.errors, self.cost_nano, tuple(sorted(self.latency.items())))
 
 

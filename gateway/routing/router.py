@@ -44,7 +44,8 @@ class RouteChoice:
 
 
 class _Chooser(Protocol):
-    def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice: ...
+    def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
+        """The plan (and arm) of one request."""
 
 
 class _Fixed:
@@ -56,6 +57,7 @@ class _Fixed:
         self.choice = choice
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
+        """The one plan."""
         return self.choice
 
 
@@ -78,6 +80,7 @@ class _Split:
         self.keys = [(route.pattern, choice.arm or "") for choice in self.choices]
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
+        """The arm the request's point falls on, counted."""
         point = self.random() if self.route.sticky == "none" else stable_point(self.route.pattern,
                                                                                _who(self.route, caller, req))
         index = self.weights.arm(point)
@@ -93,6 +96,7 @@ class _Canary:
         self.keys = ((route.pattern, CONTROL), (route.pattern, CANDIDATE))
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
+        """The candidate when the request's point is below the step's percent, else the control; counted."""
         run = self.run
         point = self.random() if self.route.sticky == "none" else stable_point(self.route.pattern,
                                                                                _who(self.route, caller, req))
@@ -108,6 +112,7 @@ class _Rules:
         self.route, self.router, self.settings, self.counts = route, router, settings, counts
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
+        """The choice of the first matching rule's model."""
         rule = first_match(self.route.rules, Traits(req.payload, caller, headers))
         key = (self.route.pattern, rule.model)
         self.counts[key] = self.counts.get(key, 0) + 1
