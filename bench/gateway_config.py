@@ -8,6 +8,7 @@ build). To bench a new feature against a plain route, add a variant here: `--tar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -75,7 +76,7 @@ def _no_budget(config: Document, policies: Document) -> None:
 
 def _second_provider(config: Document) -> None:
     """A second provider on the bench's one mock upstream, for routes with arms."""
-    config["providers"]["mock-b"] = dict(config["providers"]["mock"])
+    config["providers"]["mock-b"] = copy.deepcopy(config["providers"]["mock"])
 
 
 def _split(config: Document, policies: Document) -> None:
