@@ -126,7 +126,10 @@ async def canary_sync(app: web.Application) -> AsyncIterator[None]:
         await asyncio.sleep(canary_runs.SYNC_INTERVAL_S)
         await runs.sync(config.current)
 
-    await runs.sync(config.current)
+    try:
+        await runs.sync(config.current)
+    except Exception as error:               # never keeps the gateway from starting: canaries wait on control
+        app[BACKGROUND].failed("canary_sync", error)
     task = asyncio.create_task(keep_running("canary_sync", step, app[BACKGROUND]))
     yield
     task.cancel()
