@@ -61,6 +61,25 @@ class _Fixed:
         return self.choice
 
 
+class _StickyPoints:
+    """Each caller's stable point on one route, hashed once (kept for up to MAX_CHOOSERS callers at a time)."""
+
+    __slots__ = ("route", "_points")
+
+    def __init__(self, route: Route) -> None:
+        self.route, self._points = route, dict[str, float]()
+
+    def point(self, caller: CallerIdentity, req: ProxyRequest) -> float:
+        """The point of the request's caller (or end user)."""
+        who = _who(self.route, caller, req)
+        point = self._points.get(who)
+        if point is None:
+            if len(self._points) >= MAX_CHOOSERS:
+                self._points.clear()
+            point = self._points[who] = stable_point(self.route.pattern, who)
+        return point
+
+
 def _who(route: Route, caller: CallerIdentity, req: ProxyRequest) -> str:
     """Whom a sticky route keeps on one arm: the key's caller, or the request's end user (else the caller)."""
     if route.sticky == "user":
@@ -75,14 +94,14 @@ class _Split:
 
     def __init__(self, route: Route, plans: list[Plan], counts: ArmCounts, rng: random.Random) -> None:
         self.route, self.counts, self.random = route, counts, rng.random
+        self.sticky = None if route.sticky == "none" else _StickyPoints(route)
         self.weights = Weights(route.weights)
         self.choices = [RouteChoice(plan, plan.targets[0].provider) for plan in plans]
         self.keys = [(route.pattern, choice.arm or "") for choice in self.choices]
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
         """The arm the request's point falls on, counted."""
-        point = self.random() if self.route.sticky == "none" else stable_point(self.route.pattern,
-                                                                               _who(self.route, caller, req))
+        point = self.random() if self.sticky is None else self.sticky.point(caller, req)
         index = self.weights.arm(point)
         self.counts[self.keys[index]] += 1
         return self.choices[index]
@@ -93,13 +112,13 @@ class _Canary:
 
     def __init__(self, route: Route, run: CanaryRun, counts: ArmCounts, rng: random.Random) -> None:
         self.route, self.run, self.counts, self.random = route, run, counts, rng.random
+        self.sticky = None if route.sticky == "none" else _StickyPoints(route)
         self.keys = ((route.pattern, CONTROL), (route.pattern, CANDIDATE))
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
         """The candidate when the request's point is below the step's percent, else the control; counted."""
         run = self.run
-        point = self.random() if self.route.sticky == "none" else stable_point(self.route.pattern,
-                                                                               _who(self.route, caller, req))
+        point = self.random() if self.sticky is None else self.sticky.point(caller, req)
         index = 1 if point * 100 < run.percent else 0
         self.counts[self.keys[index]] += 1
         return run.choices[index]
