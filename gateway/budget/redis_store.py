@@ -250,7 +250,7 @@ class RedisBudgetStore:
     async def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
                           expires_at: float) -> CanaryRecord:
         """Add the tallies of `step` and read the canary back (see `BudgetStore`)."""
-        args = [f"[{int(step)},{_ms(now)},{_ms(expires_at)}]"]
+        args = [f"[{int(step)},{time_ms(now)},{time_ms(expires_at)}]"]
         for name, delta in tally_fields(tallies):
             args += [name, str(delta)]
         flat = await self._alert_script("canary_sync", [self._key("canary", canary)], args)
@@ -262,7 +262,7 @@ class RedisBudgetStore:
                           expires_at: float) -> bool:
         """Move the canary on by compare-and-set on its step (see `BudgetStore`)."""
         check_canary_move(from_step, to_step, status)
-        args = [f"[{int(from_step)},{int(to_step)},{_ms(now)},{_ms(expires_at)}]", status]
+        args = [f"[{int(from_step)},{int(to_step)},{time_ms(now)},{time_ms(expires_at)}]", status]
         return await self._alert_script("canary_move", [self._key("canary", canary)], args) == 1
 
     def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
