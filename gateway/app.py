@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.access_log import AccessLog
-from gateway.appkeys import (
+from gateway.observability.access_log import AccessLog
+from gateway.http.appkeys import (
     ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
     RESILIENCE,
 )
@@ -25,15 +25,16 @@ from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
-from gateway.info import add_info_routes
+from gateway.http.info import add_info_routes
 from gateway.log_scrub import scrub_logs
-from gateway.metrics import GatewayMetrics, add_metrics_routes
-from gateway.middleware import request_middleware
+from gateway.http.metrics import add_metrics_routes
+from gateway.observability.instruments import GatewayMetrics
+from gateway.http.middleware import request_middleware
 from gateway.peers import Peers
-from gateway.proxy.handler import add_proxy_routes
-from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.provider_status import add_provider_status_routes
-from gateway.proxy.providers import ProviderPool
+from gateway.http.proxy import add_proxy_routes
+from gateway.upstream.open_streams import OpenStreams
+from gateway.http.provider_status import add_provider_status_routes
+from gateway.upstream.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["create_app"]

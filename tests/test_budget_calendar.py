@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.appkeys import BUDGET
+from gateway.http.appkeys import BUDGET
 from gateway.budget.store import CounterKey
 from gateway.clock import FakeClock
 from gateway.config.model import BudgetLimit, Policy, PolicyMatch

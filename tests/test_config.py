@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import key_digest
+from gateway.http.auth import key_digest
 from gateway.config.globs import globs_overlap
 from gateway.config.interpolate import interpolate
 from gateway.config.loader import load_settings, startup_line, summarize

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.appkeys import RESILIENCE
+from gateway.http.appkeys import RESILIENCE
 from gateway.clock import FakeClock
 from gateway.config.model import BreakerConfig, ProviderConfig, RetryConfig
 from gateway.mock_upstream import Action, MockUpstream

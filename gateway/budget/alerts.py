@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG
+from gateway.http.appkeys import ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alert_rules import Alert, reached_alerts, webhook_payload
 from gateway.budget.store import BudgetStore, CounterState

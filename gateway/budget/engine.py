@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, NamedTuple
 
-from gateway.access_log import AccessRecord
+from gateway.observability.access_log import AccessRecord
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.outage import Outage
@@ -23,12 +23,12 @@ from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
-from gateway.budget.worst_case import WorstCase, worst_case
+from gateway.domain.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
-from gateway.pricing import Charge
-from gateway.proxy.plan import Plan, plan_for
-from gateway.proxy.request import ProxyRequest
+from gateway.domain.pricing import Charge
+from gateway.domain.plan import Plan, plan_for
+from gateway.domain.request import ProxyRequest
 
 __all__ = ["Reservation", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
 

@@ -26,7 +26,7 @@ import orjson
 
 from gateway.budget.store import BudgetStore, CounterKey, LedgerEntry
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["SpendJournal", "SpendLine"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from gateway.access_log import AccessRecord
+from gateway.observability.access_log import AccessRecord
 from gateway.budget.store import LedgerEntry
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 if TYPE_CHECKING:
     from gateway.budget.engine import Reservation

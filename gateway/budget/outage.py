@@ -19,7 +19,7 @@ from gateway.budget.store_calls import StoreCalls
 from gateway.clock import Clock
 from gateway.config.model import StoreConfig
 from gateway.errors import StoreError, StoreUnavailable
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["Outage", "RETRY_STORE_AFTER_S", "FAILURES_BEFORE_SKIPPING_STORE"]
 

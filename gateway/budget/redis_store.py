@@ -54,7 +54,7 @@ from gateway.budget.store import (
     check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 

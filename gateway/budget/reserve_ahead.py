@@ -20,7 +20,7 @@ from gateway.budget.store_calls import StoreCalls
 from gateway.clock import Clock
 from gateway.config.model import StoreConfig
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["ReserveAhead"]
 

@@ -17,7 +17,7 @@ from gateway.budget.outage import Outage
 from gateway.budget.store import CounterState, LedgerEntry
 from gateway.budget.store_calls import StoreCalls
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 if TYPE_CHECKING:
     from gateway.budget.engine import Reservation

@@ -21,7 +21,7 @@ from gateway.budget.store import (
     time_ms,
 )
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["SqliteBudgetStore"]
 

@@ -8,15 +8,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
+from gateway.http.appkeys import BUDGET, CONFIG
+from gateway.http.auth import authenticate
 from gateway.budget.engine import BudgetEngine, limits_of
 from gateway.budget.matching import applies_to_caller
 from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
 from gateway.errors import NotFound, StoreError, StoreUnavailable
-from gateway.pricing import Charge, format_usd
+from gateway.domain.pricing import Charge, format_usd
 
 __all__ = ["visible_policies", "budget_report", "add_budget_status_routes"]
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 from gateway.errors import StoreError
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",

@@ -18,14 +18,14 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
+from gateway.http.appkeys import BUDGET, CONFIG
+from gateway.http.auth import authenticate
 from gateway.budget.status import visible_policies
 from gateway.budget.store import BudgetStore, LedgerEntry
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Settings
 from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
-from gateway.pricing import format_usd
+from gateway.domain.pricing import format_usd
 
 __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "add_budget_usage_routes"]
 

@@ -32,7 +32,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.errors import InvalidRequest
 from gateway.log_scrub import without_raw_bytes
-from gateway.middleware import error_response
+from gateway.http.middleware import error_response
 
 __all__ = ["ClientConnections", "GatewayRequestHandler"]
 

@@ -6,7 +6,7 @@ import dataclasses
 from decimal import Decimal
 from typing import Any
 
-from gateway.auth import key_digest
+from gateway.http.auth import key_digest
 from gateway.config.model import (
     ApiKey, BudgetLimit, CallerIdentity, Policy, PolicyMatch, ModelPrice, ProviderConfig, ProviderTimeouts, Route, RouteTarget,
     ServerConfig, Settings, StoreConfig,

@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 
 from gateway.budget.store import MAX_AMOUNT
 from gateway.config.model import Policy
-from gateway.pricing import Charge, Usage, cost_nano
-from gateway.proxy.plan import Plan
-from gateway.proxy.request import ProxyRequest
-from gateway.tokens import prompt_upper_bound
+from gateway.domain.pricing import Charge, Usage, cost_nano
+from gateway.domain.plan import Plan
+from gateway.domain.request import ProxyRequest
+from gateway.domain.tokens import prompt_upper_bound
 
 __all__ = ["WorstCase", "worst_case", "completions_per_request"]
 

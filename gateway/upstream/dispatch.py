@@ -31,10 +31,10 @@ from tenacity import RetryCallState
 
 from gateway.config.model import ProviderConfig
 from gateway.errors import UpstreamFailure
-from gateway.proxy.bounded import BodyTooLarge, read_bounded
-from gateway.proxy.plan import Plan, Target
-from gateway.proxy.providers import ProviderPool
-from gateway.proxy.request import ProxyRequest, upstream_body
+from gateway.upstream.bounded import BodyTooLarge, read_bounded
+from gateway.domain.plan import Plan, Target
+from gateway.upstream.providers import ProviderPool
+from gateway.domain.request import ProxyRequest, upstream_body
 from gateway.resilience.breaker import BreakerState, CircuitBreaker, Permit
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.resilience.retry import RetryableStatus, RetryBudget, UpstreamConnectError, build_retrying

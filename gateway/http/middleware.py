@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from gateway.access_log import AccessLog, AccessRecord
+from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
 
 if TYPE_CHECKING:
-    from gateway.metrics import GatewayMetrics
+    from gateway.observability.instruments import GatewayMetrics
 
 __all__ = ["RECORD", "request_middleware", "error_response"]
 

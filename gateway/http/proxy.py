@@ -9,22 +9,22 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from gateway.access_log import AccessRecord
-from gateway.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
-from gateway.auth import KnownTokens, authenticate
+from gateway.observability.access_log import AccessRecord
+from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
+from gateway.http.auth import KnownTokens, authenticate
 from gateway.budget.engine import BudgetEngine, Reservation
-from gateway.budget.worst_case import WorstCase
+from gateway.domain.worst_case import WorstCase
 from gateway.config.holder import ConfigHolder
 from gateway.errors import UpstreamFailure
-from gateway.middleware import RECORD
-from gateway.proxy.charging import Bill, Delivery, bill_for
-from gateway.proxy.dispatch import dispatch
-from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.plan import PlanCache
-from gateway.proxy.providers import ProviderPool
-from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
-from gateway.proxy.stream_meter import StreamOutcome
-from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
+from gateway.http.middleware import RECORD
+from gateway.upstream.charging import Bill, Delivery, bill_for
+from gateway.upstream.dispatch import dispatch
+from gateway.upstream.open_streams import OpenStreams
+from gateway.domain.plan import PlanCache
+from gateway.upstream.providers import ProviderPool
+from gateway.upstream.relay import is_event_stream, relay_json, relay_stream
+from gateway.upstream.stream_meter import StreamOutcome
+from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["Proxy", "serve", "add_proxy_routes"]
@@ -140,7 +140,7 @@ async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: Stre
 
 
 def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation, delivery: Delivery) -> None:
-    """Charge what was served (see gateway.proxy.charging), or release the reservation when nothing was.
+    """Charge what was served (see gateway.upstream.charging), or release the reservation when nothing was.
 
     The store is written in the background: the answer does not wait for it.
     """
