@@ -69,7 +69,6 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
             response = await handler(request)
         except GatewayError as exc:
             record.error = exc.code
-            record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
             refusal = exc if isinstance(exc, BudgetExceeded) else None
             response = error_response(exc)
         except web.HTTPRequestEntityTooLarge:

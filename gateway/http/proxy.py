@@ -12,11 +12,13 @@ from aiohttp import web
 from gateway.observability.access_log import AccessRecord
 from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
 from gateway.http.auth import KnownTokens, authenticate
-from gateway.budget.engine import BudgetEngine, Reservation
+from gateway.budget.engine import BudgetEngine, Downgrade, Reservation
+from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.worst_case import WorstCase
 from gateway.config.holder import ConfigHolder
 from gateway.errors import UpstreamFailure
 from gateway.http.middleware import RECORD
+from gateway.http.reading import read_proxy_request
 from gateway.upstream.charging import Bill, Delivery, bill_for
 from gateway.upstream.dispatch import dispatch
 from gateway.upstream.open_streams import OpenStreams
@@ -24,7 +26,7 @@ from gateway.domain.plan import PlanCache
 from gateway.upstream.providers import ProviderPool
 from gateway.upstream.relay import is_event_stream, relay_json, relay_stream
 from gateway.upstream.stream_meter import StreamOutcome
-from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
+from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["Proxy", "serve", "add_proxy_routes"]
@@ -64,6 +66,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     plan = proxy.plans.plan_for(settings, req.model)
     record.route = plan.route
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
+    if isinstance(reservation, Downgrade):   # refused by a policy that serves a cheaper model instead
+        cheaper = proxy.plans.plan_for(settings, reservation.model)
+        reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
+                                                            reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     record.model = reservation.plan.model
     delivery = Delivery(True)                # dispatched
@@ -74,8 +80,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
         record.attempts = delivery.reply.attempts
         return await respond(request, req, delivery, providers, proxy.streams, reservation.worst)
-    except UpstreamFailure:
+    except UpstreamFailure as failure:
         delivery.upstream_failed = True
+        if failure.attempts is not None:    # no provider answered
+            record.attempts = failure.attempts
         raise
     finally:
         settle(proxy.budget, record, reservation, delivery)
@@ -149,7 +157,9 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
         record.usage, record.cost_nano, record.usage_unknown = bill.usage, bill.charge.usd_nano, bill.unknown
         if bill.unknown is not None:
             _warn_unknown(record, bill)
-    budget.settle(reservation, bill.charge if bill else None, record)
+    facts = LedgerFacts(record.model, record.requested_model, record.provider, record.attempts, record.usage,
+                        record.started)
+    budget.settle(reservation, bill.charge if bill else None, facts)
 
 
 def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
