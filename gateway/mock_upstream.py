@@ -745,7 +745,7 @@ class MockUpstream:
         """Queue actions from a JSON list, or from {"actions": [...], "path": "/v1/..."}."""
         try:
             data = await request.json()
-            spec = {"actions": data} if isinstance(data, list) else data
+            spec: dict[str, Any] = {"actions": data} if isinstance(data, list) else data
             actions = [Action.from_json(a) for a in spec["actions"]]
             path = spec.get("path")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
@@ -22,7 +23,6 @@ __all__ = ["RECORD", "request_middleware", "error_response"]
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 # Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
