@@ -124,7 +124,8 @@ class SqliteBudgetStore:
 
     async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
         """Claim alert `key` until `lease_until`: the first claim, or one whose earlier lease ended undelivered."""
-        return await self._transaction(lambda db: self._tables.claim_alert(db, key, payload, now, lease_until, expires_at))
+        return await self._transaction(
+            lambda db: self._tables.claim_alert(db, key, payload, now, lease_until, expires_at))
 
     async def alert_delivered(self, key: str, now: float) -> None:
         """Mark alert `key` delivered."""

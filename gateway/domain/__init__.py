@@ -1,1 +1,1 @@
-"""Domain: the values every layer shares (request, plan and targets, money and usage, token bounds, worst case); no I/O."""
+"""Domain: the values every layer shares (request, plan, money and usage, token bounds, worst case); no I/O."""

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 from gateway.config.model import ModelPrice
 
-__all__ = ["NANO_PER_USD", "MAX_AMOUNT", "Usage", "Charge", "cost_nano", "nano_to_usd", "format_usd", "usd_to_nano", "charge_for"]
+__all__ = ["NANO_PER_USD", "MAX_AMOUNT",
+           "Usage", "Charge", "cost_nano", "nano_to_usd", "format_usd", "usd_to_nano", "charge_for"]
 
 NANO_PER_USD = 1_000_000_000
 MAX_AMOUNT = 2**53 - 1

@@ -8,7 +8,9 @@ import orjson
 from aiohttp import web
 
 from gateway.budget.status import budget_report, visible_policies
-from gateway.budget.usage import GROUPS, NOW_INCLUDED_S, GroupBy, Scope, Totals, ledger_rows, parse_instant, usage_totals
+from gateway.budget.usage import (
+    GROUPS, NOW_INCLUDED_S, GroupBy, Scope, Totals, ledger_rows, parse_instant, usage_totals,
+)
 from gateway.budget.windows import window_for
 from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
 from gateway.http.appkeys import BUDGET, CONFIG
