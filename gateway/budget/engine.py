@@ -10,12 +10,13 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NamedTuple
+from typing import Any
 
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.outage import Outage
 from gateway.budget.refusals import exceeded_error, held_error
+from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
 from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
@@ -29,7 +30,6 @@ from gateway.domain.plan import Plan
 from gateway.domain.pricing import Charge
 from gateway.domain.request import ProxyRequest
 from gateway.domain.worst_case import WorstCase, worst_case
-from gateway.errors import BudgetExceeded
 
 __all__ = ["Reservation", "Downgrade", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
 
@@ -39,34 +39,6 @@ def _storable(charge: Charge | None) -> Charge | None:
     if charge is None or max(charge) <= MAX_AMOUNT:
         return charge
     return Charge(min(charge.usd_nano, MAX_AMOUNT), min(charge.tokens, MAX_AMOUNT), min(charge.requests, MAX_AMOUNT))
-
-
-class Reservation(NamedTuple):
-    """A request's hold on its budgets; `plan` may be a downgraded one, `worst` bounds its charge and output."""
-
-    request_id: str
-    plan: Plan
-    worst: WorstCase                     # what is held (with no lines: what would have been), see worst_case
-    lines: tuple[ReserveLine, ...] = ()
-    local: bool = False                 # held in this replica's fail-open allowance, not in the store
-    downgraded_from: str | None = None
-    caller: CallerIdentity | None = None
-
-    policies: tuple[str, ...] = ()       # names of the policies it holds budget on
-    spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
-
-    @property
-    def held_as(self) -> str:
-        """The id the store holds the reservation under."""
-        return self.spare_id or self.request_id
-
-
-class Downgrade(NamedTuple):
-    """A refusal by a policy that downgrades: the caller plans `model` and reserves on it, else raises `refusal`."""
-
-    model: str                           # the refusing policy's cheaper model
-    downgraded_from: str                 # the model refused
-    refusal: BudgetExceeded              # the 429 when the cheaper model does not fit either
 
 
 class BudgetEngine:

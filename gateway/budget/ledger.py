@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
+from gateway.budget.reservation import Reservation
 from gateway.budget.store import LedgerEntry
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.pricing import Charge
-
-if TYPE_CHECKING:
-    from gateway.budget.engine import Reservation
 
 __all__ = ["ledger_entry"]
 

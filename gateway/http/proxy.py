@@ -12,7 +12,8 @@ from aiohttp import web
 from gateway.observability.access_log import AccessRecord
 from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
 from gateway.http.auth import KnownTokens, authenticate
-from gateway.budget.engine import BudgetEngine, Downgrade, Reservation
+from gateway.budget.engine import BudgetEngine
+from gateway.budget.reservation import Downgrade, Reservation
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.worst_case import WorstCase
 from gateway.config.holder import ConfigHolder
