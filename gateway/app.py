@@ -11,11 +11,6 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.observability.access_log import AccessLog
-from gateway.http.appkeys import (
-    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
-    RESILIENCE,
-)
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
 from gateway.budget.factory import create_engine
@@ -24,18 +19,23 @@ from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
+from gateway.http.appkeys import (
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
+    RESILIENCE,
+)
 from gateway.http.budget import add_budget_routes
 from gateway.http.info import add_info_routes
-from gateway.log_scrub import scrub_logs
 from gateway.http.metrics import add_metrics_routes
-from gateway.observability.instruments import GatewayMetrics
 from gateway.http.middleware import request_middleware
-from gateway.peers import Peers
-from gateway.http.proxy import add_proxy_routes
-from gateway.upstream.open_streams import OpenStreams
 from gateway.http.provider_status import add_provider_status_routes
-from gateway.upstream.providers import ProviderPool
+from gateway.http.proxy import add_proxy_routes
+from gateway.log_scrub import scrub_logs
+from gateway.observability.access_log import AccessLog
+from gateway.observability.instruments import GatewayMetrics
+from gateway.peers import Peers
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.upstream.open_streams import OpenStreams
+from gateway.upstream.providers import ProviderPool
 
 __all__ = ["create_app"]
 

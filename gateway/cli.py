@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.observability.access_log import AccessLog
 from gateway.config.model import Settings
 from gateway.errors import ConfigError
 from gateway.log_output import configure_logging, stderr_handler
+from gateway.observability.access_log import AccessLog
 
 __all__ = ["main"]
 

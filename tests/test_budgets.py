@@ -10,11 +10,11 @@ from decimal import Decimal
 import openai
 import pytest
 
-from gateway.http.appkeys import BUDGET
 from gateway.budget import redis_batch
 from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
 MESSAGES = [{"role": "user", "content": "Count the budget"}]

@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.app import create_app
-from gateway.http.appkeys import METRICS, RELOADER
-from gateway.http.auth import key_digest
 from gateway.budget.instrumented import TIMED_OPERATIONS, InstrumentedStore
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import PLAIN, CounterKey, CounterState
@@ -25,6 +22,9 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
 from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.errors import ConfigError, StoreError
+from gateway.http.appkeys import METRICS, RELOADER
+from gateway.http.auth import key_digest
+from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.observability.instruments import GatewayMetrics
 from gateway.observability.scrape import BACKGROUND_TASKS
 from tests.support.canary import CANARY_KEY

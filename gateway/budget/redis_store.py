@@ -53,8 +53,8 @@ from gateway.budget.store import (
     OperationObserver, PackedStates, ReserveLine, ReserveOutcome, StoreCapabilities, check_record_lines,
     check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
-from gateway.errors import StoreError
 from gateway.domain.pricing import Charge
+from gateway.errors import StoreError
 
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 

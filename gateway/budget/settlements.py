@@ -17,8 +17,8 @@ from gateway.budget.outage import Outage
 from gateway.budget.reservation import Reservation
 from gateway.budget.store import CounterState, LedgerEntry
 from gateway.budget.store_calls import StoreCalls
-from gateway.errors import StoreError
 from gateway.domain.pricing import Charge
+from gateway.errors import StoreError
 
 __all__ = ["Settlements", "SettleListener"]
 

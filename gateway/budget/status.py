@@ -10,8 +10,8 @@ from gateway.budget.matching import applies_to_caller
 from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
-from gateway.errors import NotFound
 from gateway.domain.pricing import Charge, format_usd
+from gateway.errors import NotFound
 
 __all__ = ["visible_policies", "budget_report", "window_entries"]
 

@@ -18,8 +18,8 @@ from typing import Any, Literal
 from gateway.budget.status import visible_policies
 from gateway.budget.store import BudgetStore, LedgerEntry
 from gateway.config.model import CallerIdentity, Settings
-from gateway.errors import InvalidRequest
 from gateway.domain.pricing import format_usd
+from gateway.errors import InvalidRequest
 
 __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "GroupBy",
            "NOW_INCLUDED_S"]

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from gateway.config.model import Policy
-from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
 from gateway.domain.plan import Plan
+from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
 from gateway.domain.request import ProxyRequest
 from gateway.domain.tokens import prompt_upper_bound
 

@@ -13,10 +13,10 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 
-from gateway.http.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
-from gateway.http.auth import bearer_token, token_digest
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
+from gateway.http.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
+from gateway.http.auth import bearer_token, token_digest
 from gateway.observability.merge import decode, encode, merge
 from gateway.observability.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
 

@@ -12,8 +12,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
+from gateway.observability.access_log import AccessLog, AccessRecord
 
 if TYPE_CHECKING:
     from gateway.observability.instruments import GatewayMetrics

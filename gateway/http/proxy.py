@@ -9,26 +9,26 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from gateway.observability.access_log import AccessRecord
-from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
-from gateway.http.auth import KnownTokens, authenticate
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.reservation import Downgrade, Reservation
-from gateway.domain.ledger_facts import LedgerFacts
-from gateway.domain.worst_case import WorstCase
 from gateway.config.holder import ConfigHolder
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.plan import PlanCache
+from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
+from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
+from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
+from gateway.http.auth import KnownTokens, authenticate
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
+from gateway.observability.access_log import AccessRecord
+from gateway.resilience.registry import ResilienceRegistry
 from gateway.upstream.charging import Bill, Delivery, bill_for
 from gateway.upstream.dispatch import dispatch
 from gateway.upstream.open_streams import OpenStreams
-from gateway.domain.plan import PlanCache
 from gateway.upstream.providers import ProviderPool
 from gateway.upstream.relay import is_event_stream, relay_json, relay_stream
 from gateway.upstream.stream_meter import StreamOutcome
-from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
-from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["Proxy", "serve", "add_proxy_routes"]
 

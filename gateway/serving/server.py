@@ -26,10 +26,10 @@ import threading
 
 from aiohttp import web
 
-from gateway.http.appkeys import BACKGROUND, OPEN_STREAMS
 from gateway.background import keep_running
 from gateway.config.loader import startup_line
 from gateway.config.model import ServerConfig, Settings
+from gateway.http.appkeys import BACKGROUND, OPEN_STREAMS
 from gateway.serving.connections import ClientConnections, GatewayRequestHandler
 from gateway.serving.listener import Acceptor
 

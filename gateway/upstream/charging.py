@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from gateway.domain.worst_case import WorstCase
-from gateway.domain.pricing import Charge, Usage, charge_for, cost_nano
-from gateway.upstream.dispatch import UpstreamReply
 from gateway.domain.plan import Plan, Target
+from gateway.domain.pricing import Charge, Usage, charge_for, cost_nano
+from gateway.domain.worst_case import WorstCase
+from gateway.upstream.dispatch import UpstreamReply
 from gateway.upstream.stream_meter import StreamOutcome
 from gateway.upstream.usage import ReadUsage
 

@@ -30,14 +30,14 @@ import orjson
 from tenacity import RetryCallState
 
 from gateway.config.model import ProviderConfig
-from gateway.errors import UpstreamFailure
-from gateway.upstream.bounded import BodyTooLarge, read_bounded
 from gateway.domain.plan import Plan, Target
-from gateway.upstream.providers import ProviderPool
 from gateway.domain.request import ProxyRequest, upstream_body
+from gateway.errors import UpstreamFailure
 from gateway.resilience.breaker import BreakerState, CircuitBreaker, Permit
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.resilience.retry import RetryableStatus, RetryBudget, UpstreamConnectError, build_retrying
+from gateway.upstream.bounded import BodyTooLarge, read_bounded
+from gateway.upstream.providers import ProviderPool
 
 __all__ = ["UpstreamReply", "dispatch"]
 

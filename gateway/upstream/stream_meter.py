@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from gateway.domain.worst_case import WorstCase
 from gateway.config.model import ModelPrice
 from gateway.domain.pricing import Usage, cost_nano
+from gateway.domain.worst_case import WorstCase
 from gateway.upstream.usage import UNREADABLE, usage_from
 
 __all__ = ["StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
