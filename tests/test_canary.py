@@ -10,12 +10,12 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from gateway.appkeys import ALERTS, BUDGET, ROUTER
 from gateway.budget.canary_record import PROMOTED, RAMPING, ROLLED_BACK, ArmTally, CanaryRecord
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.clock import FakeClock
 from gateway.config.model import AlertConfig, CallerIdentity, RetryConfig, Route, RouteTarget, Settings, StoreConfig
 from gateway.config.routes import CanaryConfig, PromoteAfter, RollbackIf
+from gateway.http.appkeys import ALERTS, BUDGET, ROUTER
 from gateway.mock_upstream import Action
 from gateway.routing import canary_runs
 from gateway.routing.canary import decide, percent

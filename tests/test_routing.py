@@ -12,15 +12,15 @@ from typing import Any
 
 import orjson
 
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import key_digest
 from gateway.clock import FakeClock
 from gateway.config.loader import load_settings
 from gateway.config.model import CallerIdentity, RetryConfig, Route, RouteTarget, Settings
 from gateway.config.routes import Rule, RuleWhen
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.request import ENDPOINTS, ProxyRequest
+from gateway.http.appkeys import BUDGET, CONFIG
+from gateway.http.auth import key_digest
 from gateway.mock_upstream import Action
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.proxy.request import ENDPOINTS, ProxyRequest
 from gateway.routing.canary_runs import CanaryRuns
 from gateway.routing.router import Router
 from tests.support.canary import CANARY_KEY

@@ -12,7 +12,7 @@ from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
 from gateway.budget.store import (
     BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver, ReserveLine, ReserveOutcome,
 )
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 

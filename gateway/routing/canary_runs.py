@@ -26,7 +26,7 @@ from gateway.clock import Clock
 from gateway.config.model import Settings
 from gateway.config.routes import Route
 from gateway.errors import StoreError
-from gateway.proxy.plan import Plan
+from gateway.domain.plan import Plan
 from gateway.routing.canary import Move, decide, percent
 from gateway.routing.latency import bucket_of
 from gateway.routing.router import CANDIDATE, CONTROL, RouteChoice, arm_plans

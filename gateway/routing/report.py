@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.budget.canary_record import CanaryRecord
-from gateway.pricing import format_usd
+from gateway.domain.pricing import format_usd
 from gateway.routing.canary import ArmFigures, figures, percent
 from gateway.routing.canary_runs import CanaryRun
 from gateway.routing.router import CANDIDATE, CONTROL

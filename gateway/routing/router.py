@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from gateway.config.model import CallerIdentity, Settings
 from gateway.config.routes import Route
-from gateway.proxy.plan import Plan, PlanCache, plan_for
-from gateway.proxy.request import ProxyRequest
+from gateway.domain.plan import Plan, PlanCache, plan_for
+from gateway.domain.request import ProxyRequest
 from gateway.routing.rules import Traits, first_match
 from gateway.routing.split import Weights, stable_point
 
@@ -145,7 +145,7 @@ class Router:
         self.canaries = canaries
         self.counts: ArmCounts = {}
         self._rng = rng or random.Random()
-        self._plans = PlanCache()
+        self.plans = PlanCache()
         self._settings: Settings | None = None
         self._choosers: dict[str, _Chooser] = {}
 
@@ -173,7 +173,7 @@ class Router:
     def _build(self, settings: Settings, model: str) -> _Chooser:
         route = settings.route_for(model)
         if route is None or route.plain:
-            return _Fixed(RouteChoice(self._plans.plan_for(settings, model)))
+            return _Fixed(RouteChoice(self.plans.plan_for(settings, model)))
         if route.rules:
             return _Rules(route, self, settings, self.counts)
         plans = arm_plans(settings, model)

@@ -1,7 +1,7 @@
 """Rules of an `auto` route: what a request has (prompt bound, tools, images, caller, tier header), and the
 first rule whose conditions all hold.
 
-The prompt bound is the one budgets reserve (`gateway.tokens.prompt_upper_bound`): an upper bound of the
+The prompt bound is the one budgets reserve (`gateway.domain.tokens.prompt_upper_bound`): an upper bound of the
 prompt's tokens, worked out only when a rule asks for it.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.config.model import CallerIdentity
 from gateway.config.routes import Rule, RuleWhen
-from gateway.tokens import prompt_upper_bound
+from gateway.domain.tokens import prompt_upper_bound
 
 __all__ = ["TIER_HEADER", "Traits", "first_match", "has_tools", "has_images"]
 

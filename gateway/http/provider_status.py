@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import CONFIG, PEERS, RESILIENCE, ROUTER
-from gateway.auth import authenticate
 from gateway.errors import StoreError, Unauthorized
+from gateway.http.appkeys import CONFIG, PEERS, RESILIENCE, ROUTER
+from gateway.http.auth import authenticate
 from gateway.routing.report import canary_entry
 
 __all__ = ["provider_status", "add_provider_status_routes"]
