@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -12,7 +13,11 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
-from tests.support.metrics import ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape
+from gateway.config.model import Route, RouteTarget
+from gateway.config.routes import CanaryConfig
+from tests.support.metrics import (
+    MESSAGES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -23,7 +28,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 TEMPLATE_VARIABLES = {"$__rate_interval": "5m", "$policy": ".*", "$model": ".*"}
 PANEL_TOPICS = ("spend against budget", "cost per hour by model", "monthly forecast", "tokens by model",
                 "requests by status class", "latency p50 / p95 / p99", "time to first token", "breaker states",
-                "retries and failovers")
+                "retries and failovers", "canaries")
 
 
 def dashboard() -> dict[str, Any]:
@@ -96,8 +101,13 @@ def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:
 async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic(
         upstream, backup_upstream, start_gateway, http) -> None:
     clock = FakeClock()
-    gateway = await start_gateway(metrics_settings(upstream, backup_upstream), clock=clock, sleep=ClockSleep(clock))
+    canary = Route("deepseek-v3.2", (RouteTarget("primary"), RouteTarget("backup")),
+                   canary=CanaryConfig(RouteTarget("primary"), RouteTarget("backup")))
+    settings = metrics_settings(upstream, backup_upstream)
+    settings = dataclasses.replace(settings, routes=(*settings.routes, canary))
+    gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
     await mixed_traffic(gateway, http, upstream, backup_upstream)
+    await http(gateway, "POST", "/v1/chat/completions", json={"model": "deepseek-v3.2", "messages": MESSAGES})
     exposed = sample_names(await scrape(gateway, http))
     used = [(title, name) for title, expr in dashboard_queries() for name in metric_names(expr)]
     used += [(rule["alert"], name) for rule in alert_rules() for name in metric_names(rule["expr"])]
