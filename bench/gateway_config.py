@@ -8,6 +8,7 @@ build). To bench a new feature against a plain route, add a variant here: `--tar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -104,6 +105,26 @@ def _cache_refresh(config: Document, policies: Document) -> None:
 CLIENT_HEADERS = {"cache-refresh": {"Cache-Control": "no-cache"}}
 """Request headers a variant's clients send."""
 
+def _second_provider(config: Document) -> None:
+    """A second provider on the bench's one mock upstream, for routes with arms."""
+    config["providers"]["mock-b"] = copy.deepcopy(config["providers"]["mock"])
+
+
+def _split(config: Document, policies: Document) -> None:
+    """The bench route split 95/5 over two providers, sticky per key."""
+    _second_provider(config)
+    config["routes"]["gpt-4o-mini"] = {"split": [{"provider": "mock", "weight": 95},
+                                                 {"provider": "mock-b", "weight": 5}], "sticky": "key"}
+
+
+def _canary(config: Document, policies: Document) -> None:
+    """The bench route as a canary held at its first step (50%): each request picks an arm and is tallied."""
+    _second_provider(config)
+    config["routes"]["gpt-4o-mini"] = {"canary": {
+        "control": "mock", "candidate": "mock-b", "steps": [50, 100],
+        "promote_after": {"requests": 1_000_000_000, "minutes": 100_000}}}
+
+
 VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
@@ -112,6 +133,8 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "cache-miss": _cache_miss,
     "cache-store-miss": _cache_store_miss,
     "cache-refresh": _cache_refresh,
+    "split": _split,
+    "canary": _canary,
 }
 
 

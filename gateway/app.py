@@ -7,36 +7,42 @@ import logging
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.access_log import AccessLog
-from gateway.appkeys import (
-    ACCESS_LOG, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
-    RESILIENCE,
-)
 from gateway.background import BackgroundFailures, keep_running
-from gateway.budget.alerts import add_budget_alerts
+from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
 from gateway.budget.factory import create_engine
-from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
-from gateway.budget.usage import add_budget_usage_routes
 from gateway.cache.factory import create_cache
 from gateway.cache.store import CacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
-from gateway.info import add_info_routes
+from gateway.http.appkeys import (
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
+    RELOADER, RESILIENCE, ROUTER,
+)
+from gateway.http.budget import add_budget_routes
+from gateway.http.info import add_info_routes
+from gateway.http.metrics import add_metrics_routes
+from gateway.http.middleware import request_middleware
+from gateway.http.provider_status import add_provider_status_routes
+from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
-from gateway.metrics import GatewayMetrics, add_metrics_routes
-from gateway.middleware import request_middleware
+from gateway.observability.access_log import AccessLog
+from gateway.observability.canaries import ArmCollector
+from gateway.observability.instruments import GatewayMetrics
 from gateway.peers import Peers
-from gateway.proxy.handler import add_proxy_routes
-from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.provider_status import add_provider_status_routes
-from gateway.proxy.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.routing import canary_runs
+from gateway.routing.canary_alerts import announce_rollbacks
+from gateway.routing.canary_runs import CanaryRuns
+from gateway.routing.router import Router
+from gateway.upstream.open_streams import OpenStreams
+from gateway.upstream.providers import ProviderPool
 
 __all__ = ["create_app"]
 
@@ -62,7 +68,6 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
     app[CACHE] = create_cache(settings.store, app[BUDGET].store, clock, cache_store)
-    metrics.follow_cache(app[CACHE])
     app[ACCESS_LOG] = access_log = access_log or AccessLog(settings.server.access_log)
     app.middlewares.append(request_middleware(metrics, access_log))
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
@@ -75,13 +80,15 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app.cleanup_ctx.append(budget_recovery)
     app.cleanup_ctx.append(response_cache)        # closed before the budget store, whose client it may share
     add_budget_alerts(app, sleep=sleep)
+    app[ROUTER] = router = Router(CanaryRuns(app[BUDGET].store, clock))
+    metrics.registry.register(ArmCollector(router.counts))
+    app.cleanup_ctx.append(canary_sync)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
     add_proxy_routes(app)
     add_info_routes(app)
     add_provider_status_routes(app)
-    add_budget_status_routes(app)
-    add_budget_usage_routes(app)
+    add_budget_routes(app)
     add_metrics_routes(app)
     return app
 
@@ -112,9 +119,34 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
 
 
 async def response_cache(app: web.Application) -> AsyncIterator[None]:
-    """Finish the cache writes under way and close the cache's storage at the end."""
+    """Count the cache's storage failures; finish the cache writes under way and close its storage at the end."""
+    app[METRICS].follow_cache(app[CACHE])
     yield
     await app[CACHE].close()
+
+
+async def canary_sync(app: web.Application) -> AsyncIterator[None]:
+    """Read every canary's step before serving, then share tallies and steps with the store in the background.
+
+    A rollback this replica makes is announced to the policies' alert receivers.
+    """
+    runs, config = app[ROUTER].canaries, app[CONFIG]
+    if ALERTS in app:
+        runs.on_rollback.append(announce_rollbacks(app[ALERTS]))
+
+    async def step() -> None:
+        await asyncio.sleep(canary_runs.SYNC_INTERVAL_S)
+        await runs.sync(config.current)
+
+    try:
+        await runs.sync(config.current)
+    except Exception as error:               # never keeps the gateway from starting: canaries wait on control
+        app[BACKGROUND].failed("canary_sync", error)
+    task = asyncio.create_task(keep_running("canary_sync", step, app[BACKGROUND]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:
@@ -134,3 +166,21 @@ async def config_reload(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    """Listen to the engine's settles and deliver webhook alerts for the app's lifetime."""
+    engine = app[BUDGET]
+    if engine.store is None:
+        return
+    app[ALERTS] = sender = AlertSender(engine.store, app[CONFIG], app[CLOCK], app[BACKGROUND], sleep=sleep)
+    engine.on_settled.append(sender.observe)
+    app.cleanup_ctx.append(alert_delivery)
+
+
+async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
+    """One ClientSession and the delivery loops; both end with the app, cancelling a delivery in flight."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session:
+        app[ALERTS].start(session)
+        yield
+        await app[ALERTS].stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.appkeys import CACHE
+from gateway.http.appkeys import CACHE
 from gateway.cache.assemble import StreamAssembler, storable, storable_answer
 from gateway.cache.control import control_of
 from gateway.cache.entry import CacheEntry
@@ -24,7 +24,7 @@ from gateway.cache.sqlite_store import SqliteCacheStore
 from gateway.budget.redis_store import create_redis_client
 from gateway.clock import FakeClock
 from gateway.config.model import CacheConfig, CallerIdentity, StoreConfig
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 from tests.support.settings import make_settings
 
 WEB = CallerIdentity("web-app", team="web")

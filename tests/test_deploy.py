@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -12,8 +13,11 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
-from gateway.config.model import CacheConfig
-from tests.support.metrics import ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape
+from gateway.config.model import CacheConfig, Route, RouteTarget
+from gateway.config.routes import CanaryConfig
+from tests.support.metrics import (
+    MESSAGES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -24,7 +28,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 TEMPLATE_VARIABLES = {"$__rate_interval": "5m", "$policy": ".*", "$model": ".*"}
 PANEL_TOPICS = ("spend against budget", "cost per hour by model", "monthly forecast", "tokens by model",
                 "requests by status class", "latency p50 / p95 / p99", "time to first token", "breaker states",
-                "retries and failovers", "cache hit rate", "cache savings")
+                "retries and failovers", "canaries", "cache hit rate", "cache savings")
 
 
 def dashboard() -> dict[str, Any]:
@@ -97,9 +101,13 @@ def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:
 async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic(
         upstream, backup_upstream, start_gateway, http) -> None:
     clock = FakeClock()
+    canary = Route("deepseek-v3.2", (RouteTarget("primary"), RouteTarget("backup")),
+                   canary=CanaryConfig(RouteTarget("primary"), RouteTarget("backup")))
     settings = metrics_settings(upstream, backup_upstream, cache=CacheConfig(models=("gpt-4.1",)))
+    settings = dataclasses.replace(settings, routes=(*settings.routes, canary))
     gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
     await mixed_traffic(gateway, http, upstream, backup_upstream)     # its gpt-4.1 requests fail: nothing kept
+    await http(gateway, "POST", "/v1/chat/completions", json={"model": "deepseek-v3.2", "messages": MESSAGES})
     for _ in range(2):                                                # a miss kept, then a hit
         await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1", "messages": [
             {"role": "user", "content": "cache me"}]})

@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 from gateway import cli
-from gateway.appkeys import BUDGET, CACHE
+from gateway.http.appkeys import BUDGET, CACHE
 from gateway.clock import FakeClock
 from gateway.config.model import CacheConfig, StoreConfig
 from gateway.mock_upstream import Action
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import value as sample
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.budget.store import CounterKey, ReserveLine
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["LocalAllowance"]
 

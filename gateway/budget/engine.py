@@ -12,28 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import Any, NamedTuple
+from typing import Any
 
-from gateway.access_log import AccessRecord
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
 from gateway.budget.refusals import exceeded_error, held_error
+from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
 from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
-from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
-from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
+from gateway.config.model import CallerIdentity, Settings, StoreConfig
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.plan import Plan
+from gateway.domain.pricing import Charge
+from gateway.domain.request import ProxyRequest
+from gateway.domain.worst_case import WorstCase, worst_case
 from gateway.errors import StoreError
-from gateway.pricing import Charge
-from gateway.proxy.plan import Plan, plan_for
-from gateway.proxy.request import ProxyRequest
 
-__all__ = ["Reservation", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
+__all__ = ["Reservation", "Downgrade", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
 
 
 def _storable(charge: Charge | None) -> Charge | None:
@@ -41,26 +42,6 @@ def _storable(charge: Charge | None) -> Charge | None:
     if charge is None or max(charge) <= MAX_AMOUNT:
         return charge
     return Charge(min(charge.usd_nano, MAX_AMOUNT), min(charge.tokens, MAX_AMOUNT), min(charge.requests, MAX_AMOUNT))
-
-
-class Reservation(NamedTuple):
-    """A request's hold on its budgets; `plan` may be a downgraded one, `worst` bounds its charge and output."""
-
-    request_id: str
-    plan: Plan
-    worst: WorstCase                     # what is held (with no lines: what would have been), see worst_case
-    lines: tuple[ReserveLine, ...] = ()
-    local: bool = False                 # held in this replica's fail-open allowance, not in the store
-    downgraded_from: str | None = None
-    caller: CallerIdentity | None = None
-
-    policies: tuple[str, ...] = ()       # names of the policies it holds budget on
-    spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
-
-    @property
-    def held_as(self) -> str:
-        """The id the store holds the reservation under."""
-        return self.spare_id or self.request_id
 
 
 class BudgetEngine:
@@ -88,8 +69,8 @@ class BudgetEngine:
         self.spares = self._ahead.spares if self._ahead is not None else None
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
-                      plan: Plan, req: ProxyRequest) -> Reservation:
-        """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
+                      plan: Plan, req: ProxyRequest) -> Reservation | Downgrade:
+        """Hold the request's worst case on every matching policy; else a Downgrade, or raise BudgetExceeded."""
         match = self._slots.match(settings, caller, plan.model)
         worst = worst_case(req, plan, match.policies)
         if not match.policies or self.store is None:
@@ -117,7 +98,7 @@ class BudgetEngine:
             return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         index = outcome.refused_index or 0
-        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index], outcome, now)
+        return _refused(plan, slots[index], lines[index], outcome, now)
 
     async def _reclaim(self, request_id: str, pool: SparePool, amount: Charge, lines: tuple[ReserveLine, ...],
                        now: float, outcome: ReserveOutcome) -> tuple[Spare | None, ReserveOutcome | None]:
@@ -129,38 +110,22 @@ class BudgetEngine:
             return None, await self._outage.reserve(request_id, lines, now)
         return spare, outcome
 
-    async def _refused(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
-                       plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome,
-                       now: float) -> Reservation:
-        """The refusing policy's cheaper model if it fits, else its 429."""
-        downgrade = await self._downgrade(request_id, settings, caller, req, slot.policy, plan)
-        if downgrade is not None:
-            return downgrade
-        unit = outcome.refused_unit or "usd"
-        limit = line.limits[UNITS.index(unit)] or 0
-        if outcome.held:
-            raise held_error(slot.policy, slot.window, unit, limit)
-        raise exceeded_error(slot.policy, slot.window, unit, limit, now)
-
-    async def _downgrade(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
-                         policy: Policy, plan: Plan) -> Reservation | None:
-        """Serve with the refusing policy's cheaper model while that model is within budget."""
-        if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
-            return None
-        cheaper = plan_for(settings, policy.downgrade_to)   # logs and the ledger name the model that serves
-        match = self._slots.match(settings, caller, policy.downgrade_to)
+    async def reserve_downgraded(self, request_id: str, settings: Settings, caller: CallerIdentity,
+                                 cheaper: Plan, req: ProxyRequest, downgrade: Downgrade) -> Reservation:
+        """Hold the request on `cheaper` (the plan of the downgrade's model) while it is within budget, else 429."""
+        match = self._slots.match(settings, caller, cheaper.model)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
         lines = tuple(slot.line(worst.amount) for slot in self._slots.slots(match, now))
         outcome = await self._outage.reserve(request_id, lines, now)
         if outcome is not None and not outcome.ok:
-            return None
+            raise downgrade.refusal
         return Reservation(request_id, cheaper, worst, lines, local=outcome is None,
-                           downgraded_from=plan.model, caller=caller, policies=match.names)
+                           downgraded_from=downgrade.downgraded_from, caller=caller, policies=match.names)
 
     def settle(self, reservation: Reservation, charge: Charge | None,
-               record: AccessRecord | None = None) -> asyncio.Future[Any] | None:
-        """Start charging the request's real cost (None: it was not served, release it); ledger it from `record`.
+               facts: LedgerFacts | None = None) -> asyncio.Future[Any] | None:
+        """Start charging the request's real cost (None: it was not served, release it); ledger it with `facts`.
 
         The settlement runs in the background, so the response does not wait for the store; it is kept
         to its end (a client that disconnects cannot cancel it), and `settled` and `close` wait for it.
@@ -169,18 +134,18 @@ class BudgetEngine:
         if not reservation.lines:
             return None
         charge = _storable(charge)
-        entry = ledger_entry(reservation, charge, record, self.clock.now())
+        entry = ledger_entry(reservation, charge, facts, self.clock.now())
         if reservation.local:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
         return self._settlements.start(reservation, charge, entry)
 
-    def file_cache_hit(self, settings: Settings, caller: CallerIdentity, model: str, record: AccessRecord,
+    def file_cache_hit(self, settings: Settings, caller: CallerIdentity, request_id: str, facts: LedgerFacts,
                        saved_nano: int) -> tuple[str, ...]:
         """Ledger a request answered from the response cache: nothing reserved or spent, only its row, written
         in the background (lost, not journaled, if the store fails: it moves no counter). Its policies."""
-        match = self._slots.match(settings, caller, model)
+        match = self._slots.match(settings, caller, facts.requested_model or "")
         if match.policies and self.store is not None:
-            entry = cache_hit_entry(record.request_id, caller, match.names, record, saved_nano, self.clock.now())
+            entry = cache_hit_entry(request_id, caller, match.names, facts, saved_nano, self.clock.now())
             call = self.store.file_row(entry)
             if isinstance(call, asyncio.Future) and self._calls.bounds_time:   # on its way: no task needed
                 call.add_done_callback(_retrieved)
@@ -232,3 +197,15 @@ def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, calle
     """A request's reservation held under the spare it took."""
     # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
     return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)
+
+
+def _refused(plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome, now: float) -> Downgrade:
+    """The refusing policy's 429; raised, or carried by a Downgrade when the policy downgrades to another model."""
+    unit = outcome.refused_unit or "usd"
+    limit = line.limits[UNITS.index(unit)] or 0
+    policy = slot.policy
+    refusal = held_error(policy, slot.window, unit, limit) if outcome.held \
+        else exceeded_error(policy, slot.window, unit, limit, now)
+    if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
+        raise refusal
+    return Downgrade(policy.downgrade_to, plan.model, refusal)

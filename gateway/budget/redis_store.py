@@ -1,7 +1,8 @@
 """The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
 
 Ledger reads (XRANGE) are single commands and need no script; alert claims are scripts on a pool
-connection, as rare as alerts.
+connection, as rare as alerts (both in `gateway.budget.redis_records`); so are canary records
+(`gateway.budget.redis_canary`).
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
 JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
@@ -26,6 +27,9 @@ Key layout (prefix "gw"):
                                              delivered)
     {gw}:alert_leases                        zset alert key scored by its claim's lease end (ms), until
                                              delivered
+    {gw}:canary:<canary>                     hash step, status, since (ms) and the arms' tally fields
+                                             of the step (see canary_record.py); PEXPIRE moved on by
+                                             every sync
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
 that is the price of atomic reservations across policies (a request reserves on all its counters in
@@ -37,7 +41,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -47,23 +50,24 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
+from gateway.budget.redis_canary import RedisCanaries
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
+from gateway.budget.redis_records import LedgerAndAlerts, ms, script_source
 from gateway.budget.store import (
-    LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
+    RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
     OperationObserver, PackedStates, ReserveLine, ReserveOutcome, StoreCapabilities, check_record_lines,
     check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
-LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "file_row", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
-_ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -81,14 +85,14 @@ class RedisBudgetStore:
         self._client = client
         self._ledger_max = ledger_max_entries
         self._prefix = f"{{{prefix}}}:"
-        self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
-        self._alert_scripts = {name: client.register_script(_script_source(name)) for name in _ALERT_SCRIPTS}
+        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self._commands = PublicApiDriver(client, max_in_flight)   # ledger reads and alerts, always
+        self._records = LedgerAndAlerts(client, self._commands, self._prefix)
+        self._canaries = RedisCanaries(client, self._commands, self._prefix)
         self._driver: ScriptDriver = choose_driver(client, self._commands)
         self.capabilities: StoreCapabilities = replace(self._driver.capabilities, self_timed=_SELF_TIMED)
         self._leases = self._key("leases")
-        self._counter_keys: dict[CounterKey, str] = {}
-        self._line_words: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
+        self._words = _CounterWords(self._prefix)
 
     @property
     def client(self) -> RedisClient:
@@ -110,24 +114,7 @@ class RedisBudgetStore:
 
     def counter_key(self, counter: CounterKey) -> str:
         """The Redis key of a counter."""
-        key = self._counter_keys.get(counter)
-        if key is None:
-            if len(self._counter_keys) >= MAX_CACHED:
-                self._counter_keys.clear()
-            key = self._counter_keys[counter] = f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
-        return key
-
-    def _cache_line_words(self, line: ReserveLine) -> tuple[str, str]:
-        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms' (-1: unlimited) of a line.
-
-        Both are the same for every request in a window, so they are formatted once per window.
-        """
-        if len(self._line_words) >= MAX_CACHED:
-            self._line_words.clear()
-        usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
-        words = (self.counter_key(line.counter), f"{usd},{tokens},{requests},{_ms(line.expires_at)}")
-        self._line_words[(line.counter, line.limits, line.expires_at)] = words
-        return words
+        return self._words.key(counter)
 
     def reserve(
         self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
@@ -151,9 +138,9 @@ class RedisBudgetStore:
         keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
-            key_and_limits = self._line_words.get((line.counter, line.limits, line.expires_at))
+            key_and_limits = self._words.lines.get((line.counter, line.limits, line.expires_at))
             if key_and_limits is None:
-                key_and_limits = self._cache_line_words(line)
+                key_and_limits = self._words.format_line(line)
             keys.append(key_and_limits[0])
             if line.amount is not amount:    # the lines of one request usually share one amount
                 amount = line.amount
@@ -187,7 +174,7 @@ class RedisBudgetStore:
                 raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
-        keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
+        keys = [*self._reservation_keys(request_id), *map(self._words.key, counters)]
         return self._call("settle", keys, args, states, lazy=True)
 
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
@@ -202,11 +189,11 @@ class RedisBudgetStore:
     ) -> Awaitable[bool]:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
-        spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
+        spend = ",".join(f"{_amount_words(charge)},{ms(expires_at)}" for _, charge, expires_at in lines)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{spend}]",
                 *_row(entry)]
         keys = [*self._reservation_keys(request_id), self._key("spent", request_id),
-                *(self.counter_key(counter) for counter, _, _ in lines)]
+                *(self._words.key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
 
     def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
@@ -216,49 +203,38 @@ class RedisBudgetStore:
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
-        keys = [self._leases, *map(self.counter_key, counters)]
+        keys = [self._leases, *map(self._words.key, counters)]
         args = [self._prefix, f"[{now:.6f},{SWEEP_MAX},{self._ledger_max}]"]
         return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
-        """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
-        rows: list[LedgerEntry] = []
-        start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
+        """The oldest `limit` rows with since <= time < until (this replica's settlements so far among them)."""
         if time_ms(until) <= time_ms(since):
-            return rows
-        await self._driver.answered()         # this replica's settlements so far are in the rows read
-        while len(rows) < limit:
-            count = min(LEDGER_PAGE, limit - len(rows))
-            page = await self._commands.command("ledger", lambda: self._ledger_page(start, end, count))
-            rows += [_entry(stream_id, fields) for stream_id, fields in page]
-            if len(page) < count:
-                break
-            start = "(" + _text(page[-1][0])
-        return rows
+            return []
+        await self._driver.answered()
+        return await self._records.ledger(since, until, limit)
 
-    def _ledger_page(self, start: str, end: str, count: int) -> Awaitable[Any]:
-        """XRANGE of up to `count` rows: [(stream id, fields)] (redis-py types every reply as optional)."""
-        return self._client.xrange(self._key("ledger"), start, end, count)
-
-    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+    def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> Awaitable[bool]:
         """Claim alert `key` until `lease_until` (see `BudgetStore`); it expires at `expires_at` on Redis's clock."""
-        keys = [self._key("alert", key), self._key("alert_leases")]
-        args = [key, payload, f"[{_ms(now)},{_ms(lease_until)},{_ms(expires_at)}]"]
-        return await self._alert_script("alert_claim", keys, args) == 1
+        return self._records.claim_alert(key, payload, now, lease_until, expires_at)
 
-    async def alert_delivered(self, key: str, now: float) -> None:
+    def alert_delivered(self, key: str, now: float) -> Awaitable[None]:
         """Mark alert `key` delivered (see `BudgetStore`)."""
-        await self._alert_script("alert_delivered", [self._key("alert", key), self._key("alert_leases")], [key])
+        return self._records.alert_delivered(key)
 
-    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+    def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """Claimed, undelivered alerts whose lease ended, oldest lease first (see `BudgetStore`)."""
-        flat = await self._alert_script("alert_pending", [self._key("alert_leases")],
-                                        [self._prefix, f"[{_ms(now)},{limit}]"])
-        return [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return self._records.pending_alerts(now, limit)
 
-    def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
-        """An alert script on a pool connection (alerts are rare: they need no pipeline)."""
-        return self._commands.command(name, lambda: self._commands.evalsha(self._alert_scripts[name], keys, args))
+    def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                    expires_at: float) -> Awaitable[CanaryRecord]:
+        """Add the tallies of `step` and read the canary back (see `BudgetStore`)."""
+        return self._canaries.sync(canary, step, tallies, now, expires_at)
+
+    def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                    expires_at: float) -> Awaitable[bool]:
+        """Move the canary on by compare-and-set on its step (see `BudgetStore`)."""
+        return self._canaries.move(canary, from_step, to_step, status, now, expires_at)
 
     async def ping(self) -> bool:
         """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
@@ -294,6 +270,34 @@ class RedisBudgetStore:
             raise
         except Exception as exc:             # the driver met a redis-py it does not know
             raise store_error(exc) from exc
+
+
+class _CounterWords:
+    """Counters' Redis keys and reserve lines' limit words, formatted once per window (they change with each)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._keys: dict[CounterKey, str] = {}
+        self.lines: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
+
+    def key(self, counter: CounterKey) -> str:
+        """The Redis key of a counter."""
+        key = self._keys.get(counter)
+        if key is None:
+            if len(self._keys) >= MAX_CACHED:
+                self._keys.clear()
+            key = self._keys[counter] = f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+        return key
+
+    def format_line(self, line: ReserveLine) -> tuple[str, str]:
+        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms' (-1: unlimited) of a line,
+        kept in `lines`."""
+        if len(self.lines) >= MAX_CACHED:
+            self.lines.clear()
+        usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
+        words = (self.key(line.counter), f"{usd},{tokens},{requests},{ms(line.expires_at)}")
+        self.lines[(line.counter, line.limits, line.expires_at)] = words
+        return words
 
 
 def connect_timeout(timeout_s: float) -> float:
@@ -354,22 +358,9 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _script_source(name: str) -> str:
-    """The Lua source of one operation, after the shared helpers of lib.lua."""
-    lua = resources.files("gateway.budget").joinpath("lua")
-    return "\n".join(lua.joinpath(file).read_text("utf-8") for file in ("lib.lua", f"{name}.lua"))
-
-
 def _amount_words(charge: Charge) -> str:
     """'usd,tokens,requests' of one charge, for a script's JSON array."""
     return f"{charge.usd_nano},{charge.tokens},{charge.requests}"
-
-
-def _ms(epoch_s: float) -> int:
-    return round(epoch_s * 1000)
-
-
-_ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
 
 
 def _row(entry: LedgerEntry | None) -> list[str]:
@@ -381,30 +372,6 @@ def _row(entry: LedgerEntry | None) -> list[str]:
 def _row_ms(entry: LedgerEntry | None) -> int:
     """The time a row is filed at (0 when there is no row)."""
     return 0 if entry is None else time_ms(entry.time)
-
-
-def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
-    """A ledger row read back; its time is its stream id's."""
-    filed_at = int(_text(stream_id).partition("-")[0]) / 1000
-    row = raw.get(b"row", raw.get("row"))
-    if row is not None:
-        request_id, caller, team, policies, *rest = orjson.loads(row)
-        # rows of earlier builds lack the later fields (defaults); fields a later build adds are left out
-        return LedgerEntry(filed_at, request_id, caller, team, tuple(policies), *rest[:LEDGER_FIELDS - 5])
-    fields = {_text(key): _text(value) for key, value in raw.items()}
-    ints = {name: int(fields[name] or 0) for name in _ROW_INTS}
-    return LedgerEntry(
-        time=filed_at, request_id=fields["id"],
-        caller=fields["caller"] or None, team=fields["team"] or None,
-        policies=tuple(filter(None, fields["policies"].split(","))), model=fields["model"] or None,
-        provider=fields["provider"] or None, prompt_tokens=ints["prompt"], completion_tokens=ints["completion"],
-        cached_tokens=ints["cached"], cost_nano=ints["cost"], status=fields["status"],  # type: ignore[arg-type]
-        latency_ms=ints["latency_ms"], attempts=ints["attempts"],
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _is_one(reply: int) -> bool:

@@ -15,7 +15,7 @@ from gateway.budget.matching import matching_policies
 from gateway.budget.store import CounterKey, Limits, ReserveLine
 from gateway.budget.windows import Window, WindowCache
 from gateway.config.model import BudgetLimit, CallerIdentity, Policy, Settings
-from gateway.pricing import Charge, usd_to_nano
+from gateway.domain.pricing import Charge, usd_to_nano
 
 __all__ = ["KEY_GRACE_S", "BudgetSlot", "Match", "SlotCache", "budget_slots", "limits_of"]
 

@@ -5,20 +5,15 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-from aiohttp import web
-
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
 from gateway.budget.engine import BudgetEngine, limits_of
 from gateway.budget.matching import applies_to_caller
 from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
-from gateway.errors import NotFound, StoreError, StoreUnavailable
-from gateway.pricing import Charge, format_usd
+from gateway.domain.pricing import Charge, format_usd
+from gateway.errors import NotFound
 
-__all__ = ["visible_policies", "budget_report", "add_budget_status_routes"]
+__all__ = ["visible_policies", "budget_report", "window_entries"]
 
 
 def visible_policies(settings: Settings, caller: CallerIdentity, name: str | None) -> list[Policy]:
@@ -79,20 +74,3 @@ async def budget_report(engine: BudgetEngine, policies: list[Policy], now: float
     states = await engine.store.read([counter for _, _, counter in slots], now)
     return [entry for (policy, index, _), state in zip(slots, states)
             for entry in window_entries(policy, state, index, now)]
-
-
-async def budget_status(request: web.Request) -> web.Response:
-    """GET /v1/budget/status[?policy=NAME]."""
-    settings = request.app[CONFIG].current
-    caller = authenticate(request, settings)
-    policies = visible_policies(settings, caller, request.query.get("policy"))
-    engine = request.app[BUDGET]
-    try:
-        data = await budget_report(engine, policies, engine.clock.now())
-    except StoreError:
-        raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
-
-
-def add_budget_status_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/budget/status", budget_status)

@@ -12,5 +12,5 @@
     factory    the storage the configured budget store implies
 
 No module here speaks HTTP: the request path's hook (lookup, serving a hit, keeping an answer) is
-`gateway.proxy.cached`.
+`gateway.http.cached`.
 """

@@ -18,7 +18,7 @@ import re
 
 import orjson
 
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 
 __all__ = ["usage_block", "storable", "storable_answer", "StreamAssembler"]
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import orjson
 
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 
 __all__ = ["CacheEntry", "encode", "decode"]
 

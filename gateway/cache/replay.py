@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.cache.assemble import usage_block
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 
 __all__ = ["PIECE_CHARS", "pieces", "replay_events"]
 

@@ -31,7 +31,7 @@ from gateway.cache.replay import replay_events
 from gateway.cache.store import CacheStore
 from gateway.clock import Clock
 from gateway.config.model import CacheConfig, CallerIdentity
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 
 __all__ = ["Lookup", "ResponseCache", "HIT", "MISS", "BYPASS", "ERROR"]
 

@@ -1,0 +1,69 @@
+"""The most a request can use and cost: computed once, reserved, and carried to settlement.
+
+The output cap counts every completion the request may produce: `n` (or `best_of`, which the
+provider generates in full and bills) choices, for each prompt of a /v1/completions prompt list.
+An absurd worst case is held at MAX_AMOUNT (the most a budget store holds), which no budget limit exceeds.
+
+The same WorstCase bounds what the request is charged (usage unknown or larger is charged as this)
+and how much output a stream may relay, whether or not a policy reserved it in a store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from gateway.config.model import Policy
+from gateway.domain.plan import Plan
+from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
+from gateway.domain.request import ProxyRequest
+from gateway.domain.tokens import prompt_upper_bound
+
+__all__ = ["WorstCase", "worst_case", "completions_per_request"]
+
+
+class WorstCase(NamedTuple):
+    """A request's bound: its prompt bound and output cap (estimated usage), and their cost at the dearest target."""
+
+    usage: Usage
+    amount: Charge
+
+
+def prompt_count(prompt: Any) -> int:
+    """Prompts in a /v1/completions `prompt`: a list of strings or token lists is one per item."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return 1
+
+
+def completions_per_request(req: ProxyRequest) -> int:
+    """How many completions the request may generate (n and best_of are checked positive ints)."""
+    payload = req.payload
+    choices = max(payload.get("n") or 1, payload.get("best_of") or 1)
+    if req.endpoint.kind == "completions":
+        return choices * prompt_count(payload.get("prompt"))
+    return choices
+
+
+def output_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> int:
+    """Completion tokens to reserve: the per-completion cap times the completions the request asks for."""
+    if req.endpoint.kind == "embeddings":
+        return 0
+    return completion_cap(req, plan, policies) * completions_per_request(req)
+
+
+def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> int:
+    """Tokens of one completion: the request's max_tokens, else the tightest policy or model cap."""
+    if req.max_tokens is not None:
+        return req.max_tokens
+    caps = [p.max_output_tokens for p in policies if p.max_output_tokens]
+    return min(caps) if caps else max(t.price.max_output_tokens for t in plan.targets)
+
+
+def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
+    """The request's bound on any provider of the plan (failover may pick a dearer one)."""
+    prompt, completion = prompt_upper_bound(req.payload), output_cap(req, plan, policies)
+    usage = Usage(prompt, completion, 0, True)   # estimated
+    prices = plan.prices
+    dearest = cost_nano(prices[0], usage) if len(prices) == 1 else max(cost_nano(price, usage) for price in prices)
+    return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))
