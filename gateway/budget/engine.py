@@ -16,10 +16,12 @@ from gateway.access_log import AccessRecord
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.outage import Outage
+from gateway.budget.rate_refusals import rate_headers, rate_limited
+from gateway.budget.rate_slots import RateSlot
 from gateway.budget.refusals import exceeded_error, held_error
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
-from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
+from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, Match, Slot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
@@ -53,6 +55,8 @@ class Reservation(NamedTuple):
 
     policies: tuple[str, ...] = ()       # names of the policies it holds budget on
     spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
+    headers: dict[str, str] | None = None    # x-ratelimit-* of the tightest rate limit (gateway.budget.rate_refusals)
+    skip: frozenset[str] = frozenset()       # providers at their own rate limit: not called for this request
 
     @property
     def held_as(self) -> str:
@@ -87,14 +91,16 @@ class BudgetEngine:
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation:
         """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
-        match = self._slots.match(settings, caller, plan.model)
+        match = self._slots.match(settings, caller, plan.model, plan)
         worst = worst_case(req, plan, match.policies)
-        if not match.policies or self.store is None:
+        if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        slots = self._slots.slots(match, now)
+        slots = self._slots.slots(match, now, self.config.lease_s)
         amount = worst.amount
         ahead, pool = self._ahead, None
+        if match.rated:                      # a spare would count in the window it was made in, not this one
+            return await self._reserve_rated(request_id, settings, caller, plan, req, match, slots, worst, now)
         if ahead is not None:
             spares = ahead.spares
             pool = spares.pool(slots)
@@ -114,7 +120,30 @@ class BudgetEngine:
             return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         index = outcome.refused_index or 0
-        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index], outcome, now)
+        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index],  # type: ignore[arg-type]
+                                   outcome, now)
+
+    async def _reserve_rated(self, request_id: str, settings: Settings, caller: CallerIdentity, plan: Plan,
+                             req: ProxyRequest, match: Match, slots: tuple[Slot, ...], worst: WorstCase,
+                             now: float) -> Reservation:
+        """Reserve budgets, rate windows and flights in one store call; skip providers at their limit."""
+        lines = tuple([slot.line(worst.amount) for slot in slots])
+        outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
+        if outcome is not None and not outcome.ok:
+            slot = slots[outcome.refused_index or 0]
+            if isinstance(slot, RateSlot):
+                raise rate_limited(slot, outcome, now)
+            return await self._refused(request_id, settings, caller, req, plan, slot,
+                                       lines[outcome.refused_index or 0], outcome, now)
+        skip: frozenset[str] = frozenset()
+        if outcome is not None and outcome.skipped:
+            skipped = set(outcome.skipped)
+            skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot) and slot.group in skipped
+                             and slot.provider is not None)
+            lines = tuple([line for line in lines if line.group not in skipped])
+        headers = rate_headers(slots, outcome.used, now) if outcome is not None else None
+        return Reservation(request_id, plan, worst, lines, outcome is None, None, caller, match.names, None,
+                           headers, skip)
 
     async def _reclaim(self, request_id: str, pool: SparePool, amount: Charge, lines: tuple[ReserveLine, ...],
                        now: float, outcome: ReserveOutcome) -> tuple[Spare | None, ReserveOutcome | None]:
@@ -145,15 +174,23 @@ class BudgetEngine:
         if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
             return None
         cheaper = plan_for(settings, policy.downgrade_to)   # logs and the ledger name the model that serves
-        match = self._slots.match(settings, caller, policy.downgrade_to)
+        match = self._slots.match(settings, caller, policy.downgrade_to, cheaper)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
-        lines = tuple(slot.line(worst.amount) for slot in self._slots.slots(match, now))
-        outcome = await self._outage.reserve(request_id, lines, now)
+        slots = self._slots.slots(match, now, self.config.lease_s)
+        lines = tuple(slot.line(worst.amount) for slot in slots)
+        outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
             return None
+        skip: frozenset[str] = frozenset()
+        if outcome is not None and outcome.skipped:
+            skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot)
+                             and slot.group in outcome.skipped and slot.provider is not None)
+            lines = tuple(line for line in lines if line.group not in outcome.skipped)
+        headers = rate_headers(slots, outcome.used, now) if outcome is not None and match.rated else None
         return Reservation(request_id, cheaper, worst, lines, local=outcome is None,
-                           downgraded_from=plan.model, caller=caller, policies=match.names)
+                           downgraded_from=plan.model, caller=caller, policies=match.names, headers=headers,
+                           skip=skip)
 
     def settle(self, reservation: Reservation, charge: Charge | None,
                record: AccessRecord | None = None) -> asyncio.Future[Any] | None:
@@ -169,7 +206,8 @@ class BudgetEngine:
         entry = ledger_entry(reservation, charge, record, self.clock.now())
         if reservation.local:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
-        return self._settlements.start(reservation, charge, entry)
+        served_by = record.provider if record is not None else None
+        return self._settlements.start(reservation, charge, entry, served_by)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""

@@ -176,7 +176,8 @@ class RedisBudgetStore:
                 raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
             wait = reply[4] if len(reply) > 4 else 0
             return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3] == 1,
-                                  retry_after=wait / 1000 if wait > 0 else (-1.0 if wait < 0 else None))
+                                  retry_after=wait / 1000 if wait > 0 else (-1.0 if wait < 0 else None),
+                                  used=tuple(reply[5:6]))
 
         return self._call("reserve", keys, args, outcome, operation, lazy)
 

@@ -84,7 +84,7 @@ def check_rate(db: Db, index: int, line: ReserveLine, times: int, now: float,
         if limit is not None and times * extra > limit - used:
             wait = _wait(db, line.counter, now, column, times * extra, limit, used)
             if refusal is None or wait < 0 or (refusal.retry_after or 0) >= 0 and wait > (refusal.retry_after or 0):
-                refusal = ReserveOutcome(False, index, unit, retry_after=wait)   # type: ignore[arg-type]
+                refusal = ReserveOutcome(False, index, unit, retry_after=wait, used=(used,))  # type: ignore[arg-type]
     return refusal
 
 

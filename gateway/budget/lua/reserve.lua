@@ -10,10 +10,10 @@
 -- groups fit is refused.
 -- Returns {1} reserved (with rate lines or groups: {1, skipped groups, used}, each a string of numbers:
 -- the groups not reserved, then each group-0 rate line's requests and tokens used, this reservation
--- included), {0, line, unit, held, retry_ms} refused by that line and unit (nothing changed), {-1} an
+-- included), {0, line, unit, held, retry_ms[, used]} refused by that line and unit (nothing changed), {-1} an
 -- id already reserved. held 0: that amount alone does not fit beside the spend (reported before any line
 -- that is only busy); held 1: every amount fits beside the spend, reservations in flight hold the room.
--- retry_ms: a rate window's wait until the request fits (-1 never), else 0.
+-- retry_ms: a rate window's wait until the request fits (-1 never), else 0; used: what that window holds.
 local prefix = ARGV[1]
 local ids = {ARGV[2], unpack(ARGV, 4)}
 local values = cjson.decode(ARGV[3])
@@ -65,7 +65,7 @@ for i = first, #KEYS do
           times * amount, limit, used[u])
         if not wait or unit_wait < 0 or (wait >= 0 and unit_wait > wait) then
           wait = unit_wait
-          refusal = {0, i - first + 1, unit, 0, unit_wait}
+          refusal = {0, i - first + 1, unit, 0, unit_wait, used[u]}
         end
       end
     end
