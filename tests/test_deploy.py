@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
-from tests.support.metrics import ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape
+from gateway.config.model import Policy, PolicyMatch, RateLimit
+from tests.support.metrics import (
+    MESSAGES, POLICIES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -96,7 +99,12 @@ def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:
 async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic(
         upstream, backup_upstream, start_gateway, http) -> None:
     clock = FakeClock()
-    gateway = await start_gateway(metrics_settings(upstream, backup_upstream), clock=clock, sleep=ClockSleep(clock))
+    nano_rate = Policy(name="nano-rate", match=PolicyMatch(models=("gpt-4.1-nano",)),
+                       rate_limits=(RateLimit(per="minute", requests=1),))
+    settings = metrics_settings(upstream, backup_upstream, policies=(*POLICIES, nano_rate))
+    gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
+    for _ in range(2):                       # the second is refused by the rate limit
+        await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1-nano", "messages": MESSAGES})
     await mixed_traffic(gateway, http, upstream, backup_upstream)
     exposed = sample_names(await scrape(gateway, http))
     used = [(title, name) for title, expr in dashboard_queries() for name in metric_names(expr)]
