@@ -18,6 +18,7 @@ from gateway.appkeys import (
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import add_budget_alerts
 from gateway.budget.factory import create_engine
+from gateway.budget.rate_status import add_rate_status_routes
 from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
 from gateway.budget.usage import add_budget_usage_routes
@@ -75,6 +76,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     add_info_routes(app)
     add_provider_status_routes(app)
     add_budget_status_routes(app)
+    add_rate_status_routes(app)
     add_budget_usage_routes(app)
     add_metrics_routes(app)
     return app

@@ -28,7 +28,8 @@ from gateway.clock import FakeClock
 from gateway.config.model import ApiKey, BudgetLimit, CallerIdentity, Policy, PolicyMatch, RateLimit, StoreConfig
 from gateway.pricing import Usage, cost_nano, nano_to_usd
 from gateway.tokens import prompt_upper_bound
-from tests.support.settings import CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
+from gateway.status_cli import render_rates
+from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
 THIRD_KEY = "sk-client-ops-0004"
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "count me"}], "max_tokens": 10}
@@ -281,3 +282,32 @@ async def test_one_store_call_reserves_and_one_settles_with_budgets_and_rate_lim
         assert (await chat(http, gateway, stream=stream)).status == 200
     await gateway.app[BUDGET].settled()
     assert counting.calls == Counter(reserve=5, settle=5)
+
+
+async def test_status_shows_each_windows_use_to_the_admin_and_a_client_its_own(upstream, start_gateway, http,
+                                                                             store_config, clock):
+    policy = rate_policy("per-key", each="key", requests=5, max_concurrent=3,
+                         budgets=(BudgetLimit(period="daily", requests=100),))
+    settings = make_settings({"primary": upstream.url}, store=store_config, policies=(policy,))
+    provider = dataclasses.replace(settings.providers["primary"], rate_limits=(RateLimit(per="second", requests=50),))
+    settings = dataclasses.replace(settings, providers={"primary": provider})
+    gateway = await start_gateway(settings, clock=clock)
+    for _ in range(2):
+        assert (await chat(http, gateway)).status == 200
+    assert (await chat(http, gateway, OTHER_KEY)).status == 200
+
+    admin = (await http(gateway, "GET", "/v1/rate_limits/status", key=ADMIN_KEY)).json()["data"]
+    windows = {(e.get("value"), e.get("provider"), e["per"]): e for e in admin}
+    assert windows[("web-app", None, "minute")]["used"] == 2 and windows[("web-app", None, "minute")]["remaining"] == 3
+    assert windows[("batch", None, "minute")]["used"] == 1
+    assert windows[("web-app", None, "concurrent")]["used"] == 0
+    assert windows[(None, "primary", "second")]["used"] == 3
+    mine = (await http(gateway, "GET", "/v1/rate_limits/status")).json()["data"]
+    assert {e["value"] for e in mine} == {"web-app"} and not any("provider" in e for e in mine)
+    budgets = (await http(gateway, "GET", "/v1/budget/status", key=ADMIN_KEY)).json()["data"]
+    assert {(e["value"], e["spent"]) for e in budgets} == {("web-app", 2), ("batch", 1)}
+
+    report = render_rates(admin)
+    rows = [line.split() for line in report.splitlines()]
+    assert ["per-key", "[key=web-app]", "minute", "requests", "2", "5", "3"] in [row[:7] for row in rows]
+    assert ["provider", "primary", "second", "requests", "3", "50", "47"] in [row[:7] for row in rows]
