@@ -73,10 +73,20 @@ def _no_budget(config: Document, policies: Document) -> None:
                              "budgets": [{"period": "daily", "usd": 1}]}]
 
 
+def _rate_limits(config: Document, policies: Document) -> None:
+    """The team policy counted per key, with per-key rate limits (requests, tokens, in flight) so high they
+    never refuse: every request reserves its windows beside its budgets, in the same store call."""
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team |= {"each": "key", "max_concurrent": 1_000_000,
+             "rate_limits": [{"per": "minute", "requests": 1_000_000_000, "tokens": 1_000_000_000_000},
+                             {"per": "second", "requests": 1_000_000_000}]}
+
+
 VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
     "no-budget": _no_budget,
+    "rate-limits": _rate_limits,
 }
 
 

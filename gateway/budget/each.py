@@ -17,13 +17,13 @@ def each_values(settings: Settings, policy: Policy, caller: CallerIdentity) -> l
         return [each_value(policy, caller, "")] if policy.each != "model" else _models(settings, policy)
     identities = [key.identity for key in settings.keys if applies_to_caller(policy, key.identity)]
     if policy.each == "key":
-        return sorted({identity.name for identity in identities})
+        return [*sorted({identity.name for identity in identities})]
     if policy.each == "team":
-        return sorted({identity.team or "" for identity in identities})
+        return [*sorted({identity.team or "" for identity in identities})]
     return _models(settings, policy)
 
 
 def _models(settings: Settings, policy: Policy) -> list[str | None]:
     """Routed models named exactly (not globs) that the policy matches."""
-    return sorted({route.pattern for route in settings.routes if not any(c in route.pattern for c in "*?[")
-                   and matches_model(policy, route.pattern)})
+    return [*sorted({route.pattern for route in settings.routes if not any(c in route.pattern for c in "*?[")
+                     and matches_model(policy, route.pattern)})]

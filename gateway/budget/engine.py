@@ -96,11 +96,12 @@ class BudgetEngine:
         if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        slots = self._slots.slots(match, now, self.config.lease_s)
+        if match.rated:                      # a spare would count in the window it was made in, not this one
+            rated = self._slots.slots(match, now, self.config.lease_s)
+            return await self._reserve_rated(request_id, settings, caller, plan, req, match, rated, worst, now)
+        slots: tuple[BudgetSlot, ...] = self._slots.slots(match, now)  # type: ignore[assignment]  # not rated: budgets only
         amount = worst.amount
         ahead, pool = self._ahead, None
-        if match.rated:                      # a spare would count in the window it was made in, not this one
-            return await self._reserve_rated(request_id, settings, caller, plan, req, match, slots, worst, now)
         if ahead is not None:
             spares = ahead.spares
             pool = spares.pool(slots)
@@ -120,8 +121,7 @@ class BudgetEngine:
             return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         index = outcome.refused_index or 0
-        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index],  # type: ignore[arg-type]
-                                   outcome, now)
+        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index], outcome, now)
 
     async def _reserve_rated(self, request_id: str, settings: Settings, caller: CallerIdentity, plan: Plan,
                              req: ProxyRequest, match: Match, slots: tuple[Slot, ...], worst: WorstCase,

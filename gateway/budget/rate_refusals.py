@@ -86,7 +86,7 @@ def rate_headers(slots: Sequence[object], used: Sequence[int], now: float) -> di
                 tightest[unit] = (limit, count, slot)
     if not tightest:
         return None
-    headers = {}
+    headers: dict[str, str] = {}
     for unit, (limit, count, slot) in tightest.items():
         headers |= {f"x-ratelimit-limit-{unit}": str(limit), f"x-ratelimit-remaining-{unit}": str(max(0, limit - count)),
                     f"x-ratelimit-reset-{unit}": duration(slot.resets_in(now))}

@@ -228,7 +228,8 @@ class SqliteBudgetStore:
     def _check(self, db: Db, lines: Sequence[ReserveLine], times: int, now: float, need_group: bool,
                uses: dict[int, tuple[int, int]]) -> tuple[ReserveOutcome | None, set[int]]:
         """The refusal of `times` x the lines (see reserve.lua), else None and the groups that do not fit."""
-        busy, dropped, group_refusal = None, set(), None
+        busy, group_refusal = None, None
+        dropped: set[int] = set()
         for index, line in enumerate(lines):
             if kind_of(line.counter) == "budget":
                 refusal, held = _refusal(index, line, self._state(db, line.counter), times)
