@@ -39,12 +39,13 @@ STORES = ["embedded", "redis", "cluster"]
 
 @pytest.fixture(params=STORES)
 def store_config(request, tmp_path) -> StoreConfig:
-    """Spare reservations stay on: a rate-limited request must not take one."""
+    """Spare reservations stay on: a rate-limited request must not take one. A generous store timeout: 300
+    requests at once queue on one SQLite file or one Cluster node, and these tests count, not time."""
     if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"))
+        return StoreConfig(url=request.getfixturevalue("redis_url"), timeout_s=5.0)
     if request.param == "cluster":
-        return StoreConfig(url=request.getfixturevalue("redis_cluster_url"))
-    return StoreConfig(path=str(tmp_path / "budget.db"))
+        return StoreConfig(url=request.getfixturevalue("redis_cluster_url"), timeout_s=5.0)
+    return StoreConfig(path=str(tmp_path / "budget.db"), timeout_s=5.0)
 
 
 @pytest.fixture
