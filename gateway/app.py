@@ -7,35 +7,36 @@ import logging
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.access_log import AccessLog
-from gateway.appkeys import (
-    ACCESS_LOG, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
-    RESILIENCE,
-)
 from gateway.background import BackgroundFailures, keep_running
-from gateway.budget.alerts import add_budget_alerts
+from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
 from gateway.budget.factory import create_engine
-from gateway.budget.rate_status import add_rate_status_routes
-from gateway.budget.status import add_budget_status_routes
 from gateway.budget.store import BudgetStore
-from gateway.budget.usage import add_budget_usage_routes
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
-from gateway.info import add_info_routes
+from gateway.http.appkeys import (
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
+    RESILIENCE,
+)
+from gateway.http.budget import add_budget_routes
+from gateway.http.info import add_info_routes
+from gateway.http.metrics import add_metrics_routes
+from gateway.http.middleware import request_middleware
+from gateway.http.provider_status import add_provider_status_routes
+from gateway.http.rate_limits import add_rate_limit_routes
+from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
-from gateway.metrics import GatewayMetrics, add_metrics_routes
-from gateway.middleware import request_middleware
+from gateway.observability.access_log import AccessLog
+from gateway.observability.instruments import GatewayMetrics
 from gateway.peers import Peers
-from gateway.proxy.handler import add_proxy_routes
-from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.provider_status import add_provider_status_routes
-from gateway.proxy.providers import ProviderPool
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.upstream.open_streams import OpenStreams
+from gateway.upstream.providers import ProviderPool
 
 __all__ = ["create_app"]
 
@@ -75,9 +76,8 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     add_proxy_routes(app)
     add_info_routes(app)
     add_provider_status_routes(app)
-    add_budget_status_routes(app)
-    add_rate_status_routes(app)
-    add_budget_usage_routes(app)
+    add_budget_routes(app)
+    add_rate_limit_routes(app)
     add_metrics_routes(app)
     return app
 
@@ -124,3 +124,21 @@ async def config_reload(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    """Listen to the engine's settles and deliver webhook alerts for the app's lifetime."""
+    engine = app[BUDGET]
+    if engine.store is None:
+        return
+    app[ALERTS] = sender = AlertSender(engine.store, app[CONFIG], app[CLOCK], app[BACKGROUND], sleep=sleep)
+    engine.on_settled.append(sender.observe)
+    app.cleanup_ctx.append(alert_delivery)
+
+
+async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
+    """One ClientSession and the delivery loops; both end with the app, cancelling a delivery in flight."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session:
+        app[ALERTS].start(session)
+        yield
+        await app[ALERTS].stop()

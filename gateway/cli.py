@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.access_log import AccessLog
 from gateway.config.model import Settings
 from gateway.errors import ConfigError
 from gateway.log_output import configure_logging, stderr_handler
+from gateway.observability.access_log import AccessLog
 
 __all__ = ["main"]
 
@@ -44,20 +44,11 @@ def command_access_log(enabled: bool) -> AccessLog:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
-    from gateway.config.loader import load_settings
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = run_settings(args)
+    if settings is None:
         return 2
-    host = args.host or settings.server.host
-    if settings.server.auth == "none" and not is_loopback(host):
-        print(f"{args.config}: server.auth: 'none' is only allowed on a loopback host, not {host}",
-              file=sys.stderr)
-        return 2
-    server = dataclasses.replace(settings.server, host=host, port=args.port or settings.server.port)
-    settings = dataclasses.replace(settings, server=server)
+    server = settings.server
     if args.workers > 1:
         from gateway.workers import WorkerSpec, supervise
         return supervise(WorkerSpec(args.config, server.host, server.port, args.workers, args.log_level,
@@ -85,6 +76,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.cleanup_ctx.append(mock_upstream_ctx(args.with_mock))
     from gateway.serving.server import run
     return run(app, settings, sockets, client_connection_cap(settings))
+
+
+def run_settings(args: argparse.Namespace) -> Settings | None:
+    """The config file's settings with the command line's host and port; None (said on stderr) when unusable."""
+    from gateway.config.loader import load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+    host = args.host or settings.server.host
+    if settings.server.auth == "none" and not is_loopback(host):
+        print(f"{args.config}: server.auth: 'none' is only allowed on a loopback host, not {host}",
+              file=sys.stderr)
+        return None
+    server = dataclasses.replace(settings.server, host=host, port=args.port or settings.server.port)
+    return dataclasses.replace(settings, server=server)
 
 
 def client_connection_cap(settings: Settings) -> int:
@@ -183,10 +192,8 @@ def port_number(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`gateway run` and its options (the --worker-* and --peer-dir ones are set by the supervisor)."""
     run = sub.add_parser("run", help="serve the gateway")
     run.add_argument("--config", default="config.yaml")
     run.add_argument("--host")
@@ -200,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--with-mock", nargs="?", const="127.0.0.1:9000", metavar="HOST:PORT",
                      help="also serve the bundled mock provider (default 127.0.0.1:9000)")
     run.set_defaults(func=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="LLM cost gateway")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_parser(sub)
     check = sub.add_parser("check", help="validate the configuration and print a summary")
     check.add_argument("--config", default="config.yaml")
     check.set_defaults(func=cmd_check)

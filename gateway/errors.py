@@ -106,9 +106,13 @@ class WorkerUnavailable(GatewayError):
 class UpstreamFailure(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_error"
 
-    def __init__(self, message: str, *, upstream_body: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, upstream_body: dict[str, Any] | None = None, attempts: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.upstream_body = upstream_body
+        self.attempts = attempts             # upstream calls made when no provider answered (x-gateway-attempts)
+        if attempts is not None:
+            self.headers["x-gateway-attempts"] = str(attempts)
 
     def body(self) -> dict[str, Any]:
         """The upstream's own OpenAI-shaped error (already redacted) when it sent one, else the gateway's."""

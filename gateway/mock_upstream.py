@@ -422,7 +422,7 @@ class MockUpstream:
         prompt = _prompt_tokens(body)
         if "input" in body and "messages" not in body:
             return {"prompt_tokens": prompt, "total_tokens": prompt}
-        completion = self._completion(_max_tokens(body)).tokens
+        completion = self.completion(_max_tokens(body)).tokens
         cached = prompt // 2 if body.get("user") == "cached" else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
@@ -433,39 +433,18 @@ class MockUpstream:
         app[MOCK_UPSTREAM] = self
         app[_CLOSING] = asyncio.Event()
         app.on_shutdown.append(self._on_shutdown)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions_handler)
-        app.router.add_post("/v1/embeddings", self._embeddings)
-        app.router.add_get("/v1/models", self._models)
+        answers = _Answers(self, _Writer(self))
+        app.router.add_post("/v1/chat/completions", answers.chat)
+        app.router.add_post("/v1/completions", answers.completions_handler)
+        app.router.add_post("/v1/embeddings", answers.embeddings)
+        app.router.add_get("/v1/models", answers.models)
         app.router.add_get("/__stats", self._stats)
         app.router.add_post("/__reset", self._reset)
         app.router.add_post("/__script", self._script)
         app.router.add_post("/__always", self._set_always)
         return app
 
-    # -- the /v1 endpoints -------------------------------------------------------------------------------
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._answer_chat)
-
-    async def _completions_handler(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._answer_text)
-
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._answer_embeddings)
-
-    async def _models(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._answer_models)
-
-    async def _serve(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
-        """Record the request, then answer it normally or as scripted."""
-        body = await self._record(request)
-        action = self._next_action(request.path)
-        if action is None:
-            return await answer(request, body, None)
-        return await self._act(request, body, action, answer)
-
-    async def _record(self, request: web.Request) -> Any:
+    async def record_request(self, request: web.Request) -> Any:
         """Append the request to `requests` and return its JSON body (None if absent or invalid)."""
         raw = await request.read() if request.can_read_body else b""
         try:
@@ -477,7 +456,7 @@ class MockUpstream:
         self.hits += 1
         return body
 
-    def _next_action(self, path: str) -> Action | None:
+    def next_action(self, path: str) -> Action | None:
         """The scripted action for this request, if any."""
         queue = self._path_queues.get(path)
         if queue:
@@ -486,76 +465,204 @@ class MockUpstream:
             return self._queue.popleft()
         return self._always
 
-    async def _act(self, request: web.Request, body: Any, action: Action, answer: _Answer) -> web.StreamResponse:
+    # -- what the answers take from the mock -------------------------------------------------------------
+
+    def completion(self, limit: int | None) -> _Completion:
+        """The answer for a completion-token limit, cached per word count."""
+        count = len(self._words) if limit is None else min(limit, len(self._words))
+        done = self._completions.get(count)
+        if done is None:
+            words = self._words[:count]
+            finish = "length" if count < len(self._words) else "stop"
+            done = _Completion(" ".join(words), _split(words, self.chunks), count, finish)
+            self._completions[count] = done
+        return done
+
+    def json_response(self, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+        """A JSON response carrying the mock's name header and any extra headers."""
+        merged = {**self._headers, **headers} if headers else self._headers
+        return web.Response(status=status, body=_dumps(obj), content_type="application/json", headers=merged)
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        """Release hung and gated handlers so the server stops promptly."""
+        app[_CLOSING].set()
+
+    # -- control endpoints -------------------------------------------------------------------------------
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Hits, billed usage and pending scripted actions."""
+        stats = {"name": self.name, "hits": self.hits, "billed": self.billed.to_json(), "pending": self.pending,
+                 "dropped": self.dropped}
+        return self.json_response(200, stats)
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        """Reset over HTTP."""
+        self.reset()
+        return self.json_response(200, {"ok": True})
+
+    async def _script(self, request: web.Request) -> web.Response:
+        """Queue actions from a JSON list, or from {"actions": [...], "path": "/v1/..."}."""
+        try:
+            data = await request.json()
+            spec: dict[str, Any] = {"actions": data} if isinstance(data, list) else data
+            actions = [Action.from_json(a) for a in spec["actions"]]
+            path = spec.get("path")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return self.json_response(400, _error_json(400, f"bad script: {exc}"))
+        self.script(*actions, path=path)
+        return self.json_response(200, {"ok": True, "pending": self.pending})
+
+    async def _set_always(self, request: web.Request) -> web.Response:
+        """Set the sticky action from a JSON object, or clear it with null."""
+        try:
+            data = await request.json()
+            action = None if data is None else Action.from_json(data)
+        except (ValueError, TypeError) as exc:
+            return self.json_response(400, _error_json(400, f"bad action: {exc}"))
+        self.always(action)
+        return self.json_response(200, {"ok": True})
+
+
+class _Answers:
+    """Answers the /v1 endpoints of a mock: as a normal upstream would, or as the next scripted action says."""
+
+    def __init__(self, mock: MockUpstream, writer: _Writer) -> None:
+        self.mock = mock
+        self.writer = writer
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.answer_chat)
+
+    async def completions_handler(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.answer_text)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.answer_embeddings)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, self.answer_models)
+
+    async def serve(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+        """Record the request, then answer it normally or as scripted."""
+        body = await self.mock.record_request(request)
+        action = self.mock.next_action(request.path)
+        if action is None:
+            return await answer(request, body, None)
+        return await self.act(request, body, action, answer)
+
+    async def act(self, request: web.Request, body: Any, action: Action, answer: _Answer) -> web.StreamResponse:
         """Carry out one scripted action."""
-        if action.delay_s > 0 and not await self._delay(request, action.delay_s):
+        if action.delay_s > 0 and not await self.writer.delay(request, action.delay_s):
             return _abort(request)
         if action.reset:
             return _abort(request)
         if action.hang:
-            await self._wait(request, None)
+            await self.writer.wait(request, None)
             return _abort(request)
         if action.echo_request:
-            return self._json(action.status, self._echo(request, body), action.headers)
+            return self.mock.json_response(action.status, self.echo(request, body), action.headers)
         if action.raw_body is not None:
-            headers = {"Content-Type": "application/json", **self._headers, **action.headers}
+            headers = {"Content-Type": "application/json", **self.mock._headers, **action.headers}
             return web.Response(status=action.status, body=action.raw_body.encode(), headers=headers)
         if action.status != 200:
             error = action.body or _error_json(action.status)
             if action.pad_to is not None:
-                return (await self._padded(request, action.status, _dumps(error), action))[0]
-            return self._json(action.status, error, action.headers)
+                return (await self.writer.padded(request, action.status, _dumps(error), action))[0]
+            return self.mock.json_response(action.status, error, action.headers)
         return await answer(request, body, action)
 
-    async def _answer_chat(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
+    async def answer_chat(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
         """Answer a chat completion request."""
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body.get("messages"):
-            return self._json(400, _error_json(400, "model and messages are required"))
-        return await self._answer_completion(request, body, action, _ChatFormat)
+            return self.mock.json_response(400, _error_json(400, "model and messages are required"))
+        return await self.answer_completion(request, body, action, _ChatFormat)
 
-    async def _answer_text(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
+    async def answer_text(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
         """Answer a legacy completions request."""
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or "prompt" not in body:
-            return self._json(400, _error_json(400, "model and prompt are required"))
-        return await self._answer_completion(request, body, action, _TextFormat)
+            return self.mock.json_response(400, _error_json(400, "model and prompt are required"))
+        return await self.answer_completion(request, body, action, _TextFormat)
 
-    async def _answer_completion(
+    async def answer_completion(
         self, request: web.Request, body: JSON, action: Action | None, fmt: _Format,
     ) -> web.StreamResponse:
         """Answer a chat or text completion, streaming when asked."""
-        reply = self._reply(body, action, fmt)
+        reply = self.reply(body, action, fmt)
         if body.get("stream"):
-            return await self._stream(request, reply)
+            return await self.writer.stream(request, reply)
         answer = fmt.full(reply.base, reply.done, reply.reported_usage)
         if reply.omits_usage:
             del answer["usage"]
         payload = _dumps(answer)
         if reply.truncate_after is not None:
-            return await self._truncated_body(request, payload, reply.truncate_after, reply.headers)
+            return await self.writer.truncated_body(request, payload, reply.truncate_after, reply.headers)
         if action is not None and action.pad_to is not None:
-            response, complete = await self._padded(request, 200, payload, action)
+            response, complete = await self.writer.padded(request, 200, payload, action)
             if complete and not reply.omits_usage:
-                self.billed.add(reply.model, reply.usage)
+                self.mock.billed.add(reply.model, reply.usage)
             return response
         if not reply.omits_usage:
-            self.billed.add(reply.model, reply.usage)
+            self.mock.billed.add(reply.model, reply.usage)
         return web.Response(body=payload, content_type="application/json", headers=reply.headers)
 
-    def _reply(self, body: JSON, action: Action | None, fmt: _Format) -> _Reply:
+    def reply(self, body: JSON, action: Action | None, fmt: _Format) -> _Reply:
         """Everything needed to answer one completion request."""
         include_usage = bool(body.get("stream") and (body.get("stream_options") or {}).get("include_usage"))
-        base = {"id": f"{fmt.prefix}-{self.name}-{self.hits}", "created": int(self._clock.now()),
+        base = {"id": f"{fmt.prefix}-{self.mock.name}-{self.mock.hits}", "created": int(self.mock._clock.now()),
                 "model": body["model"]}
         if include_usage and fmt is _ChatFormat:
             base["usage"] = None  # OpenAI sends "usage": null on every chunk before the usage chunk
         return _Reply(
-            fmt=fmt, base=base, done=self._completion(_max_tokens(body)), usage=self.usage_for(body),
+            fmt=fmt, base=base, done=self.mock.completion(_max_tokens(body)), usage=self.mock.usage_for(body),
             model=body["model"], include_usage=include_usage,
-            headers={**self._headers, **action.headers} if action else self._headers,
+            headers={**self.mock._headers, **action.headers} if action else self.mock._headers,
             truncate_after=action.truncate_after if action else None, action=action,
         )
 
-    async def _stream(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
+    async def answer_embeddings(
+        self, request: web.Request, body: Any, action: Action | None,
+    ) -> web.StreamResponse:
+        """Answer an embeddings request with one deterministic vector per input."""
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or "input" not in body:
+            return self.mock.json_response(400, _error_json(400, "model and input are required"))
+        items = _embedding_items(body["input"])
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i, "embedding": self.encode(_vector(item), as_base64)}
+                for i, item in enumerate(items)]
+        usage = self.mock.usage_for(body)
+        self.mock.billed.add(body["model"], usage)
+        headers = {**self.mock._headers, **action.headers} if action else self.mock._headers
+        return self.mock.json_response(200, {"object": "list", "data": data, "model": body["model"], "usage": usage}, headers)
+
+    @staticmethod
+    def encode(vector: list[float], as_base64: bool) -> list[float] | str:
+        """A vector as floats, or as base64 little-endian float32 like OpenAI's encoding_format=base64."""
+        if not as_base64:
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    async def answer_models(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
+        """List the models the mock pretends to serve."""
+        created = int(self.mock._clock.now())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": self.mock.name} for m in _MODELS]
+        return self.mock.json_response(200, {"object": "list", "data": data}, self.mock._headers)
+
+    @staticmethod
+    def echo(request: web.Request, body: Any) -> JSON:
+        """An error body that echoes back what the client sent."""
+        headers = {str(k): v for k, v in request.headers.items()}
+        echo = {"method": request.method, "path": request.path, "headers": headers, "body": body}
+        return {"error": {"message": "mock upstream echo", "type": "mock_echo", "param": None, "code": "echo",
+                          "request": echo}}
+
+
+class _Writer:
+    """Writes a mock's answers on the wire: SSE streams (gated, endless), truncated and padded bodies."""
+
+    def __init__(self, mock: MockUpstream) -> None:
+        self.mock = mock
+
+    async def stream(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
         """Stream the answer as server-sent events, each written on its own."""
         resp = web.StreamResponse(headers={**reply.headers, **_SSE_HEADERS})
         try:
@@ -563,52 +670,52 @@ class MockUpstream:
             for i, text in enumerate(reply.done.pieces):
                 if reply.truncate_after is not None and i >= reply.truncate_after:
                     return _abort(request, resp)
-                await self._send(request, resp, reply.fmt.piece(reply.base, text, i == 0))
-                if i == 0 and self.stream_gate is not None and not await self._wait(request, self.stream_gate):
+                await self.send(request, resp, reply.fmt.piece(reply.base, text, i == 0))
+                if i == 0 and self.mock.stream_gate is not None and not await self.wait(request, self.mock.stream_gate):
                     return _abort(request, resp)
             if reply.action is not None and reply.action.endless:
-                return await self._endless(request, resp, reply)
-            await self._finish_stream(request, resp, reply)
+                return await self.endless(request, resp, reply)
+            await self.finish_stream(request, resp, reply)
         except ConnectionError:
             return resp
         if reply.include_usage and not reply.omits_usage:
-            self.billed.add(reply.model, reply.usage)
+            self.mock.billed.add(reply.model, reply.usage)
         return resp
 
-    async def _finish_stream(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> None:
+    async def finish_stream(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> None:
         """Send the finish_reason chunk, the usage chunk when asked for, and [DONE]."""
-        await self._send(request, resp, reply.fmt.final(reply.base, reply.done.finish_reason))
+        await self.send(request, resp, reply.fmt.final(reply.base, reply.done.finish_reason))
         if reply.include_usage and not reply.omits_usage:
-            await self._send(request, resp, reply.fmt.usage(reply.base, reply.reported_usage))
+            await self.send(request, resp, reply.fmt.usage(reply.base, reply.reported_usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
 
-    async def _endless(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> web.StreamResponse:
+    async def endless(self, request: web.Request, resp: web.StreamResponse, reply: _Reply) -> web.StreamResponse:
         """Send one word per chunk until the client closes the connection (or the mock shuts down)."""
         assert reply.action is not None
-        interval, words = reply.action.event_interval_s, self._words or ["word"]
+        interval, words = reply.action.event_interval_s, self.mock._words or ["word"]
         sent = 0
         try:
             with contextlib.suppress(ConnectionError):
                 while not _disconnected(request):
-                    await self._send(request, resp, reply.fmt.piece(reply.base, " " + words[sent % len(words)], False))
+                    await self.send(request, resp, reply.fmt.piece(reply.base, " " + words[sent % len(words)], False))
                     sent += 1
-                    if interval > 0 and not await self._delay(request, interval):
+                    if interval > 0 and not await self.delay(request, interval):
                         return _abort(request, resp)
                     await asyncio.sleep(0)   # let the connection's closing be seen
         finally:                             # (aiohttp may cancel a handler whose client is gone)
             if _disconnected(request):
-                self.abandoned_streams += 1
-                self.stream_abandoned.set()
+                self.mock.abandoned_streams += 1
+                self.mock.stream_abandoned.set()
         return resp
 
     @staticmethod
-    async def _send(request: web.Request, resp: web.StreamResponse, obj: JSON) -> None:
+    async def send(request: web.Request, resp: web.StreamResponse, obj: JSON) -> None:
         """Write one event and wait until the transport has taken it."""
         await resp.write(_event(obj))
         await request.writer.drain()
 
-    async def _truncated_body(
+    async def truncated_body(
         self, request: web.Request, payload: bytes, keep: int, headers: Mapping[str, str],
     ) -> web.StreamResponse:
         """Declare the full body, send only its first `keep` bytes, then drop the connection."""
@@ -620,14 +727,14 @@ class MockUpstream:
             await request.writer.drain()
         return _abort(request, resp)
 
-    async def _padded(
+    async def padded(
         self, request: web.Request, status: int, payload: bytes, action: Action,
     ) -> tuple[web.StreamResponse, bool]:
         """Send a JSON `payload` with spaces before its closing brace, up to `action.pad_to` bytes in all,
         one piece at a time; whether all of it was sent (a client that left is counted in `dropped`)."""
         padding = max(0, (action.pad_to or 0) - len(payload))
         resp = web.StreamResponse(status=status, headers={
-            **self._headers, **action.headers, "Content-Type": "application/json"})
+            **self.mock._headers, **action.headers, "Content-Type": "application/json"})
         if not action.chunked:
             resp.content_length = len(payload) + padding
         try:
@@ -641,69 +748,15 @@ class MockUpstream:
             await resp.write(payload[-1:])
             await resp.write_eof()
         except ConnectionError:
-            self.dropped += 1
+            self.mock.dropped += 1
             return resp, False
         except asyncio.CancelledError:       # aiohttp's TestServer cancels the handler of a client that left
-            self.dropped += 1
+            self.mock.dropped += 1
             raise
         return resp, True
 
-    async def _answer_embeddings(
-        self, request: web.Request, body: Any, action: Action | None,
-    ) -> web.StreamResponse:
-        """Answer an embeddings request with one deterministic vector per input."""
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or "input" not in body:
-            return self._json(400, _error_json(400, "model and input are required"))
-        items = _embedding_items(body["input"])
-        as_base64 = body.get("encoding_format") == "base64"
-        data = [{"object": "embedding", "index": i, "embedding": self._encode(_vector(item), as_base64)}
-                for i, item in enumerate(items)]
-        usage = self.usage_for(body)
-        self.billed.add(body["model"], usage)
-        headers = {**self._headers, **action.headers} if action else self._headers
-        return self._json(200, {"object": "list", "data": data, "model": body["model"], "usage": usage}, headers)
-
     @staticmethod
-    def _encode(vector: list[float], as_base64: bool) -> list[float] | str:
-        """A vector as floats, or as base64 little-endian float32 like OpenAI's encoding_format=base64."""
-        if not as_base64:
-            return vector
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-    async def _answer_models(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
-        """List the models the mock pretends to serve."""
-        created = int(self._clock.now())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": self.name} for m in _MODELS]
-        return self._json(200, {"object": "list", "data": data}, self._headers)
-
-    # -- helpers -----------------------------------------------------------------------------------------
-
-    def _completion(self, limit: int | None) -> _Completion:
-        """The answer for a completion-token limit, cached per word count."""
-        count = len(self._words) if limit is None else min(limit, len(self._words))
-        done = self._completions.get(count)
-        if done is None:
-            words = self._words[:count]
-            finish = "length" if count < len(self._words) else "stop"
-            done = _Completion(" ".join(words), _split(words, self.chunks), count, finish)
-            self._completions[count] = done
-        return done
-
-    def _json(self, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> web.Response:
-        """A JSON response carrying the mock's name header and any extra headers."""
-        merged = {**self._headers, **headers} if headers else self._headers
-        return web.Response(status=status, body=_dumps(obj), content_type="application/json", headers=merged)
-
-    @staticmethod
-    def _echo(request: web.Request, body: Any) -> JSON:
-        """An error body that echoes back what the client sent."""
-        headers = {str(k): v for k, v in request.headers.items()}
-        echo = {"method": request.method, "path": request.path, "headers": headers, "body": body}
-        return {"error": {"message": "mock upstream echo", "type": "mock_echo", "param": None, "code": "echo",
-                          "request": echo}}
-
-    @staticmethod
-    async def _wait(request: web.Request, event: asyncio.Event | None) -> bool:
+    async def wait(request: web.Request, event: asyncio.Event | None) -> bool:
         """Wait for `event` (None: forever) while the client is connected and the app runs; True if it fired."""
         closing = request.app[_CLOSING]
         while True:
@@ -716,52 +769,13 @@ class MockUpstream:
                     await (closing if event is None else event).wait()
 
     @staticmethod
-    async def _delay(request: web.Request, seconds: float) -> bool:
+    async def delay(request: web.Request, seconds: float) -> bool:
         """Sleep, cut short by app shutdown; False when shutting down."""
         closing = request.app[_CLOSING]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await closing.wait()
         return not closing.is_set()
-
-    async def _on_shutdown(self, app: web.Application) -> None:
-        """Release hung and gated handlers so the server stops promptly."""
-        app[_CLOSING].set()
-
-    # -- control endpoints -------------------------------------------------------------------------------
-
-    async def _stats(self, request: web.Request) -> web.Response:
-        """Hits, billed usage and pending scripted actions."""
-        stats = {"name": self.name, "hits": self.hits, "billed": self.billed.to_json(), "pending": self.pending,
-                 "dropped": self.dropped}
-        return self._json(200, stats)
-
-    async def _reset(self, request: web.Request) -> web.Response:
-        """Reset over HTTP."""
-        self.reset()
-        return self._json(200, {"ok": True})
-
-    async def _script(self, request: web.Request) -> web.Response:
-        """Queue actions from a JSON list, or from {"actions": [...], "path": "/v1/..."}."""
-        try:
-            data = await request.json()
-            spec = {"actions": data} if isinstance(data, list) else data
-            actions = [Action.from_json(a) for a in spec["actions"]]
-            path = spec.get("path")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return self._json(400, _error_json(400, f"bad script: {exc}"))
-        self.script(*actions, path=path)
-        return self._json(200, {"ok": True, "pending": self.pending})
-
-    async def _set_always(self, request: web.Request) -> web.Response:
-        """Set the sticky action from a JSON object, or clear it with null."""
-        try:
-            data = await request.json()
-            action = None if data is None else Action.from_json(data)
-        except (ValueError, TypeError) as exc:
-            return self._json(400, _error_json(400, f"bad action: {exc}"))
-        self.always(action)
-        return self._json(200, {"ok": True})
 
 
 MOCK_UPSTREAM = web.AppKey("mock_upstream", MockUpstream)

@@ -18,7 +18,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.appkeys import ALERTS, BUDGET
 from gateway.budget.alert_rules import Alert, alert_text, reached_alerts, webhook_payload
 from gateway.budget.alerts import BACKOFF_MAX_S, LEASE_S, AlertSender
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
@@ -29,7 +28,8 @@ from gateway.clock import FakeClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
 from gateway.config.model import AlertConfig, Policy, StoreConfig
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
+from gateway.http.appkeys import ALERTS, BUDGET
 from tests.support.redis_server import free_port
 from tests.support.sleep import VirtualTime
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_policy, make_settings

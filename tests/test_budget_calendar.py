@@ -8,10 +8,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.appkeys import BUDGET
 from gateway.budget.store import CounterKey
 from gateway.clock import FakeClock
 from gateway.config.model import BudgetLimit, Policy, PolicyMatch
+from gateway.http.appkeys import BUDGET
 from tests.support.settings import ADMIN_KEY, make_policy, make_settings
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "tick"}], "max_tokens": 5}

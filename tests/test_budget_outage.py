@@ -11,12 +11,12 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from gateway.appkeys import BUDGET
 from gateway.budget.factory import create_store
 from gateway.budget.store import BudgetStore
 from gateway.config.model import StoreConfig
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.errors import StoreError
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
 from tests.support.redis_server import RedisServer
 from tests.support.settings import PRICES, make_policy, make_settings
 

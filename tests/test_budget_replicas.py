@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.auth import key_digest
 from gateway.config.model import ModelPrice
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.tokens import prompt_upper_bound
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
+from gateway.http.auth import key_digest
 from tests.support.canary import CANARY_KEY
 from tests.support.redis_server import free_port
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY

@@ -28,8 +28,8 @@ from gateway.budget.store import (
 )
 from gateway.budget.windows import window_for
 from gateway.clock import FakeClock
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 from tests.support.redis_server import RedisServer
 from tests.support.redis_writes import RedisWrites
 

@@ -10,11 +10,11 @@ from decimal import Decimal
 import openai
 import pytest
 
-from gateway.appkeys import BUDGET
 from gateway.budget import redis_batch
 from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
 MESSAGES = [{"role": "user", "content": "Count the budget"}]
@@ -182,7 +182,7 @@ async def test_concurrent_requests_never_overspend(upstream, start_gateway, http
 async def test_a_truncated_stream_is_charged_its_partial_usage_and_releases_the_rest(upstream, start_gateway,
                                                                                      http, store_config):
     from gateway.mock_upstream import Action
-    from gateway.tokens import prompt_upper_bound
+    from gateway.domain.tokens import prompt_upper_bound
     gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store_config,
                                                 policies=(make_policy("global", usd="10"),)))
     upstream.script(Action(truncate_after=2))

@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.budget.sqlite_store import SqliteBudgetStore
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
 from gateway.errors import StoreError
 from gateway.mock_upstream import Action
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.tokens import prompt_upper_bound
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, PRICES, make_policy, make_settings
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "charge me fairly"}], "max_tokens": 7}

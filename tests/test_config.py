@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import key_digest
 from gateway.config.globs import globs_overlap
 from gateway.config.interpolate import interpolate
 from gateway.config.loader import load_settings, startup_line, summarize
 from gateway.config.model import RouteTarget, Settings
 from gateway.errors import ConfigError
+from gateway.http.auth import key_digest
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "config"

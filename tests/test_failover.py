@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from gateway.appkeys import RESILIENCE
 from gateway.clock import FakeClock
 from gateway.config.model import BreakerConfig, ProviderConfig, RetryConfig
+from gateway.http.appkeys import RESILIENCE
 from gateway.mock_upstream import Action, MockUpstream
 from gateway.resilience.breaker import BreakerState, CircuitBreaker
 from gateway.resilience.registry import ResilienceRegistry

@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.appkeys import PROVIDERS
 from gateway.config.model import ProviderConfig, RetryConfig
+from gateway.domain.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
+from gateway.http.appkeys import PROVIDERS
 from gateway.mock_upstream import Action
-from gateway.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
 from tests.support.gateway import Reply
 from tests.support.settings import ADMIN_KEY, make_policy, make_settings
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from gateway.metrics.histograms import LoopHistogram
+from gateway.observability.histograms import LoopHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 OBSERVED = [0.0, 0.001, 0.0010001, 0.01, 0.05, 0.1, 0.5, 1.0, 1.5, 30.0, 0.001]

@@ -14,16 +14,16 @@ from urllib.parse import urlencode
 import pytest
 
 from gateway import cli
-from gateway.appkeys import BUDGET
-from gateway.auth import key_digest
 from gateway.budget.journal import SpendJournal
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import CounterKey, LedgerEntry
 from gateway.budget.usage import GROUPS
 from gateway.clock import FakeClock
 from gateway.config.model import ApiKey, CallerIdentity, StoreConfig
+from gateway.domain.pricing import Charge, Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
+from gateway.http.auth import key_digest
 from gateway.mock_upstream import Action
-from gateway.pricing import Charge, Usage, cost_nano, nano_to_usd
 from gateway.usage_cli import COLUMNS
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 

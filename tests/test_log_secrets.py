@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from gateway.appkeys import PROVIDERS
+from gateway.http.appkeys import PROVIDERS
 from tests.support.canary import CANARY_KEY
 from tests.support.settings import CLIENT_KEY, make_settings
 

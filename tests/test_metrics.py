@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from gateway.access_log import AccessLog, AccessRecord
 from gateway.app import create_app
-from gateway.appkeys import METRICS, RELOADER
-from gateway.auth import key_digest
 from gateway.budget.instrumented import TIMED_OPERATIONS, InstrumentedStore
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import PLAIN, CounterKey, CounterState
@@ -25,8 +22,11 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
 from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.errors import ConfigError, StoreError
-from gateway.metrics import GatewayMetrics
-from gateway.metrics.scrape import BACKGROUND_TASKS
+from gateway.http.appkeys import METRICS, RELOADER
+from gateway.http.auth import key_digest
+from gateway.observability.access_log import AccessLog, AccessRecord
+from gateway.observability.instruments import GatewayMetrics
+from gateway.observability.scrape import BACKGROUND_TASKS
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import (
     ClockSleep, RecordingLog, metrics_settings, mixed_traffic, run_promtool, samples, scrape, total, value,
@@ -375,7 +375,7 @@ async def test_random_models_paths_and_keys_leave_series_bounded_by_the_config(
 
 async def test_sibling_workers_scrape_as_one_and_show_every_workers_breakers(
         upstream, backup_upstream, start_gateway, http, tmp_path: Path) -> None:
-    from gateway.appkeys import RESILIENCE
+    from gateway.http.appkeys import RESILIENCE
     from gateway.peers import Peers
     from gateway.status_cli import render_providers
 
@@ -415,7 +415,7 @@ async def test_a_sibling_that_does_not_answer_fails_the_scrape_rather_than_shrin
 def test_merged_counters_add_up_created_is_the_earliest_and_breaker_state_is_the_worst() -> None:
     from prometheus_client import Counter, Gauge
 
-    from gateway.metrics.merge import decode, encode, merge
+    from gateway.observability.merge import decode, encode, merge
 
     def worker(requests: int, breaker: int, created: float) -> list:
         registry = CollectorRegistry()

@@ -12,15 +12,15 @@ from urllib.parse import urlencode
 
 import pytest
 
-from gateway.appkeys import BUDGET
-from gateway.budget.worst_case import worst_case
 from gateway.config.loader import load_settings
 from gateway.config.model import Settings
+from gateway.domain.plan import plan_for
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.request import ENDPOINTS, ProxyRequest
+from gateway.domain.worst_case import worst_case
 from gateway.errors import NotFound
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.proxy.plan import plan_for
+from gateway.http.appkeys import BUDGET
 from gateway.mock_upstream import Action
-from gateway.proxy.request import ENDPOINTS, ProxyRequest
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import RecordingLog
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_settings

@@ -9,7 +9,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from gateway.pricing import Usage, cost_nano, format_usd
+from gateway.domain.pricing import Usage, cost_nano, format_usd
 from tests.support.canary import CANARY_KEY
 from tests.support.settings import CLIENT_KEY, PRICES, make_settings
 

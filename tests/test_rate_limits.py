@@ -19,15 +19,15 @@ import openai._base_client
 import pytest
 from aiohttp import web
 
-from gateway.appkeys import BUDGET
-from gateway.auth import key_digest
+from gateway.http.appkeys import BUDGET
+from gateway.http.auth import key_digest
 from gateway.budget.rate_windows import bucket_ms
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.clock import FakeClock
 from gateway.config.model import ApiKey, BudgetLimit, CallerIdentity, Policy, PolicyMatch, RateLimit, StoreConfig
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.tokens import prompt_upper_bound
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
 from gateway.status_cli import render_rates
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 

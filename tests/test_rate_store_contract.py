@@ -12,7 +12,7 @@ import pytest
 from gateway.budget.rate_windows import bucket_ms, concurrent_counter, rate_counter, window_s
 from gateway.budget.store import CounterKey, Limits, ReserveLine, ReserveOutcome
 from gateway.clock import FakeClock
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 from tests.test_budget_store_contract import (  # noqa: F401  (fixtures)
     LEASE_S, Backend, backend, clock, counter, line,
 )

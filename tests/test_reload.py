@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.appkeys import CONFIG, RELOADER
-from gateway.auth import key_digest
 from gateway.config import reload as reload_module
 from gateway.config.loader import load_settings
 from gateway.config.reload import fingerprint
+from gateway.http.appkeys import CONFIG, RELOADER
+from gateway.http.auth import key_digest
 from tests.support.canary import CANARY_KEY
 from tests.support.metrics import scrape, value
 from tests.support.settings import CLIENT_KEY

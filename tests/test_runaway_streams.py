@@ -19,10 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.appkeys import BUDGET
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
+from gateway.http.appkeys import BUDGET
 from gateway.mock_upstream import Action
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.tokens import prompt_upper_bound
 from tests.support.metrics import RecordingLog
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 

@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 import orjson
 import pytest
 
-from gateway.appkeys import BUDGET
 from gateway.config.model import StoreConfig
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
 from tests.support.metrics import RecordingLog, scrape, total, value
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 

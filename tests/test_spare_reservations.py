@@ -9,14 +9,14 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.appkeys import BUDGET
 from gateway.budget.factory import create_store
 from gateway.budget.spares import SPARE_ROOM
 from gateway.budget.store import BudgetStore, CounterKey
 from gateway.clock import FakeClock
 from gateway.config.model import StoreConfig
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.errors import StoreError
-from gateway.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import BUDGET
 from tests.support.settings import ADMIN_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "spare me"}], "max_tokens": 10}

@@ -21,9 +21,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config.model import RetryConfig
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
 from gateway.mock_upstream import Action, MockUpstream
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.tokens import prompt_upper_bound
 from tests.support.redis_server import free_port
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 

@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.appkeys import RESILIENCE
 from gateway.config.model import BreakerConfig, RetryConfig
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.http.appkeys import RESILIENCE
 from gateway.mock_upstream import Action, MockUpstream
-from gateway.pricing import Usage, cost_nano, nano_to_usd
 from gateway.resilience.breaker import BreakerState
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 

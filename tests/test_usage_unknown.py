@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from gateway.appkeys import BUDGET
+from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import prompt_upper_bound
+from gateway.http.appkeys import BUDGET
 from gateway.mock_upstream import Action
-from gateway.pricing import Usage, cost_nano, nano_to_usd
-from gateway.proxy.usage import UNREADABLE, usage_from
-from gateway.tokens import prompt_upper_bound
+from gateway.upstream.usage import UNREADABLE, usage_from
 from tests.support.metrics import RecordingLog, scrape, value
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.model import ModelPrice, ServerConfig, Settings, StoreConfig
+from gateway.domain.pricing import Usage, charge_for, nano_to_usd
 from gateway.mock_upstream import MockUpstream
-from gateway.pricing import Usage, charge_for, nano_to_usd
 from gateway.workers import WorkerSpec, worker_command, worker_settings
 from tests.support.redis_server import free_port
 

@@ -18,7 +18,7 @@ from gateway.budget.rate_windows import split_each
 from gateway.budget.store import UNITS, CounterState, Unit
 from gateway.budget.windows import window_for
 from gateway.config.model import AlertConfig, BudgetLimit, Policy
-from gateway.pricing import format_usd
+from gateway.domain.pricing import format_usd
 
 __all__ = ["EXCEEDED", "Alert", "reached_alerts", "alert_text", "webhook_payload"]
 

@@ -28,15 +28,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from gateway.appkeys import ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alert_rules import Alert, reached_alerts, webhook_payload
 from gateway.budget.store import BudgetStore, CounterState
@@ -45,7 +43,7 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Policy, Settings
 from gateway.errors import StoreError
 
-__all__ = ["AlertSender", "Delivery", "add_budget_alerts", "LEASE_S", "SWEEP_S"]
+__all__ = ["AlertSender", "Delivery", "LEASE_S", "SWEEP_S", "POST_TIMEOUT_S"]
 
 log = logging.getLogger("gateway.alerts")
 Sleep = Callable[[float], Awaitable[None]]
@@ -280,21 +278,3 @@ class AlertSender:
         if status >= 400:
             log.warning("budget alert for policy '%s' refused by its webhook: %d", delivery.policy, status)
         return None
-
-
-def add_budget_alerts(app: web.Application, *, sleep: Sleep = asyncio.sleep) -> None:
-    """Listen to the engine's settles and deliver webhook alerts for the app's lifetime."""
-    engine = app[BUDGET]
-    if engine.store is None:
-        return
-    app[ALERTS] = sender = AlertSender(engine.store, app[CONFIG], app[CLOCK], app[BACKGROUND], sleep=sleep)
-    engine.on_settled.append(sender.observe)
-    app.cleanup_ctx.append(_alert_delivery)
-
-
-async def _alert_delivery(app: web.Application) -> AsyncIterator[None]:
-    """One ClientSession and the delivery loops; both end with the app, cancelling a delivery in flight."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as session:
-        app[ALERTS].start(session)
-        yield
-        await app[ALERTS].stop()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from gateway.budget.rate_windows import kind_of, split_each
 from gateway.budget.store import CounterKey, ReserveLine
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["LocalAllowance"]
 

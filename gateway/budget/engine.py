@@ -10,29 +10,30 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, NamedTuple
+from typing import Any
 
-from gateway.access_log import AccessRecord
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import ledger_entry
 from gateway.budget.outage import Outage
 from gateway.budget.rate_refusals import rate_headers, rate_limited
 from gateway.budget.rate_slots import RateSlot
 from gateway.budget.refusals import exceeded_error, held_error
+from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
 from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, Match, Slot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
-from gateway.budget.worst_case import WorstCase, worst_case
 from gateway.clock import Clock
-from gateway.config.model import CallerIdentity, Policy, Settings, StoreConfig
-from gateway.pricing import Charge
-from gateway.proxy.plan import Plan, plan_for
-from gateway.proxy.request import ProxyRequest
+from gateway.config.model import CallerIdentity, Settings, StoreConfig
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.plan import Plan
+from gateway.domain.pricing import Charge
+from gateway.domain.request import ProxyRequest
+from gateway.domain.worst_case import WorstCase, worst_case
 
-__all__ = ["Reservation", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
+__all__ = ["Reservation", "Downgrade", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
 
 
 def _storable(charge: Charge | None) -> Charge | None:
@@ -40,28 +41,6 @@ def _storable(charge: Charge | None) -> Charge | None:
     if charge is None or max(charge) <= MAX_AMOUNT:
         return charge
     return Charge(min(charge.usd_nano, MAX_AMOUNT), min(charge.tokens, MAX_AMOUNT), min(charge.requests, MAX_AMOUNT))
-
-
-class Reservation(NamedTuple):
-    """A request's hold on its budgets; `plan` may be a downgraded one, `worst` bounds its charge and output."""
-
-    request_id: str
-    plan: Plan
-    worst: WorstCase                     # what is held (with no lines: what would have been), see worst_case
-    lines: tuple[ReserveLine, ...] = ()
-    local: bool = False                 # held in this replica's fail-open allowance, not in the store
-    downgraded_from: str | None = None
-    caller: CallerIdentity | None = None
-
-    policies: tuple[str, ...] = ()       # names of the policies it holds budget on
-    spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
-    headers: dict[str, str] | None = None    # x-ratelimit-* of the tightest rate limit (gateway.budget.rate_refusals)
-    skip: frozenset[str] = frozenset()       # providers at their own rate limit: not called for this request
-
-    @property
-    def held_as(self) -> str:
-        """The id the store holds the reservation under."""
-        return self.spare_id or self.request_id
 
 
 class BudgetEngine:
@@ -89,8 +68,8 @@ class BudgetEngine:
         self.spares = self._ahead.spares if self._ahead is not None else None
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
-                      plan: Plan, req: ProxyRequest) -> Reservation:
-        """Hold the request's worst case on every matching policy, or raise BudgetExceeded."""
+                      plan: Plan, req: ProxyRequest) -> Reservation | Downgrade:
+        """Hold the request's worst case on every matching policy; else a Downgrade, or raise BudgetExceeded."""
         match = self._slots.match(settings, caller, plan.model, plan)
         worst = worst_case(req, plan, match.policies)
         if not match.limited or self.store is None:
@@ -98,7 +77,7 @@ class BudgetEngine:
         now = self.clock.now()
         if match.rated:                      # a spare would count in the window it was made in, not this one
             rated = self._slots.slots(match, now, self.config.lease_s)
-            return await self._reserve_rated(request_id, settings, caller, plan, req, match, rated, worst, now)
+            return await self._reserve_rated(request_id, plan, match, rated, worst, now)
         slots: tuple[BudgetSlot, ...] = self._slots.slots(match, now)  # type: ignore[assignment]  # not rated: budgets only
         amount = worst.amount
         ahead, pool = self._ahead, None
@@ -121,28 +100,23 @@ class BudgetEngine:
             return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
                                policies=match.names)
         index = outcome.refused_index or 0
-        return await self._refused(request_id, settings, caller, req, plan, slots[index], lines[index], outcome, now)
+        return _refused(plan, slots[index], lines[index], outcome, now)
 
-    async def _reserve_rated(self, request_id: str, settings: Settings, caller: CallerIdentity, plan: Plan,
-                             req: ProxyRequest, match: Match, slots: tuple[Slot, ...], worst: WorstCase,
-                             now: float) -> Reservation:
+    async def _reserve_rated(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
+                             worst: WorstCase, now: float) -> Reservation | Downgrade:
         """Reserve budgets, rate windows and flights in one store call; skip providers at their limit."""
         lines = tuple([slot.line(worst.amount) for slot in slots])
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
-            slot = slots[outcome.refused_index or 0]
+            index = outcome.refused_index or 0
+            slot = slots[index]
             if isinstance(slot, RateSlot):
                 raise rate_limited(slot, outcome, now)
-            return await self._refused(request_id, settings, caller, req, plan, slot,
-                                       lines[outcome.refused_index or 0], outcome, now)
-        skip: frozenset[str] = frozenset()
-        if outcome is not None and outcome.skipped:
-            skipped = set(outcome.skipped)
-            skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot) and slot.group in skipped
-                             and slot.provider is not None)
-            lines = tuple([line for line in lines if line.group not in skipped])
+            assert isinstance(slot, BudgetSlot)
+            return _refused(plan, slot, lines[index], outcome, now)
+        skip, lines = _skipping(slots, lines, outcome)
         headers = rate_headers(slots, outcome.used, now) if outcome is not None else None
-        return Reservation(request_id, plan, worst, lines, outcome is None, None, caller, match.names, None,
+        return Reservation(request_id, plan, worst, lines, outcome is None, None, match.caller, match.names, None,
                            headers, skip)
 
     async def _reclaim(self, request_id: str, pool: SparePool, amount: Charge, lines: tuple[ReserveLine, ...],
@@ -155,46 +129,26 @@ class BudgetEngine:
             return None, await self._outage.reserve(request_id, lines, now)
         return spare, outcome
 
-    async def _refused(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
-                       plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome,
-                       now: float) -> Reservation:
-        """The refusing policy's cheaper model if it fits, else its 429."""
-        downgrade = await self._downgrade(request_id, settings, caller, req, slot.policy, plan)
-        if downgrade is not None:
-            return downgrade
-        unit = outcome.refused_unit or "usd"
-        limit = line.limits[UNITS.index(unit)] or 0
-        if outcome.held:
-            raise held_error(slot.policy, slot.window, unit, limit)
-        raise exceeded_error(slot.policy, slot.window, unit, limit, now)
-
-    async def _downgrade(self, request_id: str, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
-                         policy: Policy, plan: Plan) -> Reservation | None:
-        """Serve with the refusing policy's cheaper model while that model is within budget."""
-        if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
-            return None
-        cheaper = plan_for(settings, policy.downgrade_to)   # logs and the ledger name the model that serves
-        match = self._slots.match(settings, caller, policy.downgrade_to, cheaper)
+    async def reserve_downgraded(self, request_id: str, settings: Settings, caller: CallerIdentity,
+                                 cheaper: Plan, req: ProxyRequest, downgrade: Downgrade) -> Reservation:
+        """Hold the request on `cheaper` (the plan of the downgrade's model) while it is within budget, else 429."""
+        match = self._slots.match(settings, caller, cheaper.model, cheaper)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
         slots = self._slots.slots(match, now, self.config.lease_s)
         lines = tuple(slot.line(worst.amount) for slot in slots)
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
-            return None
-        skip: frozenset[str] = frozenset()
-        if outcome is not None and outcome.skipped:
-            skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot)
-                             and slot.group in outcome.skipped and slot.provider is not None)
-            lines = tuple(line for line in lines if line.group not in outcome.skipped)
+            raise downgrade.refusal
+        skip, lines = _skipping(slots, lines, outcome)
         headers = rate_headers(slots, outcome.used, now) if outcome is not None and match.rated else None
         return Reservation(request_id, cheaper, worst, lines, local=outcome is None,
-                           downgraded_from=plan.model, caller=caller, policies=match.names, headers=headers,
-                           skip=skip)
+                           downgraded_from=downgrade.downgraded_from, caller=caller, policies=match.names,
+                           headers=headers, skip=skip)
 
     def settle(self, reservation: Reservation, charge: Charge | None,
-               record: AccessRecord | None = None) -> asyncio.Future[Any] | None:
-        """Start charging the request's real cost (None: it was not served, release it); ledger it from `record`.
+               facts: LedgerFacts | None = None) -> asyncio.Future[Any] | None:
+        """Start charging the request's real cost (None: it was not served, release it); ledger it with `facts`.
 
         The settlement runs in the background, so the response does not wait for the store; it is kept
         to its end (a client that disconnects cannot cancel it), and `settled` and `close` wait for it.
@@ -203,11 +157,10 @@ class BudgetEngine:
         if not reservation.lines:
             return None
         charge = _storable(charge)
-        entry = ledger_entry(reservation, charge, record, self.clock.now())
+        entry = ledger_entry(reservation, charge, facts, self.clock.now())
         if reservation.local:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
-        served_by = record.provider if record is not None else None
-        return self._settlements.start(reservation, charge, entry, served_by)
+        return self._settlements.start(reservation, charge, entry, facts.provider if facts is not None else None)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
@@ -242,3 +195,26 @@ def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, calle
     """A request's reservation held under the spare it took."""
     # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
     return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)
+
+
+def _skipping(slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: ReserveOutcome | None
+              ) -> tuple[frozenset[str], tuple[ReserveLine, ...]]:
+    """The providers the store found at their own rate limit, and the lines left once theirs are dropped."""
+    if outcome is None or not outcome.skipped:
+        return frozenset(), lines
+    skipped = set(outcome.skipped)
+    skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot) and slot.group in skipped
+                     and slot.provider is not None)
+    return skip, tuple([line for line in lines if line.group not in skipped])
+
+
+def _refused(plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome, now: float) -> Downgrade:
+    """The refusing policy's 429; raised, or carried by a Downgrade when the policy downgrades to another model."""
+    unit = outcome.refused_unit or "usd"
+    limit = line.limits[UNITS.index(unit)] or 0
+    policy = slot.policy
+    refusal = held_error(policy, slot.window, unit, limit) if outcome.held \
+        else exceeded_error(policy, slot.window, unit, limit, now)
+    if policy.on_exceed != "downgrade" or not policy.downgrade_to or policy.downgrade_to == plan.model:
+        raise refusal
+    return Downgrade(policy.downgrade_to, plan.model, refusal)

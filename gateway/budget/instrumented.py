@@ -11,7 +11,7 @@ from typing import Any
 from gateway.budget.store import (
     BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver, ReserveLine, ReserveOutcome,
 )
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 

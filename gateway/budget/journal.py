@@ -25,8 +25,8 @@ from typing import Any, Literal, get_args
 import orjson
 
 from gateway.budget.store import BudgetStore, CounterKey, LedgerEntry
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 
 __all__ = ["SpendJournal", "SpendLine"]
 

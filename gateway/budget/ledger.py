@@ -1,32 +1,29 @@
-"""The spend ledger row of one request, built from its reservation and what the gateway saw serving it."""
+"""The spend ledger row of one request, built from its reservation and the facts of serving it."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-from gateway.access_log import AccessRecord
+from gateway.budget.reservation import Reservation
 from gateway.budget.store import LedgerEntry
-from gateway.pricing import Charge
-
-if TYPE_CHECKING:
-    from gateway.budget.engine import Reservation
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.pricing import Charge
 
 __all__ = ["ledger_entry"]
 
 
-def ledger_entry(reservation: Reservation, charge: Charge | None, record: AccessRecord | None,
+def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerFacts | None,
                  now: float) -> LedgerEntry:
     """`served` with the charged cost, or `failed` (no spend) when there is no charge; under the served model."""
     caller = reservation.caller
     name, team = (caller.name, caller.team) if caller else (None, None)
     model: str | None
-    if record is None:
+    if facts is None:
         model, requested, provider, latency_ms, attempts = reservation.plan.model, None, None, 0, 0
     else:
-        model, requested, provider, attempts = record.model, record.requested_model, record.provider, record.attempts
-        latency_ms = round((time.perf_counter() - record.started) * 1000)
-    usage = record.usage if record is not None and charge is not None else None
+        model, requested, provider, attempts = facts.model, facts.requested_model, facts.provider, facts.attempts
+        latency_ms = round((time.perf_counter() - facts.started) * 1000)
+    usage = facts.usage if facts is not None and charge is not None else None
     prompt, completion, cached = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if usage \
         else (0, 0, 0)
     return LedgerEntry(now, reservation.request_id, name, team, reservation.policies, model,

@@ -18,8 +18,8 @@ from gateway.budget.store import LedgerEntry, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
 from gateway.clock import Clock
 from gateway.config.model import StoreConfig
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError, StoreUnavailable
-from gateway.pricing import Charge
 
 __all__ = ["Outage", "RETRY_STORE_AFTER_S", "FAILURES_BEFORE_SKIPPING_STORE"]
 

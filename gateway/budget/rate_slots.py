@@ -16,7 +16,7 @@ from gateway.budget.rate_windows import (
 )
 from gateway.budget.store import CounterKey, Limits, ReserveLine
 from gateway.config.model import CallerIdentity, Policy, ProviderConfig, RateLimit
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["RateSlot", "each_value", "rate_slots", "provider_slots", "PROVIDER_MARK", "FLIGHT_REFRESH_S"]
 

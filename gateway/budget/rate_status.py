@@ -1,6 +1,6 @@
 """Rate limit status: what each rate window and in-flight counter holds now, scoped to what a caller may see.
 
-`GET /v1/rate_limits/status[?policy=NAME]`: one entry per limited unit of each window of the visible
+For `GET /v1/rate_limits/status` (gateway.http.rate_limits): one entry per limited unit of each window of the visible
 policies, per `each` value (the admin sees every configured key, team or exactly-named routed model a
 policy can count apart; a client sees its own), and for the admin each provider's own windows.
 """
@@ -9,21 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from aiohttp import web
-
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.each import each_values
 from gateway.budget.rate_slots import PROVIDER_MARK
 from gateway.budget.rate_windows import bucket_end, bucket_of, concurrent_counter, rate_counter, window_s
-from gateway.budget.status import visible_policies
 from gateway.budget.store import CounterKey, CounterState
 from gateway.config.model import CallerIdentity, Policy, RateLimit, Settings
-from gateway.errors import StoreError, StoreUnavailable
 
-__all__ = ["rate_report", "add_rate_status_routes"]
+__all__ = ["rate_report"]
 
 Row = tuple[dict[str, Any], CounterKey, RateLimit | None, int | None]
 
@@ -74,21 +67,3 @@ async def rate_report(engine: BudgetEngine, settings: Settings, policies: list[P
     states = await engine.store.read([counter for _, counter, _, _ in rows], now)
     return [entry for (head, _, limit, flight), state in zip(rows, states)
             for entry in _entries(head, state, limit, flight, now)]
-
-
-async def rate_status(request: web.Request) -> web.Response:
-    """GET /v1/rate_limits/status[?policy=NAME]."""
-    settings = request.app[CONFIG].current
-    caller = authenticate(request, settings)
-    policies = visible_policies(settings, caller, request.query.get("policy"))
-    engine = request.app[BUDGET]
-    try:
-        data = await rate_report(engine, settings, policies, caller, engine.clock.now())
-    except StoreError:
-        raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
-
-
-def add_rate_status_routes(app: web.Application) -> None:
-    """Register GET /v1/rate_limits/status."""
-    app.router.add_get("/v1/rate_limits/status", rate_status)

@@ -108,14 +108,12 @@ class ScriptPipeline:
         self._utf8 = _is_utf8(self._encoding)
         self._timeout = timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._protocol: _Replies | None = None
+        self._protocol: _Connection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._queue: list[_Call] = []             # not written yet
-        self._pending: deque[_Call] = deque()     # written, in order, waiting for their replies
         self._loading: set[AsyncScript] = set()   # a SCRIPT LOAD of these is outstanding
         self._flush_scheduled = False
         self._lazy_flush: asyncio.TimerHandle | None = None   # the flush a lazy call is waiting for
-        self._watchdog: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -152,13 +150,13 @@ class ScriptPipeline:
             self._queue.append(call)
             if not self._flush_scheduled and self._lazy_flush is None:
                 self._lazy_flush = loop.call_at(loop.time() + LAZY_FLUSH_S, self._flush)
-        elif protocol is not None and not self._flush_scheduled and len(self._pending) <= QUIET_OUTSTANDING:
+        elif protocol is not None and not self._flush_scheduled and len(protocol.pending) <= QUIET_OUTSTANDING:
             # A quiet gateway (at one connection the next request reserves while the last one's settle
             # waits, queued or outstanding): send it at once, behind the lazy calls still queued, rather
             # than a loop turn later; the calls made in the rest of this turn go out together at its end.
             queued, self._queue = self._queue, []
             queued.append(call)
-            self._write(protocol, queued, started or loop.time())
+            protocol.write(queued, started or loop.time())
             self._schedule_flush()
         else:
             self._queue.append(call)
@@ -174,7 +172,8 @@ class ScriptPipeline:
         """Send what is queued now and wait until every call made so far is answered or failed (each
         within twice the timeout; with no timeout, for as long as they take): what a command on another
         connection waits for to see their effects."""
-        waiting = [call.future for call in (*self._pending, *self._queue)
+        pending = self._protocol.pending if self._protocol is not None else ()
+        waiting = [call.future for call in (*pending, *self._queue)
                    if call.future is not None and not call.future.done()]
         self.send_queued()
         if waiting:
@@ -214,75 +213,26 @@ class ScriptPipeline:
             return
         assert self._loop is not None
         queued, self._queue = self._queue, []
-        self._write(protocol, queued, self._loop.time())
+        protocol.write(queued, self._loop.time())
 
-    def _write(self, protocol: _Replies, calls: list[_Call], now: float) -> None:
-        """Send the calls not given up meanwhile, in one write; they become outstanding."""
-        packets = []
-        for call in calls:
-            if call.future is None or not call.future.done():
-                call.sent_at = now
-                if call.lazy:
-                    call.started = now
-                packets.append(call.packed)
-                self._pending.append(call)
-        if not packets:
-            return
-        if self._watchdog is None and self._timeout is not None:
-            assert self._loop is not None
-            self._watchdog = self._loop.call_at(now + self._timeout, self._check_oldest)
-        self._send(protocol, packets[0] if len(packets) == 1 else b"".join(packets))
-
-    def _send(self, protocol: _Replies, data: bytes) -> None:
+    def _send(self, protocol: _Connection, data: bytes) -> None:
         """The one place bytes go to Redis."""
         protocol.transport.write(data)
 
     async def _open(self) -> None:
         """Open a connection through the pool, take its transport over, then send what queued meanwhile."""
-        # Made by the pool, not checked out of it: a checkout held for ever would take one of pool_size
-        # connections from the other commands for good (and starve them at pool_size 1).
-        connection = None
         try:
-            connection = self._pool.make_connection()
-            await connection.connect()
-            writer = _take_writer(connection)
+            writer = await _take_over(self._pool, self._in_background)
         except Exception as error:   # a driver error, or a redis-py release whose internals differ
             self._connecting = None
             queued, self._queue = self._queue, []
             self._fail(queued, error)
-            if connection is not None:
-                self._in_background(_quietly(lambda: connection.disconnect(nowait=True)))
             return
         self._connecting = None
-        self._protocol = _Replies(self, writer)
+        assert self._loop is not None
+        self._protocol = _Connection(self, writer, self._loop, self._timeout)
         writer.transport.set_protocol(self._protocol)
         self._flush()
-
-    def _answer(self, protocol: _Replies, reply: Any) -> None:
-        """Settle the oldest outstanding call with `reply`."""
-        if protocol is not self._protocol:
-            return
-        if not self._pending:
-            self._drop(protocol, InvalidResponse("Redis sent a reply no call was waiting for"))
-            return
-        call = self._pending.popleft()
-        future = call.future
-        if future is None:   # our SCRIPT LOAD: the calls sent again behind it are under way
-            self._loading.discard(call.script)
-            return
-        failed = isinstance(reply, ResponseError)
-        if future.done():   # its caller gave up
-            pass
-        elif not failed:
-            _resolve(future, reply, call.parse)
-        elif isinstance(reply, NoScriptError) and not call.retried:
-            self._send_again(call)
-            return
-        else:
-            future.set_exception(self._wrap_error(reply))
-        if call.operation is not None and self.observe is not None:
-            assert self._loop is not None
-            self.observe(call.operation, self._loop.time() - call.started, failed)
 
     def _send_again(self, call: _Call) -> None:
         """Queue a SCRIPT LOAD of the call's script (unless one is outstanding), then the call, once."""
@@ -307,39 +257,13 @@ class ScriptPipeline:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _check_oldest(self) -> None:
-        """The watchdog: drop the connection once the oldest outstanding call has waited timeout_s."""
-        self._watchdog = None
-        if not self._pending or self._timeout is None or self._loop is None:
-            return
-        oldest = self._pending[0]
-        deadline = oldest.sent_at + self._timeout
-        if self._loop.time() < deadline - TIMER_SLACK_S:
-            self._watchdog = self._loop.call_at(deadline, self._check_oldest)
-            return
-        # Its reply may have arrived in this very loop turn, still to be read: look once more on the next.
-        self._watchdog = self._loop.call_at(self._loop.time(), self._time_out, oldest)
-
-    def _time_out(self, oldest: _Call) -> None:
-        """Drop the connection if `oldest` is still waiting one loop turn after its deadline."""
-        self._watchdog = None
-        if self._pending and self._pending[0] is oldest:
-            self._drop(self._protocol, RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
-        elif self._pending:
-            self._check_oldest()
-
-    def _drop(self, protocol: _Replies | None, error: Exception) -> None:
+    def _drop(self, protocol: _Connection | None, error: Exception) -> None:
         """Fail every outstanding call with `error` and close the connection; the next flush opens another."""
         if protocol is None or protocol is not self._protocol:
             return   # already dropped
         self._protocol = None
-        outstanding = list(self._pending)
-        self._pending.clear()
+        outstanding = protocol.close()
         self._loading.clear()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        protocol.transport.close()
         if isinstance(error, RedisConnectionError) and not self._closed:
             # The pool's idle connections went to the same server and are most likely dead too, and
             # redis-py 8 no longer spots that at checkout: close them, so its next command reconnects.
@@ -365,17 +289,49 @@ class ScriptPipeline:
         return task
 
 
-class _Replies(asyncio.Protocol):
-    """The taken-over connection's protocol: what Redis sends, parsed by hiredis, answers the pipeline's calls."""
+class _Connection(asyncio.Protocol):
+    """One taken-over connection: the calls written on it, answered in order by what Redis sends (parsed by
+    hiredis), and its watchdog, armed while calls are outstanding."""
 
-    def __init__(self, pipeline: ScriptPipeline, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, pipeline: ScriptPipeline, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
+                 timeout_s: float | None) -> None:
         self._pipeline = pipeline
         self._writer = writer                # kept alive with its transport (see _take_writer)
         self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=_reply_error)
+        self._loop = loop
+        self._timeout = timeout_s
+        self.pending: deque[_Call] = deque()     # written, in order, waiting for their replies
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def write(self, calls: list[_Call], now: float) -> None:
+        """Send the calls not given up meanwhile, in one write; they become outstanding."""
+        packets = []
+        for call in calls:
+            if call.future is None or not call.future.done():
+                call.sent_at = now
+                if call.lazy:
+                    call.started = now
+                packets.append(call.packed)
+                self.pending.append(call)
+        if not packets:
+            return
+        if self._watchdog is None and self._timeout is not None:
+            self._watchdog = self._loop.call_at(now + self._timeout, self._check_oldest)
+        self._pipeline._send(self, packets[0] if len(packets) == 1 else b"".join(packets))
+
+    def close(self) -> list[_Call]:
+        """Stop the watchdog and close the transport; the calls that were still waiting for their replies."""
+        outstanding = list(self.pending)
+        self.pending.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.transport.close()
+        return outstanding
 
     def data_received(self, data: bytes) -> None:
-        reader, answer = self._reader, self._pipeline._answer
+        reader, answer = self._reader, self._answer
         reader.feed(data)
         while True:
             try:
@@ -385,7 +341,7 @@ class _Replies(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            answer(self, reply)
+            answer(reply)
 
     def eof_received(self) -> bool:
         return False   # Redis closed its side: close ours too (connection_lost follows)
@@ -393,6 +349,68 @@ class _Replies(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc else ""
         self._pipeline._drop(self, RedisConnectionError(f"Connection to Redis lost{reason}"))
+
+    def _answer(self, reply: Any) -> None:
+        """Settle the oldest outstanding call with `reply`."""
+        pipeline = self._pipeline
+        if self is not pipeline._protocol:
+            return
+        if not self.pending:
+            pipeline._drop(self, InvalidResponse("Redis sent a reply no call was waiting for"))
+            return
+        call = self.pending.popleft()
+        future = call.future
+        if future is None:   # our SCRIPT LOAD: the calls sent again behind it are under way
+            pipeline._loading.discard(call.script)
+            return
+        failed = isinstance(reply, ResponseError)
+        if future.done():   # its caller gave up
+            pass
+        elif not failed:
+            _resolve(future, reply, call.parse)
+        elif isinstance(reply, NoScriptError) and not call.retried:
+            pipeline._send_again(call)
+            return
+        else:
+            future.set_exception(pipeline._wrap_error(reply))
+        if call.operation is not None and pipeline.observe is not None:
+            pipeline.observe(call.operation, self._loop.time() - call.started, failed)
+
+    def _check_oldest(self) -> None:
+        """The watchdog: drop the connection once the oldest outstanding call has waited timeout_s."""
+        self._watchdog = None
+        if not self.pending or self._timeout is None:
+            return
+        oldest = self.pending[0]
+        deadline = oldest.sent_at + self._timeout
+        if self._loop.time() < deadline - TIMER_SLACK_S:
+            self._watchdog = self._loop.call_at(deadline, self._check_oldest)
+            return
+        # Its reply may have arrived in this very loop turn, still to be read: look once more on the next.
+        self._watchdog = self._loop.call_at(self._loop.time(), self._time_out, oldest)
+
+    def _time_out(self, oldest: _Call) -> None:
+        """Drop the connection if `oldest` is still waiting one loop turn after its deadline."""
+        self._watchdog = None
+        if self.pending and self.pending[0] is oldest:
+            self._pipeline._drop(self, RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+        elif self.pending:
+            self._check_oldest()
+
+
+async def _take_over(pool: Any, in_background: Callable[[Any], Any]) -> asyncio.StreamWriter:
+    """A new connection made by `pool` (not checked out of it: a checkout held for ever would take one of
+    pool_size connections from the other commands for good, and starve them at pool_size 1), opened, and its
+    stream writer taken from redis-py; a connection that fails on the way is dropped."""
+    connection = None
+    try:
+        connection = pool.make_connection()
+        await connection.connect()
+        return _take_writer(connection)
+    except Exception:
+        if connection is not None:
+            in_background(_quietly(lambda: connection.disconnect(nowait=True)))
+        raise
 
 
 def _take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:

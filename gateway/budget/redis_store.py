@@ -1,7 +1,7 @@
 """The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
 
 Ledger reads (XRANGE) are single commands and need no script; alert claims are scripts on a pool
-connection, as rare as alerts.
+connection, as rare as alerts (both in `gateway.budget.redis_records`).
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
 JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -53,22 +52,21 @@ from redis.backoff import NoBackoff
 
 from gateway.budget.rate_windows import BUCKETS, bucket_ms, epoch_of, kind_of, split_each
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
+from gateway.budget.redis_records import LedgerAndAlerts, ms, script_source
 from gateway.budget.store import (
-    LEDGER_FIELDS, RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
+    RESERVED, SWEEP_MAX, UNITS, BudgetStore, CounterKey, CounterState, LedgerEntry, Limits,
     OperationObserver, PackedStates, ReserveLine, ReserveOutcome, StoreCapabilities, check_record_lines,
     check_reserve_lines, check_spare_ids, check_spend, time_ms,
 )
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 
 __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
-LEDGER_PAGE = 5_000   # rows per XRANGE, so a long ledger read never blocks Redis for long
 _SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
-_ALERT_SCRIPTS = ("alert_claim", "alert_delivered", "alert_pending")
 
 RedisClient = Redis | RedisCluster
 T = TypeVar("T")
@@ -86,9 +84,9 @@ class RedisBudgetStore:
         self._client = client
         self._ledger_max = ledger_max_entries
         self._prefix = f"{{{prefix}}}:"
-        self._scripts = {name: client.register_script(_script_source(name)) for name in _SCRIPTS}
-        self._alert_scripts = {name: client.register_script(_script_source(name)) for name in _ALERT_SCRIPTS}
+        self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self._commands = PublicApiDriver(client, max_in_flight)   # ledger reads and alerts, always
+        self._records = LedgerAndAlerts(client, self._commands, self._prefix)
         self._driver: ScriptDriver = choose_driver(client, self._commands)
         self.capabilities: StoreCapabilities = replace(self._driver.capabilities, self_timed=_SELF_TIMED)
         self._leases = self._key("leases")
@@ -109,16 +107,8 @@ class RedisBudgetStore:
         if key is None:
             if len(self._counter_keys) >= MAX_CACHED:
                 self._counter_keys.clear()
-            key = self._counter_keys[counter] = self._key_of(counter)
+            key = self._counter_keys[counter] = _key_of(self._prefix, counter)
         return key
-
-    def _key_of(self, counter: CounterKey) -> str:
-        kind, (window, each) = kind_of(counter), split_each(counter.window_id)
-        if kind == "rate":
-            return f"{self._prefix}rate:{counter.policy}:{counter.period}:{each}:{epoch_of(int(window))}"
-        if kind == "concurrent":
-            return f"{self._prefix}conc:{counter.policy}:{each}"
-        return f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
 
     def _cache_line_words(self, line: ReserveLine) -> tuple[str, str]:
         """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms,k,n,bucket_ms,group'
@@ -130,7 +120,7 @@ class RedisBudgetStore:
             self._line_words.clear()
         usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
         words = (self.counter_key(line.counter),
-                 f"{usd},{tokens},{requests},{_ms(line.expires_at)},{_shape(line.counter)},{line.group}")
+                 f"{usd},{tokens},{requests},{ms(line.expires_at)},{_shape(line.counter)},{line.group}")
         self._line_words[(line.counter, line.limits, line.expires_at, line.group)] = words
         return words
 
@@ -212,7 +202,7 @@ class RedisBudgetStore:
     ) -> Awaitable[bool]:
         """Add spend without a reservation, once per request id (see `BudgetStore`)."""
         check_record_lines(lines)
-        spend = ",".join(f"{_amount_words(charge)},{_ms(expires_at)}" for _, charge, expires_at in lines)
+        spend = ",".join(f"{_amount_words(charge)},{ms(expires_at)}" for _, charge, expires_at in lines)
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{spend}]",
                 *_row(entry)]
         keys = [*self._reservation_keys(request_id), self._key("spent", request_id),
@@ -227,44 +217,23 @@ class RedisBudgetStore:
         return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
-        """The oldest `limit` rows with since <= time < until, read in pages of LEDGER_PAGE."""
-        rows: list[LedgerEntry] = []
-        start, end = str(time_ms(since)), str(time_ms(until) - 1)   # whole-ms ids: [since, until)
+        """The oldest `limit` rows with since <= time < until (this replica's settlements so far among them)."""
         if time_ms(until) <= time_ms(since):
-            return rows
-        await self._driver.answered()         # this replica's settlements so far are in the rows read
-        while len(rows) < limit:
-            count = min(LEDGER_PAGE, limit - len(rows))
-            page = await self._commands.command("ledger", lambda: self._ledger_page(start, end, count))
-            rows += [_entry(stream_id, fields) for stream_id, fields in page]
-            if len(page) < count:
-                break
-            start = "(" + _text(page[-1][0])
-        return rows
+            return []
+        await self._driver.answered()
+        return await self._records.ledger(since, until, limit)
 
-    def _ledger_page(self, start: str, end: str, count: int) -> Awaitable[Any]:
-        """XRANGE of up to `count` rows: [(stream id, fields)] (redis-py types every reply as optional)."""
-        return self._client.xrange(self._key("ledger"), start, end, count)
-
-    async def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> bool:
+    def claim_alert(self, key: str, payload: str, now: float, lease_until: float, expires_at: float) -> Awaitable[bool]:
         """Claim alert `key` until `lease_until` (see `BudgetStore`); it expires at `expires_at` on Redis's clock."""
-        keys = [self._key("alert", key), self._key("alert_leases")]
-        args = [key, payload, f"[{_ms(now)},{_ms(lease_until)},{_ms(expires_at)}]"]
-        return await self._alert_script("alert_claim", keys, args) == 1
+        return self._records.claim_alert(key, payload, now, lease_until, expires_at)
 
-    async def alert_delivered(self, key: str, now: float) -> None:
+    def alert_delivered(self, key: str, now: float) -> Awaitable[None]:
         """Mark alert `key` delivered (see `BudgetStore`)."""
-        await self._alert_script("alert_delivered", [self._key("alert", key), self._key("alert_leases")], [key])
+        return self._records.alert_delivered(key)
 
-    async def pending_alerts(self, now: float, limit: int) -> list[tuple[str, str]]:
+    def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """Claimed, undelivered alerts whose lease ended, oldest lease first (see `BudgetStore`)."""
-        flat = await self._alert_script("alert_pending", [self._key("alert_leases")],
-                                        [self._prefix, f"[{_ms(now)},{limit}]"])
-        return [(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
-
-    def _alert_script(self, name: str, keys: list[str], args: list[str]) -> Awaitable[Any]:
-        """An alert script on a pool connection (alerts are rare: they need no pipeline)."""
-        return self._commands.command(name, lambda: self._commands.evalsha(self._alert_scripts[name], keys, args))
+        return self._records.pending_alerts(now, limit)
 
     async def ping(self) -> bool:
         """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
@@ -360,10 +329,14 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _script_source(name: str) -> str:
-    """The Lua source of one operation, after the shared helpers of lib.lua."""
-    lua = resources.files("gateway.budget").joinpath("lua")
-    return "\n".join(lua.joinpath(file).read_text("utf-8") for file in ("lib.lua", f"{name}.lua"))
+def _key_of(prefix: str, counter: CounterKey) -> str:
+    """The Redis key of a counter (see the key layout above)."""
+    kind, (window, each) = kind_of(counter), split_each(counter.window_id)
+    if kind == "rate":
+        return f"{prefix}rate:{counter.policy}:{counter.period}:{each}:{epoch_of(int(window))}"
+    if kind == "concurrent":
+        return f"{prefix}conc:{counter.policy}:{each}"
+    return f"{prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
 
 
 def _shape(counter: CounterKey) -> str:
@@ -380,13 +353,6 @@ def _amount_words(charge: Charge) -> str:
     return f"{charge.usd_nano},{charge.tokens},{charge.requests}"
 
 
-def _ms(epoch_s: float) -> int:
-    return round(epoch_s * 1000)
-
-
-_ROW_INTS = ("prompt", "completion", "cached", "cost", "latency_ms", "attempts")
-
-
 def _row(entry: LedgerEntry | None) -> list[str]:
     """A ledger row as a script argument: the JSON array of its fields after `time`, which Redis stores as
     it is (see append_request_row in lib.lua)."""
@@ -396,30 +362,6 @@ def _row(entry: LedgerEntry | None) -> list[str]:
 def _row_ms(entry: LedgerEntry | None) -> int:
     """The time a row is filed at (0 when there is no row)."""
     return 0 if entry is None else time_ms(entry.time)
-
-
-def _entry(stream_id: bytes | str, raw: dict[Any, Any]) -> LedgerEntry:
-    """A ledger row read back; its time is its stream id's."""
-    filed_at = int(_text(stream_id).partition("-")[0]) / 1000
-    row = raw.get(b"row", raw.get("row"))
-    if row is not None:
-        request_id, caller, team, policies, *rest = orjson.loads(row)
-        # rows of earlier builds lack the later fields (defaults); fields a later build adds are left out
-        return LedgerEntry(filed_at, request_id, caller, team, tuple(policies), *rest[:LEDGER_FIELDS - 5])
-    fields = {_text(key): _text(value) for key, value in raw.items()}
-    ints = {name: int(fields[name] or 0) for name in _ROW_INTS}
-    return LedgerEntry(
-        time=filed_at, request_id=fields["id"],
-        caller=fields["caller"] or None, team=fields["team"] or None,
-        policies=tuple(filter(None, fields["policies"].split(","))), model=fields["model"] or None,
-        provider=fields["provider"] or None, prompt_tokens=ints["prompt"], completion_tokens=ints["completion"],
-        cached_tokens=ints["cached"], cost_nano=ints["cost"], status=fields["status"],  # type: ignore[arg-type]
-        latency_ms=ints["latency_ms"], attempts=ints["attempts"],
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _is_one(reply: int) -> bool:

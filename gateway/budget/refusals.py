@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from gateway.budget.windows import Window, seconds_until_reset
 from gateway.config.model import Policy
+from gateway.domain.pricing import format_usd
 from gateway.errors import BudgetExceeded
-from gateway.pricing import format_usd
 
 __all__ = ["exceeded_error", "held_error", "policy_period"]
 

@@ -19,8 +19,8 @@ from gateway.budget.store import ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
 from gateway.clock import Clock
 from gateway.config.model import StoreConfig
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 
 __all__ = ["ReserveAhead"]
 

@@ -11,17 +11,15 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.budget.outage import Outage
 from gateway.budget.rate_slots import PROVIDER_MARK
+from gateway.budget.reservation import Reservation
 from gateway.budget.store import CounterKey, CounterState, LedgerEntry
 from gateway.budget.store_calls import StoreCalls
+from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
-
-if TYPE_CHECKING:
-    from gateway.budget.engine import Reservation
 
 __all__ = ["Settlements", "SettleListener"]
 

@@ -17,8 +17,8 @@ from gateway.budget.rate_windows import with_each
 from gateway.budget.store import CounterKey, Limits, ReserveLine
 from gateway.budget.windows import Window, WindowCache
 from gateway.config.model import BudgetLimit, CallerIdentity, Policy, ProviderConfig, Settings
-from gateway.proxy.plan import Plan
-from gateway.pricing import Charge, usd_to_nano
+from gateway.domain.plan import Plan
+from gateway.domain.pricing import Charge, usd_to_nano
 
 __all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of"]
 

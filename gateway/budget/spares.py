@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from gateway.budget.slots import BudgetSlot
 from gateway.budget.store import CounterKey, ReserveLine
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["SPARE_ROOM", "MAX_DEPTH", "Spare", "SparePool", "SpareReservations"]
 

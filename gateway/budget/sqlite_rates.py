@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from gateway.budget.rate_windows import BUCKETS, bucket_ms, kind_of, split_each
 from gateway.budget.store import CounterKey, ReserveLine, ReserveOutcome
-from gateway.pricing import Charge
+from gateway.domain.pricing import Charge
 
 __all__ = ["RATE_SCHEMA", "window_use", "in_flight", "check_rate", "add_rate", "close_rate", "rate_state",
            "drop_expired_rates", "used_after"]

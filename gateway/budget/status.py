@@ -6,22 +6,16 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import orjson
-from aiohttp import web
-
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
 from gateway.budget.engine import BudgetEngine, limits_of
-from gateway.budget.each import each_values
 from gateway.budget.matching import applies_to_caller
 from gateway.budget.rate_windows import with_each
 from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
-from gateway.errors import NotFound, StoreError, StoreUnavailable
-from gateway.pricing import Charge, format_usd
+from gateway.domain.pricing import Charge, format_usd
+from gateway.errors import NotFound
 
-__all__ = ["visible_policies", "budget_report", "add_budget_status_routes"]
+__all__ = ["visible_policies", "budget_report", "window_entries"]
 
 
 def visible_policies(settings: Settings, caller: CallerIdentity, name: str | None) -> list[Policy]:
@@ -95,22 +89,3 @@ def _values(policy: Policy, values: EachValues | None) -> list[str | None]:
     if policy.each is None:
         return [None]
     return values(policy) if values is not None else []
-
-
-async def budget_status(request: web.Request) -> web.Response:
-    """GET /v1/budget/status[?policy=NAME]."""
-    settings = request.app[CONFIG].current
-    caller = authenticate(request, settings)
-    policies = visible_policies(settings, caller, request.query.get("policy"))
-    engine = request.app[BUDGET]
-    try:
-        data = await budget_report(engine, policies, engine.clock.now(),
-                                   lambda policy: each_values(settings, policy, caller))
-    except StoreError:
-        raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
-
-
-def add_budget_status_routes(app: web.Application) -> None:
-    """Register GET /v1/budget/status."""
-    app.router.add_get("/v1/budget/status", budget_status)

@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from gateway.domain.pricing import MAX_AMOUNT, Charge
 from gateway.errors import StoreError
-from gateway.pricing import Charge
 
 __all__ = [
     "Unit", "UNITS", "MAX_AMOUNT", "SWEEP_MAX", "CounterKey", "Limits", "ReserveLine", "CounterState",
@@ -45,8 +45,6 @@ __all__ = [
 
 Unit = Literal["usd", "tokens", "requests"]
 UNITS: tuple[Unit, ...] = ("usd", "tokens", "requests")
-MAX_AMOUNT = 2**53 - 1
-"""Largest amount or limit: Redis Lua numbers are doubles, exact only up to 2^53 (~9M USD in nano-USD)."""
 
 SWEEP_MAX = 16
 """Reservations whose lease ended that one `reserve` or `read` turns into spend (bounded work per call)."""

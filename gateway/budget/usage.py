@@ -1,4 +1,4 @@
-"""GET /v1/budget/usage: the spend ledger summed per model, key, team, policy or provider.
+"""The spend ledger summed per model, key, team, policy or provider (served by GET /v1/budget/usage).
 
 Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
 requests, and grouped by policy only the policies that apply to it. `requests` counts charged
@@ -15,19 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import orjson
-from aiohttp import web
-
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
 from gateway.budget.status import visible_policies
 from gateway.budget.store import BudgetStore, LedgerEntry
-from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Settings
-from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
-from gateway.pricing import format_usd
+from gateway.domain.pricing import format_usd
+from gateway.errors import InvalidRequest
 
-__all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "add_budget_usage_routes"]
+__all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "GroupBy",
+           "NOW_INCLUDED_S"]
 
 log = logging.getLogger("gateway.budget")
 GroupBy = Literal["model", "key", "team", "policy", "provider"]
@@ -138,46 +133,3 @@ def parse_instant(text: str, param: str) -> float:
     if not 0 <= seconds < MAX_INSTANT_S:
         raise InvalidRequest(f"'{param}' must be from 1970 to before {MAX_INSTANT_S} epoch seconds.", param=param)
     return seconds
-
-
-def _query(request: web.Request, now: float) -> tuple[float, float, GroupBy]:
-    """since (default: the start of this UTC month), until (exclusive; default: now) and group_by (model)."""
-    query = request.query
-    since = parse_instant(query["since"], "since") if "since" in query else window_for("monthly", "UTC", now).start_ts
-    until = parse_instant(query["until"], "until") if "until" in query else now + NOW_INCLUDED_S
-    group_by = query.get("group_by", "model")
-    if group_by not in GROUPS:
-        raise InvalidRequest(f"'group_by' must be one of: {', '.join(GROUPS)}.", param="group_by")
-    if since > until:
-        raise InvalidRequest("'since' must not be after 'until'.", param="since")
-    return since, until, group_by  # type: ignore[return-value]
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
-
-
-async def budget_usage(request: web.Request) -> web.Response:
-    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider."""
-    settings = request.app[CONFIG].current
-    caller = authenticate(request, settings)
-    engine = request.app[BUDGET]
-    since, until, group_by = _query(request, engine.clock.now())
-    groups: dict[str | None, Totals]
-    if engine.store is None:
-        groups, total = {}, Totals()
-    else:
-        await engine.settled()               # this replica's answered requests are in the ledger
-        try:
-            rows = ledger_rows(engine.store, since, until)
-            groups, total = await usage_totals(rows, Scope.of(settings, caller), group_by)
-        except StoreError:
-            raise StoreUnavailable("The budget store is unreachable; usage cannot be read right now.") from None
-    ranked = sorted(groups.items(), key=lambda item: (-item[1].cost_nano, -item[1].requests, str(item[0])))
-    body = {"object": "list", "group_by": group_by, "since": _iso(since), "until": _iso(until),
-            "data": [{"group": group, **totals.as_json()} for group, totals in ranked], "total": total.as_json()}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-def add_budget_usage_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/budget/usage", budget_usage)

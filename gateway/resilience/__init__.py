@@ -1,1 +1,1 @@
-"""resilience package."""
+"""Resilience: circuit breakers, retry policies and their windows, per provider; no HTTP."""

@@ -31,8 +31,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from gateway.errors import InvalidRequest
+from gateway.http.middleware import error_response
 from gateway.log_scrub import without_raw_bytes
-from gateway.middleware import error_response
 
 __all__ = ["ClientConnections", "GatewayRequestHandler"]
 

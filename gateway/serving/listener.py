@@ -14,6 +14,7 @@ import asyncio
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from gateway.serving.connections import ClientConnections
 
@@ -24,15 +25,15 @@ BACKLOG = 1024   # connections the kernel queues while the gateway is at its cap
 
 def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on every address of `host`; raises OSError (address in use, ...) before any is kept."""
-    addresses = []
+    addresses: list[tuple[socket.AddressFamily, socket.SocketKind, int, Any]] = []
     for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE):
         if (family, address) not in [(f, a) for f, _, _, a in addresses]:
             addresses.append((family, kind, proto, address))
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, address in addresses:
-            sockets.append(_listen(family, kind, proto, address, reuse_port))
+        for entry in addresses:
+            sockets.append(_listen(*entry, reuse_port))
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -5,9 +5,9 @@ Stopping (SIGTERM or SIGINT; a second signal ends the grace period at once):
 1. the listening sockets close, and every connection that is not serving a request is closed;
 2. requests in flight get up to `server.shutdown_grace_s` to finish; their connections close after them;
 3. then the streams still open are cut: each ends with the SSE error event of a stream its upstream cut
-   off (`stream_truncated`) and is charged for what it delivered, like one (gateway.proxy.open_streams);
+   off (`stream_truncated`) and is charged for what it delivered, like one (gateway.upstream.open_streams);
 4. what still runs CUT_WAIT_S + CANCEL_WAIT_S after that is cancelled; its reservation is still settled
-   or released (gateway.proxy.charging);
+   or released (gateway.upstream.charging);
 5. the app's cleanup waits for the settlements (to the store, or the spend journal when the store fails)
    and closes the store.
 
@@ -26,10 +26,10 @@ import threading
 
 from aiohttp import web
 
-from gateway.appkeys import BACKGROUND, OPEN_STREAMS
 from gateway.background import keep_running
 from gateway.config.loader import startup_line
 from gateway.config.model import ServerConfig, Settings
+from gateway.http.appkeys import BACKGROUND, OPEN_STREAMS
 from gateway.serving.connections import ClientConnections, GatewayRequestHandler
 from gateway.serving.listener import Acceptor
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.access_log import AccessLog, AccessRecord
 from gateway.clock import FakeClock
 from gateway.config.model import BreakerConfig, RetryConfig, Settings
 from gateway.mock_upstream import Action, MockUpstream
+from gateway.observability.access_log import AccessLog, AccessRecord
 from tests.support.gateway import Reply, RunningGateway
 from tests.support.settings import make_policy, make_settings
 

@@ -6,11 +6,11 @@ import dataclasses
 from decimal import Decimal
 from typing import Any
 
-from gateway.auth import key_digest
 from gateway.config.model import (
     ApiKey, BudgetLimit, CallerIdentity, Policy, PolicyMatch, ModelPrice, ProviderConfig, ProviderTimeouts, Route, RouteTarget,
     ServerConfig, Settings, StoreConfig,
 )
+from gateway.http.auth import key_digest
 from tests.support.canary import CANARY_KEY
 
 __all__ = ["CLIENT_KEY", "OTHER_KEY", "ADMIN_KEY", "PRICES", "make_settings", "make_policy"]

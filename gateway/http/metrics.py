@@ -1,7 +1,7 @@
 """`GET /metrics`: the Prometheus exposition, optionally behind a bearer metrics key.
 
 Under `gateway run --workers N` the worker that answers merges every worker's families (gateway.peers,
-gateway.metrics.merge); budget gauges, read from the shared store, are read once.
+gateway.observability.merge); budget gauges, read from the shared store, are read once.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 
-from gateway.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
-from gateway.auth import bearer_token, token_digest
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
-from gateway.metrics.merge import decode, encode, merge
-from gateway.metrics.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
+from gateway.http.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
+from gateway.http.auth import bearer_token, token_digest
+from gateway.observability.merge import decode, encode, merge
+from gateway.observability.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
 
 __all__ = ["metrics_endpoint", "add_metrics_routes", "own_families"]
 

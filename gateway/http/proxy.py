@@ -9,23 +9,26 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from gateway.access_log import AccessRecord
-from gateway.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
-from gateway.auth import KnownTokens, authenticate
-from gateway.budget.engine import BudgetEngine, Reservation
-from gateway.budget.worst_case import WorstCase
+from gateway.budget.engine import BudgetEngine
+from gateway.budget.reservation import Downgrade, Reservation
 from gateway.config.holder import ConfigHolder
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.plan import PlanCache
+from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
+from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
-from gateway.middleware import RECORD
-from gateway.proxy.charging import Bill, Delivery, bill_for
-from gateway.proxy.dispatch import dispatch
-from gateway.proxy.open_streams import OpenStreams
-from gateway.proxy.plan import PlanCache
-from gateway.proxy.providers import ProviderPool
-from gateway.proxy.relay import is_event_stream, relay_json, relay_stream
-from gateway.proxy.stream_meter import StreamOutcome
-from gateway.proxy.request import ENDPOINTS, Endpoint, ProxyRequest, read_proxy_request
+from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
+from gateway.http.auth import KnownTokens, authenticate
+from gateway.http.middleware import RECORD
+from gateway.http.reading import read_proxy_request
+from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.upstream.charging import Bill, Delivery, bill_for
+from gateway.upstream.dispatch import dispatch
+from gateway.upstream.open_streams import OpenStreams
+from gateway.upstream.providers import ProviderPool
+from gateway.upstream.relay import is_event_stream, relay_json, relay_stream
+from gateway.upstream.stream_meter import StreamOutcome
 
 __all__ = ["Proxy", "serve", "add_proxy_routes"]
 
@@ -64,6 +67,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     plan = proxy.plans.plan_for(settings, req.model)
     record.route = plan.route
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
+    if isinstance(reservation, Downgrade):   # refused by a policy that serves a cheaper model instead
+        cheaper = proxy.plans.plan_for(settings, reservation.model)
+        reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
+                                                            reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
     if reservation.skip:
         record.rate_skipped = tuple(sorted(reservation.skip))
@@ -77,8 +84,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         record.attempts = delivery.reply.attempts
         return await respond(request, req, delivery, providers, proxy.streams, reservation.worst,
                              reservation.headers)
-    except UpstreamFailure:
+    except UpstreamFailure as failure:
         delivery.upstream_failed = True
+        if failure.attempts is not None:    # no provider answered
+            record.attempts = failure.attempts
         raise
     finally:
         settle(proxy.budget, record, reservation, delivery)
@@ -146,7 +155,7 @@ async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: Stre
 
 
 def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation, delivery: Delivery) -> None:
-    """Charge what was served (see gateway.proxy.charging), or release the reservation when nothing was.
+    """Charge what was served (see gateway.upstream.charging), or release the reservation when nothing was.
 
     The store is written in the background: the answer does not wait for it.
     """
@@ -155,7 +164,9 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
         record.usage, record.cost_nano, record.usage_unknown = bill.usage, bill.charge.usd_nano, bill.unknown
         if bill.unknown is not None:
             _warn_unknown(record, bill)
-    budget.settle(reservation, bill.charge if bill else None, record)
+    facts = LedgerFacts(record.model, record.requested_model, record.provider, record.attempts, record.usage,
+                        record.started)
+    budget.settle(reservation, bill.charge if bill else None, facts)
 
 
 def _warn_unknown(record: AccessRecord, bill: Bill) -> None:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from gateway.budget.worst_case import WorstCase
-from gateway.pricing import Charge, Usage, charge_for, cost_nano
-from gateway.proxy.dispatch import UpstreamReply
-from gateway.proxy.plan import Plan, Target
-from gateway.proxy.stream_meter import StreamOutcome
-from gateway.proxy.usage import ReadUsage
+from gateway.domain.plan import Plan, Target
+from gateway.domain.pricing import Charge, Usage, charge_for, cost_nano
+from gateway.domain.worst_case import WorstCase
+from gateway.upstream.dispatch import UpstreamReply
+from gateway.upstream.stream_meter import StreamOutcome
+from gateway.upstream.usage import ReadUsage
 
 __all__ = ["Delivery", "Bill", "UsageUnknown", "bill_for"]
 

@@ -12,13 +12,13 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.access_log import AccessRecord
 from gateway.budget.instrumented import TIMED_OPERATIONS
 from gateway.config.holder import ConfigHolder
 from gateway.errors import BudgetExceeded, RateLimited
-from gateway.metrics.histograms import HistogramChild, LoopHistogram
-from gateway.metrics.labels import NONE, LabelBounds, status_class
-from gateway.metrics.served import ServedCollector, ServedKey, ServedTotals
+from gateway.observability.access_log import AccessRecord
+from gateway.observability.histograms import HistogramChild, LoopHistogram
+from gateway.observability.labels import NONE, LabelBounds, status_class
+from gateway.observability.served import ServedCollector, ServedKey, ServedTotals
 from gateway.resilience.breaker import Transition
 from gateway.resilience.registry import ResilienceRegistry
 

@@ -12,9 +12,12 @@ from typing import NamedTuple
 
 from gateway.config.model import ModelPrice
 
-__all__ = ["NANO_PER_USD", "Usage", "Charge", "cost_nano", "nano_to_usd", "format_usd", "usd_to_nano", "charge_for"]
+__all__ = ["NANO_PER_USD", "MAX_AMOUNT",
+           "Usage", "Charge", "cost_nano", "nano_to_usd", "format_usd", "usd_to_nano", "charge_for"]
 
 NANO_PER_USD = 1_000_000_000
+MAX_AMOUNT = 2**53 - 1
+"""Largest amount or limit: Redis Lua numbers are doubles, exact only up to 2^53 (~9M USD in nano-USD)."""
 _NANO_PER_MTOK_UNIT = Decimal(NANO_PER_USD) / Decimal(1_000_000)  # nano-USD per token at 1 USD/1M
 
 

@@ -31,14 +31,14 @@ import orjson
 from tenacity import RetryCallState
 
 from gateway.config.model import ProviderConfig
+from gateway.domain.plan import Plan, Target
+from gateway.domain.request import ProxyRequest, upstream_body
 from gateway.errors import UpstreamFailure
-from gateway.proxy.bounded import BodyTooLarge, read_bounded
-from gateway.proxy.plan import Plan, Target
-from gateway.proxy.providers import ProviderPool
-from gateway.proxy.request import ProxyRequest, upstream_body
 from gateway.resilience.breaker import BreakerState, CircuitBreaker, Permit
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.resilience.retry import RetryableStatus, RetryBudget, UpstreamConnectError, build_retrying
+from gateway.upstream.bounded import BodyTooLarge, read_bounded
+from gateway.upstream.providers import ProviderPool
 
 __all__ = ["UpstreamReply", "dispatch"]
 
@@ -279,44 +279,42 @@ def _retry_reporter(resilience: ResilienceRegistry, provider: str) -> Callable[[
 
 def _all_failed(call: _Call, plan: Plan) -> UpstreamFailure:
     """The client's error when no target answered: shaped after the last upstream error."""
-    headers = {"x-gateway-attempts": str(call.attempts)}
-    error, provider = call.last_error, call.last_provider
+    error, provider, attempts = call.last_error, call.last_provider, call.attempts
     if error is None and call.remaining() <= 0:
         return UpstreamFailure("The request deadline passed before any provider was called.",
-                               status=504, code="upstream_timeout", headers=headers)
+                               status=504, code="upstream_timeout", attempts=attempts)
     if error is None:
-        return _providers_unavailable(call, plan, headers)
+        return _providers_unavailable(call, plan)
     if isinstance(error, RetryableStatus):
-        return _status_failure(call, provider, error, headers)
+        return _status_failure(call, provider, error)
     if _timed_out(error):
         return UpstreamFailure(f"Provider '{provider}' timed out.", status=504, code="upstream_timeout",
-                               headers=headers)
-    return UpstreamFailure(str(error), status=502, code="upstream_unreachable", headers=headers)
+                               attempts=attempts)
+    return UpstreamFailure(str(error), status=502, code="upstream_unreachable", attempts=attempts)
 
 
-def _providers_unavailable(call: _Call, plan: Plan, headers: dict[str, str]) -> UpstreamFailure:
+def _providers_unavailable(call: _Call, plan: Plan) -> UpstreamFailure:
     """Every breaker rejected the call: 503, Retry-After until the first one half-opens."""
     wait = call.resilience.reopens_in(t.provider for t in plan.targets)
     retry_after = max(1, math.ceil(wait)) if wait is not None else 1
     return UpstreamFailure(f"Every provider of '{plan.model}' is unavailable (circuit breakers open).",
-                           status=503, code="providers_unavailable",
-                           headers={**headers, "Retry-After": str(retry_after)})
+                           status=503, code="providers_unavailable", attempts=call.attempts,
+                           headers={"Retry-After": str(retry_after)})
 
 
-def _status_failure(call: _Call, provider: str | None, error: RetryableStatus,
-                    headers: dict[str, str]) -> UpstreamFailure:
+def _status_failure(call: _Call, provider: str | None, error: RetryableStatus) -> UpstreamFailure:
     """The last answer was an HTTP error: 429 passes on with its wait, 503/504 stay, the rest is 502."""
     message = f"Provider '{provider}' answered {error.status}."
     if 300 <= error.status < 400:
         message = f"Provider '{provider}' answered a redirect ({error.status}), which the gateway does not follow."
     if error.status != 429:
         status = error.status if error.status in (503, 504) else 502
-        return UpstreamFailure(message, status=status, code="upstream_error", headers=headers)
+        return UpstreamFailure(message, status=status, code="upstream_error", attempts=call.attempts)
     retry = call.resilience.retry
     asked = error.retry_after(call.resilience.clock.now())
     wait = min(_DEFAULT_RETRY_AFTER_S if asked is None else asked, retry.retry_after_cap_s)
-    return UpstreamFailure(message, status=429, code="rate_limit_exceeded",
-                           headers={**headers, "Retry-After": str(math.ceil(wait))},
+    return UpstreamFailure(message, status=429, code="rate_limit_exceeded", attempts=call.attempts,
+                           headers={"Retry-After": str(math.ceil(wait))},
                            upstream_body=_openai_error(error.body, call.pool))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import BUDGET, CONFIG
-from gateway.auth import authenticate
 from gateway.config.model import Settings
+from gateway.http.appkeys import BUDGET, CONFIG
+from gateway.http.auth import authenticate
 
 __all__ = ["add_info_routes", "listed_models"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from gateway.budget.worst_case import WorstCase
 from gateway.config.model import ModelPrice
-from gateway.pricing import Usage, cost_nano
-from gateway.proxy.usage import UNREADABLE, usage_from
+from gateway.domain.pricing import Usage, cost_nano
+from gateway.domain.worst_case import WorstCase
+from gateway.upstream.usage import UNREADABLE, usage_from
 
 __all__ = ["StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
            "STREAM_TRUNCATED", "STREAM_BUDGET_EXHAUSTED", "STREAM_TIMEOUT"]

@@ -8,7 +8,7 @@ import math
 
 import aiohttp
 
-from gateway.proxy.stream_meter import STREAM_TIMEOUT, StreamOutcome
+from gateway.upstream.stream_meter import STREAM_TIMEOUT, StreamOutcome
 
 __all__ = ["OpenStreams", "MIN_WAKE_S"]
 
@@ -23,7 +23,7 @@ class OpenStreams:
     stream costs a dict entry, not a timer of its own (most streams end long before their deadline, and
     the timer set for one that ended just finds the next deadline). `cut_all` closes them all: each relay
     then sees its upstream break off, sends its client the `stream_truncated` error event and the request
-    is charged for what it delivered, like any stream its upstream cut (see gateway.proxy.charging).
+    is charged for what it delivered, like any stream its upstream cut (see gateway.upstream.charging).
     """
 
     def __init__(self) -> None:

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from gateway.access_log import AccessLog, AccessRecord
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, RateLimited, error_body
+from gateway.observability.access_log import AccessLog, AccessRecord
 
 if TYPE_CHECKING:
-    from gateway.metrics import GatewayMetrics
+    from gateway.observability.instruments import GatewayMetrics
 
 __all__ = ["RECORD", "request_middleware", "error_response"]
 
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 # Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
@@ -69,7 +69,6 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
             response = await handler(request)
         except GatewayError as exc:
             record.error = exc.code
-            record.attempts = int(exc.headers.get("x-gateway-attempts", record.attempts))
             refusal = exc if isinstance(exc, (BudgetExceeded, RateLimited)) else None
             response = error_response(exc)
         except web.HTTPRequestEntityTooLarge:

@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.appkeys import CONFIG, PEERS, RESILIENCE
-from gateway.auth import authenticate
 from gateway.errors import Unauthorized
+from gateway.http.appkeys import CONFIG, PEERS, RESILIENCE
+from gateway.http.auth import authenticate
 
 __all__ = ["provider_status", "add_provider_status_routes"]
 

@@ -2,7 +2,7 @@
 
 The output cap counts every completion the request may produce: `n` (or `best_of`, which the
 provider generates in full and bills) choices, for each prompt of a /v1/completions prompt list.
-An absurd worst case is held at the store's MAX_AMOUNT, which no budget limit exceeds.
+An absurd worst case is held at MAX_AMOUNT (the most a budget store holds), which no budget limit exceeds.
 
 The same WorstCase bounds what the request is charged (usage unknown or larger is charged as this)
 and how much output a stream may relay, whether or not a policy reserved it in a store.
@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from gateway.budget.store import MAX_AMOUNT
 from gateway.config.model import Policy
-from gateway.pricing import Charge, Usage, cost_nano
-from gateway.proxy.plan import Plan
-from gateway.proxy.request import ProxyRequest
-from gateway.tokens import prompt_upper_bound
+from gateway.domain.plan import Plan
+from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
+from gateway.domain.request import ProxyRequest
+from gateway.domain.tokens import prompt_upper_bound
 
 __all__ = ["WorstCase", "worst_case", "completions_per_request"]
 

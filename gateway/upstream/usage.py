@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from gateway.pricing import Usage
+from gateway.domain.pricing import Usage
 
 __all__ = ["UNREADABLE", "Unreadable", "ReadUsage", "usage_from"]
 

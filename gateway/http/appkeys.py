@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.access_log import AccessLog
+    from gateway.observability.access_log import AccessLog
     from gateway.background import BackgroundFailures
     from gateway.budget.alerts import AlertSender
     from gateway.budget.engine import BudgetEngine
     from gateway.clock import Clock
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
-    from gateway.metrics import GatewayMetrics
+    from gateway.observability.instruments import GatewayMetrics
     from gateway.peers import Peers
-    from gateway.proxy.open_streams import OpenStreams
-    from gateway.proxy.providers import ProviderPool
+    from gateway.upstream.open_streams import OpenStreams
+    from gateway.upstream.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from gateway.pricing import Usage, format_usd
+from gateway.domain.pricing import Usage, format_usd
 
 __all__ = ["AccessRecord", "AccessLog"]
 
@@ -32,7 +32,7 @@ class AccessRecord:
     status: int = 0
     usage: Usage | None = None
     cost_nano: int | None = None
-    usage_unknown: str | None = None         # why the upstream's usage was not charged (gateway.proxy.charging)
+    usage_unknown: str | None = None         # why the upstream's usage was not charged (gateway.upstream.charging)
     attempts: int = 0
     stream: bool = False
     first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event

@@ -19,7 +19,7 @@ from gateway.budget.status import budget_report
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.errors import StoreError
-from gateway.metrics.instruments import GatewayMetrics
+from gateway.observability.instruments import GatewayMetrics
 from gateway.resilience.registry import ResilienceRegistry
 
 __all__ = ["BREAKER_STATES", "STORE_READ_TIMEOUT_S", "Scrape", "read_budgets", "budget_families",

@@ -9,14 +9,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.domain.request import media_type_of
 from gateway.errors import UpstreamFailure, error_body
-from gateway.proxy.bounded import BodyTooLarge, read_bounded
-from gateway.proxy.request import media_type_of
-from gateway.proxy.stream_meter import (
+from gateway.redact import Redactor
+from gateway.upstream.bounded import BodyTooLarge, read_bounded
+from gateway.upstream.stream_meter import (
     STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, admit,
 )
-from gateway.proxy.usage import UNREADABLE, ReadUsage, usage_from
-from gateway.redact import Redactor
+from gateway.upstream.usage import UNREADABLE, ReadUsage, usage_from
 
 __all__ = ["PASSED_HEADERS", "relay_json", "relay_stream", "is_event_stream"]
 

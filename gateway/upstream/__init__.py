@@ -1,0 +1,1 @@
+"""Upstream: calling the providers (pool, dispatch with breaker, retries and failover), relaying and metering answers."""
