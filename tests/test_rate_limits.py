@@ -285,6 +285,37 @@ async def test_one_store_call_reserves_and_one_settles_with_budgets_and_rate_lim
     assert counting.calls == Counter(reserve=5, settle=5)
 
 
+async def test_a_minute_window_serves_from_spares_far_from_its_limit_and_admits_exactly_its_limit(
+        upstream, start_gateway, http, store_config, clock):
+    if store_config.url:
+        store = RedisBudgetStore(create_redis_client(store_config.url, 1.0, 16), max_in_flight=16)
+    else:
+        store = SqliteBudgetStore(store_config.path)
+    counting = CountingStore(store)
+    policy = rate_policy("rpm", each="key", requests=40, budgets=(BudgetLimit(period="daily", usd=Decimal("100")),))
+    settings = make_settings({"primary": upstream.url}, store=store_config, policies=(policy,))
+    gateway = await start_gateway(settings, clock=clock, store=counting)
+    engine = gateway.app[BUDGET]
+
+    async def requests(count: int) -> list:
+        replies = []
+        for _ in range(count):
+            replies.append(await chat(http, gateway))
+            await engine.quiet()                             # the spares asked for are in before the next one
+        return replies
+
+    replies = await requests(5)
+    clock.advance(bucket_ms("minute") / 1000)                # the next bucket of the window
+    replies += await requests(40)
+    assert [r.status for r in replies] == [200] * 40 + [429] * 5 and upstream.hits == 40
+    assert counting.calls["reserve"] < 45 // 2               # most were served from spares...
+    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in replies[:40]]
+    assert all(left <= 39 - i for i, left in enumerate(remaining))   # ...never overstating the window's room,
+    assert remaining[:5] == [39, 38, 37, 36, 35] and remaining[-10:] == list(range(9, -1, -1))
+    assert counting.calls["release"] == 1                    # the spare of the first bucket given back at its end
+    assert counting.calls["reserve"] >= 40 // 4              # ...and the last quarter reserved in the store itself
+
+
 async def test_status_shows_each_windows_use_to_the_admin_and_a_client_its_own(upstream, start_gateway, http,
                                                                              store_config, clock):
     policy = rate_policy("per-key", each="key", requests=5, max_concurrent=3,

@@ -21,7 +21,7 @@ from gateway.budget.refusals import exceeded_error, held_error
 from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
-from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, Match, Slot, SlotCache, limits_of
+from gateway.budget.slots import KEY_GRACE_S, Match, Slot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
@@ -75,47 +75,45 @@ class BudgetEngine:
         if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        if match.rated:                      # a spare would count in the window it was made in, not this one
-            rated = self._slots.slots(match, now, self.config.lease_s)
-            return await self._reserve_rated(request_id, plan, match, rated, worst, now)
-        slots: tuple[BudgetSlot, ...] = self._slots.slots(match, now)  # type: ignore[assignment]  # not rated: budgets only
+        slots = self._slots.slots(match, now, self.config.lease_s)
+        ahead = self._ahead
+        if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
+            return await self._reserve_rated(request_id, plan, match, slots, worst, now)
         amount = worst.amount
-        ahead, pool = self._ahead, None
-        if ahead is not None:
-            spares = ahead.spares
-            pool = spares.pool(slots)
-            spare = spares.take(pool, amount)
-            if spare is not None:
-                ahead.reserve_ahead(pool, spare.lines, amount)
-                return _on_spare(request_id, plan, worst, spare, caller, match.names)
+        spares = ahead.spares
+        pool = spares.pool(slots, match.until - now) if match.rated else spares.pool(slots)
+        spare = spares.take(pool, amount)
+        if spare is not None:
+            ahead.reserve_ahead(pool, spare.lines, amount)
+            return _on_spare(request_id, plan, worst, spare, match, self._headers(match, pool, now))
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._outage.reserve(request_id, lines, now)
-        if outcome is not None and not outcome.ok and pool is not None:
+        if outcome is not None and not outcome.ok:
             spare, outcome = await self._reclaim(request_id, pool, amount, lines, now, outcome)
             if spare is not None:
-                return _on_spare(request_id, plan, worst, spare, caller, match.names)
+                return _on_spare(request_id, plan, worst, spare, match, self._headers(match, pool, now))
         if outcome is None or outcome.ok:
-            if ahead is not None and pool is not None and outcome is not None:
+            if outcome is not None:
+                pool.used = outcome.used or pool.used
                 ahead.reserve_ahead(pool, lines, amount)
-            return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
-                               policies=match.names)
-        index = outcome.refused_index or 0
-        return _refused(plan, slots[index], lines[index], outcome, now)
+            return Reservation(request_id, plan, worst, lines, outcome is None, None, caller, match.names, None,
+                               self._headers(match, pool, now))
+        return _refused(plan, slots, lines, outcome, now)
+
+    def _headers(self, match: Match, pool: SparePool, now: float) -> dict[str, str] | None:
+        """x-ratelimit-* of a request on `pool`'s windows, from what the store last said they hold."""
+        return rate_headers(match.slots, pool.used, now) if match.rated and pool.used else None
 
     async def _reserve_rated(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
                              worst: WorstCase, now: float) -> Reservation | Downgrade:
-        """Reserve budgets, rate windows and flights in one store call; skip providers at their limit."""
+        """Reserve budgets, rate windows and flights in one store call, without spares; skip providers at
+        their limit."""
         lines = tuple([slot.line(worst.amount) for slot in slots])
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
-            index = outcome.refused_index or 0
-            slot = slots[index]
-            if isinstance(slot, RateSlot):
-                raise rate_limited(slot, outcome, now)
-            assert isinstance(slot, BudgetSlot)
-            return _refused(plan, slot, lines[index], outcome, now)
+            return _refused(plan, slots, lines, outcome, now)
         skip, lines = _skipping(slots, lines, outcome)
-        headers = rate_headers(slots, outcome.used, now) if outcome is not None else None
+        headers = rate_headers(slots, outcome.used, now) if outcome is not None and match.rated else None
         return Reservation(request_id, plan, worst, lines, outcome is None, None, match.caller, match.names, None,
                            headers, skip)
 
@@ -190,11 +188,12 @@ class BudgetEngine:
             await self.store.close()
 
 
-def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
-              policies: tuple[str, ...]) -> Reservation:
+def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, match: Match,
+              headers: dict[str, str] | None) -> Reservation:
     """A request's reservation held under the spare it took."""
     # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
-    return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)
+    return Reservation(request_id, plan, worst, spare.lines, False, None, match.caller, match.names, spare.spare_id,
+                       headers)
 
 
 def _skipping(slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: ReserveOutcome | None
@@ -208,10 +207,16 @@ def _skipping(slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: 
     return skip, tuple([line for line in lines if line.group not in skipped])
 
 
-def _refused(plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome, now: float) -> Downgrade:
-    """The refusing policy's 429; raised, or carried by a Downgrade when the policy downgrades to another model."""
+def _refused(plan: Plan, slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: ReserveOutcome,
+             now: float) -> Downgrade:
+    """The refusing limit's 429; raised, or carried by a Downgrade when a budget policy downgrades to another
+    model."""
+    index = outcome.refused_index or 0
+    slot = slots[index]
+    if isinstance(slot, RateSlot):
+        raise rate_limited(slot, outcome, now)
     unit = outcome.refused_unit or "usd"
-    limit = line.limits[UNITS.index(unit)] or 0
+    limit = lines[index].limits[UNITS.index(unit)] or 0
     policy = slot.policy
     refusal = held_error(policy, slot.window, unit, limit) if outcome.held \
         else exceeded_error(policy, slot.window, unit, limit, now)

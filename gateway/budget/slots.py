@@ -24,6 +24,9 @@ __all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_sl
 
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
 MAX_MATCHES = 4096          # (caller, model) pairs kept; more are dropped together and found again
+# Rate windows a spare reservation may hold on: its bucket (1/20 of the window) outlasts a batch of spares.
+# Never in-flight counters (an idle spare would hold a slot) nor providers' limits (skipped per request).
+SPARE_PERS = frozenset({"minute", "hour"})
 
 
 def limits_of(budget: BudgetLimit) -> Limits:
@@ -65,13 +68,14 @@ Slot = BudgetSlot | RateSlot
 class Match:
     """The policies a (caller, model) pair must fit, and their slots while `now` is in [since, until).
 
-    `rated`: some slot is a rate window or an in-flight counter (such requests take no spare
-    reservation); `need_group`: every target provider has its own rate limits, so a request none of
-    them has room for is refused.
+    `rated`: some slot is a rate window or an in-flight counter; `spareable`: the match may take spare
+    reservations (no rate slot, or only policy windows of a minute or longer: see SPARE_PERS);
+    `need_group`: every target provider has its own rate limits, so a request none of them has room for
+    is refused.
     """
 
     __slots__ = ("policies", "names", "slots", "since", "until", "caller", "model", "providers", "rated",
-                 "need_group")
+                 "need_group", "spareable")
 
     def __init__(self, policies: list[Policy], caller: CallerIdentity | None = None, model: str = "",
                  providers: Sequence[ProviderConfig] = ()) -> None:
@@ -83,6 +87,9 @@ class Match:
         self.providers = providers if any(provider.rate_limits for provider in providers) else ()
         self.rated = bool(self.providers) or any(policy.limits_rate for policy in policies)
         self.need_group = bool(providers) and all(provider.rate_limits for provider in providers)
+        self.spareable = not self.providers and all(
+            policy.max_concurrent is None and all(limit.per in SPARE_PERS for limit in policy.rate_limits)
+            for policy in policies)
 
     @property
     def limited(self) -> bool:
