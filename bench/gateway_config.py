@@ -74,12 +74,20 @@ def _no_budget(config: Document, policies: Document) -> None:
 
 
 def _rate_limits(config: Document, policies: Document) -> None:
-    """The team policy counted per key, with per-key rate limits (requests, tokens, in flight) so high they
-    never refuse: every request reserves its windows beside its budgets, in the same store call."""
+    """The team policy counted per key, with a per-key minute window (requests and tokens) so high it never
+    refuses (acceptance 9 of issue 18): every request holds on its window beside its budgets, in the same
+    store call or spare reservation."""
     team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
-    team |= {"each": "key", "max_concurrent": 1_000_000,
-             "rate_limits": [{"per": "minute", "requests": 1_000_000_000, "tokens": 1_000_000_000_000},
-                             {"per": "second", "requests": 1_000_000_000}]}
+    team |= {"each": "key", "rate_limits": [{"per": "minute", "requests": 1_000_000_000, "tokens": 1_000_000_000_000}]}
+
+
+def _rate_limits_strict(config: Document, policies: Document) -> None:
+    """`rate-limits` plus a per-second window and max_concurrent: lines no spare reservation may hold, so every
+    request reserves in the store itself."""
+    _rate_limits(config, policies)
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team["max_concurrent"] = 1_000_000
+    team["rate_limits"].append({"per": "second", "requests": 1_000_000_000})
 
 
 VARIANTS: dict[str, Callable[[Document, Document], None]] = {
@@ -87,6 +95,7 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "no-access-log": _no_access_log,
     "no-budget": _no_budget,
     "rate-limits": _rate_limits,
+    "rate-limits-strict": _rate_limits_strict,
 }
 
 
