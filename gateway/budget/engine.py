@@ -101,8 +101,16 @@ class BudgetEngine:
         return _refused(plan, slots, lines, outcome, now)
 
     def _headers(self, match: Match, pool: SparePool, now: float) -> dict[str, str] | None:
-        """x-ratelimit-* of a request on `pool`'s windows, from what the store last said they hold."""
-        return rate_headers(match.slots, pool.used, now) if match.rated and pool.used else None
+        """x-ratelimit-* of a request on `pool`'s windows, from what the store last said they hold; made once
+        per answer and second (the resets of minute and hour windows are whole seconds)."""
+        if not match.rated or not pool.used:
+            return None
+        cached, second = pool.headers, int(now)
+        if cached is not None and cached[0] is pool.used and cached[1] == second:
+            return cached[2]
+        headers = rate_headers(match.slots, pool.used, now)
+        pool.headers = (pool.used, second, headers)
+        return headers
 
     async def _reserve_rated(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
                              worst: WorstCase, now: float) -> Reservation | Downgrade:

@@ -56,13 +56,14 @@ class SparePool:
     """The spares of one set of budget counters, oldest first, and the batch being made."""
 
     __slots__ = ("counters", "spares", "depth", "grown", "timer", "making", "paused_until", "ends_at", "used",
-                 "keys")
+                 "keys", "headers")
 
     def __init__(self, counters: frozenset[CounterKey], ends_at: float = math.inf,
                  keys: tuple[int, tuple[object, ...]] = (0, ())) -> None:
         self.counters = counters
         self.ends_at = ends_at                            # monotonic: its spares go back then (rate windows)
         self.used: tuple[int, ...] = ()                   # the rate windows' use the store last reported
+        self.headers: tuple[object, int, dict[str, str] | None] | None = None   # x-ratelimit-* of (used, second)
         self.keys = keys                                  # where SpareReservations files it
         self.spares: deque[Spare] = deque()
         self.depth = 1                                    # how many to keep
