@@ -78,7 +78,7 @@ class BudgetEngine:
         slots = self._slots.slots(match, now, self.config.lease_s)
         ahead = self._ahead
         if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
-            return await self._reserve_rated(request_id, plan, match, slots, worst, now)
+            return await self._reserve_direct(request_id, plan, match, slots, worst, now)
         amount = worst.amount
         spares = ahead.spares
         pool = spares.pool(slots, match.until - now) if match.rated else spares.pool(slots)
@@ -112,7 +112,7 @@ class BudgetEngine:
         pool.headers = (pool.used, second, headers)
         return headers
 
-    async def _reserve_rated(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
+    async def _reserve_direct(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
                              worst: WorstCase, now: float) -> Reservation | Downgrade:
         """Reserve budgets, rate windows and flights in one store call, without spares; skip providers at
         their limit."""
