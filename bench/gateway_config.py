@@ -8,6 +8,7 @@ build). To bench a new feature against a plain route, add a variant here: `--tar
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -90,12 +91,36 @@ def _rate_limits_strict(config: Document, policies: Document) -> None:
     team["rate_limits"].append({"per": "second", "requests": 1_000_000_000})
 
 
+def _second_provider(config: Document) -> None:
+    """A second provider on the bench's one mock upstream, for routes with arms."""
+    config["providers"]["mock-b"] = copy.deepcopy(config["providers"]["mock"])
+
+
+def _split(config: Document, policies: Document) -> None:
+    """The bench route split 95/5 over two providers, sticky per key."""
+    _second_provider(config)
+    config["routes"]["gpt-4o-mini"] = {"split": [{"provider": "mock", "weight": 95},
+                                                 {"provider": "mock-b", "weight": 5}], "sticky": "key"}
+
+
+def _canary(config: Document, policies: Document) -> None:
+    """The bench route as a canary held at its first step (50%): each request picks an arm and is tallied."""
+    _second_provider(config)
+    config["routes"]["gpt-4o-mini"] = {"canary": {
+        "control": "mock", "candidate": "mock-b", "steps": [50, 100],
+        "promote_after": {"requests": 1_000_000_000, "minutes": 100_000}}}
+
+
 VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
     "no-budget": _no_budget,
     "rate-limits": _rate_limits,
     "rate-limits-strict": _rate_limits_strict,
+
+
+    "split": _split,
+    "canary": _canary,
 }
 
 

@@ -21,7 +21,7 @@ from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.http.appkeys import (
     ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
-    RESILIENCE,
+    RESILIENCE, ROUTER,
 )
 from gateway.http.budget import add_budget_routes
 from gateway.http.info import add_info_routes
@@ -32,9 +32,14 @@ from gateway.http.rate_limits import add_rate_limit_routes
 from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
 from gateway.observability.access_log import AccessLog
+from gateway.observability.canaries import ArmCollector
 from gateway.observability.instruments import GatewayMetrics
 from gateway.peers import Peers
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.routing import canary_runs
+from gateway.routing.canary_alerts import announce_rollbacks
+from gateway.routing.canary_runs import CanaryRuns
+from gateway.routing.router import Router
 from gateway.upstream.open_streams import OpenStreams
 from gateway.upstream.providers import ProviderPool
 
@@ -71,6 +76,9 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
     add_budget_alerts(app, sleep=sleep)
+    app[ROUTER] = router = Router(CanaryRuns(app[BUDGET].store, clock))
+    metrics.registry.register(ArmCollector(router.counts))
+    app.cleanup_ctx.append(canary_sync)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
     add_proxy_routes(app)
@@ -105,6 +113,30 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await engine.close()
+
+
+async def canary_sync(app: web.Application) -> AsyncIterator[None]:
+    """Read every canary's step before serving, then share tallies and steps with the store in the background.
+
+    A rollback this replica makes is announced to the policies' alert receivers.
+    """
+    runs, config = app[ROUTER].canaries, app[CONFIG]
+    if ALERTS in app:
+        runs.on_rollback.append(announce_rollbacks(app[ALERTS]))
+
+    async def step() -> None:
+        await asyncio.sleep(canary_runs.SYNC_INTERVAL_S)
+        await runs.sync(config.current)
+
+    try:
+        await runs.sync(config.current)
+    except Exception as error:               # never keeps the gateway from starting: canaries wait on control
+        app[BACKGROUND].failed("canary_sync", error)
+    task = asyncio.create_task(keep_running("canary_sync", step, app[BACKGROUND]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:

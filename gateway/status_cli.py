@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["fetch_status", "render_budgets", "render_rates", "render_providers", "run_status"]
+__all__ = ["fetch_status", "render_budgets", "render_rates", "render_providers", "render_canaries", "run_status"]
 
 BAR_WIDTH = 20
 
@@ -58,6 +58,20 @@ def render_providers(entries: list[dict[str, Any]]) -> str:
     return table(rows, ["PROVIDER", "BREAKER", "FAILURES", "CALLS", "OPEN UNTIL"])
 
 
+def render_canaries(entries: list[dict[str, Any]]) -> str:
+    """Canaries, one row per arm: the route's step and status, and each arm's figures in the step."""
+    rows = []
+    for e in entries:
+        step = f"{e['step']}/{len(e['steps'])} ({e['candidate_percent']}%)"
+        for arm, provider in (("control", e["control"]), ("candidate", e["candidate"])):
+            figures = e["arms"][arm]
+            p95 = figures["p95_latency_s"]
+            rows.append([e["route"], step, e["status"], f"{arm} {provider}", str(figures["requests"]),
+                         f"{figures['error_rate'] * 100:.1f}%", "-" if p95 is None else f"{p95 * 1000:.0f} ms",
+                         figures["cost_per_request_usd"] or "-"])
+    return table(rows, ["CANARY", "STEP", "STATUS", "ARM", "REQUESTS", "ERRORS", "P95", "USD/REQUEST"])
+
+
 def _breaker_state(entry: dict[str, Any]) -> str:
     """The state, and "(k of n workers)" when the workers' breakers disagree."""
     workers = entry.get("workers") or []
@@ -85,6 +99,8 @@ async def collect(url: str, key: str | None, policy: str | None) -> tuple[str, i
     status, providers = await fetch_status(url, key, "/v1/providers/status")
     if status == 200:
         report += "\n\n" + render_providers(providers["data"])
+        if providers.get("canaries"):
+            report += "\n\n" + render_canaries(providers["canaries"])
     return report, 0
 
 

@@ -20,6 +20,7 @@ import orjson
 import pytest
 import redis
 
+from gateway.budget.canary_record import RAMPING, ROLLED_BACK, ArmTally, CanaryRecord
 from gateway.budget.journal import Replay, SpendJournal
 from gateway.budget.redis_store import RedisBudgetStore, create_redis_client
 from gateway.budget.sqlite_store import SqliteBudgetStore
@@ -848,3 +849,39 @@ async def test_scripts_are_reloaded_for_a_whole_batch(redis_backend: Backend, cl
     calls = [reserve(redis_backend.store, clock, f"r{i}", line(clock, key, Charge(1))) for i in range(20)]
     assert await asyncio.gather(*calls) == [True] * 20
     assert await state(redis_backend.store, clock, key) == CounterState(key, Charge(), Charge(30))
+
+
+# --- canary records ---------------------------------------------------------------------------------------------
+
+async def test_a_canary_starts_ramping_at_step_0_and_adds_tallies_of_its_step_only(backend: Backend,
+                                                                                   clock: FakeClock) -> None:
+    store, ttl = backend.store, clock.now() + 3600
+    control, candidate = ArmTally(90, 1, 9000, ((54, 89),)), ArmTally(10, 2, 1600, ((54, 7), (60, 1)))
+
+    first = await store.canary_sync("gpt-4.1:abc", -1, (), clock.now(), ttl)
+    added = await store.canary_sync("gpt-4.1:abc", 0, (control, candidate), clock.now(), ttl)
+    again = await store.canary_sync("gpt-4.1:abc", 0, (control, ArmTally()), clock.now(), ttl)
+    stale = await store.canary_sync("gpt-4.1:abc", 3, (control, candidate), clock.now(), ttl)
+
+    assert first == CanaryRecord(0, RAMPING, time_ms(clock.now()) / 1000)
+    assert added.arms == (control, candidate)
+    assert again.arms == (control + control, candidate) and stale == again
+
+
+async def test_a_canary_moves_once_by_compare_and_set_and_its_final_state_takes_no_tallies(
+        backend: Backend, clock: FakeClock) -> None:
+    store, ttl = backend.store, clock.now() + 3600
+    await store.canary_sync("c", 0, (ArmTally(5), ArmTally(5)), clock.now(), ttl)
+    clock.advance(60)
+
+    moves = await asyncio.gather(*(store.canary_move("c", 0, 1, RAMPING, clock.now(), ttl) for _ in range(5)))
+    moved = await store.canary_sync("c", 1, (), clock.now(), ttl)
+    rolled_back = await store.canary_move("c", 1, 1, ROLLED_BACK, clock.now(), ttl)
+    kept = await store.canary_sync("c", 1, (ArmTally(3), ArmTally(3)), clock.now(), ttl)
+
+    assert sorted(moves) == [False] * 4 + [True]
+    assert moved == CanaryRecord(1, RAMPING, time_ms(clock.now()) / 1000)      # its tallies cleared
+    assert rolled_back and kept == CanaryRecord(1, ROLLED_BACK, time_ms(clock.now()) / 1000)
+    assert not await store.canary_move("c", 1, 2, RAMPING, clock.now(), ttl)
+    with pytest.raises(ValueError):
+        await store.canary_move("c", 2, 1, RAMPING, clock.now(), ttl)

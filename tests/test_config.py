@@ -106,6 +106,18 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
     ("base_url_not_http", "config.yaml: providers.mock.base_url: must be an http(s) URL"),
     ("max_response_bytes_too_small", "config.yaml: providers.mock.max_response_bytes: must be >= 1024"),
     ("route_unknown_provider", "config.yaml: routes.gpt-4.1[1]: unknown provider 'nope'"),
+    ("route_split_weight_not_positive", "config.yaml: routes.gpt-4.1.split[1].weight: must be > 0"),
+    ("route_split_unknown_provider", "config.yaml: routes.gpt-4.1.split[1]: unknown provider 'nope'"),
+    ("route_canary_steps_not_increasing", "config.yaml: routes.gpt-4.1.canary.steps: must be increasing (each step "
+                                          "a larger percent than the one before)"),
+    ("route_canary_steps_not_ending_at_100", "config.yaml: routes.gpt-4.1.canary.steps: must end at 100"),
+    ("route_canary_on_a_glob", "config.yaml: routes.gpt-4*: a canary route must name one model, not a glob"),
+    ("route_two_kinds", "config.yaml: routes.gpt-4.1: needs exactly one of split, canary or rules (has split, rules)"),
+    ("route_rules_last_not_catch_all", "config.yaml: routes.auto.rules[1]: the last rule must have no `when`: it "
+                                       "catches every request the others do not"),
+    ("route_rule_model_unpriced", "config.yaml: routes.auto.rules[0].model: model 'deepseek-v3.2' has no price: a "
+                                  "rule's model is what the request is charged"),
+    ("route_rule_model_unrouted", "config.yaml: routes.auto.rules[0].model: no route serves model 'gpt-4o-mini'"),
     ("route_provider_twice",
      "config.yaml: routes.gpt-4.1[1].provider: provider 'mock' is already listed at routes.gpt-4.1[0]"),
     ("route_model_unpriced", "config.yaml: routes.gpt-4o: model 'gpt-4o' has no price"),
@@ -137,6 +149,8 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
                                  "never match; did you mean 'prod'?"),
     ("policy_match_model_unrouted", "policies/team.yaml: match.models[0]: no route serves a model matching 'gpt4*', "
                                     "so the policy can never match; did you mean 'gpt-4*'?"),
+    ("policy_match_model_rules_route", "policies/team.yaml: match.models[0]: no route serves a model matching "
+                                       "'auto', so the policy can never match"),
     ("policy_match_model_unpriced_glob",
      "policies/team.yaml: match.models[0]: no route serves a model matching 'claude-opus-*', so the policy can "
      "never match; did you mean 'claude-*'?"),

@@ -74,3 +74,20 @@ def test_references_stand_for_numbers_booleans_and_choices() -> None:
     assert problems("config", document) == []
     document["server"] = {"port": "eighty", "access_log": "maybe"}
     assert problems("config", document) == ["server.access_log", "server.port"]
+
+
+def test_split_canary_and_rules_routes_validate_and_a_mistake_inside_one_is_pointed_at() -> None:
+    document = read(ROOT / "demo.yaml")
+    document["routes"] = {
+        "gpt-4.1": {"split": [{"provider": "mock", "weight": 95}, {"provider": "mock", "weight": 5}], "sticky": "key"},
+        "deepseek-v3.2": {"canary": {"control": "mock", "candidate": {"provider": "mock"}, "steps": [5, 100],
+                                     "promote_after": {"requests": 500, "minutes": 10},
+                                     "rollback_if": {"error_rate": 0.05, "p95_latency_ratio": 1.5}}},
+        "auto": {"rules": [{"when": {"prompt_tokens_max": 200, "tools": False, "tier": "cheap"},
+                            "model": "deepseek-v3.2"}, {"model": "gpt-4.1"}]},
+        "gpt-4o-mini": ["mock"],
+    }
+    assert problems("config", document) == []
+    document["routes"]["gpt-4.1"]["split"][1]["weight"] = 0
+    document["routes"]["auto"]["rules"][0]["when"]["tols"] = True
+    assert problems("config", document) == ["routes.auto.rules", "routes.gpt-4.1.split"]   # (each may be null)

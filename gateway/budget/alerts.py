@@ -132,6 +132,18 @@ class AlertSender:
                 if not self._enqueue(policy.alerts.webhook, Delivery.of(fresh)):
                     self._seen.difference_update(alert.key for alert in fresh)   # a later settle offers them again
 
+    def send(self, url: str, delivery: Delivery) -> bool:
+        """Queue one alert that no settle found (a canary rollback) for `url`; False when its queue is full."""
+        return self._enqueue(url, delivery)
+
+    def receivers(self) -> dict[str, Policy]:
+        """Each webhook URL of the active policies, with the first policy that names it."""
+        receivers: dict[str, Policy] = {}
+        for policy in self._policy_index().values():
+            if policy.alerts is not None:
+                receivers.setdefault(policy.alerts.webhook, policy)
+        return receivers
+
     def start(self, session: aiohttp.ClientSession) -> None:
         """Start delivering with `session`: every receiver's loop, and the sweep for alerts to take over."""
         self._session = session

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
 from gateway.budget.store import (
     BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver, ReserveLine, ReserveOutcome,
 )
@@ -102,6 +103,16 @@ class InstrumentedStore:
     def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """The wrapped store's `pending_alerts`."""
         return self.wrapped.pending_alerts(now, limit)
+
+    def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                    expires_at: float) -> Awaitable[CanaryRecord]:
+        """The wrapped store's `canary_sync`."""
+        return self.wrapped.canary_sync(canary, step, tallies, now, expires_at)
+
+    def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                    expires_at: float) -> Awaitable[bool]:
+        """The wrapped store's `canary_move`."""
+        return self.wrapped.canary_move(canary, from_step, to_step, status, now, expires_at)
 
     def flush(self) -> None:
         """Send what the wrapped store holds back to share a write."""

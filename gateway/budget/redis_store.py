@@ -1,7 +1,8 @@
 """The budget store on Redis, Redis Cluster or Sentinel: one Lua script per operation, one round trip each.
 
 Ledger reads (XRANGE) are single commands and need no script; alert claims are scripts on a pool
-connection, as rare as alerts (both in `gateway.budget.redis_records`).
+connection, as rare as alerts (both in `gateway.budget.redis_records`); so are canary records
+(`gateway.budget.redis_canary`).
 
 CPU matters here (two scripts per request): the scripts take few, compact arguments (numbers as one
 JSON array, see lib.lua), and on Redis and Sentinel they are auto-pipelined over one dedicated
@@ -30,6 +31,9 @@ Key layout (prefix "gw"):
                                              delivered)
     {gw}:alert_leases                        zset alert key scored by its claim's lease end (ms), until
                                              delivered
+    {gw}:canary:<canary>                     hash step, status, since (ms) and the arms' tally fields
+                                             of the step (see canary_record.py); PEXPIRE moved on by
+                                             every sync
 
 Every key carries the hash tag `{<prefix>}`, so on Redis Cluster all budget keys live on ONE slot:
 that is the price of atomic reservations across policies (a request reserves on all its counters in
@@ -50,7 +54,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
 from gateway.budget.rate_windows import BUCKETS, bucket_ms, epoch_of, kind_of, split_each
+from gateway.budget.redis_canary import RedisCanaries
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
 from gateway.budget.redis_records import LedgerAndAlerts, ms, script_source
 from gateway.budget.store import (
@@ -87,6 +93,7 @@ class RedisBudgetStore:
         self._scripts = {name: client.register_script(script_source(name)) for name in _SCRIPTS}
         self._commands = PublicApiDriver(client, max_in_flight)   # ledger reads and alerts, always
         self._records = LedgerAndAlerts(client, self._commands, self._prefix)
+        self._canaries = RedisCanaries(client, self._commands, self._prefix)
         self._driver: ScriptDriver = choose_driver(client, self._commands)
         self.capabilities: StoreCapabilities = replace(self._driver.capabilities, self_timed=_SELF_TIMED)
         self._leases = self._key("leases")
@@ -157,19 +164,8 @@ class RedisBudgetStore:
             words.append(f"{amount_words},{key_and_limits[1]}")
         args = [self._prefix, ids[0], f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},"
                 f"{int(need_group)},{','.join(words)}]", *ids[1:]]
-
-        def outcome(reply: list[Any]) -> ReserveOutcome:
-            if reply[0] == 1:
-                return RESERVED if len(reply) == 1 else ReserveOutcome(
-                    True, used=tuple(map(int, reply[2].split())), skipped=tuple(map(int, reply[1].split())))
-            if reply[0] == -1:
-                raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
-            wait = reply[4] if len(reply) > 4 else 0
-            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3] == 1,
-                                  retry_after=wait / 1000 if wait > 0 else (-1.0 if wait < 0 else None),
-                                  used=tuple(reply[5:6]))
-
-        return self._call("reserve", keys, args, outcome, operation, lazy)
+        first = ids[0]
+        return self._call("reserve", keys, args, lambda reply: _reserve_outcome(reply, first), operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
                entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
@@ -234,6 +230,16 @@ class RedisBudgetStore:
     def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """Claimed, undelivered alerts whose lease ended, oldest lease first (see `BudgetStore`)."""
         return self._records.pending_alerts(now, limit)
+
+    def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                    expires_at: float) -> Awaitable[CanaryRecord]:
+        """Add the tallies of `step` and read the canary back (see `BudgetStore`)."""
+        return self._canaries.sync(canary, step, tallies, now, expires_at)
+
+    def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                    expires_at: float) -> Awaitable[bool]:
+        """Move the canary on by compare-and-set on its step (see `BudgetStore`)."""
+        return self._canaries.move(canary, from_step, to_step, status, now, expires_at)
 
     async def ping(self) -> bool:
         """True when Redis runs a script down the path budget operations take (the pipeline on Redis and
@@ -327,6 +333,19 @@ def _sentinel_master(rest: str, timeout_s: float, pool_size: int, options: dict[
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def _reserve_outcome(reply: list[Any], first_id: str) -> ReserveOutcome:
+    """The outcome of reserve.lua's reply (see its header)."""
+    if reply[0] == 1:
+        return RESERVED if len(reply) == 1 else ReserveOutcome(
+            True, used=tuple(map(int, reply[2].split())), skipped=tuple(map(int, reply[1].split())))
+    if reply[0] == -1:
+        raise ValueError(f"request {first_id!r} (or another id of the call) already holds a reservation")
+    wait = reply[4] if len(reply) > 4 else 0
+    return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3] == 1,
+                          retry_after=wait / 1000 if wait > 0 else (-1.0 if wait < 0 else None),
+                          used=tuple(reply[5:6]))
 
 
 def _key_of(prefix: str, counter: CounterKey) -> str:

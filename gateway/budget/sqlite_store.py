@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus, check_canary_move
+from gateway.budget.sqlite_canary import CANARY_SCHEMA, move_canary, sync_canary
 from gateway.budget.sqlite_rates import RATE_SCHEMA
 from gateway.budget.sqlite_tables import Db, Spend, SpendLines, SqliteTables
 from gateway.budget.store import (
@@ -139,6 +141,18 @@ class SqliteBudgetStore:
         """Claimed, undelivered alerts whose lease ended, oldest lease first."""
         return await self._transaction(lambda db: self._tables.pending_alerts(db, now, limit))
 
+    async def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                          expires_at: float) -> CanaryRecord:
+        """Add the tallies of `step` and read the canary back."""
+        return await self._transaction(lambda db: sync_canary(db, canary, step, tallies, now, expires_at))
+
+    async def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                          expires_at: float) -> bool:
+        """Move the canary on by compare-and-set on its step."""
+        check_canary_move(from_step, to_step, status)
+        return await self._transaction(
+            lambda db: move_canary(db, canary, from_step, to_step, status, now, expires_at))
+
     async def ping(self) -> bool:
         """True when the database answers a query."""
         try:
@@ -188,7 +202,7 @@ class SqliteBudgetStore:
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=5.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA + RATE_SCHEMA)
+            conn.executescript(_SCHEMA + RATE_SCHEMA + CANARY_SCHEMA)
             _migrate_alerts(conn)
             _add_missing_columns(conn)
             self._conn = conn

@@ -7,6 +7,10 @@ releases the reservation when it fails. A reservation not settled by its lease t
 a crashed replica never under-counts. Every request id adds spend at most once: settling, lease
 expiry and `record` (journal replay) each leave a marker that makes a later `record` a no-op.
 
+A canary's shared state (its step and each arm's tally in it, `gateway.budget.canary_record`) is kept
+beside the budgets: `canary_sync` adds a replica's tallies and reads the record back in one operation,
+`canary_move` changes the step by compare-and-set.
+
 Budget alerts are claimed, posted and marked delivered (`claim_alert`, `alert_delivered`): a claim is a
 lease, and one not marked delivered when it ends can be taken over by any replica (`pending_alerts`),
 so an alert is delivered at least once, and once in the normal case.
@@ -33,6 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
+from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
 from gateway.domain.pricing import MAX_AMOUNT, Charge
 from gateway.errors import StoreError
 
@@ -303,6 +308,23 @@ class BudgetStore(Protocol):
     def pending_alerts(self, now: float, limit: int) -> Awaitable[list[tuple[str, str]]]:
         """Up to `limit` alerts claimed but not delivered whose lease ended, oldest lease first, as
         (key, payload): what a replica that claimed them and died (or gave up) left to be sent."""
+
+    def canary_sync(self, canary: str, step: int, tallies: Sequence[ArmTally], now: float,
+                    expires_at: float) -> Awaitable[CanaryRecord]:
+        """Add `tallies` (control, candidate) to canary `canary`'s arms when it is ramping at `step`, and
+        return its record, all in one atomic operation; tallies of another step or status are dropped.
+
+        A canary never seen starts ramping at step 0 since `now`. No tallies: a read. The record is kept
+        until `expires_at` (each call moves that on).
+        """
+
+    def canary_move(self, canary: str, from_step: int, to_step: int, status: CanaryStatus, now: float,
+                    expires_at: float) -> Awaitable[bool]:
+        """Move a ramping canary from `from_step` to `to_step` with `status`, its tallies cleared and its step
+        begun `now`; False (no change) when it is not ramping at `from_step` (another replica moved it).
+
+        ValueError for a step that goes back or an unknown status.
+        """
 
     def ping(self) -> Awaitable[bool]:
         """True when the storage answers."""

@@ -18,6 +18,7 @@ from gateway.config.interpolate import Loc
 from gateway.config.issues import render
 from gateway.config.model import ApiKey, Policy, Route, ServerConfig
 from gateway.config.reach import Prices, Reach
+from gateway.config.route_checks import check_canary, check_rules, target_locs
 
 __all__ = ["Loaded", "PolicyAt", "check"]
 
@@ -60,28 +61,25 @@ def check(loaded: Loaded) -> None:
 
 
 def _check_route(loaded: Loaded, route: Route) -> None:
-    """Known providers, each once; every target of a plain model name priced.
+    """Known providers, each once; every target of a plain model name priced; rules name served models.
 
     A glob's targets are priced per model at request time: one that cannot be is refused there (404).
     """
     doc, loc = loaded.config, ("routes", route.pattern)
-    raw = doc.data["routes"][route.pattern]
-    named = [(_provider_loc(raw[index], (*loc, index)), target) for index, target in enumerate(route.targets)]
+    named = target_locs(doc.data["routes"][route.pattern], loc, route)
+    if route.rules:
+        check_rules(doc, loc, route, loaded.routes or (), loaded.prices)
+    check_canary(doc, loc, route)
     known = []
     for at, target in named:
         if loaded.providers is None or target.provider in loaded.providers:
             known.append((at, target))
         else:
-            doc.report(at[:len(loc) + 1], f"unknown provider {doc.quoted(at, target.provider)}")
-    if loaded.prices is not None and not is_glob(route.pattern):
+            doc.report(at[:-1] if at[-1] == "provider" else at, f"unknown provider {doc.quoted(at, target.provider)}")
+    if loaded.prices is not None and not is_glob(route.pattern) and not route.rules:
         _check_priced(doc, loc, route.pattern, [target for _, target in known], loaded.prices)
     for at, provider, first in _repeats((at, target.provider) for at, target in known):
         doc.report(at, f"provider {doc.quoted(at, provider)} is already listed at {render(first)}")
-
-
-def _provider_loc(written: Any, loc: Loc) -> Loc:
-    """Where a target's provider name is written: the item itself, or its `provider` key."""
-    return (*loc, "provider") if isinstance(written, dict) else loc
 
 
 def _check_priced(doc: Doc, loc: Loc, model: str, targets: Sequence[Any], prices: frozenset[str]) -> None:

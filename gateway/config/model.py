@@ -8,7 +8,6 @@ sections or files (routes -> providers, prices, what a policy can match) are in 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cached_property
@@ -26,6 +25,7 @@ from gateway.config.fields import (
     Count, Fraction, HttpUrl, Money, Name, Path, RedisUrl, Seconds, Sha256, Share, TimeZone, Webhook,
 )
 from gateway.config.hosts import is_loopback
+from gateway.config.routes import Route, RouteForm, RouteTarget, routes_of
 
 __all__ = [
     "ServerConfig", "StoreConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
@@ -159,38 +159,6 @@ class ProviderConfig:
         """In a file the name is the provider's key under `providers`."""
         fields, problems = file_form(data, info, ("name",))
         return handler(data) if fields is None else checked(handler, fields, problems)
-
-
-@dataclass(frozen=True, config=STRICT)
-class RouteTarget:
-    """One provider of a route, with the model name that provider knows; in a file, a name or a mapping."""
-
-    provider: str
-    upstream_model: str | None = Field(default=None, validation_alias="model")
-    """None: the client's model name is forwarded as is."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _a_name(cls, data: Any) -> Any:
-        """A provider named alone."""
-        return {"provider": data} if isinstance(data, str) else data
-
-    @staticmethod
-    def __get_pydantic_json_schema__(schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        """A provider name, or {provider, model}."""
-        return {"anyOf": [{"type": "string", "description": "a provider name"}, handler(schema)]}
-
-
-@dataclass(frozen=True, config=STRICT)
-class Route:
-    """A model name or glob and the providers that serve it, primary first."""
-
-    pattern: str
-    targets: tuple[RouteTarget, ...]
-
-    def matches(self, model: str) -> bool:
-        """True when `model` is this route's name or matches its glob."""
-        return model == self.pattern or fnmatch.fnmatchcase(model, self.pattern)
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -510,13 +478,8 @@ def _with_name(provider: ProviderConfig, name: str) -> ProviderConfig:
     return provider if provider.name == name else dataclasses.replace(provider, name=name)
 
 
-def _routes(routes: dict[str, list[RouteTarget]]) -> tuple[Route, ...]:
-    """Routes in file order."""
-    return tuple(Route(pattern=pattern, targets=tuple(targets)) for pattern, targets in routes.items())
-
-
 Providers = Annotated[dict[str, ProviderConfig], read_as(dict[str, ProviderConfig], _named)]
-Routes = Annotated[tuple[Route, ...], read_as(dict[str, Annotated[list[RouteTarget], Field(min_length=1)]], _routes)]
+Routes = Annotated[tuple[Route, ...], read_as(dict[str, RouteForm], routes_of)]
 Keys = tuple[ApiKey, ...]
 
 
@@ -529,7 +492,7 @@ class Settings:
     providers: Providers = Field(kw_only=True)
     """By name."""
     routes: Routes = Field(kw_only=True)
-    """Client model name (or glob) -> providers, primary first."""
+    """Client model name (or glob) -> providers, primary first; or a split, canary or rules."""
     pricing: Annotated[dict[str, ModelPrice],
                        BeforeValidator(lambda value: value, json_schema_input_type=str | dict[str, ModelPrice])
                        ] = Field(kw_only=True)

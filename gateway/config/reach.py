@@ -68,8 +68,9 @@ class Reach:
 
     @cached_property
     def _served(self) -> frozenset[str]:
-        """Exact route names, and the priced models that a glob route serves."""
-        names = {route.pattern for route in self.routes or () if not is_glob(route.pattern)}
+        """Exact route names (not a rules route's: its request is charged as the model a rule picks), and the
+        priced models that a glob route serves."""
+        names = {route.pattern for route in self.routes or () if not is_glob(route.pattern) and not route.rules}
         priced = (model for model in self.prices or () if any(r.matches(model) for r in self._glob_routes))
         return frozenset(names.union(priced))
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from gateway.config.hosts import is_loopback
-from gateway.config.model import RouteTarget, Settings
+from gateway.config.model import Route, RouteTarget, Settings
 
 __all__ = ["summarize", "startup_line"]
 
@@ -19,7 +19,7 @@ def summarize(settings: Settings) -> str:
         f"store: {_store(settings, detail=True)}",
         "providers: " + ", ".join(f"{p.name} ({_url_host(p.base_url)})" for p in settings.providers.values()),
         f"routes: {len(settings.routes)}",
-        *(f"  {route.pattern} -> {', '.join(map(_target, route.targets))}" for route in settings.routes),
+        *(f"  {route.pattern} -> {_route(route)}" for route in settings.routes),
         f"pricing: {len(settings.pricing)} models",
         f"keys: {len(settings.keys)}",
         f"policies: {len(settings.policies)}" + _names(policy.name for policy in settings.policies),
@@ -72,6 +72,20 @@ def _redis_hosts(url: str) -> str:
 def _url_host(url: str) -> str:
     """host[:port] of an http(s) URL, without its userinfo."""
     return urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _route(route: Route) -> str:
+    """How a route serves: its providers in order, or its split, canary or rules."""
+    if route.rules:
+        return "rules: " + ", ".join(rule.model for rule in route.rules)
+    if route.canary is not None:
+        canary = route.canary
+        steps = "/".join(map(str, canary.steps))
+        return f"canary {_target(canary.control)} -> {_target(canary.candidate)} in steps {steps}%"
+    if route.weights:
+        arms = ", ".join(f"{_target(target)} {weight}" for target, weight in zip(route.targets, route.weights))
+        return f"split {arms}" + (f" (sticky {route.sticky})" if route.sticky != "none" else "")
+    return ", ".join(map(_target, route.targets))
 
 
 def _target(target: RouteTarget) -> str:

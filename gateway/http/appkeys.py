@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from gateway.upstream.open_streams import OpenStreams
     from gateway.upstream.providers import ProviderPool
     from gateway.resilience.registry import ResilienceRegistry
+    from gateway.routing.router import Router
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
-           "PEERS", "OPEN_STREAMS"]
+           "PEERS", "OPEN_STREAMS", "ROUTER"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -35,3 +36,4 @@ ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
 PEERS: web.AppKey[Peers] = web.AppKey("peers")
 OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")
+ROUTER: web.AppKey[Router] = web.AppKey("router")

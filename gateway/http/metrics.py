@@ -15,8 +15,9 @@ from prometheus_client.metrics_core import Metric
 
 from gateway.config.model import Settings
 from gateway.errors import Unauthorized
-from gateway.http.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE
+from gateway.http.appkeys import BACKGROUND, BUDGET, CONFIG, METRICS, PEERS, RELOADER, RESILIENCE, ROUTER
 from gateway.http.auth import bearer_token, token_digest
+from gateway.observability.canaries import read_canaries
 from gateway.observability.merge import decode, encode, merge
 from gateway.observability.scrape import Scrape, background_family, breaker_family, read_budgets, reload_family
 
@@ -42,7 +43,7 @@ def own_families(app: web.Application) -> list[Metric]:
 
 
 async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
-    """Render every worker's families plus the budget gauges read for this scrape (one store read)."""
+    """Render every worker's families plus the budget and canary gauges read for this scrape from the store."""
     app = request.app
     settings = app[CONFIG].current
     require_metrics_key(request, settings)
@@ -50,6 +51,7 @@ async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
     asked = asyncio.ensure_future(peers.siblings("metrics")) if peers is not None else None
     try:
         budgets = await read_budgets(app[BUDGET], settings, app[METRICS])
+        budgets += await read_canaries(app[ROUTER].canaries, settings)
         families = own_families(app)         # after the read, so this scrape shows its own store read
         if asked is not None:
             families = merge([families, *map(decode, await asked)])

@@ -1,7 +1,8 @@
 """`GET /v1/providers/status`: each provider's circuit breaker, for admins only.
 
 Anyone else gets the same 404 as an unknown path, so the endpoint does not reveal that it exists.
-Only breaker state is shown: never a key, never a base URL. Under `gateway run --workers N` each worker
+Only breaker state is shown: never a key, never a base URL. With canary routes, `canaries` lists each one's
+step and arm figures, read from the store (so every replica answers the same; null when it cannot be read). Under `gateway run --workers N` each worker
 has its own breakers: a provider's entry is then its worst worker's (open before half-open before
 closed, then the higher failure rate) and `workers` lists every worker's, by index.
 """
@@ -14,9 +15,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import Unauthorized
-from gateway.http.appkeys import CONFIG, PEERS, RESILIENCE
+from gateway.errors import StoreError, Unauthorized
+from gateway.http.appkeys import CONFIG, PEERS, RESILIENCE, ROUTER
 from gateway.http.auth import authenticate
+from gateway.routing.report import canary_entry
 
 __all__ = ["provider_status", "add_provider_status_routes"]
 
@@ -70,7 +72,18 @@ async def provider_status(request: web.Request) -> web.Response:
     peers = request.app.get(PEERS)
     data = [_entry(snapshot) for snapshot in own] if peers is None else \
         _every_worker(await peers.everyone("breakers", own))
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+    body: dict[str, Any] = {"object": "list", "data": data}
+    if any(route.canary is not None for route in request.app[CONFIG].current.routes):
+        body["canaries"] = await _canaries(request.app)
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _canaries(app: web.Application) -> list[dict[str, Any]] | None:
+    """Each canary as the store holds it (every replica shows the same); None when the store cannot say."""
+    try:
+        return [canary_entry(run, record) for run, record in await app[ROUTER].canaries.read(app[CONFIG].current)]
+    except StoreError:
+        return None
 
 
 def add_provider_status_routes(app: web.Application) -> None:

@@ -13,16 +13,17 @@ from gateway.budget.engine import BudgetEngine
 from gateway.budget.reservation import Downgrade, Reservation
 from gateway.config.holder import ConfigHolder
 from gateway.domain.ledger_facts import LedgerFacts
-from gateway.domain.plan import PlanCache
 from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
 from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
-from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE
+from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE, ROUTER
 from gateway.http.auth import KnownTokens, authenticate
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
 from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
+from gateway.routing.canary_runs import latency_of
+from gateway.routing.router import RouteChoice, Router
 from gateway.upstream.charging import Bill, Delivery, bill_for
 from gateway.upstream.dispatch import dispatch
 from gateway.upstream.open_streams import OpenStreams
@@ -43,7 +44,7 @@ class Proxy:
 
     app: web.Application
     config: ConfigHolder
-    plans: PlanCache
+    router: Router
     budget: BudgetEngine
     resilience: ResilienceRegistry
     tokens: KnownTokens
@@ -56,7 +57,7 @@ class Proxy:
 
 
 async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> web.StreamResponse:
-    """caller -> request -> plan -> reserve -> providers -> relay -> settle."""
+    """caller -> request -> route -> reserve -> providers -> relay -> settle."""
     record = request[RECORD]
     settings = proxy.config.current
     caller = authenticate(request, settings, proxy.tokens)
@@ -64,11 +65,12 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     req = await read_proxy_request(request, endpoint, settings.server)
     record.model = record.requested_model = req.model
     record.stream = req.stream
-    plan = proxy.plans.plan_for(settings, req.model)
+    choice = proxy.router.route(settings, caller, req, request.headers)
+    plan = choice.plan
     record.route = plan.route
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     if isinstance(reservation, Downgrade):   # refused by a policy that serves a cheaper model instead
-        cheaper = proxy.plans.plan_for(settings, reservation.model)
+        cheaper = proxy.router.plans.plan_for(settings, reservation.model)
         reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
                                                             reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
@@ -91,6 +93,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         raise
     finally:
         settle(proxy.budget, record, reservation, delivery)
+        if choice.run is not None and reservation.plan is plan:
+            tally(choice, record, delivery)
 
 
 async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, providers: ProviderPool,
@@ -169,6 +173,13 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
     budget.settle(reservation, bill.charge if bill else None, facts)
 
 
+def tally(choice: RouteChoice, record: AccessRecord, delivery: Delivery) -> None:
+    """Count the request in its canary arm: served by the arm's provider (with its cost and latency), or failed."""
+    assert choice.run is not None
+    served_by = None if delivery.upstream_failed or delivery.reply is None else delivery.reply.target.provider
+    choice.run.observe(choice, served_by, record.cost_nano, latency_of(record.started, record.first_byte_s))
+
+
 def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
     """Say that an answer was charged on the gateway's bound, not on the upstream's usage (never its values)."""
     log.warning("provider %s answered request %s with %s; charged the gateway's bound instead (%d tokens)",
@@ -178,7 +189,7 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
-    proxy = Proxy(app, app[CONFIG], PlanCache(), app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
+    proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

@@ -29,7 +29,7 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 STORE_READ_TIMEOUT_S = 2.0
 _BUDGET_LABELS = ("policy", "period", "unit")
 BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_reservations", "accept_connections",
-                    "header_deadlines")
+                    "header_deadlines", "canary_sync")
 
 
 class Scrape(Collector):
