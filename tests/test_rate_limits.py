@@ -292,7 +292,8 @@ async def test_a_minute_window_serves_from_spares_far_from_its_limit_and_admits_
     else:
         store = SqliteBudgetStore(store_config.path)
     counting = CountingStore(store)
-    policy = rate_policy("rpm", each="key", requests=40, budgets=(BudgetLimit(period="daily", usd=Decimal("100")),))
+    limit = 400                                               # spares keep 256 requests of it free (8 replicas' pools)
+    policy = rate_policy("rpm", each="key", requests=limit, budgets=(BudgetLimit(period="daily", usd=Decimal("100")),))
     settings = make_settings({"primary": upstream.url}, store=store_config, policies=(policy,))
     gateway = await start_gateway(settings, clock=clock, store=counting)
     engine = gateway.app[BUDGET]
@@ -306,14 +307,29 @@ async def test_a_minute_window_serves_from_spares_far_from_its_limit_and_admits_
 
     replies = await requests(5)
     clock.advance(bucket_ms("minute") / 1000)                # the next bucket of the window
-    replies += await requests(40)
-    assert [r.status for r in replies] == [200] * 40 + [429] * 5 and upstream.hits == 40
-    assert counting.calls["reserve"] < 45 // 2               # most were served from spares...
-    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in replies[:40]]
-    assert all(left <= 39 - i for i, left in enumerate(remaining))   # ...never overstating the window's room,
-    assert remaining[:5] == [39, 38, 37, 36, 35] and remaining[-10:] == list(range(9, -1, -1))
-    assert counting.calls["release"] == 1                    # the spare of the first bucket given back at its end
-    assert counting.calls["reserve"] >= 40 // 4              # ...and the last quarter reserved in the store itself
+    replies += await requests(limit)
+    assert [r.status for r in replies] == [200] * limit + [429] * 5 and upstream.hits == limit
+    assert counting.calls["reserve"] < limit + 5 - 100        # the first hundred or more were served from spares,
+    assert counting.calls["release"] == 1                    # the one left in the first bucket given back at its end,
+    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in replies[:limit]]
+    assert all(left <= limit - 1 - i for i, left in enumerate(remaining))   # never overstating the window's room,
+    assert remaining[:5] == [399, 398, 397, 396, 395]
+    assert remaining[-256:] == list(range(255, -1, -1))      # and the last 256 reserved in the store: exact
+
+
+async def test_a_small_window_never_takes_spares(upstream, start_gateway, http, store_config, clock):
+    if store_config.url:
+        store = RedisBudgetStore(create_redis_client(store_config.url, 1.0, 16), max_in_flight=16)
+    else:
+        store = SqliteBudgetStore(store_config.path)
+    counting = CountingStore(store)
+    settings = make_settings({"primary": upstream.url}, store=store_config, policies=(rate_policy(requests=50),))
+    gateway = await start_gateway(settings, clock=clock, store=counting)
+    for _ in range(10):
+        assert (await chat(http, gateway)).status == 200
+        await gateway.app[BUDGET].quiet()
+    assert counting.calls["reserve"] == 10                   # 50 is within the 256 kept free of spares
+    assert counting.calls["reserve_spares"] <= 10 and counting.calls["release"] == 0
 
 
 async def test_status_shows_each_windows_use_to_the_admin_and_a_client_its_own(upstream, start_gateway, http,

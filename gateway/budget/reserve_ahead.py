@@ -5,9 +5,10 @@ off the request's path; a batch for a pool still half full may wait a moment to 
 not taken go back to the store in the background, journaled when the store fails. A request the store
 refuses first takes back the spares this replica holds on its counters (`reclaim`).
 
-On a rate window a batch is asked for with the window's limits less 1/RATE_MARGIN of them: spares are
-made only while a quarter of the window stays free beside them, so near a rate limit every request
-reserves in the store itself.
+On a rate window a batch is asked for with the window's limits less a margin: a quarter of the limit,
+and at least MARGIN_WORST_CASES of the batch's worst case (what the full pools of 8 replicas hold). Spares
+are made only while that much of the window stays free beside them, so near a rate limit (and on any
+window too small for it) every request reserves in the store itself.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ from gateway.errors import StoreError
 __all__ = ["ReserveAhead", "RATE_MARGIN"]
 
 log = logging.getLogger("gateway.budget")
-RATE_MARGIN = 4          # a rate window keeps 1/RATE_MARGIN of its limit free of spares
+RATE_MARGIN = 4                # a rate window keeps 1/RATE_MARGIN of its limit free of spares...
+MARGIN_WORST_CASES = 8 * 32    # ...and at least this many worst cases (8 replicas' pools at MAX_DEPTH)
 
 
 def _margined(lines: Sequence[ReserveLine]) -> list[ReserveLine]:
-    """The lines a batch of spares is asked for with: rate windows' limits less 1/RATE_MARGIN of them."""
-    return [line._replace(limits=_less_margin(line.limits)) if kind_of(line.counter) == "rate" else line
-            for line in lines]
+    """The lines a batch of spares is asked for with: rate windows' limits less their margin."""
+    return [line._replace(limits=_less_margin(line.limits, line.amount)) if kind_of(line.counter) == "rate"
+            else line for line in lines]
 
 
-def _less_margin(limits: Limits) -> Limits:
-    usd, tokens, requests = (None if limit is None else limit - -(-limit // RATE_MARGIN) for limit in limits)
+def _less_margin(limits: Limits, amount: Charge) -> Limits:
+    usd, tokens, requests = (None if limit is None else max(0, limit - max(-(-limit // RATE_MARGIN),
+                                                                          MARGIN_WORST_CASES * worst))
+                             for limit, worst in zip(limits, amount))
     return usd, tokens, requests
 
 
