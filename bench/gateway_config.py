@@ -74,6 +74,23 @@ def _no_budget(config: Document, policies: Document) -> None:
                              "budgets": [{"period": "daily", "usd": 1}]}]
 
 
+def _rate_limits(config: Document, policies: Document) -> None:
+    """The team policy counted per key, with a per-key minute window (requests and tokens) so high it never
+    refuses (acceptance 9 of issue 18): every request holds on its window beside its budgets, in the same
+    store call or spare reservation."""
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team |= {"each": "key", "rate_limits": [{"per": "minute", "requests": 1_000_000_000, "tokens": 1_000_000_000_000}]}
+
+
+def _rate_limits_strict(config: Document, policies: Document) -> None:
+    """`rate-limits` plus a per-second window and max_concurrent: lines no spare reservation may hold, so every
+    request reserves in the store itself."""
+    _rate_limits(config, policies)
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team["max_concurrent"] = 1_000_000
+    team["rate_limits"].append({"per": "second", "requests": 1_000_000_000})
+
+
 def _second_provider(config: Document) -> None:
     """A second provider on the bench's one mock upstream, for routes with arms."""
     config["providers"]["mock-b"] = copy.deepcopy(config["providers"]["mock"])
@@ -98,6 +115,10 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
     "no-budget": _no_budget,
+    "rate-limits": _rate_limits,
+    "rate-limits-strict": _rate_limits_strict,
+
+
     "split": _split,
     "canary": _canary,
 }

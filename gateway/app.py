@@ -28,6 +28,7 @@ from gateway.http.info import add_info_routes
 from gateway.http.metrics import add_metrics_routes
 from gateway.http.middleware import request_middleware
 from gateway.http.provider_status import add_provider_status_routes
+from gateway.http.rate_limits import add_rate_limit_routes
 from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
 from gateway.observability.access_log import AccessLog
@@ -84,6 +85,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     add_info_routes(app)
     add_provider_status_routes(app)
     add_budget_routes(app)
+    add_rate_limit_routes(app)
     add_metrics_routes(app)
     return app
 

@@ -74,15 +74,18 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
         reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
                                                             reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
+    if reservation.skip:
+        record.rate_skipped = tuple(sorted(reservation.skip))
     record.model = reservation.plan.model
     delivery = Delivery(True)                # dispatched
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
-                                        deadline_s=settings.retry.deadline_s)
+                                        deadline_s=settings.retry.deadline_s, skip=reservation.skip)
         record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
         record.attempts = delivery.reply.attempts
-        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst)
+        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst,
+                             reservation.headers)
     except UpstreamFailure as failure:
         delivery.upstream_failed = True
         if failure.attempts is not None:    # no provider answered
@@ -95,8 +98,9 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
 
 
 async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, providers: ProviderPool,
-                  streams: OpenStreams, worst: WorstCase) -> web.StreamResponse:
-    """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole."""
+                  streams: OpenStreams, worst: WorstCase, limits: dict[str, str] | None = None) -> web.StreamResponse:
+    """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole;
+    with the x-ratelimit-* headers of the request's tightest rate limit (`limits`)."""
     assert delivery.reply is not None
     reply, redactor, record = delivery.reply, providers.redactor, request[RECORD]
     target = reply.target
@@ -104,6 +108,8 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
                  "x-gateway-attempts": str(reply.attempts), "x-request-id": record.request_id}
     if record.downgraded_from is not None:
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
+    if limits is not None:
+        served_by |= limits
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by,

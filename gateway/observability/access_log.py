@@ -37,6 +37,7 @@ class AccessRecord:
     stream: bool = False
     first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event
     error: str | None = None
+    rate_skipped: tuple[str, ...] = ()       # providers skipped at their own rate limit
 
     def line(self, option: int = 0) -> bytes:
         """The JSON log line (`option`: orjson's, such as OPT_APPEND_NEWLINE)."""
