@@ -105,6 +105,23 @@ def _cache_refresh(config: Document, policies: Document) -> None:
 CLIENT_HEADERS = {"cache-refresh": {"Cache-Control": "no-cache"}}
 """Request headers a variant's clients send."""
 
+def _rate_limits(config: Document, policies: Document) -> None:
+    """The team policy counted per key, with a per-key minute window (requests and tokens) so high it never
+    refuses (acceptance 9 of issue 18): every request holds on its window beside its budgets, in the same
+    store call or spare reservation."""
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team |= {"each": "key", "rate_limits": [{"per": "minute", "requests": 1_000_000_000, "tokens": 1_000_000_000_000}]}
+
+
+def _rate_limits_strict(config: Document, policies: Document) -> None:
+    """`rate-limits` plus a per-second window and max_concurrent: lines no spare reservation may hold, so every
+    request reserves in the store itself."""
+    _rate_limits(config, policies)
+    team = next(policy for policy in policies["policies"] if policy["name"] == TEAM_POLICY)
+    team["max_concurrent"] = 1_000_000
+    team["rate_limits"].append({"per": "second", "requests": 1_000_000_000})
+
+
 def _second_provider(config: Document) -> None:
     """A second provider on the bench's one mock upstream, for routes with arms."""
     config["providers"]["mock-b"] = copy.deepcopy(config["providers"]["mock"])
@@ -133,6 +150,8 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "cache-miss": _cache_miss,
     "cache-store-miss": _cache_store_miss,
     "cache-refresh": _cache_refresh,
+    "rate-limits": _rate_limits,
+    "rate-limits-strict": _rate_limits_strict,
     "split": _split,
     "canary": _canary,
 }

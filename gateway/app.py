@@ -30,6 +30,7 @@ from gateway.http.info import add_info_routes
 from gateway.http.metrics import add_metrics_routes
 from gateway.http.middleware import request_middleware
 from gateway.http.provider_status import add_provider_status_routes
+from gateway.http.rate_limits import add_rate_limit_routes
 from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
 from gateway.observability.access_log import AccessLog
@@ -85,12 +86,18 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app.cleanup_ctx.append(canary_sync)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every endpoint: the forwarded OpenAI ones, then the gateway's own."""
     add_proxy_routes(app)
     add_info_routes(app)
     add_provider_status_routes(app)
     add_budget_routes(app)
+    add_rate_limit_routes(app)
     add_metrics_routes(app)
-    return app
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ GatewayError                      -> an HTTP error answered in OpenAI's error sh
  ├── PayloadTooLarge       413
  ├── UnsupportedMediaType  415
  ├── BudgetExceeded        429    budget_exceeded (x-should-retry: false, Retry-After)
+ ├── RateLimited           429    rate_limit_exceeded (x-should-retry: true, Retry-After; false when it never fits)
  ├── StoreUnavailable      503    budget_store_unavailable
  ├── WorkerUnavailable     503    worker_unavailable (a sibling worker did not answer for /metrics or status)
  └── UpstreamFailure       502/503/504/429  every provider failed
@@ -22,7 +23,7 @@ from typing import Any
 
 __all__ = [
     "GatewayError", "InvalidRequest", "Unauthorized", "NotFound", "RequestTimeout", "PayloadTooLarge",
-    "UnsupportedMediaType", "BudgetExceeded", "StoreUnavailable", "WorkerUnavailable", "UpstreamFailure",
+    "UnsupportedMediaType", "BudgetExceeded", "RateLimited", "StoreUnavailable", "WorkerUnavailable", "UpstreamFailure",
     "ConfigError", "ConfigIssue", "StoreError", "error_body",
 ]
 
@@ -83,6 +84,15 @@ class BudgetExceeded(GatewayError):
     status, type, code = 429, "budget_exceeded", "budget_exceeded"
     policy: str | None = None                # the refusing policy and period, a metrics label
     period: str | None = None
+
+
+class RateLimited(GatewayError):
+    """A rate limit or max_concurrent of a policy (or every provider's own rate limit) refused the request."""
+
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+    policy: str | None = None                # the refusing policy, a metrics label
+    provider: str | None = None              # or the provider whose own limit refused it (every one was full)
+    kind: str = "requests"                   # requests, tokens or concurrent, a metrics label
 
 
 class StoreUnavailable(GatewayError):

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["fetch_status", "render_budgets", "render_providers", "render_canaries", "run_status"]
+__all__ = ["fetch_status", "render_budgets", "render_rates", "render_providers", "render_canaries", "run_status"]
 
 BAR_WIDTH = 20
 
@@ -29,11 +29,26 @@ def render_budgets(entries: list[dict[str, Any]]) -> str:
     """Budget windows, one row each."""
     if not entries:
         return "no budget policies apply to this key"
-    rows = [[e["policy"], e["period"], e["unit"], str(e["spent"]), str(e["reserved"]), str(e["limit"]),
+    rows = [[_who(e), e["period"], e["unit"], str(e["spent"]), str(e["reserved"]), str(e["limit"]),
              str(e["remaining"]), f"{bar(e['utilization'])} {e['utilization'] * 100:5.1f}%", e["state"],
              e["resets_at"]] for e in entries]
     return table(rows, ["POLICY", "PERIOD", "UNIT", "SPENT", "IN FLIGHT", "LIMIT", "REMAINING", "USED",
                         "STATE", "RESETS AT"])
+
+
+def render_rates(entries: list[dict[str, Any]]) -> str:
+    """Rate windows and requests in flight, one row each."""
+    rows = [[_who(e), e["per"], e["unit"], str(e["used"]), str(e["limit"]), str(e["remaining"]),
+             f"{bar(e['utilization'])} {e['utilization'] * 100:5.1f}%",
+             f"{e['empty_in_s']:.0f}s" if e.get("empty_in_s") else "-"] for e in entries]
+    return table(rows, ["RATE LIMIT", "PER", "UNIT", "USED", "LIMIT", "REMAINING", "USED %", "EMPTY IN"])
+
+
+def _who(entry: dict[str, Any]) -> str:
+    """A policy (with the `each` value it counts), or a provider's own limit."""
+    if "provider" in entry:
+        return f"provider {entry['provider']}"
+    return entry["policy"] + (f" [{entry['each']}={entry['value']}]" if entry.get("each") else "")
 
 
 def render_providers(entries: list[dict[str, Any]]) -> str:
@@ -78,6 +93,9 @@ async def collect(url: str, key: str | None, policy: str | None) -> tuple[str, i
     if status != 200:
         return f"error {status}: {body.get('error', {}).get('message', body)}", 1
     report = render_budgets(body["data"])
+    status, rates = await fetch_status(url, key, "/v1/rate_limits/status" + (f"?policy={policy}" if policy else ""))
+    if status == 200 and rates["data"]:
+        report += "\n\n" + render_rates(rates["data"])
     status, providers = await fetch_status(url, key, "/v1/providers/status")
     if status == 200:
         report += "\n\n" + render_providers(providers["data"])

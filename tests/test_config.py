@@ -164,6 +164,15 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
                              "is cached by it; did you mean 'gpt-4o*'?"),
     ("cache_scope_unknown", "config.yaml: cache.scope: must be one of: key, team, global"),
     ("cache_entry_over_max_bytes", "config.yaml: cache.max_entry_bytes: must be <= max_bytes"),
+    ("policy_rate_limit_without_per", "policies/team.yaml: rate_limits[0].per: is required"),
+    ("policy_rate_limit_zero", "policies/team.yaml: rate_limits[0].requests: must be >= 1"),
+    ("policy_rate_window_twice",
+     "policies/team.yaml: rate_limits[1].per: a per-minute limit is already set at rate_limits[0]"),
+    ("policy_max_concurrent_zero", "policies/team.yaml: max_concurrent: must be >= 1"),
+    ("policy_each_unknown", "policies/team.yaml: each: must be one of: key, team, model"),
+    ("policy_limits_nothing", "policies/team.yaml: needs at least one of: budgets, rate_limits, max_concurrent"),
+    ("provider_rate_limit_without_limit",
+     "config.yaml: providers.mock.rate_limits[0]: needs at least one limit: requests or tokens"),
 ])
 def test_mistake_is_reported_with_file_and_key_path(fixture: str, expected: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

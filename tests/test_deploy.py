@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
-from gateway.config.model import CacheConfig, Route, RouteTarget
+from gateway.config.model import CacheConfig, Policy, PolicyMatch, RateLimit, Route, RouteTarget
 from gateway.config.routes import CanaryConfig
 from tests.support.metrics import (
-    MESSAGES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
+    MESSAGES, POLICIES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,11 +101,16 @@ def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:
 async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic(
         upstream, backup_upstream, start_gateway, http) -> None:
     clock = FakeClock()
+    nano_rate = Policy(name="nano-rate", match=PolicyMatch(models=("gpt-4.1-nano",)),
+                       rate_limits=(RateLimit(per="minute", requests=1),))
     canary = Route("deepseek-v3.2", (RouteTarget("primary"), RouteTarget("backup")),
                    canary=CanaryConfig(RouteTarget("primary"), RouteTarget("backup")))
-    settings = metrics_settings(upstream, backup_upstream, cache=CacheConfig(models=("gpt-4.1",)))
+    settings = metrics_settings(upstream, backup_upstream, policies=(*POLICIES, nano_rate),
+                                cache=CacheConfig(models=("gpt-4.1",)))
     settings = dataclasses.replace(settings, routes=(*settings.routes, canary))
     gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
+    for _ in range(2):                       # the second is refused by the rate limit
+        await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1-nano", "messages": MESSAGES})
     await mixed_traffic(gateway, http, upstream, backup_upstream)     # its gpt-4.1 requests fail: nothing kept
     await http(gateway, "POST", "/v1/chat/completions", json={"model": "deepseek-v3.2", "messages": MESSAGES})
     for _ in range(2):                                                # a miss kept, then a hit

@@ -14,7 +14,7 @@ import orjson
 
 from gateway.clock import FakeClock
 from gateway.config.loader import load_settings
-from gateway.config.model import CallerIdentity, RetryConfig, Route, RouteTarget, Settings
+from gateway.config.model import CallerIdentity, ModelPrice, RetryConfig, Route, RouteTarget, Settings
 from gateway.config.routes import Rule, RuleWhen
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.request import ENDPOINTS, ProxyRequest
@@ -201,12 +201,23 @@ def test_rules_pick_by_prompt_bound_tools_images_team_tags_and_tier() -> None:
     assert served(headers={"x-gateway-tier": "cheap"}, tools=TOOLS) == "gpt-4o-mini"
 
 
+GEMINI_FLASH = ModelPrice(Decimal("0.30"), Decimal("2.50"), max_output_tokens=1000)
+AUTO_AS_ISSUED = Route("auto", (), rules=(       # the issue's example: deepseek, then gemini, then gpt-4.1
+    Rule("deepseek-v3.2", RuleWhen(prompt_tokens_max=200, tools=False, images=False)),
+    Rule("gemini-2.5-flash", RuleWhen(prompt_tokens_max=4000, tools=False)),
+    Rule("gpt-4.1"),
+))
+
+
 async def test_auto_serves_each_prompt_by_its_rule_charged_at_that_models_price(
         upstream, start_gateway, http) -> None:
-    settings = with_routes(make_settings({"primary": upstream.url}), AUTO)
+    settings = make_settings({"primary": upstream.url}, policies=(make_policy("all", usd="100"),))
+    settings = with_routes(dataclasses.replace(settings, pricing={**settings.pricing, "gemini-2.5-flash": GEMINI_FLASH}),
+                           AUTO_AS_ISSUED, Route("gemini-2.5-flash", (RouteTarget("primary"),)))
+    prices = {**PRICES, "gemini-2.5-flash": GEMINI_FLASH}
     log = RecordingLog()
     gateway = await start_gateway(settings, access_log=log)
-    asks = {"deepseek-v3.2": SHORT, "gpt-4o-mini": LONG, "gpt-4.1": SHORT}
+    asks = {"deepseek-v3.2": SHORT, "gemini-2.5-flash": LONG, "gpt-4.1": SHORT}
 
     for model, messages in asks.items():
         extra = {"tools": TOOLS} if model == "gpt-4.1" else {}
@@ -219,13 +230,18 @@ async def test_auto_serves_each_prompt_by_its_rule_charged_at_that_models_price(
     await gateway.app[BUDGET].settled()
     lines = [orjson.loads(r.line()) for r in log.records if r.path == "/v1/chat/completions"]
     assert [(line["model"], line["requested_model"]) for line in lines] == [(m, "auto") for m in asks]
+    rows = await gateway.app[BUDGET].store.ledger(0, 2**40, 10)
     text = await scrape(gateway, http)
+    costs = []
     for model, line in zip(asks, lines):
         billed = upstream.billed.models[model]
-        cost = nano_to_usd(cost_nano(PRICES[model], Usage(billed.prompt_tokens, billed.completion_tokens)))
+        cost = nano_to_usd(cost_nano(prices[model], Usage(billed.prompt_tokens, billed.completion_tokens)))
+        costs.append(cost)
         assert Decimal(line["cost_usd"]) == cost
         assert Decimal(str(value(text, "gateway_cost_usd_total", model=model, provider="primary"))) == cost
         assert value(text, "gateway_route_arm_requests_total", route="auto", arm=model) == 1
+    assert sorted((row.model, nano_to_usd(row.cost_nano)) for row in rows) == sorted(zip(asks, costs))
+    assert len(set(costs)) == 3                      # three prices, not one model's price three times
 
 
 async def test_auto_reserves_the_chosen_models_price(upstream, start_gateway, http) -> None:

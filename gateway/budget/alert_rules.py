@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from gateway.budget.engine import limits_of
+from gateway.budget.rate_windows import split_each
 from gateway.budget.store import UNITS, CounterState, Unit
 from gateway.budget.windows import window_for
 from gateway.config.model import AlertConfig, BudgetLimit, Policy
@@ -51,12 +52,14 @@ def reached_alerts(policy: Policy, state: CounterState, now: float) -> list[Aler
         return []
     window = window_for(budget.period, policy.timezone, now)
     fullest = _fullest_unit(budget, state)
-    if window.id != state.counter.window_id or fullest is None:
+    if window.id != split_each(state.counter.window_id)[0] or fullest is None:
         return []
     unit, spent, limit = fullest
     used = Fraction(spent, limit) if limit else Fraction(1)
     thresholds = sorted({*policy.warn_at, EXCEEDED})
-    return [Alert(policy.name, budget.period, window.id, threshold, unit, spent, limit, window.end, policy.alerts)
+    # the counter's window id names its `each` value too: every key (team, model) is alerted on its own
+    return [Alert(policy.name, budget.period, state.counter.window_id, threshold, unit, spent, limit, window.end,
+                  policy.alerts)
             for threshold in thresholds if used >= threshold]
 
 

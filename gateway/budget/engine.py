@@ -17,11 +17,13 @@ from typing import Any
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
+from gateway.budget.rate_refusals import rate_headers, rate_limited
+from gateway.budget.rate_slots import RateSlot
 from gateway.budget.refusals import exceeded_error, held_error
 from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
-from gateway.budget.slots import KEY_GRACE_S, BudgetSlot, SlotCache, limits_of
+from gateway.budget.slots import KEY_GRACE_S, Match, Slot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
@@ -71,34 +73,60 @@ class BudgetEngine:
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation | Downgrade:
         """Hold the request's worst case on every matching policy; else a Downgrade, or raise BudgetExceeded."""
-        match = self._slots.match(settings, caller, plan.model)
+        match = self._slots.match(settings, caller, plan.model, plan)
         worst = worst_case(req, plan, match.policies)
-        if not match.policies or self.store is None:
+        if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        slots = self._slots.slots(match, now)
+        slots = self._slots.slots(match, now, self.config.lease_s)
+        ahead = self._ahead
+        if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
+            return await self._reserve_direct(request_id, plan, match, slots, worst, now)
         amount = worst.amount
-        ahead, pool = self._ahead, None
-        if ahead is not None:
-            spares = ahead.spares
-            pool = spares.pool(slots)
-            spare = spares.take(pool, amount)
-            if spare is not None:
-                ahead.reserve_ahead(pool, spare.lines, amount)
-                return _on_spare(request_id, plan, worst, spare, caller, match.names)
+        spares = ahead.spares
+        pool = spares.pool(slots, match.until - now) if match.rated else spares.pool(slots)
+        spare = spares.take(pool, amount)
+        if spare is not None:
+            ahead.reserve_ahead(pool, spare.lines, amount)
+            return _on_spare(request_id, plan, worst, spare, match, self._headers(match, pool, now))
         lines = tuple([slot.line(amount) for slot in slots])
         outcome = await self._outage.reserve(request_id, lines, now)
-        if outcome is not None and not outcome.ok and pool is not None:
+        if outcome is not None and not outcome.ok:
             spare, outcome = await self._reclaim(request_id, pool, amount, lines, now, outcome)
             if spare is not None:
-                return _on_spare(request_id, plan, worst, spare, caller, match.names)
+                return _on_spare(request_id, plan, worst, spare, match, self._headers(match, pool, now))
         if outcome is None or outcome.ok:
-            if ahead is not None and pool is not None and outcome is not None:
+            if outcome is not None:
+                pool.used = outcome.used or pool.used
                 ahead.reserve_ahead(pool, lines, amount)
-            return Reservation(request_id, plan, worst, lines, local=outcome is None, caller=caller,
-                               policies=match.names)
-        index = outcome.refused_index or 0
-        return _refused(plan, slots[index], lines[index], outcome, now)
+            return Reservation(request_id, plan, worst, lines, outcome is None, None, caller, match.names, None,
+                               self._headers(match, pool, now))
+        return _refused(plan, slots, lines, outcome, now)
+
+    def _headers(self, match: Match, pool: SparePool, now: float) -> dict[str, str] | None:
+        """x-ratelimit-* of a request on `pool`'s windows, from what the store last said they hold; made once
+        per answer and second (the resets of minute and hour windows are whole seconds)."""
+        if not match.rated or not pool.used:
+            return None
+        cached, second = pool.headers, int(now)
+        if cached is not None and cached[0] is pool.used and cached[1] == second:
+            return cached[2]
+        headers = rate_headers(match.slots, pool.used, now)
+        pool.headers = (pool.used, second, headers)
+        return headers
+
+    async def _reserve_direct(self, request_id: str, plan: Plan, match: Match, slots: tuple[Slot, ...],
+                             worst: WorstCase, now: float) -> Reservation | Downgrade:
+        """Reserve budgets, rate windows and flights in one store call, without spares; skip providers at
+        their limit."""
+        lines = tuple([slot.line(worst.amount) for slot in slots])
+        outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
+        if outcome is not None and not outcome.ok:
+            return _refused(plan, slots, lines, outcome, now)
+        skip, lines = _skipping(slots, lines, outcome)
+        headers = rate_headers(slots, outcome.used, now) if outcome is not None and match.rated else None
+        return Reservation(request_id, plan, worst, lines, outcome is None, None, match.caller, match.names, None,
+                           headers, skip)
 
     async def _reclaim(self, request_id: str, pool: SparePool, amount: Charge, lines: tuple[ReserveLine, ...],
                        now: float, outcome: ReserveOutcome) -> tuple[Spare | None, ReserveOutcome | None]:
@@ -113,15 +141,19 @@ class BudgetEngine:
     async def reserve_downgraded(self, request_id: str, settings: Settings, caller: CallerIdentity,
                                  cheaper: Plan, req: ProxyRequest, downgrade: Downgrade) -> Reservation:
         """Hold the request on `cheaper` (the plan of the downgrade's model) while it is within budget, else 429."""
-        match = self._slots.match(settings, caller, cheaper.model)
+        match = self._slots.match(settings, caller, cheaper.model, cheaper)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
-        lines = tuple(slot.line(worst.amount) for slot in self._slots.slots(match, now))
-        outcome = await self._outage.reserve(request_id, lines, now)
+        slots = self._slots.slots(match, now, self.config.lease_s)
+        lines = tuple(slot.line(worst.amount) for slot in slots)
+        outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
             raise downgrade.refusal
+        skip, lines = _skipping(slots, lines, outcome)
+        headers = rate_headers(slots, outcome.used, now) if outcome is not None and match.rated else None
         return Reservation(request_id, cheaper, worst, lines, local=outcome is None,
-                           downgraded_from=downgrade.downgraded_from, caller=caller, policies=match.names)
+                           downgraded_from=downgrade.downgraded_from, caller=caller, policies=match.names,
+                           headers=headers, skip=skip)
 
     def settle(self, reservation: Reservation, charge: Charge | None,
                facts: LedgerFacts | None = None) -> asyncio.Future[Any] | None:
@@ -137,7 +169,7 @@ class BudgetEngine:
         entry = ledger_entry(reservation, charge, facts, self.clock.now())
         if reservation.local:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
-        return self._settlements.start(reservation, charge, entry)
+        return self._settlements.start(reservation, charge, entry, facts.provider if facts is not None else None)
 
     def file_cache_hit(self, settings: Settings, caller: CallerIdentity, request_id: str, facts: LedgerFacts,
                        saved_nano: int) -> tuple[str, ...]:
@@ -192,17 +224,35 @@ def _retrieved(call: asyncio.Future[Any]) -> None:
         call.exception()
 
 
-def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, caller: CallerIdentity,
-              policies: tuple[str, ...]) -> Reservation:
+def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, match: Match,
+              headers: dict[str, str] | None) -> Reservation:
     """A request's reservation held under the spare it took."""
     # by position (not local, not downgraded): with keywords a NamedTuple costs ~1.6k instructions more
-    return Reservation(request_id, plan, worst, spare.lines, False, None, caller, policies, spare.spare_id)
+    return Reservation(request_id, plan, worst, spare.lines, False, None, match.caller, match.names, spare.spare_id,
+                       headers)
 
 
-def _refused(plan: Plan, slot: BudgetSlot, line: ReserveLine, outcome: ReserveOutcome, now: float) -> Downgrade:
-    """The refusing policy's 429; raised, or carried by a Downgrade when the policy downgrades to another model."""
+def _skipping(slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: ReserveOutcome | None
+              ) -> tuple[frozenset[str], tuple[ReserveLine, ...]]:
+    """The providers the store found at their own rate limit, and the lines left once theirs are dropped."""
+    if outcome is None or not outcome.skipped:
+        return frozenset(), lines
+    skipped = set(outcome.skipped)
+    skip = frozenset(slot.provider for slot in slots if isinstance(slot, RateSlot) and slot.group in skipped
+                     and slot.provider is not None)
+    return skip, tuple([line for line in lines if line.group not in skipped])
+
+
+def _refused(plan: Plan, slots: tuple[Slot, ...], lines: tuple[ReserveLine, ...], outcome: ReserveOutcome,
+             now: float) -> Downgrade:
+    """The refusing limit's 429; raised, or carried by a Downgrade when a budget policy downgrades to another
+    model."""
+    index = outcome.refused_index or 0
+    slot = slots[index]
+    if isinstance(slot, RateSlot):
+        raise rate_limited(slot, outcome, now)
     unit = outcome.refused_unit or "usd"
-    limit = line.limits[UNITS.index(unit)] or 0
+    limit = lines[index].limits[UNITS.index(unit)] or 0
     policy = slot.policy
     refusal = held_error(policy, slot.window, unit, limit) if outcome.held \
         else exceeded_error(policy, slot.window, unit, limit, now)

@@ -50,8 +50,10 @@ class InstrumentedStore:
         return getattr(self.wrapped, name)
 
     def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float,
-                lease_until: float) -> Awaitable[ReserveOutcome]:
+                lease_until: float, need_group: bool = False) -> Awaitable[ReserveOutcome]:
         """The wrapped store's `reserve`, timed."""
+        if need_group:
+            return self._timed("reserve", self.wrapped.reserve, request_id, lines, now, lease_until, need_group)
         return self._timed("reserve", self.wrapped.reserve, request_id, lines, now, lease_until)
 
     def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,

@@ -41,12 +41,13 @@ class Outage:
         self.down_until = 0.0        # monotonic: requests skip the store until then
         self.failures = 0            # in a row
 
-    async def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float) -> ReserveOutcome | None:
+    async def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float,
+                      need_group: bool = False) -> ReserveOutcome | None:
         """The store's answer, or None when the request is admitted on the local fail-open allowance."""
         if self._clock.monotonic() >= self.down_until:
             calls = self._calls
             try:
-                outcome = await calls.reserve(request_id, lines, now)
+                outcome = await calls.reserve(request_id, lines, now, need_group)
                 self.failures = 0
                 return outcome
             except asyncio.CancelledError:

@@ -18,7 +18,11 @@ Key layout (prefix "gw"):
     {gw}:ctr:<policy>:<period>:<window_id>   hash spent_usd, spent_tokens, spent_requests,
                                              reserved_usd, reserved_tokens, reserved_requests;
                                              PEXPIREAT the line's expires_at (window end + grace)
-    {gw}:resv:<request_id>                   hash <counter key> -> "usd tokens requests expires_ms"
+    {gw}:rate:<policy>:<per>:<each>:<epoch>  hash of one epoch of a sliding rate window: r, t (requests,
+                                             tokens used in it), r<j>, t<j> (in its bucket j); PEXPIREAT
+                                             the end of the last window that reaches it
+    {gw}:conc:<policy>:<each>                hash n: requests in flight; PEXPIREAT past the newest lease
+    {gw}:resv:<request_id>                   hash <counter key> -> "usd tokens requests expires_ms[ j]"
     {gw}:leases                              zset request_id scored by lease_until
     {gw}:spent:<request_id>                  marker: spend recorded (journal replay) or by an ended lease
     {gw}:ledger                              stream: one row per request (id = its time), MAXLEN ~ N
@@ -51,6 +55,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus
+from gateway.budget.rate_windows import BUCKETS, bucket_ms, epoch_of, kind_of, split_each
 from gateway.budget.redis_canary import RedisCanaries
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver, choose_driver, store_error
 from gateway.budget.redis_records import LedgerAndAlerts, ms, script_source
@@ -113,17 +118,18 @@ class RedisBudgetStore:
         self._driver.observe = observe
 
     def counter_key(self, counter: CounterKey) -> str:
-        """The Redis key of a counter."""
+        """The Redis key of a counter (a rate window's: of the epoch holding its bucket)."""
         return self._words.key(counter)
 
     def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float,
+        need_group: bool = False,
     ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none (see `BudgetStore`)."""
         check_reserve_lines(lines)
         if not lines:
             return _answered(RESERVED)
-        return self._reserve((request_id,), lines, now, lease_until, 1, "reserve")
+        return self._reserve((request_id,), lines, now, lease_until, 1, "reserve", need_group=need_group)
 
     def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
                        lease_until: float, room: int, needed_now: bool = True) -> Awaitable[ReserveOutcome]:
@@ -134,11 +140,11 @@ class RedisBudgetStore:
         return self._reserve(spare_ids, lines, now, lease_until, room, "reserve_spares", not needed_now)
 
     def _reserve(self, ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
-                 room: int, operation: str, lazy: bool = False) -> Awaitable[ReserveOutcome]:
+                 room: int, operation: str, lazy: bool = False, need_group: bool = False) -> Awaitable[ReserveOutcome]:
         keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
-            key_and_limits = self._words.lines.get((line.counter, line.limits, line.expires_at))
+            key_and_limits = self._words.lines.get((line.counter, line.limits, line.expires_at, line.group))
             if key_and_limits is None:
                 key_and_limits = self._words.format_line(line)
             keys.append(key_and_limits[0])
@@ -146,17 +152,10 @@ class RedisBudgetStore:
                 amount = line.amount
                 amount_words = _amount_words(amount)
             words.append(f"{amount_words},{key_and_limits[1]}")
-        args = [self._prefix, ids[0],
-                f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},{','.join(words)}]", *ids[1:]]
-
-        def outcome(reply: list[int]) -> ReserveOutcome:
-            if reply[0] == 1:
-                return RESERVED
-            if reply[0] == -1:
-                raise ValueError(f"request {ids[0]!r} (or another id of the call) already holds a reservation")
-            return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3:] == [1])
-
-        return self._call("reserve", keys, args, outcome, operation, lazy)
+        args = [self._prefix, ids[0], f"[{now:.6f},{lease_until:.6f},{SWEEP_MAX},{self._ledger_max},{room},"
+                f"{int(need_group)},{','.join(words)}]", *ids[1:]]
+        first = ids[0]
+        return self._call("reserve", keys, args, lambda reply: _reserve_outcome(reply, first), operation, lazy)
 
     def settle(self, request_id: str, actual: Sequence[tuple[CounterKey, Charge]], now: float,
                entry: LedgerEntry | None = None) -> Awaitable[Sequence[CounterState] | None]:
@@ -204,7 +203,8 @@ class RedisBudgetStore:
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
         keys = [self._leases, *map(self._words.key, counters)]
-        args = [self._prefix, f"[{now:.6f},{SWEEP_MAX},{self._ledger_max}]"]
+        shapes = "".join(f",{_shape(counter).rpartition(',')[0]}" for counter in counters)
+        args = [self._prefix, f"[{now:.6f},{SWEEP_MAX},{self._ledger_max}{shapes}]"]
         return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
 
     async def ledger(self, since: float, until: float, limit: int) -> list[LedgerEntry]:
@@ -273,30 +273,31 @@ class RedisBudgetStore:
 
 
 class _CounterWords:
-    """Counters' Redis keys and reserve lines' limit words, formatted once per window (they change with each)."""
+    """Counters' Redis keys and reserve lines' words, formatted once per window (they change with each)."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         self._keys: dict[CounterKey, str] = {}
-        self.lines: dict[tuple[CounterKey, Limits, float], tuple[str, str]] = {}
+        self.lines: dict[tuple[CounterKey, Limits, float, int], tuple[str, str]] = {}
 
     def key(self, counter: CounterKey) -> str:
-        """The Redis key of a counter."""
+        """The Redis key of a counter (a rate window's: of the epoch holding its bucket)."""
         key = self._keys.get(counter)
         if key is None:
             if len(self._keys) >= MAX_CACHED:
                 self._keys.clear()
-            key = self._keys[counter] = f"{self._prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+            key = self._keys[counter] = _key_of(self._prefix, counter)
         return key
 
     def format_line(self, line: ReserveLine) -> tuple[str, str]:
-        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms' (-1: unlimited) of a line,
-        kept in `lines`."""
+        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms,k,n,bucket_ms,group'
+        (limits -1: unlimited; see reserve.lua) of a line, kept in `lines`."""
         if len(self.lines) >= MAX_CACHED:
             self.lines.clear()
         usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
-        words = (self.key(line.counter), f"{usd},{tokens},{requests},{ms(line.expires_at)}")
-        self.lines[(line.counter, line.limits, line.expires_at)] = words
+        words = (self.key(line.counter),
+                 f"{usd},{tokens},{requests},{ms(line.expires_at)},{_shape(line.counter)},{line.group}")
+        self.lines[(line.counter, line.limits, line.expires_at, line.group)] = words
         return words
 
 
@@ -356,6 +357,38 @@ def _sentinel_master(rest: str, timeout_s: float, pool_size: int, options: dict[
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def _reserve_outcome(reply: list[Any], first_id: str) -> ReserveOutcome:
+    """The outcome of reserve.lua's reply (see its header)."""
+    if reply[0] == 1:
+        return RESERVED if len(reply) == 1 else ReserveOutcome(
+            True, used=tuple(map(int, reply[2].split())), skipped=tuple(map(int, reply[1].split())))
+    if reply[0] == -1:
+        raise ValueError(f"request {first_id!r} (or another id of the call) already holds a reservation")
+    wait = reply[4] if len(reply) > 4 else 0
+    return ReserveOutcome(False, reply[1] - 1, UNITS[reply[2] - 1], held=reply[3] == 1,
+                          retry_after=wait / 1000 if wait > 0 else (-1.0 if wait < 0 else None),
+                          used=tuple(reply[5:6]))
+
+
+def _key_of(prefix: str, counter: CounterKey) -> str:
+    """The Redis key of a counter (see the key layout above)."""
+    kind, (window, each) = kind_of(counter), split_each(counter.window_id)
+    if kind == "rate":
+        return f"{prefix}rate:{counter.policy}:{counter.period}:{each}:{epoch_of(int(window))}"
+    if kind == "concurrent":
+        return f"{prefix}conc:{counter.policy}:{each}"
+    return f"{prefix}ctr:{counter.policy}:{counter.period}:{counter.window_id}"
+
+
+def _shape(counter: CounterKey) -> str:
+    """'k,n,bucket_ms' of a counter for the scripts: its bucket, buckets per window and bucket length
+    (n 0: a budget counter, -1: requests in flight)."""
+    kind = kind_of(counter)
+    if kind == "rate":
+        return f"{split_each(counter.window_id)[0]},{BUCKETS},{bucket_ms(counter.period)}"
+    return "0,-1,0" if kind == "concurrent" else "0,0,0"
 
 
 def _amount_words(charge: Charge) -> str:

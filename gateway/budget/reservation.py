@@ -26,6 +26,8 @@ class Reservation(NamedTuple):
 
     policies: tuple[str, ...] = ()       # names of the policies it holds budget on
     spare_id: str | None = None          # held under a spare reservation's id (see gateway.budget.spares)
+    headers: dict[str, str] | None = None    # x-ratelimit-* of the tightest rate limit (gateway.budget.rate_refusals)
+    skip: frozenset[str] = frozenset()       # providers at their own rate limit: not called for this request
 
     @property
     def held_as(self) -> str:

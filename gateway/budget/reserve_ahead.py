@@ -4,6 +4,11 @@ After a request reserves (or takes a spare), the spares its pool wants are asked
 off the request's path; a batch for a pool still half full may wait a moment to share a write. Spares
 not taken go back to the store in the background, journaled when the store fails. A request the store
 refuses first takes back the spares this replica holds on its counters (`reclaim`).
+
+On a rate window a batch is asked for with the window's limits less a margin: a quarter of the limit,
+and at least MARGIN_WORST_CASES of the batch's worst case (what the full pools of 8 replicas hold). Spares
+are made only while that much of the window stays free beside them, so near a rate limit (and on any
+window too small for it) every request reserves in the store itself.
 """
 
 from __future__ import annotations
@@ -14,17 +19,33 @@ import logging
 from collections.abc import Awaitable, Sequence
 
 from gateway.budget.outage import Outage
+from gateway.budget.rate_windows import kind_of
 from gateway.budget.spares import SPARE_ROOM, Spare, SparePool, SpareReservations
-from gateway.budget.store import ReserveLine, ReserveOutcome
+from gateway.budget.store import Limits, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
 from gateway.clock import Clock
 from gateway.config.model import StoreConfig
 from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
 
-__all__ = ["ReserveAhead"]
+__all__ = ["ReserveAhead", "RATE_MARGIN"]
 
 log = logging.getLogger("gateway.budget")
+RATE_MARGIN = 4                # a rate window keeps 1/RATE_MARGIN of its limit free of spares...
+MARGIN_WORST_CASES = 8 * 32    # ...and at least this many worst cases (8 replicas' pools at MAX_DEPTH)
+
+
+def _margined(lines: Sequence[ReserveLine]) -> list[ReserveLine]:
+    """The lines a batch of spares is asked for with: rate windows' limits less their margin."""
+    return [line._replace(limits=_less_margin(line.limits, line.amount)) if kind_of(line.counter) == "rate"
+            else line for line in lines]
+
+
+def _less_margin(limits: Limits, amount: Charge) -> Limits:
+    usd, tokens, requests = (None if limit is None else max(0, limit - max(-(-limit // RATE_MARGIN),
+                                                                          MARGIN_WORST_CASES * worst))
+                             for limit, worst in zip(limits, amount))
+    return usd, tokens, requests
 
 
 class ReserveAhead:
@@ -64,7 +85,7 @@ class ReserveAhead:
         # empty doubles it (see SpareReservations.take), so steady traffic grows it to where it can wait.
         needed_now = 2 * len(pool.spares) < pool.depth - 1
         try:
-            call = calls.store.reserve_spares([spare.spare_id for spare in batch], batch[0].lines, now,
+            call = calls.store.reserve_spares([spare.spare_id for spare in batch], _margined(batch[0].lines), now,
                                               now + self._lease_s, SPARE_ROOM, needed_now)
         except Exception as exc:             # nothing was sent; a request waiting for the batch goes on
             self.spares.not_made(pool)
@@ -80,6 +101,7 @@ class ReserveAhead:
         if answered and not call.result().ok:
             self.spares.not_made(pool, refused=True)
         elif answered and not self._stopped:
+            pool.used = call.result().used or pool.used
             self.spares.made(pool, batch)
             self.reserve_ahead(pool, batch[0].lines, batch[0].amount)   # the pool deepened meanwhile
         else:   # close() stopped waiting for them, or the reply was lost after the store applied them

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from gateway.budget.outage import Outage
+from gateway.budget.rate_slots import PROVIDER_MARK
 from gateway.budget.reservation import Reservation
-from gateway.budget.store import CounterState, LedgerEntry
+from gateway.budget.store import CounterKey, CounterState, LedgerEntry
 from gateway.budget.store_calls import StoreCalls
 from gateway.domain.pricing import Charge
 from gateway.errors import StoreError
@@ -26,6 +27,18 @@ log = logging.getLogger("gateway.budget")
 SettleListener = Callable[[Sequence[CounterState]], None]   # the settled counters' states
 
 
+def _actual(reservation: Reservation, charge: Charge, served_by: str | None) -> list[tuple[CounterKey, Charge]]:
+    """Each line's spend: `charge`, but nothing on the rate lines of providers that did not serve."""
+    lines = reservation.lines
+    if not reservation.skip and not lines[-1].group:   # the usual case: no provider limits (their lines come last)
+        return [(line.counter, charge) for line in lines]
+    mine = PROVIDER_MARK + (served_by or "")
+    return [(line.counter, charge if not line.group or line.counter.policy == mine else _NOTHING) for line in lines]
+
+
+_NOTHING = Charge()
+
+
 class Settlements:
     """Sends settlements and releases of served requests; `listeners` hear the counters they leave."""
 
@@ -34,15 +47,20 @@ class Settlements:
         self._outage = outage
         self.listeners: list[SettleListener] = []
 
-    def start(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry) -> asyncio.Future[Any]:
-        """Settle the real cost in the store (release when nothing is charged); what to await for it."""
+    def start(self, reservation: Reservation, charge: Charge | None, entry: LedgerEntry,
+              served_by: str | None = None) -> asyncio.Future[Any]:
+        """Settle the real cost in the store (release when nothing is charged); what to await for it.
+
+        A provider's rate line (a line group) is charged only when that provider served the request
+        (`served_by`); the others give their reservation back.
+        """
         calls = self._calls
         assert calls.store is not None
         try:
             if charge is None:
                 call: Awaitable[Any] = calls.store.release(reservation.held_as, entry.time, entry)
             else:
-                call = calls.store.settle(reservation.held_as, [(line.counter, charge) for line in reservation.lines],
+                call = calls.store.settle(reservation.held_as, _actual(reservation, charge, served_by),
                                           entry.time, entry)
         except StoreError as exc:
             return calls.spawn(self._failed(exc, reservation, charge, entry))

@@ -12,15 +12,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.budget.matching import matching_policies
+from gateway.budget.rate_slots import RateSlot, each_value, provider_slots, rate_slots
+from gateway.budget.rate_windows import with_each
 from gateway.budget.store import CounterKey, Limits, ReserveLine
 from gateway.budget.windows import Window, WindowCache
-from gateway.config.model import BudgetLimit, CallerIdentity, Policy, Settings
+from gateway.config.model import BudgetLimit, CallerIdentity, Policy, ProviderConfig, Settings
+from gateway.domain.plan import Plan
 from gateway.domain.pricing import Charge, usd_to_nano
 
-__all__ = ["KEY_GRACE_S", "BudgetSlot", "Match", "SlotCache", "budget_slots", "limits_of"]
+__all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of"]
 
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
 MAX_MATCHES = 4096          # (caller, model) pairs kept; more are dropped together and found again
+# Rate windows a spare reservation may hold on: its bucket (1/20 of the window) outlasts a batch of spares.
+# Never in-flight counters (an idle spare would hold a slot) nor providers' limits (skipped per request).
+SPARE_PERS = frozenset({"minute", "hour"})
 
 
 def limits_of(budget: BudgetLimit) -> Limits:
@@ -43,27 +49,52 @@ class BudgetSlot:
         return ReserveLine(self.counter, amount, self.limits, self.expires_at)
 
 
-def budget_slots(policies: Sequence[Policy], now: float, windows: WindowCache) -> tuple[BudgetSlot, ...]:
-    """One slot per policy budget, in the windows holding `now`."""
+def budget_slots(policies: Sequence[Policy], now: float, windows: WindowCache,
+                 caller: CallerIdentity | None = None, model: str = "") -> tuple[BudgetSlot, ...]:
+    """One slot per policy budget, in the windows holding `now` (per `each` value of `caller` and `model`)."""
     slots = []
     for policy in policies:
+        each = None if policy.each is None or caller is None else each_value(policy, caller, model)
         for budget in policy.budgets:
             window = windows.window_for(budget.period, policy.timezone, now)
-            slots.append(BudgetSlot(CounterKey(policy.name, budget.period, window.id), limits_of(budget),
-                                    window.end_ts + KEY_GRACE_S, policy, window))
+            slots.append(BudgetSlot(CounterKey(policy.name, budget.period, with_each(window.id, each)),
+                                    limits_of(budget), window.end_ts + KEY_GRACE_S, policy, window))
     return tuple(slots)
 
 
+Slot = BudgetSlot | RateSlot
+
+
 class Match:
-    """The policies a (caller, model) pair must fit, and their slots while `now` is in [since, until)."""
+    """The policies a (caller, model) pair must fit, and their slots while `now` is in [since, until).
 
-    __slots__ = ("policies", "names", "slots", "since", "until")
+    `rated`: some slot is a rate window or an in-flight counter; `spareable`: the match may take spare
+    reservations (no rate slot, or only policy windows of a minute or longer: see SPARE_PERS);
+    `need_group`: every target provider has its own rate limits, so a request none of them has room for
+    is refused.
+    """
 
-    def __init__(self, policies: list[Policy]) -> None:
+    __slots__ = ("policies", "names", "slots", "since", "until", "caller", "model", "providers", "rated",
+                 "need_group", "spareable")
+
+    def __init__(self, policies: list[Policy], caller: CallerIdentity | None = None, model: str = "",
+                 providers: Sequence[ProviderConfig] = ()) -> None:
         self.policies = policies
-        self.names = tuple(dict.fromkeys(policy.name for policy in policies if policy.budgets))
-        self.slots: tuple[BudgetSlot, ...] = ()
+        self.names = tuple(dict.fromkeys(policy.name for policy in policies))
+        self.slots: tuple[Slot, ...] = ()
         self.since = self.until = 0.0
+        self.caller, self.model = caller, model
+        self.providers = providers if any(provider.rate_limits for provider in providers) else ()
+        self.rated = bool(self.providers) or any(policy.limits_rate for policy in policies)
+        self.need_group = bool(providers) and all(provider.rate_limits for provider in providers)
+        self.spareable = not self.providers and all(
+            policy.max_concurrent is None and all(limit.per in SPARE_PERS for limit in policy.rate_limits)
+            for policy in policies)
+
+    @property
+    def limited(self) -> bool:
+        """Something to reserve on: a matching policy or a rate-limited target provider."""
+        return bool(self.policies) or bool(self.providers)
 
 
 class SlotCache:
@@ -74,20 +105,31 @@ class SlotCache:
         self._matches: dict[tuple[CallerIdentity, str], Match] = {}
         self._windows = WindowCache()
 
-    def match(self, settings: Settings, caller: CallerIdentity, model: str) -> Match:
-        """What a request by `caller` for `model` must fit under `settings`."""
+    def match(self, settings: Settings, caller: CallerIdentity, model: str, plan: Plan | None = None) -> Match:
+        """What a request by `caller` for `model` (served by `plan`'s targets) must fit under `settings`."""
         if settings is not self._settings or len(self._matches) >= MAX_MATCHES:
             self._settings, self._matches = settings, {}
         match = self._matches.get((caller, model))
         if match is None:
-            match = self._matches[(caller, model)] = Match(matching_policies(settings.policies, caller, model))
+            providers = [] if plan is None else [settings.providers[target.provider] for target in plan.targets
+                                                 if target.provider in settings.providers]
+            match = self._matches[(caller, model)] = Match(matching_policies(settings.policies, caller, model),
+                                                           caller, model, providers)
         return match
 
-    def slots(self, match: Match, now: float) -> tuple[BudgetSlot, ...]:
-        """The match's slots in the windows holding `now`."""
+    def slots(self, match: Match, now: float, lease_s: float = 0.0) -> tuple[Slot, ...]:
+        """The match's slots in the windows holding `now`: budgets, then rate windows, then providers'."""
         if not match.since <= now < match.until:
-            match.slots = budget_slots(match.policies, now, self._windows)
-            windows = [slot.window for slot in match.slots]
+            budgets = budget_slots(match.policies, now, self._windows, match.caller, match.model)
+            windows = [slot.window for slot in budgets]
             match.since = max((w.start_ts for w in windows), default=now)
             match.until = min((w.end_ts for w in windows), default=now)
+            match.slots = budgets
+            if match.rated:
+                assert match.caller is not None
+                rates = rate_slots(match.policies, match.caller, match.model, now, lease_s)
+                rates += provider_slots(match.providers, now)
+                match.until = min([match.until, *(slot.until for slot in rates)]) if windows else \
+                    min(slot.until for slot in rates)
+                match.slots = (*budgets, *rates)
         return match.slots

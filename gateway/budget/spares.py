@@ -15,18 +15,24 @@ worst cases beside them (near a limit there are none); spares not taken are rele
 and a request the store refuses first takes back every spare of its replica that holds on one of its
 counters. A replica that crashes turns its spares into spend when their leases end, as it does its
 requests in flight.
+
+A pool on rate windows (see gateway.budget.slots.SPARE_PERS) ends with the bucket its spares are counted
+in: its spares are given back then, so a request is always counted in the bucket it was admitted in. It
+keeps what the store last said the windows hold (`used`), for the x-ratelimit-* headers of the requests
+it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from gateway.budget.slots import BudgetSlot
+from gateway.budget.slots import Slot
 from gateway.budget.store import CounterKey, ReserveLine
 from gateway.domain.pricing import Charge
 
@@ -49,10 +55,16 @@ class Spare(NamedTuple):
 class SparePool:
     """The spares of one set of budget counters, oldest first, and the batch being made."""
 
-    __slots__ = ("counters", "spares", "depth", "grown", "timer", "making", "paused_until")
+    __slots__ = ("counters", "spares", "depth", "grown", "timer", "making", "paused_until", "ends_at", "used",
+                 "keys", "headers")
 
-    def __init__(self, counters: frozenset[CounterKey]) -> None:
+    def __init__(self, counters: frozenset[CounterKey], ends_at: float = math.inf,
+                 keys: tuple[int, tuple[object, ...]] = (0, ())) -> None:
         self.counters = counters
+        self.ends_at = ends_at                            # monotonic: its spares go back then (rate windows)
+        self.used: tuple[int, ...] = ()                   # the rate windows' use the store last reported
+        self.headers: tuple[object, int, dict[str, str] | None] | None = None   # x-ratelimit-* of (used, second)
+        self.keys = keys                                  # where SpareReservations files it
         self.spares: deque[Spare] = deque()
         self.depth = 1                                    # how many to keep
         self.grown = False                                # the depth grew while this batch is on its way
@@ -62,7 +74,8 @@ class SparePool:
 
     def wanted(self, now: float) -> int:
         """How many spares to ask for now: up to the depth; none while a batch is on its way or paused."""
-        if self.making is not None or len(self.spares) >= self.depth or now < self.paused_until:
+        if self.making is not None or len(self.spares) >= self.depth or now < self.paused_until \
+                or now >= self.ends_at:
             return 0
         return self.depth - len(self.spares)
 
@@ -74,14 +87,15 @@ class SpareReservations:
         self.idle_s = idle_s
         self._monotonic = monotonic
         self._release = release
-        self._pools: dict[int, tuple[tuple[BudgetSlot, ...], SparePool]] = {}
+        self._pools: dict[int, tuple[tuple[Slot, ...], SparePool]] = {}
         self._by_counters: dict[tuple[object, ...], SparePool] = {}
         self._ids = itertools.count()
         self._prefix = f"spare-{os.getpid()}-{os.urandom(4).hex()}-"
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def pool(self, slots: tuple[BudgetSlot, ...]) -> SparePool:
-        """The pool of the counters `slots` reserve on (slots of every caller and model share it)."""
+    def pool(self, slots: tuple[Slot, ...], ends_in: float = math.inf) -> SparePool:
+        """The pool of the counters `slots` reserve on (slots of every caller and model share it); one made
+        now ends in `ends_in` seconds (when a rate window's bucket does)."""
         cached = self._pools.get(id(slots))
         if cached is not None and cached[0] is slots:
             return cached[1]
@@ -90,7 +104,9 @@ class SpareReservations:
         counters = tuple((slot.counter, slot.limits, slot.expires_at) for slot in slots)
         pool = self._by_counters.get(counters)
         if pool is None:
-            pool = self._by_counters[counters] = SparePool(frozenset(slot.counter for slot in slots))
+            self._end_pools()
+            pool = self._by_counters[counters] = SparePool(frozenset(slot.counter for slot in slots),
+                                                           self._monotonic() + ends_in, (id(slots), counters))
         self._pools[id(slots)] = (slots, pool)   # holding `slots` keeps its id from being reused
         return pool
 
@@ -106,7 +122,8 @@ class SpareReservations:
                 pool.grown = True
             return None
         spare = spares[0]
-        if self._monotonic() - spare.made_at >= self.idle_s:
+        now = self._monotonic()
+        if now - spare.made_at >= self.idle_s or now >= pool.ends_at:
             self._release_idle(pool)
             return None
         held = spare.amount
@@ -126,7 +143,8 @@ class SpareReservations:
         self.not_made(pool)
         pool.spares.extend(batch)
         if pool.timer is None:
-            pool.timer = self._running_loop().call_later(self.idle_s, self._release_idle, pool)
+            wait = min(self.idle_s, pool.ends_at - self._monotonic())
+            pool.timer = self._running_loop().call_later(max(0.0, wait), self._release_idle, pool)
 
     def not_made(self, pool: SparePool, refused: bool = False) -> None:
         """The store's answer to the batch is in (`made` follows if it holds it); after a refusal the pool
@@ -171,6 +189,10 @@ class SpareReservations:
             pool.timer.cancel()
             pool.timer = None
         spares, now = pool.spares, self._monotonic()
+        if now >= pool.ends_at:              # its bucket is over: no request will take these any more
+            self._give_back(pool, len(spares))
+            self._forget(pool)
+            return
         idle = 0
         while idle < len(spares) and now - spares[idle].made_at >= self.idle_s:
             idle += 1
@@ -178,8 +200,21 @@ class SpareReservations:
             self._give_back(pool, idle)
             pool.depth = max(1, pool.depth // 2)
         if spares:
-            wait = max(0.0, spares[0].made_at + self.idle_s - now)
+            wait = max(0.0, min(spares[0].made_at + self.idle_s, pool.ends_at) - now)
             pool.timer = self._running_loop().call_later(wait, self._release_idle, pool)
+
+    def _end_pools(self) -> None:
+        """Give back the spares of the pools whose bucket is over (a new pool: one may just have ended)."""
+        now = self._monotonic()
+        for pool in [pool for pool in self._by_counters.values() if pool.ends_at <= now]:
+            self._release_idle(pool)
+
+    def _forget(self, pool: SparePool) -> None:
+        """Drop an ended pool (a batch still on its way is released when it lands: see `made`)."""
+        slots_id, counters = pool.keys
+        if self._by_counters.get(counters) is pool:
+            del self._by_counters[counters]
+            self._pools.pop(slots_id, None)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The running loop; the last one found while it runs (asyncio.get_running_loop makes a getpid

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from gateway.budget.canary_record import ArmTally, CanaryRecord, CanaryStatus, check_canary_move
 from gateway.budget.sqlite_canary import CANARY_SCHEMA, move_canary, sync_canary
+from gateway.budget.sqlite_rates import RATE_SCHEMA
 from gateway.budget.sqlite_tables import Db, Spend, SpendLines, SqliteTables
 from gateway.budget.store import (
     PLAIN, RESERVED, BudgetStore, CounterKey, CounterState, LedgerEntry, OperationObserver, ReserveLine,
@@ -86,13 +87,15 @@ class SqliteBudgetStore:
         self._closed = False
 
     async def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float,
+        need_group: bool = False,
     ) -> ReserveOutcome:
         """Reserve every line or none."""
         check_reserve_lines(lines)
         if not lines:
             return RESERVED
-        return await self._transaction(lambda db: self._tables.reserve(db, [request_id], lines, now, lease_until, 1))
+        return await self._transaction(
+            lambda db: self._tables.reserve(db, [request_id], lines, now, lease_until, 1, need_group))
 
     async def reserve_spares(self, spare_ids: Sequence[str], lines: Sequence[ReserveLine], now: float,
                              lease_until: float, room: int, needed_now: bool = True) -> ReserveOutcome:
@@ -204,7 +207,7 @@ class SqliteBudgetStore:
             conn = sqlite3.connect(self._path, isolation_level=None, timeout=5.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA + CANARY_SCHEMA)
+            conn.executescript(_SCHEMA + RATE_SCHEMA + CANARY_SCHEMA)
             _migrate_alerts(conn)
             _add_missing_columns(conn)
             self._conn = conn

@@ -6,6 +6,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from gateway.budget.rate_windows import kind_of
+from gateway.budget.sqlite_rates import add_rate, check_rate, close_rate, drop_expired_rates, rate_state, used_after
 from gateway.budget.store import (
     RESERVED, SWEEP_MAX, UNITS, CounterKey, CounterState, LedgerEntry, ReserveLine, ReserveOutcome, time_ms,
 )
@@ -55,24 +57,31 @@ class SqliteTables:
 
     def reserve(
         self, db: Db, request_ids: Sequence[str], lines: Sequence[ReserveLine], now: float, lease_until: float,
-        room: int,
+        room: int, need_group: bool = False,
     ) -> ReserveOutcome:
         self._drop_expired(db, now)
         self._sweep_leases(db, now)
         for request_id in request_ids:
             if self._live_reservation(db, request_id, now) is not None:
                 raise ValueError(f"request {request_id!r} already holds a reservation")
-        states = [self._state(db, line.counter) for line in lines]
-        refusal = _refusal(lines, states, len(request_ids) + room - 1)
+        uses: dict[int, tuple[int, int]] = {}
+        refusal, dropped = _check(db, lines, len(request_ids) + room - 1, now, need_group, uses)
         if refusal is not None:
             return refusal
         for line in lines:
-            self._add(db, line.counter, _times(line.amount, len(request_ids)), _NOTHING, line.expires_at)
+            if line.group in dropped:
+                continue
+            if kind_of(line.counter) == "budget":
+                self._add(db, line.counter, _times(line.amount, len(request_ids)), _NOTHING, line.expires_at)
+            else:
+                add_rate(db, line, len(request_ids))
             db.executemany(
                 "INSERT INTO reservation_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(request_id, *_key_columns(line.counter), *_amounts(line.amount), lease_until, line.expires_at)
                  for request_id in request_ids],
             )
+        if uses or any(line.group for line in lines):
+            return ReserveOutcome(True, used=used_after(lines, uses, len(request_ids)), skipped=tuple(sorted(dropped)))
         return RESERVED
 
     def settle(self, db: Db, request_id: str, actual: Spend, now: float,
@@ -85,7 +94,7 @@ class SqliteTables:
             raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
         self._close_reservation(db, request_id, lines, spend)
         self._append_row(db, entry)
-        return [self._state(db, counter) for counter, _ in actual]
+        return [_state(db, counter) for counter, _ in actual]
 
     def release(self, db: Db, request_id: str, now: float, entry: LedgerEntry | None) -> bool:
         lines = self._live_reservation(db, request_id, now)
@@ -105,7 +114,8 @@ class SqliteTables:
         if live is not None:
             self._close_reservation(db, request_id, live, {})
         for counter, charge, expires_at in lines:
-            self._add(db, counter, _NOTHING, charge, expires_at)
+            if kind_of(counter) == "budget":      # rate windows and flights are not spend: past by now
+                self._add(db, counter, _NOTHING, charge, expires_at)
         self._mark_spent(db, request_id, [_Line(*line) for line in lines])
         self._append_row(db, entry)
         return True
@@ -116,7 +126,8 @@ class SqliteTables:
     def read(self, db: Db, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         self._drop_expired(db, now)
         self._sweep_leases(db, now)
-        return [self._state(db, counter) for counter in counters]
+        return [_state(db, counter) if kind_of(counter) == "budget"
+                else CounterState(counter, *rate_state(db, counter)) for counter in counters]
 
     def ledger(self, db: Db, since: float, until: float, limit: int) -> list[LedgerEntry]:
         rows = db.execute(
@@ -144,14 +155,6 @@ class SqliteTables:
                           " ORDER BY lease_until LIMIT ?", (now, limit)).fetchall()
 
     # --- building blocks ---
-
-    def _state(self, db: Db, counter: CounterKey) -> CounterState:
-        row = db.execute(
-            "SELECT spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests"
-            " FROM counters WHERE policy = ? AND period = ? AND window_id = ?",
-            _key_columns(counter),
-        ).fetchone() or (0,) * 6
-        return CounterState(counter, Charge(*row[:3]), Charge(*row[3:]))
 
     def _add(self, db: Db, counter: CounterKey, reserved: Charge, spent: Charge, expires_at: float) -> None:
         """Add (signed) amounts to a counter's reserved and spent totals; its expiry becomes `expires_at`."""
@@ -181,8 +184,10 @@ class SqliteTables:
 
     def _expire_into_spend(self, db: Db, request_id: str, lines: list[_Line], now: float) -> None:
         self._close_reservation(db, request_id, lines, {line.counter: line.amount for line in lines})
-        self._mark_spent(db, request_id, lines)
-        self._append_row(db, _expired_row(request_id, lines, now))
+        budget = [line for line in lines if kind_of(line.counter) == "budget"]
+        if budget:
+            self._mark_spent(db, request_id, budget)
+            self._append_row(db, _expired_row(request_id, budget, now))
 
     def _sweep_leases(self, db: Db, now: float) -> None:
         """Turn up to SWEEP_MAX reservations whose lease ended into spend."""
@@ -202,7 +207,10 @@ class SqliteTables:
         """Remove a reservation: its amounts leave `reserved`; spend[counter] is added to `spent`."""
         for line in lines:
             spent = spend.get(line.counter, _NOTHING)
-            self._add(db, line.counter, _negated(line.amount), spent, line.expires_at)
+            if kind_of(line.counter) == "budget":
+                self._add(db, line.counter, _negated(line.amount), spent, line.expires_at)
+            else:
+                close_rate(db, line.counter, line.amount, spent)
         db.execute("DELETE FROM reservation_lines WHERE request_id = ?", (request_id,))
 
     def _mark_spent(self, db: Db, request_id: str, lines: Sequence[_Line]) -> None:
@@ -231,26 +239,66 @@ class SqliteTables:
         """Delete counters and spent markers past their expiry, as Redis expires their keys."""
         db.execute("DELETE FROM counters WHERE expires_at < ?", (now,))
         db.execute("DELETE FROM spent_ids WHERE expires_at < ?", (now,))
+        drop_expired_rates(db, now)
+
+
+def _check(db: Db, lines: Sequence[ReserveLine], times: int, now: float, need_group: bool,
+           uses: dict[int, tuple[int, int]]) -> tuple[ReserveOutcome | None, set[int]]:
+    """The refusal of `times` x the lines (see reserve.lua), else None and the groups that do not fit."""
+    busy, group_refusal = None, None
+    dropped: set[int] = set()
+    for index, line in enumerate(lines):
+        if kind_of(line.counter) == "budget":
+            refusal, held = _refusal(index, line, _state(db, line.counter), times)
+            busy = busy or held
+        else:
+            refusal = check_rate(db, index, line, times, now, uses)
+        if refusal is not None and line.group == 0:
+            return refusal, dropped
+        if refusal is not None and line.group not in dropped:
+            dropped.add(line.group)
+            group_refusal = _sooner(group_refusal, refusal)
+    groups = {line.group for line in lines if line.group}
+    if need_group and groups and groups <= dropped:
+        return group_refusal, dropped
+    return busy, dropped
+
+
+def _state(db: Db, counter: CounterKey) -> CounterState:
+    row = db.execute(
+        "SELECT spent_usd, spent_tokens, spent_requests, reserved_usd, reserved_tokens, reserved_requests"
+        " FROM counters WHERE policy = ? AND period = ? AND window_id = ?",
+        _key_columns(counter),
+    ).fetchone() or (0,) * 6
+    return CounterState(counter, Charge(*row[:3]), Charge(*row[3:]))
 
 
 def _times(charge: Charge, count: int) -> Charge:
     return Charge(charge.usd_nano * count, charge.tokens * count, charge.requests * count)
 
 
-def _refusal(lines: Sequence[ReserveLine], states: Sequence[CounterState], times: int) -> ReserveOutcome | None:
-    """Why `times` x the lines' amounts do not fit (see reserve.lua): a line and unit whose amount alone
-    does not fit beside the spend, else the first one that reservations in flight keep busy; None: they fit."""
+def _refusal(index: int, line: ReserveLine, state: CounterState,
+             times: int) -> tuple[ReserveOutcome | None, ReserveOutcome | None]:
+    """Why `times` x a budget line's amount does not fit (see reserve.lua): (a unit whose amount alone does
+    not fit beside the spend, the first unit that reservations in flight keep busy); None: it fits."""
     busy = None
-    for index, (line, state) in enumerate(zip(lines, states)):
-        totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
-        for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
-            if limit is None:
-                continue
-            if amount > limit - spent:
-                return ReserveOutcome(False, index, unit)
-            if busy is None and times * amount > limit - spent - reserved:
-                busy = ReserveOutcome(False, index, unit, held=True)
-    return busy
+    totals = zip(_amounts(line.amount), _amounts(state.spent), _amounts(state.reserved), line.limits)
+    for unit, (amount, spent, reserved, limit) in zip(UNITS, totals):
+        if limit is None:
+            continue
+        if amount > limit - spent:
+            return ReserveOutcome(False, index, unit), None
+        if busy is None and times * amount > limit - spent - reserved:
+            busy = ReserveOutcome(False, index, unit, held=True)
+    return None, busy
+
+
+def _sooner(first: ReserveOutcome | None, other: ReserveOutcome) -> ReserveOutcome:
+    """Of two group refusals, the one that may fit soonest (a wait of -1 never does)."""
+    if first is None:
+        return other
+    mine, theirs = first.retry_after or 0, other.retry_after or 0
+    return other if theirs >= 0 and (mine < 0 or theirs < mine) else first
 
 
 def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerEntry:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 from gateway.budget.engine import BudgetEngine, limits_of
 from gateway.budget.matching import applies_to_caller
+from gateway.budget.rate_windows import with_each
 from gateway.budget.store import UNITS, CounterKey, CounterState
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
@@ -61,16 +63,29 @@ def _units(charge: Charge) -> tuple[int, int, int]:
     return charge.usd_nano, charge.tokens, charge.requests
 
 
-async def budget_report(engine: BudgetEngine, policies: list[Policy], now: float) -> list[dict[str, Any]]:
+async def budget_report(engine: BudgetEngine, policies: list[Policy], now: float,
+                        values: EachValues | None = None) -> list[dict[str, Any]]:
     """Status entries of every budget window of `policies`, read in one store call.
 
-    Settlements of requests this replica has answered are waited for first: a caller reads its own spend.
+    A policy with `each` reports one window per value `values` gives it (without `values`, none: a
+    metric cannot be labelled per key). Settlements of requests this replica has answered are waited
+    for first: a caller reads its own spend.
     """
     await engine.settled()
-    slots = [(p, i, CounterKey(p.name, b.period, window_for(b.period, p.timezone, now).id))
-             for p in policies for i, b in enumerate(p.budgets)]
+    slots = [(p, i, value, CounterKey(p.name, b.period, with_each(window_for(b.period, p.timezone, now).id, value)))
+             for p in policies for value in _values(p, values) for i, b in enumerate(p.budgets)]
     if engine.store is None or not slots:
         return []
-    states = await engine.store.read([counter for _, _, counter in slots], now)
-    return [entry for (policy, index, _), state in zip(slots, states)
+    states = await engine.store.read([counter for _, _, _, counter in slots], now)
+    return [{**entry, "each": policy.each, "value": value} if policy.each else entry
+            for (policy, index, value, _), state in zip(slots, states)
             for entry in window_entries(policy, state, index, now)]
+
+
+EachValues = Callable[[Policy], list[str | None]]
+
+
+def _values(policy: Policy, values: EachValues | None) -> list[str | None]:
+    if policy.each is None:
+        return [None]
+    return values(policy) if values is not None else []

@@ -67,12 +67,17 @@ class CounterKey(NamedTuple):
 
 
 class ReserveLine(NamedTuple):
-    """What one request reserves on one counter; the counter may be dropped after `expires_at`."""
+    """What one request reserves on one counter; the counter may be dropped after `expires_at`.
+
+    `group` 0: the line must fit. Lines of a group g > 0 (one provider's rate windows) are reserved
+    together when they all fit and skipped otherwise (the outcome names the groups skipped).
+    """
 
     counter: CounterKey
     amount: Charge
     limits: Limits
     expires_at: float
+    group: int = 0
 
 
 class CounterState(NamedTuple):
@@ -95,6 +100,12 @@ class ReserveOutcome:
     refused_index: int | None = None
     refused_unit: Unit | None = None
     held: bool = False
+    retry_after: float | None = None
+    """Refused by a rate window: seconds until the request would fit (-1: it never fits); else None."""
+    used: tuple[int, ...] = ()
+    """Reserved: each group-0 rate line's (requests, tokens) used in its window, this request included."""
+    skipped: tuple[int, ...] = ()
+    """Reserved: the groups whose lines did not fit, so were not reserved."""
 
 
 RESERVED = ReserveOutcome(True)
@@ -208,7 +219,12 @@ class BudgetStore(Protocol):
     """Atomic budget operations; `now` is the caller's clock, in epoch seconds, on every call.
 
     `reserve` is all-or-nothing: when any line's spent + reserved + amount would exceed its limit in
-    any limited unit, nothing changes and the outcome names the first such line and unit. Otherwise
+    any limited unit, nothing changes and the outcome names the first such line and unit. Rate windows
+    and in-flight counters (see `gateway.budget.rate_windows`) count what is used, with no spent /
+    reserved split: settling a rate line replaces its amount by the actual one in its bucket; settling,
+    releasing or the lease's end frees an in-flight line. Lines of a group g > 0 are optional (see
+    `ReserveLine`): the groups that do not fit are skipped; when `need_group` and every group is
+    skipped, the reservation is refused like a line that does not fit. Otherwise
     every amount is added to its counter's reserved total and the reservation is kept under
     `request_id` until `lease_until`. `reserve` and `read` also turn a bounded number of reservations
     whose lease ended (lease_until < now) into spend; `settle`, `release` and `record` do that for
@@ -227,7 +243,8 @@ class BudgetStore(Protocol):
         """What this store offers beyond the operations (see `StoreCapabilities`)."""
 
     def reserve(
-        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float
+        self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float,
+        need_group: bool = False,
     ) -> Awaitable[ReserveOutcome]:
         """Reserve every line or none; ValueError if `request_id` already holds a reservation.
 

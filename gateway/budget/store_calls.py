@@ -42,7 +42,8 @@ class StoreCalls:
         self.hard_timeout_s = hard_timeout(config)
         self.background: set[asyncio.Future[Any]] = set()
 
-    def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float) -> Awaitable[ReserveOutcome]:
+    def reserve(self, request_id: str, lines: Sequence[ReserveLine], now: float,
+                need_group: bool = False) -> Awaitable[ReserveOutcome]:
         """The store's reserve (not in order: run to its end even when the client leaves meanwhile).
 
         In order, the caller releases when its client leaves (`client_left`): the store runs that release
@@ -52,12 +53,16 @@ class StoreCalls:
         """
         assert self.store is not None
         if self.in_order_in_time:
+            if need_group:
+                return self.store.reserve(request_id, lines, now, now + self.lease_s, need_group)
             return self.store.reserve(request_id, lines, now, now + self.lease_s)
-        return self.bounded(self._reserve_to_the_end(request_id, lines, now))
+        return self.bounded(self._reserve_to_the_end(request_id, lines, now, need_group))
 
-    async def _reserve_to_the_end(self, request_id: str, lines: Sequence[ReserveLine], now: float) -> ReserveOutcome:
+    async def _reserve_to_the_end(self, request_id: str, lines: Sequence[ReserveLine], now: float,
+                                  need_group: bool) -> ReserveOutcome:
         assert self.store is not None
-        call = asyncio.ensure_future(self.store.reserve(request_id, lines, now, now + self.lease_s))
+        call = asyncio.ensure_future(self.store.reserve(request_id, lines, now, now + self.lease_s, need_group)
+                                     if need_group else self.store.reserve(request_id, lines, now, now + self.lease_s))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:

@@ -30,7 +30,8 @@ from gateway.config.routes import Route, RouteForm, RouteTarget, routes_of
 
 __all__ = [
     "ServerConfig", "StoreConfig", "CacheConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
-    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "AlertConfig", "Downgrade", "Policy",
+    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "RateLimit", "AlertConfig", "Downgrade",
+    "Policy",
     "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
     "LOCAL_CALLER", "ADMIN_CALLER",
 ]
@@ -176,6 +177,8 @@ class ProviderConfig:
     max_connections: Count = 256
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """A larger non-streamed answer is a 502; below 1024 even a short answer would be refused."""
+    rate_limits: RateLimits = ()
+    """The provider's own quota across all replicas: at its limit it is skipped, like an open breaker."""
     name: SkipJsonSchema[str] = Field(default="", kw_only=True)
     """Its key under `providers`."""
 
@@ -324,6 +327,48 @@ def _one_per_period(budgets: tuple[BudgetLimit, ...]) -> tuple[BudgetLimit, ...]
 
 
 @dataclass(frozen=True, config=STRICT)
+class RateLimit:
+    """Requests and/or tokens admitted in any sliding window of one second, minute or hour."""
+
+    per: Literal["second", "minute", "hour"]
+    requests: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
+    """Tokens a request may use (its worst case is held until it settles to the real count)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _limits_something(cls, data: Any, handler: Handler) -> Any:
+        """A rate limit without requests or tokens would limit nothing."""
+        if isinstance(data, dict):
+            limited = any(data.get(unit) is not None for unit in ("requests", "tokens"))
+            return checked(handler, data, [] if limited else [problem((), _NO_RATE)])
+        limit = handler(data)
+        if limit.requests is None and limit.tokens is None:
+            raise ValueError(_NO_RATE)
+        return limit
+
+
+_NO_RATE = "needs at least one limit: requests or tokens"
+
+
+def _one_per_window(limits: tuple[RateLimit, ...]) -> tuple[RateLimit, ...]:
+    """The rate limits, when no two are for the same window."""
+    first: dict[str, int] = {}
+    problems = []
+    for index, limit in enumerate(limits):
+        if limit.per in first:
+            problems.append(problem((index, "per"), f"a per-{limit.per} limit is already set at "
+                                                    f"rate_limits[{first[limit.per]}]"))
+        first.setdefault(limit.per, index)
+    if problems:
+        raise ValidationError.from_exception_data("config", problems)
+    return limits
+
+
+RateLimits = Annotated[tuple[RateLimit, ...], AfterValidator(_one_per_window)]
+
+
+@dataclass(frozen=True, config=STRICT)
 class AlertConfig:
     """Where a policy's budget alerts go; the webhook URL is a secret (never logged)."""
 
@@ -344,7 +389,12 @@ class Policy:
 
     name: Name
     match: PolicyMatch = PolicyMatch()
-    budgets: Annotated[tuple[BudgetLimit, ...], AfterValidator(_one_per_period)] = Field(min_length=1, kw_only=True)
+    budgets: Annotated[tuple[BudgetLimit, ...], AfterValidator(_one_per_period)] = Field(default=(), kw_only=True)
+    each: Literal["key", "team", "model"] | None = None
+    """Budgets, rate limits and max_concurrent apply to each key, team or model apart; absent: shared."""
+    rate_limits: RateLimits = ()
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Requests in flight at once (per `each` value)."""
     timezone: TimeZone = "UTC"
     warn_at: Annotated[tuple[Fraction, ...], AfterValidator(lambda shares: tuple(sorted(set(shares))))] = (
         Decimal("0.7"), Decimal("0.9"), Decimal("0.95"))
@@ -360,6 +410,18 @@ class Policy:
     """The file the policy came from."""
     alerts: AlertConfig | None = None
     """Webhook for warn_at and exceeded alerts."""
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> Self:
+        """A policy without budgets, rate limits or max_concurrent would limit nothing."""
+        if not self.budgets and not self.rate_limits and self.max_concurrent is None:
+            raise _at((), "needs at least one of: budgets, rate_limits, max_concurrent")
+        return self
+
+    @property
+    def limits_rate(self) -> bool:
+        """True when the policy has rate limits or a max_concurrent."""
+        return bool(self.rate_limits) or self.max_concurrent is not None
 
     @model_validator(mode="wrap")
     @classmethod

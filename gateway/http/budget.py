@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import orjson
 from aiohttp import web
 
+from gateway.budget.each import each_values
 from gateway.budget.status import budget_report, visible_policies
 from gateway.budget.usage import (
     GROUPS, NOW_INCLUDED_S, GroupBy, Scope, Totals, ledger_rows, parse_instant, usage_totals,
@@ -26,7 +27,8 @@ async def budget_status(request: web.Request) -> web.Response:
     policies = visible_policies(settings, caller, request.query.get("policy"))
     engine = request.app[BUDGET]
     try:
-        data = await budget_report(engine, policies, engine.clock.now())
+        data = await budget_report(engine, policies, engine.clock.now(),
+                                   lambda policy: each_values(settings, policy, caller))
     except StoreError:
         raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, error_body
+from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, RateLimited, error_body
 from gateway.observability.access_log import AccessLog, AccessRecord
 
 if TYPE_CHECKING:
@@ -63,13 +63,13 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
         """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
         record = AccessRecord(_new_request_id(), request.method, request.path)   # (keywords cost ~1.6k more)
         request[RECORD] = record
-        refusal: BudgetExceeded | None = None
+        refusal: BudgetExceeded | RateLimited | None = None
         metrics.requests_in_flight += 1
         try:
             response = await handler(request)
         except GatewayError as exc:
             record.error = exc.code
-            refusal = exc if isinstance(exc, BudgetExceeded) else None
+            refusal = exc if isinstance(exc, (BudgetExceeded, RateLimited)) else None
             response = error_response(exc)
         except web.HTTPRequestEntityTooLarge:
             record.error = "request_too_large"

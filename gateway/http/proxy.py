@@ -75,7 +75,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
     if lookup.entry is not None:
-        # request-rate limits (issue 18) count a hit here, as a request; no budget is reserved or charged
+        # no budget or rate window is reserved or charged: request-rate limits should count a hit here (not yet)
         return await serve_hit(request, lookup, proxy.budget, settings, caller, proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
@@ -94,14 +94,17 @@ async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller
         reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
                                                             reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
+    if reservation.skip:
+        record.rate_skipped = tuple(sorted(reservation.skip))
     record.model = reservation.plan.model
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
-                                        deadline_s=settings.retry.deadline_s)
+                                        deadline_s=settings.retry.deadline_s, skip=reservation.skip)
         record.provider, record.model = delivery.reply.target.provider, delivery.reply.target.upstream_model
         record.attempts = delivery.reply.attempts
-        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst)
+        return await respond(request, req, delivery, providers, proxy.streams, reservation.worst,
+                             reservation.headers)
     except UpstreamFailure as failure:
         delivery.upstream_failed = True
         if failure.attempts is not None:    # no provider answered
@@ -114,8 +117,9 @@ async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller
 
 
 async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, providers: ProviderPool,
-                  streams: OpenStreams, worst: WorstCase) -> web.StreamResponse:
-    """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole."""
+                  streams: OpenStreams, worst: WorstCase, limits: dict[str, str] | None = None) -> web.StreamResponse:
+    """Pass the upstream answer on: streamed event by event (within the request's worst case), or whole;
+    with the x-ratelimit-* headers of the request's tightest rate limit (`limits`)."""
     assert delivery.reply is not None
     reply, redactor, record = delivery.reply, providers.redactor, request[RECORD]
     target = reply.target
@@ -125,6 +129,8 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
     if record.cache is not None:
         served_by["x-gateway-cache"] = cache_header(record.cache)
+    if limits is not None:
+        served_by |= limits
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by,

@@ -39,6 +39,7 @@ class AccessRecord:
     error: str | None = None
     cache: str | None = None                 # the response cache's lookup: hit, miss, bypass or error
     saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
+    rate_skipped: tuple[str, ...] = ()       # providers skipped at their own rate limit
 
     def line(self, option: int = 0) -> bytes:
         """The JSON log line (`option`: orjson's, such as OPT_APPEND_NEWLINE)."""

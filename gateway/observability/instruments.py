@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from gateway.budget.instrumented import TIMED_OPERATIONS
 from gateway.cache.service import ResponseCache
 from gateway.config.holder import ConfigHolder
-from gateway.errors import BudgetExceeded
+from gateway.errors import BudgetExceeded, RateLimited
 from gateway.observability.access_log import AccessRecord
 from gateway.observability.cache import CacheMetrics
 from gateway.observability.histograms import HistogramChild, LoopHistogram
@@ -95,6 +95,13 @@ class GatewayMetrics:
         self.refusals = Children(Counter(
             "gateway_budget_refusals_total", "Requests refused by a budget, by refusing policy and period.",
             ("policy", "period"), registry=registry))
+        self.rate_refusals = Children(Counter(
+            "gateway_rate_limit_refusals_total", "Requests refused by a rate limit or max_concurrent, by refusing "
+            "policy (or provider, when every provider was at its own limit) and kind (requests, tokens, concurrent).",
+            ("policy", "kind"), registry=registry))
+        self.provider_rate_skips = Children(Counter(
+            "gateway_provider_rate_limited_total", "Requests that skipped a provider at its own rate limit.",
+            ("provider",), registry=registry))
         self.usage_unknown = Children(Counter(
             "gateway_usage_unknown_total", "Answers charged on the gateway's bound instead of the upstream's usage, "
             "by provider and reason (missing, unreadable, over_reserved).", ("provider", "reason"), registry=registry))
@@ -142,13 +149,15 @@ class GatewayMetrics:
         """Subscribe to the response cache's storage failures."""
         cache.on_store_error.append(self.cache.store_failed)
 
-    def request_served(self, record: AccessRecord, refusal: BudgetExceeded | None = None) -> None:
-        """Count one answered request from its access record (and the budget refusal it got, if any)."""
+    def request_served(self, record: AccessRecord, refusal: BudgetExceeded | RateLimited | None = None) -> None:
+        """Count one answered request from its access record (and the budget or rate refusal it got, if any)."""
         if record.path in CONTROL_PATHS:
             self.control(record.path, status_class(record.status)).inc()
             return
         if refusal is not None:
-            self.budget_refused(refusal)
+            self.refused(refusal)
+        if record.rate_skipped:
+            self.providers_rate_limited(record.rate_skipped)
         self._follow_config()
         key = (record.route, record.model, record.provider, record.status, record.policies)
         served = self._served.get(key)
@@ -186,9 +195,19 @@ class GatewayMetrics:
                                              self.request_duration(route, provider), self.first_token(route, provider))
         return served
 
-    def budget_refused(self, error: BudgetExceeded) -> None:
-        """Count a request a budget refused."""
-        self.refusals(self.bounds.policy(error.policy), error.period or NONE).inc()
+    def refused(self, error: BudgetExceeded | RateLimited) -> None:
+        """Count a request a budget or a rate limit refused."""
+        if isinstance(error, RateLimited):
+            bounds = self.bounds
+            name = bounds.policy(error.policy) if error.provider is None else f"provider:{bounds.provider(error.provider)}"
+            self.rate_refusals(name, error.kind).inc()
+        else:
+            self.refusals(self.bounds.policy(error.policy), error.period or NONE).inc()
+
+    def providers_rate_limited(self, providers: tuple[str, ...]) -> None:
+        """Count the providers a request skipped at their own rate limit."""
+        for provider in providers:
+            self.provider_rate_skips(self.bounds.provider(provider)).inc()
 
     def upstream_attempted(self, provider: str, seconds: float, outcome: str) -> None:
         """Time one upstream call to its response head (`outcome` is not a label)."""

@@ -3,6 +3,7 @@
 For each target, in plan order:
 
     breaker rejects the call        -> skip to the next target, with zero calls
+    provider at its own rate limit  -> skipped the same way (the budget engine reserved on the others)
     2xx or 4xx answer               -> returned unread, so nothing has reached the client yet
     retryable status, connect error -> retried under the provider's policy and retry budget,
                                        then the next target
@@ -100,13 +101,18 @@ class _Gate:
 
 
 async def dispatch(req: ProxyRequest, plan: Plan, pool: ProviderPool, resilience: ResilienceRegistry,
-                   *, deadline_s: float) -> UpstreamReply:
-    """The first good answer from the plan's targets, in order; UpstreamFailure when none gives one."""
+                   *, deadline_s: float, skip: frozenset[str] = frozenset()) -> UpstreamReply:
+    """The first good answer from the plan's targets, in order; UpstreamFailure when none gives one.
+
+    Providers in `skip` (at their own rate limit) are passed over like a provider whose breaker is open.
+    """
     call = _Call(req, pool, resilience, resilience.clock.monotonic() + deadline_s)
     targets = plan.targets
     for index, target in enumerate(targets):
         if call.remaining() <= 0:
             break
+        if target.provider in skip:
+            continue
         call.failover_from = (call.last_provider or targets[0].provider) if index else None
         reply = await _try_provider(call, target)
         if reply is not None:

@@ -8,6 +8,10 @@
 --   <prefix>ctr:<policy>:<period>:<window>  hash of the six FIELDS below, PEXPIREAT its expiry
 --   <prefix>resv:<request id>               hash: counter key -> "usd tokens requests expires_ms"
 --   <prefix>leases                          zset: request id scored by lease end (epoch seconds)
+--   <prefix>rate:<policy>:<per>:<each>:<epoch>  hash of one epoch of a sliding rate window (see
+--                                           gateway/budget/rate_windows.py): r, t = requests and
+--                                           tokens used in the epoch; r<j>, t<j> = in its bucket j
+--   <prefix>conc:<policy>:<each>            hash n = requests in flight
 --   <prefix>spent:<request id>              marker: spend recorded without a reservation (a journal
 --                                           replay) or by an ended lease; settled requests leave none
 --   <prefix>ledger                          stream: one row per request, trimmed to about ledger_max rows:
@@ -93,15 +97,114 @@ local function apply(counter, reserved_delta, spent_delta, expires_ms)
   return text
 end
 
+-- What a counter key counts: 'budget', 'rate' (a sliding window's epoch) or 'concurrent'.
+local function kind_of(prefix, counter)
+  local kind = string.sub(counter, #prefix + 1, #prefix + 5)
+  if kind == 'rate:' then
+    return 'rate'
+  end
+  return kind == 'conc:' and 'concurrent' or 'budget'
+end
+
+-- The key of the epoch before a rate epoch's (its number is the key's last part).
+local function previous_epoch(counter, epoch)
+  return string.match(counter, '^(.*:)%d+$') .. int(epoch - 1)
+end
+
+-- The sum of fields <unit><b> of a hash for buckets b = from .. to (0 when absent).
+local function bucket_sum(key, unit, from, to)
+  if to < from then
+    return 0
+  end
+  local fields = {}
+  for b = from, to do
+    fields[#fields + 1] = unit .. b
+  end
+  local sum = 0
+  for _, value in ipairs(call('HMGET', key, unpack(fields))) do
+    sum = sum + (tonumber(value) or 0)
+  end
+  return sum
+end
+
+-- {requests, tokens} used in the sliding window at bucket k (buckets k - n .. k, n per epoch): the
+-- current epoch, and the previous epoch's buckets from j on (the shorter way round).
+local function window_use(counter, k, n)
+  local epoch = math.floor(k / n)
+  local j, prev = k - epoch * n, previous_epoch(counter, epoch)
+  local used = call('HMGET', counter, 'r', 't')
+  used = {tonumber(used[1]) or 0, tonumber(used[2]) or 0}
+  if call('EXISTS', prev) == 0 then
+    return used
+  end
+  for u, unit in ipairs({'r', 't'}) do
+    if 2 * j > n then
+      used[u] = used[u] + bucket_sum(prev, unit, j, n - 1)
+    else
+      used[u] = used[u] + (tonumber(call('HGET', prev, unit)) or 0) - bucket_sum(prev, unit, 0, j - 1)
+    end
+  end
+  return used
+end
+
+-- Milliseconds from now_ms until `extra` more of unit u (1 requests, 2 tokens) fits in the window at
+-- bucket k with limit `limit`: once enough of its oldest buckets have left it. -1 when it never fits.
+local function window_wait(counter, k, n, bucket_ms, now_ms, u, extra, limit, used)
+  if extra > limit then
+    return -1
+  end
+  local epoch = math.floor(k / n)
+  local j, prev, unit = k - epoch * n, previous_epoch(counter, epoch), u == 1 and 'r' or 't'
+  local need, freed = used + extra - limit, 0
+  for b = k - n, k do
+    local key, field = prev, b - (epoch - 1) * n
+    if b >= epoch * n then
+      key, field = counter, b - epoch * n
+    end
+    freed = freed + (tonumber(call('HGET', key, unit .. field)) or 0)
+    if freed >= need then
+      return math.max(1, (b + n + 1) * bucket_ms - now_ms)
+    end
+  end
+  return (k + n + 1) * bucket_ms - now_ms   -- what is counted sits in buckets ahead of this clock
+end
+
+-- Adds deltas {requests, tokens} to bucket j of a rate epoch, unless the epoch has expired (a request
+-- that outlived its window: nothing is left to correct).
+local function add_to_bucket(counter, j, requests, tokens)
+  if (requests == 0 and tokens == 0) or call('EXISTS', counter) == 0 then
+    return
+  end
+  if requests ~= 0 then
+    call('HINCRBY', counter, 'r' .. j, int(requests))
+    call('HINCRBY', counter, 'r', int(requests))
+  end
+  if tokens ~= 0 then
+    call('HINCRBY', counter, 't' .. j, int(tokens))
+    call('HINCRBY', counter, 't', int(tokens))
+  end
+end
+
+-- Frees `count` requests in flight (never below zero; nothing when the counter expired).
+local function leave_flight(counter, count)
+  local held = tonumber(call('HGET', counter, 'n'))
+  if held then
+    call('HSET', counter, 'n', int(math.max(0, held - count)))
+  end
+end
+
 local function reservation_lines(prefix, request_id)
   local flat = call('HGETALL', prefix .. 'resv:' .. request_id)
   local lines = {}
   for i = 1, #flat, 2 do
-    local usd, tokens, requests, expires_ms = string.match(flat[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+    local usd, tokens, requests, expires_ms, bucket = string.match(flat[i + 1],
+      '^(%d+) (%d+) (%d+) (%d+) ?(%d*)$')
     lines[#lines + 1] = {
       counter = flat[i],
+      kind = kind_of(prefix, flat[i]),
       amounts = {tonumber(usd), tonumber(tokens), tonumber(requests)},
       expires_ms = expires_ms,
+      bucket = tonumber(bucket),
     }
   end
   return lines
@@ -144,17 +247,19 @@ local function append_request_row(prefix, ledger_max, time_ms, at)
   end
 end
 
--- The row of a reservation whose lease ended: its policies and, per unit, its largest line amount.
+-- The row of a reservation whose lease ended: its policies and, per unit, its largest budget line amount.
 local function expired_row(request_id, lines)
   local policies, seen, most = {}, {}, {0, 0, 0}
   for _, line in ipairs(lines) do
-    local policy = string.match(line.counter, 'ctr:([^:]+):[^:]+:[^:]+$')
+    local policy = line.kind == 'budget' and string.match(line.counter, 'ctr:([^:]+):[^:]+:[^:]+$')
     if policy and not seen[policy] then
       seen[policy] = true
       policies[#policies + 1] = policy
     end
-    for i = 1, 3 do
-      most[i] = math.max(most[i], line.amounts[i])
+    if line.kind == 'budget' then
+      for i = 1, 3 do
+        most[i] = math.max(most[i], line.amounts[i])
+      end
     end
   end
   table.sort(policies)
@@ -169,13 +274,25 @@ local function mark_spent(prefix, request_id, expires_ms)
   call('SET', prefix .. 'spent:' .. request_id, '1', 'PXAT', int(expires_ms))
 end
 
--- Removes a reservation: its amounts leave `reserved`; spend[counter] (if any) is added to `spent`.
--- Returns the new state text of each of its counters, by counter key.
+local ZERO_STATE = {'0', '0', '0', '0', '0', '0'}
+
+-- Removes a reservation: its amounts leave `reserved`; spend[counter] (if any) is added to `spent`. A
+-- rate line's bucket keeps spend[counter] instead of its amount; an in-flight line leaves the flight.
+-- Returns the new state text of each of its counters, by counter key (zeros for rate and in-flight).
 local function close_reservation(prefix, request_id, lines, spend)
   local states = {}
   for _, line in ipairs(lines) do
-    states[line.counter] = apply(line.counter, negated(line.amounts), spend[line.counter] or NOTHING,
-      line.expires_ms)
+    local spent = spend[line.counter] or NOTHING
+    if line.kind == 'budget' then
+      states[line.counter] = apply(line.counter, negated(line.amounts), spent, line.expires_ms)
+    else
+      if line.kind == 'rate' then
+        add_to_bucket(line.counter, line.bucket, spent[3] - line.amounts[3], spent[2] - line.amounts[2])
+      else
+        leave_flight(line.counter, line.amounts[3])
+      end
+      states[line.counter] = ZERO_STATE
+    end
   end
   call('DEL', prefix .. 'resv:' .. request_id)
   call('ZREM', prefix .. 'leases', request_id)
@@ -189,8 +306,14 @@ local function expire_into_spend(prefix, request_id, lines, now, ledger_max)
     spend[line.counter] = line.amounts
   end
   close_reservation(prefix, request_id, lines, spend)
-  if #lines > 0 then
-    mark_spent(prefix, request_id, latest_expiry_ms(lines))
+  local budget = {}
+  for _, line in ipairs(lines) do
+    if line.kind == 'budget' then
+      budget[#budget + 1] = line
+    end
+  end
+  if #budget > 0 then
+    mark_spent(prefix, request_id, latest_expiry_ms(budget))
     append_ledger(prefix, ledger_max, math.floor(now * 1000 + 0.5), expired_row(request_id, lines))
   end
 end
