@@ -74,6 +74,37 @@ def _no_budget(config: Document, policies: Document) -> None:
                              "budgets": [{"period": "daily", "usd": 1}]}]
 
 
+def _cache_hit(config: Document, policies: Document) -> None:
+    """The response cache on for the bench's model: its body never changes, so every request after the
+    first is a hit (no upstream call, no budget reserved; a ledger row in the background)."""
+    config["cache"] = {"models": ["gpt-4o-mini"]}
+
+
+def _cache_miss(config: Document, policies: Document) -> None:
+    """The response cache on for another model only: each request takes the lookup decision (is its model
+    cached?) and goes on as with the cache off."""
+    config["routes"]["gpt-4.1-nano"] = ["mock"]
+    config["pricing"]["gpt-4.1-nano"] = {"input": 0.10, "output": 0.40}
+    config["cache"] = {"models": ["gpt-4.1-nano"]}
+
+
+def _cache_store_miss(config: Document, policies: Document) -> None:
+    """The response cache on for the bench's model, but no answer fits `max_entry_bytes`: every request
+    reads the store, misses, goes upstream and is not kept. Identical requests in flight wait for the one
+    that leads (single flight), then go upstream themselves: its latency is not a miss's, only its cost."""
+    config["cache"] = {"models": ["gpt-4o-mini"], "max_entry_bytes": 64}
+
+
+def _cache_refresh(config: Document, policies: Document) -> None:
+    """The response cache on for the bench's model, every request sent with `Cache-Control: no-cache`
+    (CLIENT_HEADERS): no lookup, each goes upstream and its answer is written to the store, as a miss's is
+    (a miss also reads the store once: one more call like the write)."""
+    config["cache"] = {"models": ["gpt-4o-mini"]}
+
+
+CLIENT_HEADERS = {"cache-refresh": {"Cache-Control": "no-cache"}}
+"""Request headers a variant's clients send."""
+
 def _rate_limits(config: Document, policies: Document) -> None:
     """The team policy counted per key, with a per-key minute window (requests and tokens) so high it never
     refuses (acceptance 9 of issue 18): every request holds on its window beside its budgets, in the same
@@ -115,10 +146,12 @@ VARIANTS: dict[str, Callable[[Document, Document], None]] = {
     "default": _default,
     "no-access-log": _no_access_log,
     "no-budget": _no_budget,
+    "cache-hit": _cache_hit,
+    "cache-miss": _cache_miss,
+    "cache-store-miss": _cache_store_miss,
+    "cache-refresh": _cache_refresh,
     "rate-limits": _rate_limits,
     "rate-limits-strict": _rate_limits_strict,
-
-
     "split": _split,
     "canary": _canary,
 }
@@ -131,6 +164,9 @@ class WrittenConfig:
     path: Path
     access_log: bool      # its chat 200 lines can be counted
     budgeted: bool        # the team policy applies: its budget moves by every request
+    cached: bool = False  # the bench's answers are kept: a request after the first reaches neither the
+    #                       upstream nor the budget (so neither is checked per request)
+    headers: tuple[tuple[str, str], ...] = ()   # sent with every request
 
 
 def write_config(directory: Path, port: int, redis_url: str, upstream: str,
@@ -142,8 +178,12 @@ def write_config(directory: Path, port: int, redis_url: str, upstream: str,
     (directory / "policies.yaml").write_text(header + yaml.safe_dump(policies, sort_keys=False))
     path = directory / "gateway.yaml"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
-    budgeted = any(policy["name"] == TEAM_POLICY for policy in policies["policies"])
-    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted)
+    cache = config.get("cache", {})
+    headers = tuple(CLIENT_HEADERS.get(variant, {}).items())
+    cached = ("gpt-4o-mini" in cache.get("models", ()) and cache.get("max_entry_bytes", 1 << 20) >= 64 * 1024
+              and not headers)
+    budgeted = any(policy["name"] == TEAM_POLICY for policy in policies["policies"]) and not cached
+    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted, cached, headers)
 
 
 def target_name(variant: str) -> str:

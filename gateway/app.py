@@ -15,13 +15,15 @@ from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
 from gateway.budget.factory import create_engine
 from gateway.budget.store import BudgetStore
+from gateway.cache.factory import create_cache
+from gateway.cache.store import CacheStore
 from gateway.clock import Clock, SystemClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.http.appkeys import (
-    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS, RELOADER,
-    RESILIENCE, ROUTER,
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
+    RELOADER, RESILIENCE, ROUTER,
 )
 from gateway.http.budget import add_budget_routes
 from gateway.http.info import add_info_routes
@@ -53,7 +55,8 @@ RECOVERY_INTERVAL_S = 1.0
 def create_app(settings: Settings, *, config_path: str | None = None, clock: Clock | None = None,
                store: BudgetStore | None = None, access_log: AccessLog | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-               registry: CollectorRegistry | None = None, peers: Peers | None = None) -> web.Application:
+               registry: CollectorRegistry | None = None, peers: Peers | None = None,
+               cache_store: CacheStore | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry).
 
     `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
@@ -65,6 +68,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[BACKGROUND] = BackgroundFailures()
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
+    app[CACHE] = create_cache(settings.store, app[BUDGET].store, clock, cache_store)
     app[ACCESS_LOG] = access_log = access_log or AccessLog(settings.server.access_log)
     app.middlewares.append(request_middleware(metrics, access_log))
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)
@@ -75,19 +79,25 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
         app.cleanup_ctx.append(peers.link)
     app.cleanup_ctx.append(provider_pool)
     app.cleanup_ctx.append(budget_recovery)
+    app.cleanup_ctx.append(response_cache)        # closed before the budget store, whose client it may share
     add_budget_alerts(app, sleep=sleep)
     app[ROUTER] = router = Router(CanaryRuns(app[BUDGET].store, clock))
     metrics.registry.register(ArmCollector(router.counts))
     app.cleanup_ctx.append(canary_sync)
     if config_path is not None:
         app.cleanup_ctx.append(config_reload)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every endpoint: the forwarded OpenAI ones, then the gateway's own."""
     add_proxy_routes(app)
     add_info_routes(app)
     add_provider_status_routes(app)
     add_budget_routes(app)
     add_rate_limit_routes(app)
     add_metrics_routes(app)
-    return app
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:
@@ -113,6 +123,13 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await engine.close()
+
+
+async def response_cache(app: web.Application) -> AsyncIterator[None]:
+    """Count the cache's storage failures; finish the cache writes under way and close its storage at the end."""
+    app[METRICS].follow_cache(app[CACHE])
+    yield
+    await app[CACHE].close()
 
 
 async def canary_sync(app: web.Application) -> AsyncIterator[None]:

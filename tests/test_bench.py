@@ -128,7 +128,9 @@ def test_every_config_variant_is_accepted_by_gateway_check(variant: str, tmp_pat
                           env=gateway_env(ROOT), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert written.access_log == (variant != "no-access-log")
-    assert written.budgeted == (variant != "no-budget")
+    assert written.cached == (variant == "cache-hit")
+    assert dict(written.headers) == ({"Cache-Control": "no-cache"} if variant == "cache-refresh" else {})
+    assert written.budgeted == (variant not in ("no-budget", "cache-hit"))   # a hit moves no budget
 
 
 def test_baseline_checkout_holds_the_refs_gateway_and_is_what_a_target_imports(tmp_path: Path) -> None:

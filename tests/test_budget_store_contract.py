@@ -424,6 +424,18 @@ async def test_settle_release_and_record_write_their_rows_in_order(backend: Back
     assert await ledger(backend.store, clock) == [served, failed, replayed]
 
 
+async def test_a_cache_hit_row_moves_no_counter_and_keeps_its_savings_in_order(
+        backend: Backend, clock: FakeClock) -> None:
+    key = counter(clock)
+    assert await reserve(backend.store, clock, "served", line(clock, key, Charge(1000, 100, 1)))
+    served = entry(clock, "served")
+    assert await backend.store.settle("served", [(key, Charge(700, 70, 1))], clock.now(), served)
+    late = entry(clock, "hit", cost=0, status="cache_hit")._replace(saved_nano=700, time=served.time - 5)
+    await backend.store.file_row(late)
+    assert await state(backend.store, clock, key) == CounterState(key, Charge(700, 70, 1), Charge())
+    assert await ledger(backend.store, clock) == [served, late._replace(time=served.time)]
+
+
 async def test_an_ended_lease_writes_a_lease_expired_row_of_its_reserved_amounts(
         backend: Backend, clock: FakeClock) -> None:
     keys = [counter(clock, "team-b"), counter(clock, "team-a"), counter(clock, "team-a", "monthly")]

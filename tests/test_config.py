@@ -160,6 +160,10 @@ def test_shipped_team_policy_downgrades_to_a_priced_model() -> None:
     ("policy_budget_without_limit",
      "policies/team.yaml: budgets[0]: needs at least one limit: usd, tokens or requests"),
     ("policy_downgrade_unpriced", "policies/team.yaml: on_exceed.downgrade: model 'gpt-4o-mini' has no price"),
+    ("cache_model_unrouted", "config.yaml: cache.models[1]: no route serves a model matching 'gpt4o*', so nothing "
+                             "is cached by it; did you mean 'gpt-4o*'?"),
+    ("cache_scope_unknown", "config.yaml: cache.scope: must be one of: key, team, global"),
+    ("cache_entry_over_max_bytes", "config.yaml: cache.max_entry_bytes: must be <= max_bytes"),
     ("policy_rate_limit_without_per", "policies/team.yaml: rate_limits[0].per: is required"),
     ("policy_rate_limit_zero", "policies/team.yaml: rate_limits[0].requests: must be >= 1"),
     ("policy_rate_window_twice",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gateway.clock import FakeClock
-from gateway.config.model import Policy, PolicyMatch, RateLimit, Route, RouteTarget
+from gateway.config.model import CacheConfig, Policy, PolicyMatch, RateLimit, Route, RouteTarget
 from gateway.config.routes import CanaryConfig
 from tests.support.metrics import (
     MESSAGES, POLICIES, ClockSleep, metrics_settings, mixed_traffic, run_promtool, sample_names, scrape,
@@ -28,7 +28,7 @@ QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 TEMPLATE_VARIABLES = {"$__rate_interval": "5m", "$policy": ".*", "$model": ".*"}
 PANEL_TOPICS = ("spend against budget", "cost per hour by model", "monthly forecast", "tokens by model",
                 "requests by status class", "latency p50 / p95 / p99", "time to first token", "breaker states",
-                "retries and failovers", "canaries")
+                "retries and failovers", "canaries", "cache hit rate", "cache savings")
 
 
 def dashboard() -> dict[str, Any]:
@@ -105,13 +105,17 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_exposed_after_traffic
                        rate_limits=(RateLimit(per="minute", requests=1),))
     canary = Route("deepseek-v3.2", (RouteTarget("primary"), RouteTarget("backup")),
                    canary=CanaryConfig(RouteTarget("primary"), RouteTarget("backup")))
-    settings = metrics_settings(upstream, backup_upstream, policies=(*POLICIES, nano_rate))
+    settings = metrics_settings(upstream, backup_upstream, policies=(*POLICIES, nano_rate),
+                                cache=CacheConfig(models=("gpt-4.1",)))
     settings = dataclasses.replace(settings, routes=(*settings.routes, canary))
     gateway = await start_gateway(settings, clock=clock, sleep=ClockSleep(clock))
     for _ in range(2):                       # the second is refused by the rate limit
         await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1-nano", "messages": MESSAGES})
-    await mixed_traffic(gateway, http, upstream, backup_upstream)
+    await mixed_traffic(gateway, http, upstream, backup_upstream)     # its gpt-4.1 requests fail: nothing kept
     await http(gateway, "POST", "/v1/chat/completions", json={"model": "deepseek-v3.2", "messages": MESSAGES})
+    for _ in range(2):                                                # a miss kept, then a hit
+        await http(gateway, "POST", "/v1/chat/completions", json={"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": "cache me"}]})
     exposed = sample_names(await scrape(gateway, http))
     used = [(title, name) for title, expr in dashboard_queries() for name in metric_names(expr)]
     used += [(rule["alert"], name) for rule in alert_rules() for name in metric_names(rule["expr"])]

@@ -17,6 +17,7 @@ from gateway.app import create_app
 from gateway.budget.instrumented import TIMED_OPERATIONS, InstrumentedStore
 from gateway.budget.sqlite_store import SqliteBudgetStore
 from gateway.budget.store import PLAIN, CounterKey, CounterState
+from gateway.cache.service import BYPASS, ERROR, HIT, MISS
 from gateway.clock import FakeClock
 from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
@@ -25,6 +26,7 @@ from gateway.errors import ConfigError, StoreError
 from gateway.http.appkeys import METRICS, RELOADER
 from gateway.http.auth import key_digest
 from gateway.observability.access_log import AccessLog, AccessRecord
+from gateway.observability.cache import CACHE_OPERATIONS
 from gateway.observability.instruments import GatewayMetrics
 from gateway.observability.scrape import BACKGROUND_TASKS
 from tests.support.canary import CANARY_KEY
@@ -311,9 +313,9 @@ def allowed_label_values(settings: Settings) -> dict[str, set[str]]:
         "status_class": {f"{n}xx" for n in range(1, 6)},
         "type": {"prompt", "completion", "cached"},
         "reason": {str(status) for status in settings.retry.statuses} | {"timeout", "connect_error"},
-        "operation": set(TIMED_OPERATIONS),
+        "operation": set(TIMED_OPERATIONS) | set(CACHE_OPERATIONS),
         "from_state": states, "to_state": states,
-        "result": {"success", "failure"},
+        "result": {"success", "failure", HIT, MISS, BYPASS, ERROR},
         "task": set(BACKGROUND_TASKS),
     }
 

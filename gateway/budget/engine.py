@@ -10,10 +10,12 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
 from gateway.budget.journal import SpendJournal
-from gateway.budget.ledger import ledger_entry
+from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
 from gateway.budget.rate_refusals import rate_headers, rate_limited
 from gateway.budget.rate_slots import RateSlot
@@ -32,6 +34,7 @@ from gateway.domain.plan import Plan
 from gateway.domain.pricing import Charge
 from gateway.domain.request import ProxyRequest
 from gateway.domain.worst_case import WorstCase, worst_case
+from gateway.errors import StoreError
 
 __all__ = ["Reservation", "Downgrade", "SettleListener", "BudgetEngine", "limits_of", "KEY_GRACE_S"]
 
@@ -168,6 +171,25 @@ class BudgetEngine:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
         return self._settlements.start(reservation, charge, entry, facts.provider if facts is not None else None)
 
+    def file_cache_hit(self, settings: Settings, caller: CallerIdentity, request_id: str, facts: LedgerFacts,
+                       saved_nano: int) -> tuple[str, ...]:
+        """Ledger a request answered from the response cache: nothing reserved or spent, only its row, written
+        in the background (lost, not journaled, if the store fails: it moves no counter). Its policies."""
+        match = self._slots.match(settings, caller, facts.requested_model or "")
+        if match.policies and self.store is not None:
+            entry = cache_hit_entry(request_id, caller, match.names, facts, saved_nano, self.clock.now())
+            call = self.store.file_row(entry)
+            if isinstance(call, asyncio.Future) and self._calls.bounds_time:   # on its way: no task needed
+                call.add_done_callback(_retrieved)
+                self._calls.keep(call)
+            else:
+                self._calls.spawn(self._file_row(call))
+        return match.names
+
+    async def _file_row(self, call: Awaitable[None]) -> None:
+        with contextlib.suppress(StoreError, TimeoutError):
+            await self._calls.bounded(call)
+
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
         return await self._outage.recover()
@@ -194,6 +216,12 @@ class BudgetEngine:
         await self._calls.wind_down()
         if self.store is not None:
             await self.store.close()
+
+
+def _retrieved(call: asyncio.Future[Any]) -> None:
+    """Take a background call's failure (it is counted by the store's observer, and needs no more)."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, match: Match,

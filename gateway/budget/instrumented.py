@@ -17,7 +17,7 @@ from gateway.domain.pricing import Charge
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 
 StoreObserver = OperationObserver   # (operation, seconds, failed)
-TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "read", "ping", "close")
+TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "file_row", "read", "ping", "close")
 
 
 class InstrumentedStore:
@@ -39,7 +39,8 @@ class InstrumentedStore:
         if self.capabilities.self_timed:
             store.observe_calls(observe)
             operations = {"reserve": store.reserve, "reserve_spares": store.reserve_spares, "settle": store.settle,
-                          "release": store.release, "record": store.record, "read": store.read,
+                          "release": store.release, "record": store.record, "file_row": store.file_row,
+                          "read": store.read,
                           "ping": store.ping, "close": store.close}
             for name in self.capabilities.self_timed & operations.keys():
                 setattr(self, name, operations[name])   # shadows the timing method below
@@ -74,6 +75,10 @@ class InstrumentedStore:
                entry: LedgerEntry | None = None) -> Awaitable[bool]:
         """The wrapped store's `record`, timed."""
         return self._timed("record", self.wrapped.record, request_id, lines, now, entry)
+
+    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
+        """The wrapped store's `file_row`, timed."""
+        return self._timed("file_row", self.wrapped.file_row, entry)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The wrapped store's `read`, timed."""

@@ -6,10 +6,11 @@ import time
 
 from gateway.budget.reservation import Reservation
 from gateway.budget.store import LedgerEntry
+from gateway.config.model import CallerIdentity
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.pricing import Charge
 
-__all__ = ["ledger_entry"]
+__all__ = ["ledger_entry", "cache_hit_entry"]
 
 
 def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerFacts | None,
@@ -30,3 +31,11 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerF
                        provider, prompt, completion, cached, charge.usd_nano if charge else 0,
                        "failed" if charge is None else "served", latency_ms, attempts, requested,
                        usage is not None and usage.estimated)
+
+
+def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str, ...], facts: LedgerFacts,
+                    saved_nano: int, now: float) -> LedgerEntry:
+    """`cache_hit`: no tokens, no cost (so ledger totals still equal the counters), and what the answer saved."""
+    latency_ms = round((time.perf_counter() - facts.started) * 1000)
+    return LedgerEntry(now, request_id, caller.name, caller.team, policies, facts.model, None, 0, 0, 0, 0,
+                       "cache_hit", latency_ms, 0, facts.requested_model, False, saved_nano)

@@ -71,7 +71,7 @@ __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
-_SCRIPTS = ("reserve", "settle", "release", "record", "read", "ping")
+_SCRIPTS = ("reserve", "settle", "release", "record", "file_row", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
 
 RedisClient = Redis | RedisCluster
@@ -97,8 +97,17 @@ class RedisBudgetStore:
         self._driver: ScriptDriver = choose_driver(client, self._commands)
         self.capabilities: StoreCapabilities = replace(self._driver.capabilities, self_timed=_SELF_TIMED)
         self._leases = self._key("leases")
-        self._counter_keys: dict[CounterKey, str] = {}
-        self._line_words: dict[tuple[CounterKey, Limits, float, int], tuple[str, str]] = {}
+        self._words = _CounterWords(self._prefix)
+
+    @property
+    def client(self) -> RedisClient:
+        """The redis-py client (the response cache shares it; the store closes it)."""
+        return self._client
+
+    @property
+    def driver(self) -> ScriptDriver:
+        """What sends the store's scripts (the response cache sends its own down the same, pipelined on Redis)."""
+        return self._driver
 
     def flush(self) -> None:
         """Send the calls waiting to share a write now (somebody is waiting for them)."""
@@ -110,26 +119,7 @@ class RedisBudgetStore:
 
     def counter_key(self, counter: CounterKey) -> str:
         """The Redis key of a counter (a rate window's: of the epoch holding its bucket)."""
-        key = self._counter_keys.get(counter)
-        if key is None:
-            if len(self._counter_keys) >= MAX_CACHED:
-                self._counter_keys.clear()
-            key = self._counter_keys[counter] = _key_of(self._prefix, counter)
-        return key
-
-    def _cache_line_words(self, line: ReserveLine) -> tuple[str, str]:
-        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms,k,n,bucket_ms,group'
-        (limits -1: unlimited; see reserve.lua) of a line.
-
-        Both are the same for every request in a window, so they are formatted once per window.
-        """
-        if len(self._line_words) >= MAX_CACHED:
-            self._line_words.clear()
-        usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
-        words = (self.counter_key(line.counter),
-                 f"{usd},{tokens},{requests},{ms(line.expires_at)},{_shape(line.counter)},{line.group}")
-        self._line_words[(line.counter, line.limits, line.expires_at, line.group)] = words
-        return words
+        return self._words.key(counter)
 
     def reserve(
         self, request_id: str, lines: Sequence[ReserveLine], now: float, lease_until: float,
@@ -154,9 +144,9 @@ class RedisBudgetStore:
         keys = [self._leases, *[f"{self._prefix}resv:{request_id}" for request_id in ids]]
         words, amount, amount_words = [], None, ""
         for line in lines:
-            key_and_limits = self._line_words.get((line.counter, line.limits, line.expires_at, line.group))
+            key_and_limits = self._words.lines.get((line.counter, line.limits, line.expires_at, line.group))
             if key_and_limits is None:
-                key_and_limits = self._cache_line_words(line)
+                key_and_limits = self._words.format_line(line)
             keys.append(key_and_limits[0])
             if line.amount is not amount:    # the lines of one request usually share one amount
                 amount = line.amount
@@ -183,7 +173,7 @@ class RedisBudgetStore:
                 raise ValueError(f"settle of {request_id!r} names a counter its reservation does not hold")
             return PackedStates(counters, reply[1]) if reply[0] == 1 else None
 
-        keys = [*self._reservation_keys(request_id), *map(self.counter_key, counters)]
+        keys = [*self._reservation_keys(request_id), *map(self._words.key, counters)]
         return self._call("settle", keys, args, states, lazy=True)
 
     def release(self, request_id: str, now: float, entry: LedgerEntry | None = None) -> Awaitable[bool]:
@@ -202,12 +192,17 @@ class RedisBudgetStore:
         args = [self._prefix, request_id, f"[{now:.6f},{self._ledger_max},{_row_ms(entry)},{spend}]",
                 *_row(entry)]
         keys = [*self._reservation_keys(request_id), self._key("spent", request_id),
-                *(self.counter_key(counter) for counter, _, _ in lines)]
+                *(self._words.key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
+
+    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
+        """Add a ledger row that moves no counter (see `BudgetStore`); may wait a moment to share a write."""
+        args = [self._prefix, f"[{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
+        return self._call("file_row", [self._key("ledger")], args, _nothing, lazy=True)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""
-        keys = [self._leases, *map(self.counter_key, counters)]
+        keys = [self._leases, *map(self._words.key, counters)]
         shapes = "".join(f",{_shape(counter).rpartition(',')[0]}" for counter in counters)
         args = [self._prefix, f"[{now:.6f},{SWEEP_MAX},{self._ledger_max}{shapes}]"]
         return self._call("read", keys, args, lambda reply: list(PackedStates(counters, reply[0])))
@@ -275,6 +270,35 @@ class RedisBudgetStore:
             raise
         except Exception as exc:             # the driver met a redis-py it does not know
             raise store_error(exc) from exc
+
+
+class _CounterWords:
+    """Counters' Redis keys and reserve lines' words, formatted once per window (they change with each)."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._keys: dict[CounterKey, str] = {}
+        self.lines: dict[tuple[CounterKey, Limits, float, int], tuple[str, str]] = {}
+
+    def key(self, counter: CounterKey) -> str:
+        """The Redis key of a counter (a rate window's: of the epoch holding its bucket)."""
+        key = self._keys.get(counter)
+        if key is None:
+            if len(self._keys) >= MAX_CACHED:
+                self._keys.clear()
+            key = self._keys[counter] = _key_of(self._prefix, counter)
+        return key
+
+    def format_line(self, line: ReserveLine) -> tuple[str, str]:
+        """The counter's key and 'usd_limit,tokens_limit,requests_limit,expires_ms,k,n,bucket_ms,group'
+        (limits -1: unlimited; see reserve.lua) of a line, kept in `lines`."""
+        if len(self.lines) >= MAX_CACHED:
+            self.lines.clear()
+        usd, tokens, requests = (-1 if limit is None else limit for limit in line.limits)
+        words = (self.key(line.counter),
+                 f"{usd},{tokens},{requests},{ms(line.expires_at)},{_shape(line.counter)},{line.group}")
+        self.lines[(line.counter, line.limits, line.expires_at, line.group)] = words
+        return words
 
 
 def connect_timeout(timeout_s: float) -> float:
@@ -385,6 +409,10 @@ def _row_ms(entry: LedgerEntry | None) -> int:
 
 def _is_one(reply: int) -> bool:
     return reply == 1
+
+
+def _nothing(reply: Any) -> None:
+    return None
 
 
 def _answered(value: T) -> asyncio.Future[T]:

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     policies TEXT NOT NULL, model TEXT, provider TEXT, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,
     status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, requested_model TEXT,
-    usage_estimated INTEGER NOT NULL DEFAULT 0
+    usage_estimated INTEGER NOT NULL DEFAULT 0, saved_nano INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
 CREATE TABLE IF NOT EXISTS alert_claims (
@@ -66,7 +66,8 @@ CREATE INDEX IF NOT EXISTS alert_claims_lease ON alert_claims (delivered, lease_
 """
 
 # Ledger columns added after the first release, added to an older file when it is opened.
-_ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"))
+_ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
+                         ("saved_nano", "INTEGER NOT NULL DEFAULT 0"))
 
 
 class SqliteBudgetStore:
@@ -118,6 +119,10 @@ class SqliteBudgetStore:
         """Add spend without a reservation, once per request id."""
         check_record_lines(lines)
         return await self._transaction(lambda db: self._tables.record(db, request_id, lines, now, entry))
+
+    async def file_row(self, entry: LedgerEntry) -> None:
+        """Add a ledger row that moves no counter (see `BudgetStore`)."""
+        await self._transaction(lambda db: self._tables.file_row(db, entry))
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""

@@ -22,7 +22,7 @@ _NOTHING = Charge()
 
 LEDGER_COLUMNS = (
     "time_ms, request_id, caller, team, policies, model, provider, prompt_tokens, completion_tokens,"
-    " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated"
+    " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated, saved_nano"
 )
 
 _ADD = """
@@ -119,6 +119,9 @@ class SqliteTables:
         self._mark_spent(db, request_id, [_Line(*line) for line in lines])
         self._append_row(db, entry)
         return True
+
+    def file_row(self, db: Db, entry: LedgerEntry) -> None:
+        self._append_row(db, entry)
 
     def read(self, db: Db, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         self._drop_expired(db, now)
@@ -220,11 +223,11 @@ class SqliteTables:
             return
         latest = db.execute("SELECT MAX(time_ms) FROM ledger").fetchone()[0] or 0
         cursor = db.execute(
-            f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (max(time_ms(entry.time), latest), entry.request_id, entry.caller, entry.team, ",".join(entry.policies),
              entry.model, entry.provider, entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens,
              entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
-             int(entry.usage_estimated)),
+             int(entry.usage_estimated), entry.saved_nano),
         )
         db.execute("DELETE FROM ledger WHERE seq <= ?", ((cursor.lastrowid or 0) - self.ledger_max,))
 
@@ -307,9 +310,9 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
-    time_ms_, request_id, caller, team, policies, *rest, estimated = row
+    time_ms_, request_id, caller, team, policies, *rest, estimated, saved = row
     return LedgerEntry._make((time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))),
-                              *rest, bool(estimated)))
+                              *rest, bool(estimated), saved))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:

@@ -148,8 +148,9 @@ class PackedStates(Sequence[CounterState]):
         return repr(self._states())
 
 
-LedgerStatus = Literal["served", "failed", "lease_expired"]
-"""served: charged its real cost; failed: released, no spend; lease_expired: charged what it reserved."""
+LedgerStatus = Literal["served", "failed", "lease_expired", "cache_hit"]
+"""served: charged its real cost; failed: released, no spend; lease_expired: charged what it reserved;
+cache_hit: answered from the response cache, no spend (`saved_nano` is what the answer cost when bought)."""
 
 
 class LedgerEntry(NamedTuple):
@@ -178,6 +179,7 @@ class LedgerEntry(NamedTuple):
     attempts: int
     requested_model: str | None = None
     usage_estimated: bool = False            # charged on the gateway's count or bound, not the upstream's usage
+    saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
 
 
 LEDGER_FIELDS = len(LedgerEntry._fields)
@@ -285,6 +287,9 @@ class BudgetStore(Protocol):
         it. A settled request leaves no marker: the journal replays a reserved request with settle or
         release, never with record. ValueError if `lines` is empty.
         """
+
+    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
+        """Add a ledger row that moves no counter (a cache hit), filed as `settle` files one."""
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order; one never written (or dropped after expiry) reads zero."""

@@ -2,8 +2,9 @@
 
 Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
 requests, and grouped by policy only the policies that apply to it. `requests` counts charged
-requests (a failed request costs nothing and is not counted); a row with several policies counts
-once in each of its policy groups and once in the total.
+requests (a failed request costs nothing and is not counted); `cache_hits` counts requests answered
+from the response cache and `saved_usd` what their answers cost when bought; a row with several
+policies counts once in each of its policy groups and once in the total.
 """
 
 from __future__ import annotations
@@ -45,9 +46,15 @@ class Totals:
     completion_tokens: int = 0
     cached_tokens: int = 0
     cost_nano: int = 0
+    cache_hits: int = 0
+    saved_nano: int = 0
 
     def add(self, entry: LedgerEntry) -> None:
-        """Count one row."""
+        """Count one row (a cache hit only as a hit and what it saved: it was not charged)."""
+        if entry.status == "cache_hit":
+            self.cache_hits += 1
+            self.saved_nano += entry.saved_nano
+            return
         self.requests += entry.status != "failed"
         self.prompt_tokens += entry.prompt_tokens
         self.completion_tokens += entry.completion_tokens
@@ -55,10 +62,11 @@ class Totals:
         self.cost_nano += entry.cost_nano
 
     def as_json(self) -> dict[str, Any]:
-        """Token counts as integers, cost as an exact decimal string of USD."""
+        """Token counts as integers, cost and savings as exact decimal strings of USD."""
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-                "cost_usd": format_usd(self.cost_nano)}
+                "cost_usd": format_usd(self.cost_nano), "cache_hits": self.cache_hits,
+                "saved_usd": format_usd(self.saved_nano)}
 
 
 @dataclass(frozen=True)

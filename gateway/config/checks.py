@@ -1,5 +1,6 @@
 """Rules across sections and files: routes name known providers once each and are priced, keys are unique,
-policies can match something, downgrade to a priced and routed model, and have unique names.
+policies can match something, downgrade to a priced and routed model, and have unique names; cached model
+globs can match something.
 
 They look at what validated: a section with a mistake (already reported) is not checked against, so one
 mistake is reported once. Provider and model names come from the files themselves, so a provider whose
@@ -16,7 +17,7 @@ from gateway.config.document import Doc
 from gateway.config.globs import is_glob
 from gateway.config.interpolate import Loc
 from gateway.config.issues import render
-from gateway.config.model import ApiKey, Policy, Route, ServerConfig
+from gateway.config.model import ApiKey, CacheConfig, Policy, Route, ServerConfig
 from gateway.config.reach import Prices, Reach
 from gateway.config.route_checks import check_canary, check_rules, target_locs
 
@@ -45,6 +46,7 @@ class Loaded:
     providers: frozenset[str] | None
     prices: Prices
     policies: Sequence[PolicyAt]
+    cache: CacheConfig | None = None
 
 
 def check(loaded: Loaded) -> None:
@@ -58,6 +60,8 @@ def check(loaded: Loaded) -> None:
     for at in loaded.policies:
         _check_policy(at, reach)
     _check_policy_names(loaded.policies)
+    if loaded.cache is not None:
+        _check_cache(loaded.config, loaded.cache, reach)
 
 
 def _check_route(loaded: Loaded, route: Route) -> None:
@@ -122,6 +126,15 @@ def _check_policy(at: PolicyAt, reach: Reach) -> None:
             at.doc.report(loc, f"model {at.doc.quoted(loc, model)} has no price")
         elif reach.routes is not None and not any(route.matches(model) for route in reach.routes):
             at.doc.report(loc, f"no route serves model {at.doc.quoted(loc, model)}")
+
+
+def _check_cache(doc: Doc, cache: CacheConfig, reach: Reach) -> None:
+    """Every glob under cache.models can match a model that is served."""
+    for index, glob in enumerate(cache.models):
+        loc = ("cache", "models", index)
+        if reach.routes is not None and not reach.serves_some(glob):
+            doc.report(loc, f"no route serves a model matching {doc.quoted(loc, glob)}, so nothing is cached by it"
+                            + reach.suggest_model(glob))
 
 
 def _check_policy_names(policies: Sequence[PolicyAt]) -> None:

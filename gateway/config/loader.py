@@ -23,7 +23,7 @@ from gateway.config.checks import Loaded, PolicyAt, check
 from gateway.config.document import Doc
 from gateway.config.interpolate import Loc, resolve
 from gateway.config.issues import found_in, is_shape
-from gateway.config.model import Keys, Policy, PolicyList, PricingFile, Routes, ServerConfig, Settings
+from gateway.config.model import CacheConfig, Keys, Policy, PolicyList, PricingFile, Routes, ServerConfig, Settings
 from gateway.config.reach import Prices
 from gateway.config.schema import schema_of
 from gateway.config.summary import startup_line, summarize
@@ -34,7 +34,8 @@ __all__ = ["load_settings", "summarize", "startup_line"]
 
 _DEFAULT_POLICY_DIR = "policies"
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {
-    kind: TypeAdapter(kind) for kind in (Settings, PricingFile, Policy, PolicyList, ServerConfig, Keys, Routes)
+    kind: TypeAdapter(kind)
+    for kind in (Settings, PricingFile, Policy, PolicyList, ServerConfig, Keys, Routes, CacheConfig)
 }
 
 
@@ -73,6 +74,7 @@ class _Loading:
             config=doc, server=self.section(ServerConfig, data.get("server", {})),
             keys=self.section(Keys, data.get("keys", ())), routes=self.section(Routes, data.get("routes")),
             providers=_names(data.get("providers")), prices=prices, policies=policies,
+            cache=self.section(CacheConfig, data.get("cache", {})),
         ))
         return None if settings is None else dataclasses.replace(settings, source_files=tuple(self.files))
 

@@ -8,6 +8,7 @@ sections or files (routes -> providers, prices, what a policy can match) are in 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cached_property
@@ -28,8 +29,9 @@ from gateway.config.hosts import is_loopback
 from gateway.config.routes import Route, RouteForm, RouteTarget, routes_of
 
 __all__ = [
-    "ServerConfig", "StoreConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
-    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "RateLimit", "AlertConfig", "Downgrade", "Policy",
+    "ServerConfig", "StoreConfig", "CacheConfig", "ProviderTimeouts", "ProviderConfig", "RouteTarget", "Route",
+    "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "RateLimit", "AlertConfig", "Downgrade",
+    "Policy",
     "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
     "LOCAL_CALLER", "ADMIN_CALLER",
 ]
@@ -121,6 +123,33 @@ class StoreConfig:
     journal_path: Path = "./data/journal.jsonl"
     ledger_max_entries: Count = 1_000_000
     """Spend ledger rows kept (the oldest are trimmed)."""
+
+
+@dataclass(frozen=True, config=STRICT)
+class CacheConfig:
+    """The response cache: identical requests for the models listed are answered once, within a scope."""
+
+    ttl_s: Seconds = 3600.0
+    """How long an answer is served from the cache."""
+    scope: Literal["key", "team", "global"] = "team"
+    """Whose requests may share an answer; a key without a team shares only its own under `team`."""
+    models: tuple[str, ...] = ()
+    """Client model names or globs whose answers are cached (default: none)."""
+    max_entry_bytes: Count = 1024 * 1024
+    """A larger answer is not cached."""
+    max_bytes: Count = 256 * 1024 * 1024
+    """Embedded store only: past this, the least recently used answers are dropped."""
+
+    @model_validator(mode="after")
+    def _entry_fits(self) -> Self:
+        """One answer must fit in the embedded store."""
+        if self.max_entry_bytes > self.max_bytes:
+            raise _at(("max_entry_bytes",), "must be <= max_bytes")
+        return self
+
+    def caches(self, model: str) -> bool:
+        """True when answers for the client model `model` are cached."""
+        return any(model == glob or fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -503,6 +532,7 @@ class Settings:
     """A directory (every *.yaml) or a list of policy files."""
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
+    cache: CacheConfig = CacheConfig()
     source_files: SkipJsonSchema[tuple[str, ...]] = ()
     """Every file read, for the reload watcher."""
 

@@ -61,6 +61,10 @@ class Reach:
             return None
         return f"{_UNKNOWN[field]} {shown}{_NEVER}" + did_you_mean(name, known)
 
+    def suggest_model(self, glob: str) -> str:
+        """"; did you mean ...?" with the served model names or globs closest to `glob` (empty when none is)."""
+        return did_you_mean(glob, self._model_names(glob))
+
     def serves_some(self, glob: str) -> bool:
         """True when some model a client can be served matches `glob`."""
         return (any(fnmatch.fnmatchcase(model, glob) for model in self._served)

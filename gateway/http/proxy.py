@@ -11,13 +11,16 @@ from aiohttp import web
 
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.reservation import Downgrade, Reservation
+from gateway.cache.service import ResponseCache
 from gateway.config.holder import ConfigHolder
+from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
 from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
-from gateway.http.appkeys import BUDGET, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE, ROUTER
+from gateway.http.appkeys import BUDGET, CACHE, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE, ROUTER
 from gateway.http.auth import KnownTokens, authenticate
+from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
 from gateway.observability.access_log import AccessRecord
@@ -49,6 +52,7 @@ class Proxy:
     resilience: ResilienceRegistry
     tokens: KnownTokens
     streams: OpenStreams
+    cache: ResponseCache
 
     @functools.cached_property
     def providers(self) -> ProviderPool:
@@ -57,7 +61,7 @@ class Proxy:
 
 
 async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> web.StreamResponse:
-    """caller -> request -> route -> reserve -> providers -> relay -> settle."""
+    """caller -> request -> route -> cache -> reserve -> providers -> relay -> settle (-> cache)."""
     record = request[RECORD]
     settings = proxy.config.current
     caller = authenticate(request, settings, proxy.tokens)
@@ -66,8 +70,24 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     record.model = record.requested_model = req.model
     record.stream = req.stream
     choice = proxy.router.route(settings, caller, req, request.headers)
-    plan = choice.plan
-    record.route = plan.route
+    record.route = choice.plan.route
+    lookup = await look_up(proxy.cache, settings, caller, req, request) if settings.cache.models else None
+    if lookup is None:
+        return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
+    if lookup.entry is not None:
+        # no budget or rate window is reserved or charged: request-rate limits should count a hit here (not yet)
+        return await serve_hit(request, lookup, proxy.budget, settings, caller, proxy.cache.clock.now())
+    delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
+    try:
+        return await forward(request, proxy, settings, caller, req, choice, delivery)
+    finally:
+        keep_answer(proxy.cache, lookup, settings.cache, delivery, record)
+
+
+async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller: CallerIdentity,
+                  req: ProxyRequest, choice: RouteChoice, delivery: Delivery) -> web.StreamResponse:
+    """reserve -> providers -> relay -> settle."""
+    record, plan = request[RECORD], choice.plan
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     if isinstance(reservation, Downgrade):   # refused by a policy that serves a cheaper model instead
         cheaper = proxy.router.plans.plan_for(settings, reservation.model)
@@ -77,7 +97,6 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     if reservation.skip:
         record.rate_skipped = tuple(sorted(reservation.skip))
     record.model = reservation.plan.model
-    delivery = Delivery(True)                # dispatched
     providers = proxy.providers
     try:
         delivery.reply = await dispatch(req, reservation.plan, providers, proxy.resilience,
@@ -108,18 +127,22 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
                  "x-gateway-attempts": str(reply.attempts), "x-request-id": record.request_id}
     if record.downgraded_from is not None:
         served_by["x-gateway-downgraded-from"] = record.downgraded_from
+    if record.cache is not None:
+        served_by["x-gateway-cache"] = cache_header(record.cache)
     if limits is not None:
         served_by |= limits
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by,
                                                         reply.provider_config.max_response_bytes)
+            delivery.body = response.body if isinstance(response.body, bytes) else None
             await send_now(request, response)
             return response
         client = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **served_by})
         await client.prepare(request)
         delivery.stream = StreamOutcome(worst, target.price)
+        delivery.stream.capture = delivery.capture
         # ended at stream_s, or by a shutdown past its grace
         streams.add(reply.response, delivery.stream, reply.provider_config.timeouts.stream_s)
         try:
@@ -163,7 +186,7 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
 
     The store is written in the background: the answer does not wait for it.
     """
-    bill = bill_for(delivery, reservation.plan, reservation.worst)
+    bill = delivery.bill = bill_for(delivery, reservation.plan, reservation.worst)
     if bill is not None:
         record.usage, record.cost_nano, record.usage_unknown = bill.usage, bill.charge.usd_nano, bill.unknown
         if bill.unknown is not None:
@@ -189,7 +212,8 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded OpenAI endpoints."""
-    proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS])
+    proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS],
+                  app[CACHE])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

@@ -37,6 +37,8 @@ class AccessRecord:
     stream: bool = False
     first_byte_s: float | None = None        # streams: seconds from arrival to the first relayed event
     error: str | None = None
+    cache: str | None = None                 # the response cache's lookup: hit, miss, bypass or error
+    saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
     rate_skipped: tuple[str, ...] = ()       # providers skipped at their own rate limit
 
     def line(self, option: int = 0) -> bytes:
@@ -65,6 +67,8 @@ class AccessRecord:
             "latency_ms": int((time.perf_counter() - self.started) * 100_000 + 0.5) / 100,
             "attempts": self.attempts,
             "error": self.error,
+            "cache": self.cache,
+            "saved_usd": format_usd(self.saved_nano) if self.saved_nano else None,
         }, option=option)
 
 

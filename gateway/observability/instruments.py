@@ -13,9 +13,11 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.budget.instrumented import TIMED_OPERATIONS
+from gateway.cache.service import ResponseCache
 from gateway.config.holder import ConfigHolder
 from gateway.errors import BudgetExceeded, RateLimited
 from gateway.observability.access_log import AccessRecord
+from gateway.observability.cache import CacheMetrics
 from gateway.observability.histograms import HistogramChild, LoopHistogram
 from gateway.observability.labels import NONE, LabelBounds, status_class
 from gateway.observability.served import ServedCollector, ServedKey, ServedTotals
@@ -87,6 +89,7 @@ class GatewayMetrics:
         self._define_spend(registry)
         self._define_resilience(registry)
         self._define_store(registry)
+        self.cache = CacheMetrics(registry)
 
     def _define_spend(self, registry: CollectorRegistry) -> None:
         self.refusals = Children(Counter(
@@ -142,6 +145,10 @@ class GatewayMetrics:
         resilience.on_failover.append(self.failed_over)
         resilience.on_transition.append(self.breaker_transitioned)
 
+    def follow_cache(self, cache: ResponseCache) -> None:
+        """Subscribe to the response cache's storage failures."""
+        cache.on_store_error.append(self.cache.store_failed)
+
     def request_served(self, record: AccessRecord, refusal: BudgetExceeded | RateLimited | None = None) -> None:
         """Count one answered request from its access record (and the budget or rate refusal it got, if any)."""
         if record.path in CONTROL_PATHS:
@@ -172,6 +179,8 @@ class GatewayMetrics:
             totals.cost_nano += record.cost_nano
         if record.usage_unknown is not None:
             self.usage_unknown(self.bounds.provider(record.provider), record.usage_unknown).inc()
+        if record.cache is not None:
+            self.cache.request_served(record, self.bounds)
 
     def _bind_served(self, key: tuple[str | None, str | None, str | None, int, tuple[str, ...]]) -> _Served:
         """The totals and histograms of one kind of answer (found by its raw values), under bounded labels."""

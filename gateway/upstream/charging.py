@@ -22,7 +22,7 @@ from gateway.domain.plan import Plan, Target
 from gateway.domain.pricing import Charge, Usage, charge_for, cost_nano
 from gateway.domain.worst_case import WorstCase
 from gateway.upstream.dispatch import UpstreamReply
-from gateway.upstream.stream_meter import StreamOutcome
+from gateway.upstream.stream_meter import Capture, StreamOutcome
 from gateway.upstream.usage import ReadUsage
 
 __all__ = ["Delivery", "Bill", "UsageUnknown", "bill_for"]
@@ -40,6 +40,9 @@ class Delivery:
     reply: UpstreamReply | None = None
     stream: StreamOutcome | None = None
     usage: ReadUsage = None           # from a whole JSON answer
+    body: bytes | None = None         # a whole answer, as the client got it
+    capture: Capture | None = None    # given to a stream's outcome: fed what it relays (the response cache)
+    bill: Bill | None = None          # what was charged, once settled
 
 
 class Bill(NamedTuple):

@@ -150,8 +150,11 @@ async def _forward(events: list[bytes], client: web.StreamResponse, outcome: Str
     if out:
         if outcome.first_write_at is None:
             outcome.first_write_at = time.perf_counter()
+        data = redactor.bytes(b"".join(out))
+        if outcome.capture is not None:
+            outcome.capture.feed(data)
         try:
-            await client.write(redactor.bytes(b"".join(out)))
+            await client.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             raise _ClientGone from None
 

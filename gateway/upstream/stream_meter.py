@@ -17,7 +17,7 @@ chunk sent along with the output when the upstream sends one, else one token per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -26,7 +26,7 @@ from gateway.domain.pricing import Usage, cost_nano
 from gateway.domain.worst_case import WorstCase
 from gateway.upstream.usage import UNREADABLE, usage_from
 
-__all__ = ["StreamOutcome", "admit", "carries_output", "EVENT_SLACK",
+__all__ = ["StreamOutcome", "Capture", "admit", "carries_output", "EVENT_SLACK",
            "STREAM_TRUNCATED", "STREAM_BUDGET_EXHAUSTED", "STREAM_TIMEOUT"]
 
 STREAM_TRUNCATED = "stream_truncated"                 # the upstream broke off
@@ -39,6 +39,13 @@ _USAGE = b'"usage"'
 _NULL = (b":null", b": null")      # what follows `"usage"` when a chunk has no usage block
 _OUTPUT_FIELDS = frozenset(("content", "text", "tool_calls", "function_call", "refusal", "reasoning_content",
                             "reasoning", "audio"))
+
+
+class Capture(Protocol):
+    """Takes a copy of what is relayed (the response cache joins it into the whole answer)."""
+
+    def feed(self, data: bytes) -> None:
+        """The bytes just written to the client."""
 
 
 @dataclass
@@ -58,6 +65,7 @@ class StreamOutcome:
     client_gone: bool = False
     ended_by: str | None = None      # the code of the error event that ended the stream, if one did
     first_write_at: float | None = None   # perf_counter() when the first event went to the client
+    capture: Capture | None = None   # fed what the client is sent
 
 
 def admit(events: list[bytes], outcome: StreamOutcome, wants_usage: bool) -> list[bytes]:

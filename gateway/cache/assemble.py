@@ -1,0 +1,204 @@
+"""Putting a relayed stream back together as the whole answer it stands for, and which answers may be kept.
+
+Fed as the stream is relayed, so memory holds the joined answer, never the stream's events (and a stream
+that relays more than its limit is given up). A chat stream's deltas are joined per choice (content, reasoning, tool calls by index, a legacy function
+call), a completions stream's text per choice; the usage block is the one the stream was charged on. A
+chunk the gateway does not understand (a delta field it does not know, completions logprobs) makes the
+stream unstorable rather than stored half-understood.
+
+Never kept: answers that are no JSON object, and refusals (a choice with a `refusal` or finish_reason
+`content_filter`): a filter that tripped once should not answer the same prompt for an hour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import re
+
+import orjson
+
+from gateway.domain.pricing import Usage
+
+__all__ = ["usage_block", "storable", "storable_answer", "StreamAssembler"]
+
+JSON = dict[str, Any]
+_TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
+_JOINED = ("content", "refusal", "reasoning_content")
+_CHAT = "chat.completion.chunk"
+# a refusal's marks as keys of the answer: a quote inside a JSON string is escaped, so `"refusal"` followed
+# by `:` is a key, never text
+_REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)')
+
+
+class _Unstorable(Exception):
+    """A chunk the gateway does not understand well enough to store."""
+
+
+def usage_block(usage: Usage) -> JSON:
+    """An OpenAI usage block of `usage`."""
+    block: JSON = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                   "total_tokens": usage.total_tokens}
+    if usage.cached_tokens:
+        block["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return block
+
+
+def storable_answer(body: bytes) -> bool:
+    """`storable` of a whole answer the gateway already read as JSON (its usage), without parsing it again:
+    an object without a refusal's marks."""
+    return body[:1] == b"{" and _REFUSED.search(body) is None
+
+
+def storable(answer: Any) -> bool:
+    """Whether a whole answer may be kept: a JSON object whose choices hold no refusal."""
+    if not isinstance(answer, dict):
+        return False
+    choices = answer.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict) or choice.get("finish_reason") == "content_filter":
+            return False
+        message = choice.get("message")
+        if isinstance(message, dict) and message.get("refusal"):
+            return False
+    return True
+
+
+class StreamAssembler:
+    """Joins a stream's chunks as they are relayed (fed the SSE bytes as written), up to `limit` bytes relayed
+    (past it the stream is given up); `answer` is the whole answer of a complete stream, or None."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._size = 0
+        self._kind: str | None = None
+        self._top: JSON = {}
+        self._choices: dict[int, JSON] | None = {}   # None: given up (not understood, or past the limit)
+        self._pending = b""
+
+    def feed(self, data: bytes) -> None:
+        """Join the whole events in `data` (an event cut between two writes waits for the next)."""
+        if self._choices is None:
+            return
+        events = (self._pending + data).split(b"\n\n")
+        self._pending = events.pop()
+        self._size += len(data)
+        try:
+            for event in events:
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                        self._join(orjson.loads(line[5:]))
+        except (_Unstorable, orjson.JSONDecodeError):
+            self._choices = None
+
+    def answer(self, usage: Usage) -> bytes | None:
+        """The whole answer with `usage` as its usage block; None when it cannot be kept."""
+        choices, kind = self._choices, self._kind
+        if choices is None or kind is None or self._pending.strip():
+            return None
+        answer = {**self._top, "object": "chat.completion" if kind == _CHAT else "text_completion",
+                  "choices": [_finished(index, choices[index], kind) for index in sorted(choices)],
+                  "usage": usage_block(usage)}
+        return orjson.dumps(answer) if storable(answer) else None
+
+    def _join(self, chunk: Any) -> None:
+        """Join one chunk into the answer."""
+        if self._size > self._limit or not isinstance(chunk, dict) or chunk.get("error") is not None:
+            raise _Unstorable
+        if self._kind is None:
+            if chunk.get("object") not in (_CHAT, "text_completion"):
+                raise _Unstorable
+            self._kind = chunk["object"]
+            self._top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
+        elif chunk.get("object") != self._kind:
+            raise _Unstorable
+        assert self._choices is not None
+        for part in chunk.get("choices") or ():
+            if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
+                raise _Unstorable
+            choice = self._choices.setdefault(part.get("index", 0), {})
+            (_chat_part if self._kind == _CHAT else _text_part)(choice, part)
+
+
+def _chat_part(choice: JSON, part: JSON) -> None:
+    """Join one chat delta into its choice."""
+    delta = part.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise _Unstorable
+    for name, value in delta.items():
+        if value is None:
+            continue
+        if name == "role":
+            choice["role"] = value
+        elif name in _JOINED and isinstance(value, str):
+            choice[name] = choice.get(name, "") + value
+        elif name == "tool_calls" and isinstance(value, list):
+            _join_tool_calls(choice.setdefault("tool_calls", {}), value)
+        elif name == "function_call" and isinstance(value, dict):
+            _join_call(choice.setdefault("function_call", {}), value)
+        else:
+            raise _Unstorable
+    _finish_reason_and_logprobs(choice, part, "content")
+
+
+def _text_part(choice: JSON, part: JSON) -> None:
+    """Join one completions piece into its choice."""
+    text = part.get("text")
+    if part.get("logprobs") is not None or not isinstance(text, str | None):
+        raise _Unstorable
+    choice["text"] = choice.get("text", "") + (text or "")
+    if part.get("finish_reason") is not None:
+        choice["finish_reason"] = part["finish_reason"]
+
+
+def _finish_reason_and_logprobs(choice: JSON, part: JSON, field: str) -> None:
+    if part.get("finish_reason") is not None:
+        choice["finish_reason"] = part["finish_reason"]
+    logprobs = part.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, dict) or not isinstance(logprobs.get(field), list):
+            raise _Unstorable
+        choice.setdefault("logprobs", {field: []})[field].extend(logprobs[field])
+
+
+def _join_tool_calls(calls: dict[int, JSON], deltas: list[Any]) -> None:
+    """Tool call deltas joined by their index: id and type kept, function name and arguments joined."""
+    for delta in deltas:
+        if not isinstance(delta, dict) or not isinstance(delta.get("index"), int):
+            raise _Unstorable
+        call = calls.setdefault(delta["index"], {})
+        for name in ("id", "type"):
+            if delta.get(name) is not None:
+                call[name] = delta[name]
+        function = delta.get("function")
+        if function is not None:
+            if not isinstance(function, dict):
+                raise _Unstorable
+            _join_call(call.setdefault("function", {}), function)
+
+
+def _join_call(call: JSON, delta: JSON) -> None:
+    """A function call's name and arguments joined."""
+    for name in ("name", "arguments"):
+        value = delta.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise _Unstorable
+            call[name] = call.get(name, "") + value
+
+
+def _finished(index: int, choice: JSON, kind: str) -> JSON:
+    """A joined choice in the whole answer's shape."""
+    finish_reason = choice.get("finish_reason")
+    if kind != _CHAT:
+        return {"text": choice.get("text", ""), "index": index, "logprobs": None, "finish_reason": finish_reason}
+    message: JSON = {"role": choice.get("role", "assistant"), "content": choice.get("content")}
+    if "tool_calls" in choice:
+        message["tool_calls"] = [{"type": "function", **call} for _, call in sorted(choice["tool_calls"].items())]
+    elif message["content"] is None:
+        message["content"] = ""
+    for name in ("function_call", "reasoning_content", "refusal"):
+        if name in choice:
+            message[name] = choice[name]
+    message.setdefault("refusal", None)
+    return {"index": index, "message": message, "logprobs": choice.get("logprobs"), "finish_reason": finish_reason}

@@ -1,0 +1,193 @@
+"""ResponseCache: whether a request is answered from the cache, and keeping the answers that may be kept.
+
+    lookup   the model is not cached -> None (nothing is looked up or counted)
+             Cache-Control no-cache / no-store -> `bypass` (no-cache still keeps its fresh answer)
+             an identical request in flight here -> wait for its answer (a hit when it lands with one)
+             this replica holds it in memory, or the store has it fresh -> `hit` (a stream gets it as SSE)
+             otherwise -> `miss` (`error` when the store failed: a miss all the same), and the request
+             leads a flight that identical requests arriving now will wait on
+    finish   the leader's answer (None: nothing to keep) lands for whoever waits; a kept answer is
+             written to the store in the background
+
+A cache store that fails or is slow never fails a request: the lookup is a miss and the write is dropped,
+each reported to `on_store_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.cache.control import control_of
+from gateway.cache.entry import CacheEntry, decode, encode
+from gateway.cache.flights import Flight, Flights
+from gateway.cache.keys import cache_key, scope_identity
+from gateway.cache.memory import MemoryFront, front_bytes
+from gateway.cache.replay import replay_events
+from gateway.cache.store import CacheStore
+from gateway.clock import Clock
+from gateway.config.model import CacheConfig, CallerIdentity
+from gateway.domain.pricing import Usage
+
+__all__ = ["Lookup", "ResponseCache", "HIT", "MISS", "BYPASS", "ERROR"]
+
+log = logging.getLogger("gateway.cache")
+HIT, MISS, BYPASS, ERROR = "hit", "miss", "bypass", "error"
+MAX_MODELS = 1024    # client model names remembered per config (they come from clients)
+
+
+@dataclass
+class Lookup:
+    """What the cache said about one request."""
+
+    key: str
+    result: str                          # hit | miss | bypass | error
+    write: bool                          # its answer may be kept
+    entry: CacheEntry | None = None      # a hit's answer
+    events: bytes | None = None          # a streamed hit's answer as SSE events
+    flight: Flight | None = None         # identical requests wait on this request's answer
+
+
+class ResponseCache:
+    """Lookups and writes of answers in `store` (None: nothing is cached)."""
+
+    def __init__(self, store: CacheStore | None, clock: Clock, timeout_s: float) -> None:
+        self.store = store
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.flights = Flights()
+        self.memory = MemoryFront()
+        self.on_store_error: list[Callable[[str], None]] = []
+        self._writes: set[asyncio.Future[None]] = set()
+        self._cached: tuple[CacheConfig | None, dict[str, bool]] = (None, {})
+
+    def caches(self, config: CacheConfig, model: str) -> bool:
+        """Whether answers for client model `model` are cached (remembered per config)."""
+        if not config.models or self.store is None:
+            return False
+        known, answers = self._cached
+        if known is not config or len(answers) >= MAX_MODELS:
+            answers = {}
+            self._cached = (config, answers)
+        cached = answers.get(model)
+        if cached is None:
+            cached = answers[model] = config.caches(model)
+        return cached
+
+    async def lookup(self, config: CacheConfig, caller: CallerIdentity, endpoint: str, model: str,
+                     payload: dict[str, Any], stream: bool, wants_usage: bool,
+                     cache_control: str | None) -> Lookup | None:
+        """The cache's answer for a request; None when its model is not cached."""
+        if not self.caches(config, model):
+            return None
+        control = control_of(cache_control)
+        key = cache_key(endpoint, model, scope_identity(config.scope, caller), payload)
+        if not control.read:
+            return Lookup(key, BYPASS, control.write, flight=self.flights.lead(key) if control.write else None)
+        result = MISS
+        waiting = self.flights.waiting_on(key)
+        if waiting is None:
+            entry, result = await self._read(key, config)
+            hit = self._hit(key, entry, stream, wants_usage)
+            if hit is not None:
+                return hit
+            waiting = self.flights.waiting_on(key)     # another request may have led while this one read
+        if waiting is not None:
+            hit = self._hit(key, await self.flights.follow(waiting), stream, wants_usage)
+            if hit is not None:
+                return hit
+        return Lookup(key, result, True, flight=self.flights.lead(key))
+
+    def _hit(self, key: str, entry: CacheEntry | None, stream: bool, wants_usage: bool) -> Lookup | None:
+        """A hit on `entry` (as SSE for a stream); None when there is none, or it has no stream form."""
+        if entry is None:
+            return None
+        if not stream:
+            return Lookup(key, HIT, False, entry)
+        events = replay_events(entry.body, entry.usage, wants_usage)
+        return None if events is None else Lookup(key, HIT, False, entry, events)
+
+    async def _read(self, key: str, config: CacheConfig) -> tuple[CacheEntry | None, str]:
+        """The fresh entry under `key`, from memory or the store (None: a miss), and `miss` or `error`."""
+        assert self.store is not None
+        now = self.clock.now()
+        held = self.memory.get(key, now)
+        if held is not None:
+            return held, MISS
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                data = await self.store.get(key, now)
+        except Exception as exc:             # any failure of the cache is a miss, never the request's
+            self._failed("get", exc)
+            return None, ERROR
+        entry = decode(data) if data is not None else None
+        if entry is None or entry.expires_at <= now:
+            return None, MISS
+        self.memory.put(key, entry, now, front_bytes(config.max_bytes))
+        return entry, MISS
+
+    def finish(self, lookup: Lookup, config: CacheConfig, answer: bytes | None, usage: Usage,
+               cost_nano: int) -> None:
+        """The request's answer (None: nothing to keep) lands for whoever waits and, if kept, is written."""
+        entry = None
+        if answer is not None and lookup.write:
+            now = self.clock.now()
+            entry = CacheEntry(answer, usage, cost_nano, now, now + config.ttl_s)
+            data = encode(entry)
+            if len(data) > config.max_entry_bytes:
+                entry = None
+        flight = lookup.flight
+        if flight is not None:
+            Flights.land(flight, entry)
+        if entry is None:
+            if flight is not None:
+                self.flights.clear(lookup.key, flight)
+            return
+        self.memory.put(lookup.key, entry, entry.created_at, front_bytes(config.max_bytes))
+        self._write(lookup.key, data, entry, config.max_bytes, flight)
+
+    def _write(self, key: str, data: bytes, entry: CacheEntry, max_bytes: int, flight: Flight | None) -> None:
+        """Start writing the entry: a store call already on its way is kept as it is, a coroutine as a task."""
+        assert self.store is not None
+        try:
+            call = self.store.put(key, data, entry.created_at, entry.expires_at, max_bytes)
+        except Exception as exc:
+            self._failed("put", exc)
+            call = None
+        work = call if isinstance(call, asyncio.Future) else asyncio.ensure_future(self._bounded(call))
+        self._writes.add(work)
+        work.add_done_callback(functools.partial(self._written, key, flight))
+
+    async def _bounded(self, call: Awaitable[None] | None) -> None:
+        if call is not None:
+            async with asyncio.timeout(self.timeout_s):
+                await call
+
+    def _written(self, key: str, flight: Flight | None, work: asyncio.Future[None]) -> None:
+        """A write ended: count its failure; the flight it kept visible is forgotten."""
+        self._writes.discard(work)
+        if not work.cancelled() and work.exception() is not None:
+            self._failed("put", work.exception() or Exception())
+        if flight is not None:
+            self.flights.clear(key, flight)
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        log.warning("response cache %s failed (%s): served as a miss", operation, type(exc).__name__)
+        for listener in self.on_store_error:
+            listener(operation)
+
+    async def written(self) -> None:
+        """Wait until the writes started so far are done (tests; shutdown)."""
+        if self._writes:
+            await asyncio.wait(list(self._writes))
+
+    async def close(self) -> None:
+        """Finish the writes under way (within the timeout), then close the store."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=self.timeout_s)
+        if self.store is not None:
+            await self.store.close()

@@ -1,0 +1,103 @@
+"""The response cache in the request path: looked up before any budget is reserved, a hit served from it
+(no upstream call, no budget touched: a ledger row saying what it saved), an answer kept once delivered whole.
+
+    kept     a 200 answer delivered whole, charged on the upstream's own usage, of the model the client
+             asked for (not a downgrade), not a refusal, within cache.max_entry_bytes
+    not      an error status, an upstream failure, a budget refusal, a stream cut short (or ended by the
+             gateway, or left by its client), usage the gateway had to bound, a downgraded answer
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from gateway.budget.engine import BudgetEngine
+from gateway.cache.assemble import StreamAssembler, storable_answer
+from gateway.cache.service import ERROR, Lookup, ResponseCache
+from gateway.config.model import CacheConfig, CallerIdentity, Settings
+from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.pricing import Usage
+from gateway.domain.request import ProxyRequest
+from gateway.http.middleware import RECORD
+from gateway.observability.access_log import AccessRecord
+from gateway.upstream.charging import Delivery
+
+__all__ = ["look_up", "serve_hit", "capture_for", "keep_answer", "cache_header", "STREAM_CAPTURE_FACTOR"]
+
+STREAM_CAPTURE_FACTOR = 8   # a stream relays up to this many times its whole answer's bytes before it is given up
+_NOTHING = Usage()
+
+
+async def look_up(cache: ResponseCache, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
+                  request: web.Request) -> Lookup | None:
+    """The cache's answer for the request (None: its model is not cached); the access record says which."""
+    lookup = await cache.lookup(settings.cache, caller, req.endpoint.kind, req.model, req.payload, req.stream,
+                                req.wants_usage, request.headers.get("Cache-Control"))
+    if lookup is not None:
+        request[RECORD].cache = lookup.result
+    return lookup
+
+
+def cache_header(result: str) -> str:
+    """The `x-gateway-cache` value of a lookup that went upstream: `miss` (a failed lookup too) or `bypass`."""
+    return "miss" if result == ERROR else result
+
+
+async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, settings: Settings,
+                    caller: CallerIdentity, now: float) -> web.StreamResponse:
+    """Answer from the cache: the whole answer, or its SSE events; then ledger what it saved."""
+    record, entry = request[RECORD], lookup.entry
+    assert entry is not None
+    record.cost_nano, record.saved_nano = 0, entry.cost_nano
+    headers = {"x-gateway-cache": "hit", "age": str(entry.age(now)), "x-request-id": record.request_id}
+    if lookup.events is None:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json", **headers})
+        response.content_length = len(entry.body)
+        body = entry.body
+    else:
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+        body = lookup.events
+    try:
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        record.error = "client_disconnected"     # what was sent cost nothing either way
+    facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started)
+    record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano)
+    return response
+
+
+def capture_for(lookup: Lookup, config: CacheConfig) -> StreamAssembler | None:
+    """What joins a stream's answer as it is relayed, when the answer may be kept."""
+    return StreamAssembler(config.max_entry_bytes * STREAM_CAPTURE_FACTOR) if lookup.write else None
+
+
+def keep_answer(cache: ResponseCache, lookup: Lookup, config: CacheConfig, delivery: Delivery,
+                record: AccessRecord) -> None:
+    """Hand the cache the request's answer if it may be kept (else None: whoever waits on it goes on alone)."""
+    bill = delivery.bill
+    if bill is None or bill.unknown is not None or bill.usage.estimated:   # charged on the gateway's bound
+        cache.finish(lookup, config, None, _NOTHING, 0)
+        return
+    answer = _answer(delivery, config) if lookup.write and record.downgraded_from is None else None
+    cache.finish(lookup, config, answer, bill.usage, bill.charge.usd_nano)
+
+
+def _answer(delivery: Delivery, config: CacheConfig) -> bytes | None:
+    """The whole answer a 200 delivered, if it may be kept."""
+    reply = delivery.reply
+    if reply is None or reply.response.status != 200 or delivery.bill is None:
+        return None
+    outcome = delivery.stream
+    if outcome is not None:
+        capture = outcome.capture
+        if not outcome.complete or outcome.ended_by is not None or not isinstance(capture, StreamAssembler):
+            return None
+        return capture.answer(delivery.bill.usage)
+    body = delivery.body   # read as JSON already: its usage was, and a bill on unread usage is never kept
+    if body is None or len(body) > config.max_entry_bytes or not storable_answer(body):
+        return None
+    return body

@@ -1,0 +1,79 @@
+"""The response cache's metrics: lookups by result and model, USD saved by policy, storage failures.
+
+USD saved stays in integer nano-USD per policy until a scrape, as the cost counters do (see `served`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.observability.access_log import AccessRecord
+from gateway.observability.labels import NONE, LabelBounds
+from gateway.observability.served import NANO_PER_USD
+
+__all__ = ["CacheMetrics", "CACHE_OPERATIONS"]
+
+CACHE_OPERATIONS = ("get", "put")
+
+
+class CacheMetrics:
+    """Counts what the response cache did for each request (from its access record) and its storage failures."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lookups = Counter("gateway_cache_lookups", "Response cache lookups, by result (hit, miss, bypass, "
+                                "error: the store failed, served as a miss) and client model.",
+                                ("result", "model"), registry=registry)
+        self._errors = Counter("gateway_cache_store_errors", "Response cache storage calls that failed or timed "
+                               "out (get, put); the request went on as a miss.", ("operation",), registry=registry)
+        for operation in CACHE_OPERATIONS:
+            self._errors.labels(operation)
+        self._children: dict[tuple[str, str], Any] = {}
+        self._saved: dict[str, int] = {}
+        registry.register(_SavedCollector(self._saved, time.time()))
+
+    def request_served(self, record: AccessRecord, bounds: LabelBounds) -> None:
+        """Count a request's lookup, and what a hit saved against each of its policies."""
+        assert record.cache is not None
+        labels = (record.cache, record.requested_model or "")
+        child = self._children.get(labels)
+        if child is None:
+            if len(self._children) > 4096:   # raw model names come from clients
+                self._children = {}
+            child = self._children[labels] = self._lookups.labels(record.cache, bounds.model(record.requested_model))
+        child.inc()
+        if record.saved_nano:
+            for policy in record.policies or (NONE,):
+                name = bounds.policy(policy) if policy != NONE else NONE
+                self._saved[name] = self._saved.get(name, 0) + record.saved_nano
+
+    def store_failed(self, operation: str) -> None:
+        """Count a cache storage call that failed."""
+        self._errors.labels(operation).inc()
+
+
+class _SavedCollector(Collector):
+    """`gateway_cache_saved_usd_total{policy}`: exact nano-USD sums, as USD at scrape."""
+
+    def __init__(self, saved: dict[str, int], created: float) -> None:
+        self._saved, self._created = saved, created
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for policy, nano in list(self._saved.items()):
+            family.add_metric((policy,), nano / NANO_PER_USD, created=self._created)
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily("gateway_cache_saved_usd", "USD the response cache saved (what its hits' answers "
+                                   "cost when bought), by budget policy (`none`: a hit no policy matched).",
+                                   labels=("policy",))

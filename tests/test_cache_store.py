@@ -1,0 +1,253 @@
+"""The response cache's parts: its key, its storage backends (TTL on the injected clock, the embedded
+store's bound on disk and in memory), the stream assembler and replay (issue 19)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.http.appkeys import CACHE
+from gateway.cache.assemble import StreamAssembler, storable, storable_answer
+from gateway.cache.control import control_of
+from gateway.cache.entry import CacheEntry
+from gateway.cache.keys import cache_key, scope_identity
+from gateway.cache.memory import ENTRY_OVERHEAD, HOLD_S, MemoryFront
+from gateway.cache.redis_store import RedisCacheStore
+from gateway.cache.replay import replay_events
+from gateway.cache.sqlite_store import SqliteCacheStore
+from gateway.budget.redis_store import create_redis_client
+from gateway.clock import FakeClock
+from gateway.config.model import CacheConfig, CallerIdentity, StoreConfig
+from gateway.domain.pricing import Usage
+from tests.support.settings import make_settings
+
+WEB = CallerIdentity("web-app", team="web")
+LONE = CallerIdentity("lone-key")
+
+
+def test_the_key_ignores_only_stream_fields_and_user_and_names_the_scope() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi", "name": "x"}], "temperature": 0}
+    same = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "user": "u",
+            "messages": [{"name": "x", "content": "hi", "role": "user"}], "model": "m"}
+    key = cache_key("chat", "m", "team:web", body)
+    assert cache_key("chat", "m", "team:web", same) == key
+    assert len({key, cache_key("completions", "m", "team:web", body), cache_key("chat", "m2", "team:web", body),
+                cache_key("chat", "m", "team:data", body), cache_key("chat", "m", "team:web", {**body, "n": 2})}) == 5
+    assert [scope_identity(scope, WEB) for scope in ("key", "team", "global")] == ["key:web-app", "team:web", "global"]
+    assert scope_identity("team", LONE) == "key:lone-key"      # a key without a team shares with nobody
+
+
+@pytest.mark.parametrize(("header", "read", "write"), [
+    (None, True, True), ("max-age=60", True, True), ("no-cache", False, True), ("NO-CACHE, max-age=0", False, True),
+    ("no-store", False, False), ("no-cache, no-store", False, False), ("no-store=1", False, False),
+])
+def test_cache_control_decides_reads_and_writes(header: str | None, read: bool, write: bool) -> None:
+    assert tuple(control_of(header)) == (read, write)
+
+
+# --- backends: TTL on the gateway's clock; the embedded bound -------------------------------------------------
+
+@pytest.fixture(params=["embedded", "redis", "cluster"])
+async def backend(request, tmp_path: Path) -> AsyncIterator[SqliteCacheStore | RedisCacheStore]:
+    if request.param == "embedded":
+        store: SqliteCacheStore | RedisCacheStore = SqliteCacheStore(str(tmp_path / "cache.db"))
+    else:
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
+        store = RedisCacheStore(create_redis_client(url, 1.0, 8), owns_client=True)
+    yield store
+    await store.close()
+
+
+async def test_an_entry_reads_back_until_its_expiry_and_is_replaced_by_a_put(backend) -> None:
+    clock = FakeClock()
+    await backend.put("k", b"first", clock.now(), clock.now() + 60, 1 << 20)
+    await backend.put("k", b"second", clock.now(), clock.now() + 60, 1 << 20)
+    assert await backend.get("k", clock.now()) == b"second"
+    assert await backend.get("other", clock.now()) is None
+
+
+async def test_ttl_expiry_on_the_injected_clock_turns_a_hit_into_a_miss(upstream, start_gateway, http, tmp_path,
+                                                                       request) -> None:
+    clock = FakeClock()
+    cache = CacheConfig(ttl_s=60, models=("gpt-4o-mini",))
+    for store in (StoreConfig(path=str(tmp_path / "b.db")), StoreConfig(url=request.getfixturevalue("redis_url"))):
+        upstream.reset()
+        gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store, cache=cache), clock=clock)
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "expire me"}]}
+        results = []
+        for advance in (0, 59, 1.5, 0):      # stored at t; hit at t+59; expired at t+60.5; stored again then
+            clock.advance(advance)
+            reply = await http(gateway, "POST", "/v1/chat/completions", json=body)
+            results.append(reply.headers["x-gateway-cache"])
+            await gateway.app[CACHE].written()
+        assert results == ["miss", "hit", "miss", "hit"], store
+        assert len(upstream.requests) == 2
+
+
+async def test_the_embedded_store_evicts_least_recently_used_past_its_bound(tmp_path: Path) -> None:
+    store, clock = SqliteCacheStore(str(tmp_path / "cache.db")), FakeClock()
+    bound, value = 256 * 1024, os.urandom(4096)
+    try:
+        for index in range(200):             # 800 KiB of entries into a 256 KiB store
+            await store.put(f"k{index}", value, clock.now(), clock.now() + 3600, bound)
+            if index >= 10:
+                assert await store.get("k0", clock.now()) == value   # used again and again: never evicted
+            assert store.stored_bytes() <= bound
+        present = [index for index in range(200) if await store.get(f"k{index}", clock.now()) is not None]
+    finally:
+        await store.close()
+    assert 0 in present and 199 in present and 1 not in present       # the least recently used went first
+    assert 20 < len(present) < 64                                      # the bound holds about 56 of 4 KiB
+
+
+async def test_the_embedded_store_keeps_entries_on_disk_not_in_memory(tmp_path: Path) -> None:
+    store, clock = SqliteCacheStore(str(tmp_path / "cache.db")), FakeClock()
+    bound = 4 * 1024 * 1024
+    await store.put("warm-up", b"x", clock.now(), clock.now() + 3600, bound)
+    tracemalloc.start()
+    try:
+        for index in range(64):              # 16 MiB written into a 4 MiB store, each entry read back once
+            await store.put(f"k{index}", os.urandom(256 * 1024), clock.now(), clock.now() + 3600, bound)
+            await store.get(f"k{index}", clock.now())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await store.close()
+    assert peak < bound / 4                  # about the one entry in flight, never the stored ones
+    assert store.stored_bytes() <= bound
+
+
+async def test_a_gateway_on_the_embedded_store_stays_within_max_bytes(upstream, start_gateway, http, tmp_path):
+    cache = CacheConfig(models=("gpt-4o-mini",), max_entry_bytes=8 * 1024, max_bytes=64 * 1024)
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, cache=cache,
+                                                store=StoreConfig(path=str(tmp_path / "b.db"))))
+    for index in range(250):                 # answers of ~600 bytes: about 150 KiB in all
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"prompt {index}"}]}
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=body)).status == 200
+        await gateway.app[CACHE].written()
+    store = gateway.app[CACHE].store
+    assert isinstance(store, SqliteCacheStore) and store.path == str(tmp_path / "b-cache.db")
+    assert 0 < store.stored_bytes() <= cache.max_bytes
+    for index, result in ((249, "hit"), (0, "miss")):     # the newest stayed; the oldest was evicted
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"prompt {index}"}]}
+        assert (await http(gateway, "POST", "/v1/chat/completions", json=body)).headers["x-gateway-cache"] == result
+
+
+# --- streams: joined as relayed, replayed as a provider sends them -----------------------------------------------
+
+def _events(*chunks: dict) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+def _chunk(delta: dict, finish: str | None = None) -> dict:
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def test_tool_call_deltas_are_joined_into_the_whole_answer_and_replayed() -> None:
+    stream = _events(_chunk({"role": "assistant", "content": None}),
+                     _chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": ""}}]}),
+                     _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+                     _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+                     _chunk({}, "tool_calls"))
+    assembler = StreamAssembler(1 << 20)
+    for at in range(0, len(stream), 50):     # fed in pieces that cut events in two
+        assembler.feed(stream[at:at + 50])
+    answer = assembler.answer(Usage(10, 5))
+    assert answer is not None
+    message = orjson.loads(answer)["choices"][0]["message"]
+    assert message["tool_calls"] == [{"type": "function", "id": "call_1",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    replayed = StreamAssembler(1 << 20)
+    events = replay_events(answer, Usage(10, 5), wants_usage=False)
+    assert events is not None
+    replayed.feed(events)
+    assert replayed.answer(Usage(10, 5)) == answer
+
+
+@pytest.mark.parametrize("stream", [
+    _events(_chunk({"content": "I can't"}), _chunk({}, "content_filter")),
+    _events(_chunk({"role": "assistant", "refusal": "I can't help with that."}), _chunk({}, "stop")),
+    _events(_chunk({"audio": {"id": "a1", "data": "AAAA"}}), _chunk({}, "stop")),
+    _events(_chunk({"content": "half"}))[:-len(b"data: [DONE]\n\n") - 10],
+    b'data: {"error": {"message": "boom"}}\n\n',
+], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event"])
+def test_refusals_and_streams_the_gateway_does_not_understand_are_never_kept(stream: bytes) -> None:
+    assembler = StreamAssembler(1 << 20)
+    assembler.feed(stream)
+    assert assembler.answer(Usage(10, 5)) is None
+
+
+def test_a_stream_relaying_past_its_limit_is_given_up() -> None:
+    assembler = StreamAssembler(1000)
+    assembler.feed(_events(*[_chunk({"content": "word "}) for _ in range(50)], _chunk({}, "stop")))
+    assert assembler.answer(Usage(10, 50)) is None
+
+
+def test_a_completions_answer_replays_as_text_completion_chunks() -> None:
+    answer = orjson.dumps({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                           "choices": [{"text": "one two three four five six seven", "index": 0, "logprobs": None,
+                                        "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 2, "completion_tokens": 7, "total_tokens": 9}})
+    events = replay_events(answer, Usage(2, 7), wants_usage=True)
+    assert events is not None
+    chunks = [orjson.loads(event[6:]) for event in events.split(b"\n\n")[:-2]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "one two three four five six seven"
+    assert chunks[-1] == {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "choices": [],
+                          "usage": {"prompt_tokens": 2, "completion_tokens": 7, "total_tokens": 9}}
+    assert replay_events(orjson.dumps({"object": "list", "data": []}), Usage(1), wants_usage=False) is None
+
+
+def test_the_cache_config_refuses_an_entry_larger_than_the_store() -> None:
+    with pytest.raises(ValueError, match="must be <= max_bytes"):
+        CacheConfig(max_entry_bytes=2048, max_bytes=1024)
+    assert dataclasses.replace(CacheConfig(), models=("gpt-4o*",)).caches("gpt-4o-mini")
+
+
+async def test_a_gateway_on_redis_cluster_keeps_answers_in_the_cluster(upstream, start_gateway, http,
+                                                                       redis_cluster_url) -> None:
+    store = StoreConfig(url=redis_cluster_url, reserve_ahead=False)
+    gateway = await start_gateway(make_settings({"primary": upstream.url}, store=store,
+                                                cache=CacheConfig(models=("gpt-4o-mini",))))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cluster"}]}
+    results = []
+    for _ in range(3):
+        results.append((await http(gateway, "POST", "/v1/chat/completions", json=body)).headers["x-gateway-cache"])
+        await gateway.app[CACHE].written()
+    assert results == ["miss", "hit", "hit"] and len(upstream.requests) == 1
+    assert isinstance(gateway.app[CACHE].store, RedisCacheStore)
+
+
+def test_the_memory_front_is_bounded_in_bytes_and_in_held_time() -> None:
+    front, now = MemoryFront(), 1000.0
+    entry = CacheEntry(b"x" * 1000, Usage(1, 1), 5, now, now + 3600)
+    limit = 10 * (1000 + ENTRY_OVERHEAD)
+    for index in range(30):
+        front.put(f"k{index}", entry, now, limit)
+        assert front.get("k0", now) is entry                      # used again and again: kept
+        assert front.bytes <= limit
+    assert len(front) == 10 and front.get("k1", now) is None and front.get("k29", now) is entry
+    assert front.get("k29", now + HOLD_S) is None                 # held at most HOLD_S, then read from the store
+    short = CacheEntry(b"y", Usage(1, 1), 5, now, now + 2)
+    front.put("short", short, now, limit)
+    assert front.get("short", now + 1) is short and front.get("short", now + 2) is None
+
+
+@pytest.mark.parametrize(("answer", "kept"), [
+    ({"choices": [{"message": {"content": "fine", "refusal": None}, "finish_reason": "stop"}]}, True),
+    ({"choices": [{"message": {"content": 'say "refusal": no, "finish_reason": "content_filter"'},
+                   "finish_reason": "stop"}]}, True),
+    ({"choices": [{"message": {"content": None, "refusal": "I can't help"}, "finish_reason": "stop"}]}, False),
+    ({"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}, False),
+], ids=["answer", "words_in_the_text", "refusal", "content_filter"])
+def test_a_whole_answer_is_kept_unless_it_is_a_refusal(answer: dict, kept: bool) -> None:
+    body = orjson.dumps(answer)
+    assert storable_answer(body) is storable(answer) is kept
+    assert storable_answer(orjson.dumps(answer, option=orjson.OPT_INDENT_2)) is kept
