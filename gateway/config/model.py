@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cached_property
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, GetJsonSchemaHandler, TypeAdapter, ValidationError
 from pydantic import ValidationInfo, model_validator
@@ -312,18 +312,26 @@ _UNITS = ("usd", "tokens", "requests")
 _NO_LIMIT = "needs at least one limit: usd, tokens or requests"
 
 
-def _one_per_period(budgets: tuple[BudgetLimit, ...]) -> tuple[BudgetLimit, ...]:
-    """The budgets, when no two are for the same period."""
+_Item = TypeVar("_Item")
+
+
+def _no_two_alike(items: tuple[_Item, ...], field: str, says: Callable[[str, int], str]) -> tuple[_Item, ...]:
+    """The items, when no two share a value of `field`; else each repeat's problem, `says(value, first index)`."""
     first: dict[str, int] = {}
     problems = []
-    for index, budget in enumerate(budgets):
-        if budget.period in first:
-            problems.append(problem((index, "period"), f"{budget.period} budget already set at "
-                                                       f"budgets[{first[budget.period]}]"))
-        first.setdefault(budget.period, index)
+    for index, item in enumerate(items):
+        value = getattr(item, field)
+        if value in first:
+            problems.append(problem((index, field), says(value, first[value])))
+        first.setdefault(value, index)
     if problems:
         raise ValidationError.from_exception_data("config", problems)
-    return budgets
+    return items
+
+
+def _one_per_period(budgets: tuple[BudgetLimit, ...]) -> tuple[BudgetLimit, ...]:
+    """The budgets, when no two are for the same period."""
+    return _no_two_alike(budgets, "period", lambda period, at: f"{period} budget already set at budgets[{at}]")
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -353,16 +361,7 @@ _NO_RATE = "needs at least one limit: requests or tokens"
 
 def _one_per_window(limits: tuple[RateLimit, ...]) -> tuple[RateLimit, ...]:
     """The rate limits, when no two are for the same window."""
-    first: dict[str, int] = {}
-    problems = []
-    for index, limit in enumerate(limits):
-        if limit.per in first:
-            problems.append(problem((index, "per"), f"a per-{limit.per} limit is already set at "
-                                                    f"rate_limits[{first[limit.per]}]"))
-        first.setdefault(limit.per, index)
-    if problems:
-        raise ValidationError.from_exception_data("config", problems)
-    return limits
+    return _no_two_alike(limits, "per", lambda per, at: f"a per-{per} limit is already set at rate_limits[{at}]")
 
 
 RateLimits = Annotated[tuple[RateLimit, ...], AfterValidator(_one_per_window)]
