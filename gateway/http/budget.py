@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway.budget.each import each_values
+from gateway.budget.engine import BudgetEngine
 from gateway.budget.status import budget_report, visible_policies
 from gateway.budget.usage import (
     GROUPS, NOW_INCLUDED_S, GroupBy, Scope, Totals, ledger_rows, parse_instant, usage_totals,
 )
 from gateway.budget.windows import window_for
+from gateway.config.model import CallerIdentity, Policy, Settings
 from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
 from gateway.http.appkeys import BUDGET, CONFIG
 from gateway.http.auth import authenticate
@@ -20,18 +24,32 @@ from gateway.http.auth import authenticate
 __all__ = ["add_budget_routes"]
 
 
-async def budget_status(request: web.Request) -> web.Response:
-    """GET /v1/budget/status[?policy=NAME]."""
+StatusReader = Callable[[BudgetEngine, Settings, list[Policy], CallerIdentity, float],
+                       Awaitable[list[dict[str, Any]]]]
+
+
+async def scoped_status(request: web.Request, read: StatusReader) -> web.Response:
+    """What `read` reports of the policies the caller may see (?policy=NAME for one), as a list; 503 while
+    the store cannot be read."""
     settings = request.app[CONFIG].current
     caller = authenticate(request, settings)
     policies = visible_policies(settings, caller, request.query.get("policy"))
     engine = request.app[BUDGET]
     try:
-        data = await budget_report(engine, policies, engine.clock.now(),
-                                   lambda policy: each_values(settings, policy, caller))
+        data = await read(engine, settings, policies, caller, engine.clock.now())
     except StoreError:
         raise StoreUnavailable("The budget store is unreachable; status cannot be read right now.") from None
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def _budgets_of(engine: BudgetEngine, settings: Settings, policies: list[Policy], caller: CallerIdentity,
+                      now: float) -> list[dict[str, Any]]:
+    return await budget_report(engine, policies, now, lambda policy: each_values(settings, policy, caller))
+
+
+async def budget_status(request: web.Request) -> web.Response:
+    """GET /v1/budget/status[?policy=NAME]."""
+    return await scoped_status(request, _budgets_of)
 
 
 def _query(request: web.Request, now: float) -> tuple[float, float, GroupBy]:
