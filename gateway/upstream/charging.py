@@ -76,7 +76,12 @@ def _stream_bill(target: Target, outcome: StreamOutcome, worst: WorstCase) -> Bi
     """A stream's usage chunk, else the estimate of what it relayed (unknown when the upstream garbled it)."""
     if outcome.usage is not None and not outcome.usage_unreadable:
         return _bounded(target, outcome.usage, worst, None)
-    estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+    partial = outcome.partial
+    if partial is None:
+        estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+    else:   # the input side as the upstream counted it
+        estimate = Usage(partial.prompt_tokens, max(partial.completion_tokens, outcome.content_events),
+                         partial.cached_tokens, True, partial.cache_write_tokens)
     unknown: UsageUnknown | None = "unreadable" if outcome.usage_unreadable else \
         "missing" if outcome.complete else None   # a stream cut short has its own error
     return _bounded(target, estimate, worst, unknown)
