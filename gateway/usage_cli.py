@@ -16,8 +16,8 @@ from gateway.status_cli import fetch_status, table
 
 __all__ = ["COLUMNS", "usage_path", "render_table", "render_csv", "collect", "run_usage"]
 
-COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cost_usd",
-           "cache_hits", "saved_usd")
+COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cache_hits", "saved_usd",
+           "cache_write_tokens")   # (a column added later goes last: spreadsheets read columns by position)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # what makes a spreadsheet read a cell as a formula
 
 
@@ -31,8 +31,8 @@ def render_table(body: dict[str, Any]) -> str:
     """One row per group, then the total, under a line naming the time range."""
     rows = [[_group(entry["group"]), *(str(entry[column]) for column in COLUMNS)] for entry in body["data"]]
     rows.append(["TOTAL", *(str(body["total"][column]) for column in COLUMNS)])
-    header = [body["group_by"].upper(), "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "CACHE WRITE", "COST USD",
-              "CACHE HITS", "SAVED USD"]
+    header = [body["group_by"].upper(), "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "COST USD", "CACHE HITS",
+              "SAVED USD", "CACHE WRITE"]
     return f"usage from {body['since']} to {body['until']}\n" + table(rows, header)
 
 

@@ -204,11 +204,11 @@ class ModelPrice:
     output: Money
     cached_input: Money | None = None
     """None: cached tokens cost the input price."""
+    max_output_tokens: int = Field(default=4096, ge=0)
+    """Worst case reserved when a request has no max_tokens."""
     cache_write: Money | None = None
     """Prompt tokens written to a provider's prompt cache (Anthropic's cache_creation_input_tokens); None: the
     input price."""
-    max_output_tokens: int = Field(default=4096, ge=0)
-    """Worst case reserved when a request has no max_tokens."""
 
     @cached_property
     def whole_nano_per_token(self) -> tuple[int, int, int, int] | None:

@@ -7,7 +7,9 @@ order (worked out once per plan and API); a plan left with none is a 404 before 
 
 from __future__ import annotations
 
-from gateway.config.model import Settings
+from typing import get_args
+
+from gateway.config.model import Api, Settings
 from gateway.domain.plan import Plan
 from gateway.domain.request import Endpoint
 from gateway.errors import NotFound
@@ -42,9 +44,8 @@ class ApiPlans:
     def _forget(self, settings: Settings) -> None:
         """Start over under a new Settings."""
         providers = settings.providers.values()
-        apis = {api for provider in providers for api in provider.apis} | {"openai-chat"}
         self._settings, self._plans = settings, {}
-        self._partial = frozenset(api for api in apis if any(api not in p.apis for p in providers))
+        self._partial = frozenset(api for api in get_args(Api) if any(api not in p.apis for p in providers))
 
 
 def _kept(settings: Settings, plan: Plan, endpoint: Endpoint) -> Plan:
