@@ -169,7 +169,7 @@ class ProviderTimeouts:
 
 @dataclass(frozen=True, config=STRICT)
 class ProviderConfig:
-    """An OpenAI-compatible upstream. `api_key` comes from the environment; never log it."""
+    """An upstream serving the wire APIs in `apis`. `api_key` comes from the environment; never log it."""
 
     base_url: HttpUrl
     """Ends before /chat/completions, e.g. https://api.openai.com/v1."""

@@ -4,7 +4,9 @@
     the upstream answered an error status                   -> nothing (providers do not bill errors)
     an answer with the provider's own usage                 -> that usage at the serving model's price
     a stream without (readable) usage: cut off, ended by
-    the gateway, or a quiet or garbled provider             -> prompt bound + one token per output event
+    the gateway, or a quiet or garbled provider             -> prompt bound (or the input the stream reported
+                                                               at its start: Anthropic's message_start) + one
+                                                               token per output event
     an answer whose usage is missing or unreadable          -> the worst case, at the serving model's price
     a client that left while an upstream call was in flight -> the worst case, at the dearest target
 
