@@ -317,3 +317,28 @@ async def test_an_endpoint_is_routed_only_to_providers_that_serve_its_api(upstre
 async def test_every_other_v1_path_stays_404(gateway, upstream, http, method, path):
     reply = await http(gateway, method, path, json={"model": "gpt-4.1"})
     assert reply.status == 404 and upstream.hits == 0
+
+
+async def test_a_provider_serving_only_messages_authenticates_the_anthropic_way(upstream, start_gateway,
+                                                                               anthropic_sdk, sdk):
+    gateway = await start_gateway(api_settings({"primary": upstream.url}, apis={"primary": ("anthropic-messages",)}))
+    await anthropic_sdk(gateway).messages.create(model=CLAUDE, max_tokens=5, messages=ASK)
+    with pytest.raises(openai.NotFoundError):          # no provider of the route serves chat
+        await sdk(gateway).chat.completions.create(model=CLAUDE, messages=ASK)
+    [call] = upstream.requests
+    assert call.headers["x-api-key"] == CANARY_KEY and "authorization" not in call.headers
+
+
+@pytest.mark.parametrize("path, body, event", [
+    ("/v1/responses", {"model": "gpt-4.1", "input": "hi", "stream": True},
+     'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"%s"}\n\n'
+     'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+     '{"input_tokens":4,"output_tokens":1}}}\n\n'),
+    ("/v1/messages", {"model": CLAUDE, "max_tokens": 5, "messages": ASK, "stream": True},
+     'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"type":"text_delta","text":"%s"}}\n\n'
+     'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
+])
+async def test_a_stream_that_echoes_the_provider_key_is_scrubbed(gateway, upstream, http, path, body, event):
+    upstream.script(Action(raw_body=event % ("key: " + CANARY_KEY), headers={"Content-Type": "text/event-stream"}))
+    reply = await http(gateway, "POST", path, json=body)     # the fixture asserts the canary is absent
+    assert reply.status == 200 and b"[redacted]" in reply.body
