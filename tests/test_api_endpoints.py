@@ -23,6 +23,8 @@ from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, Store
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.http.appkeys import BUDGET
 from gateway.mock_upstream import Action
+from gateway.upstream.api_usage import messages_usage_block
+from gateway.upstream.usage import UNREADABLE
 from tests.support.canary import CANARY_KEY
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, PRICES, make_policy, make_settings
 
@@ -342,3 +344,24 @@ async def test_a_stream_that_echoes_the_provider_key_is_scrubbed(gateway, upstre
     upstream.script(Action(raw_body=event % ("key: " + CANARY_KEY), headers={"Content-Type": "text/event-stream"}))
     reply = await http(gateway, "POST", path, json=body)     # the fixture asserts the canary is absent
     assert reply.status == 200 and b"[redacted]" in reply.body
+
+
+# -- the parts, without a server ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("price", [CLAUDE_PRICE, dataclasses.replace(CLAUDE_PRICE, cache_write=Decimal("3.7501"))])
+def test_cache_writes_cost_their_own_price_exactly(price):
+    usage = Usage(1_000, 10, 200, False, 300)       # 500 plain input, 200 read, 300 written
+    expected = (500 * price.input + 200 * price.cached_input + 300 * price.cache_write + 10 * price.output) / 10**6
+    assert nano_to_usd(cost_nano(price, usage)) == expected.quantize(Decimal("1e-9"), rounding="ROUND_CEILING")
+
+
+@pytest.mark.parametrize("block, expected", [
+    ({"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 3, "cache_creation_input_tokens": None},
+     Usage(8, 2, 3)),
+    ({"input_tokens": 5, "output_tokens": 2}, Usage(5, 2)),
+    ({"input_tokens": "5", "output_tokens": 2}, "unreadable"),
+    ({"input_tokens": 0, "output_tokens": 0}, "unreadable"),          # zero tokens: a relay that does not count
+    ({"output_tokens": 2}, "unreadable"),
+])
+def test_messages_usage_is_read_exactly_or_unknown_never_zero(block, expected):
+    assert messages_usage_block(block) == (UNREADABLE if expected == "unreadable" else expected)
