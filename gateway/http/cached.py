@@ -66,17 +66,15 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
 
 async def _send_hit(request: web.Request, lookup: Lookup, body: bytes, headers: dict[str, str]
                     ) -> web.StreamResponse:
-    """Send the cached answer whole, or as its SSE events."""
+    """Send the cached answer whole, or as its SSE events: its head and body in one write (a web.Response
+    holds its head back for its body; a StreamResponse would send them apart, a second system call)."""
     if lookup.events is None:
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json", **headers})
-        response.content_length = len(body)
+        response = web.Response(body=body, headers=headers, content_type="application/json")
     else:
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
-        body = lookup.events
+        response = web.Response(body=lookup.events, headers={"Cache-Control": "no-cache", **headers},
+                                content_type="text/event-stream")
     try:
         await response.prepare(request)
-        await response.write(body)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         request[RECORD].error = "client_disconnected"     # what was sent cost nothing either way
