@@ -20,7 +20,7 @@ from gateway.config.model import BudgetLimit, CallerIdentity, Policy, ProviderCo
 from gateway.domain.plan import Plan
 from gateway.domain.pricing import Charge, usd_to_nano
 
-__all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of"]
+__all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of", "hit_slots"]
 
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
 MAX_MATCHES = 4096          # (caller, model) pairs kept; more are dropped together and found again
@@ -75,13 +75,14 @@ class Match:
     """
 
     __slots__ = ("policies", "names", "slots", "since", "until", "caller", "model", "providers", "rated",
-                 "need_group", "spareable")
+                 "need_group", "spareable", "hits")
 
     def __init__(self, policies: list[Policy], caller: CallerIdentity | None = None, model: str = "",
                  providers: Sequence[ProviderConfig] = ()) -> None:
         self.policies = policies
         self.names = tuple(dict.fromkeys(policy.name for policy in policies))
         self.slots: tuple[Slot, ...] = ()
+        self.hits: tuple[tuple[Slot, ...], tuple[RateSlot, ...]] | None = None   # see hit_slots
         self.since = self.until = 0.0
         self.caller, self.model = caller, model
         self.providers = providers if any(provider.rate_limits for provider in providers) else ()
@@ -133,3 +134,14 @@ class SlotCache:
                     min(slot.until for slot in rates)
                 match.slots = (*budgets, *rates)
         return match.slots
+
+
+def hit_slots(match: Match) -> tuple[RateSlot, ...]:
+    """The slots a cache hit counts on (of `match.slots`): its policies' request-rate windows and in-flight
+    counters; not budgets, token windows nor providers' limits (a hit costs nothing and calls no provider)."""
+    cached = match.hits
+    if cached is None or cached[0] is not match.slots:
+        counted = tuple([slot for slot in match.slots if isinstance(slot, RateSlot) and slot.provider is None
+                         and (slot.limit is None or slot.limit.requests is not None)])
+        cached = match.hits = (match.slots, counted)
+    return cached[1]

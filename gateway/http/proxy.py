@@ -81,8 +81,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
     if lookup.entry is not None:
-        # no budget or rate window is reserved or charged: request-rate limits should count a hit here (not yet)
-        return await serve_hit(request, lookup, proxy.budget, settings, caller, proxy.cache.clock.now())
+        return await serve_hit(request, lookup, proxy.budget, settings, caller, choice.plan,
+                               proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
         return await forward(request, proxy, settings, caller, req, choice, delivery)
