@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
     usage.add_argument("--since", help="ISO 8601 or epoch seconds (default: start of this month, UTC)")
     usage.add_argument("--until", help="ISO 8601 or epoch seconds (default: now)")
-    usage.add_argument("--group-by", default="model", choices=["model", "key", "team", "policy", "provider"])
+    usage.add_argument("--group-by", default="model",
+                       choices=["model", "key", "team", "policy", "provider", "endpoint"])
     usage.add_argument("--csv", action="store_true", help="print CSV: a header row, then one row per group")
     usage.set_defaults(func=cmd_usage)
     mock = sub.add_parser("mock-upstream", help="serve the bundled OpenAI-compatible mock provider")

@@ -60,7 +60,7 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
     try:
         return await _send_hit(request, lookup, entry.body, headers)
     finally:
-        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started)
+        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint)
         record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
 
 

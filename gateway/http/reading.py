@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.config.model import ServerConfig
+from gateway.domain.api_requests import parse_api_request
 from gateway.domain.request import Endpoint, ProxyRequest, media_type_of, parse_request
 from gateway.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
@@ -34,4 +35,5 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 
 async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: ServerConfig) -> ProxyRequest:
     """Read and check a client request for `endpoint`."""
-    return parse_request(endpoint, await read_body(request, server.max_body_bytes, server.client_timeout_s))
+    body = await read_body(request, server.max_body_bytes, server.client_timeout_s)
+    return parse_request(endpoint, body) if endpoint.api == "openai-chat" else parse_api_request(endpoint, body)
