@@ -431,9 +431,10 @@ async def test_a_cache_hit_row_moves_no_counter_and_keeps_its_savings_in_order(
     served = entry(clock, "served")
     assert await backend.store.settle("served", [(key, Charge(700, 70, 1))], clock.now(), served)
     late = entry(clock, "hit", cost=0, status="cache_hit")._replace(saved_nano=700, time=served.time - 5)
-    await backend.store.file_row(late)
+    later = entry(clock, "hit-2", cost=0, status="cache_hit")._replace(saved_nano=300, time=served.time + 1)
+    await backend.store.file_rows([late, later])
     assert await state(backend.store, clock, key) == CounterState(key, Charge(700, 70, 1), Charge())
-    assert await ledger(backend.store, clock) == [served, late._replace(time=served.time)]
+    assert await ledger(backend.store, clock) == [served, late._replace(time=served.time), later]
 
 
 async def test_an_ended_lease_writes_a_lease_expired_row_of_its_reserved_amounts(

@@ -10,10 +10,10 @@ when it is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
+from gateway.budget.hit_rows import HitRows
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
@@ -64,6 +64,7 @@ class BudgetEngine:
         self._calls = StoreCalls(store, clock, config)
         self._outage = Outage(self._calls, clock, config, journal)
         self._settlements = Settlements(self._calls, self._outage)
+        self._hit_rows = HitRows(self._calls)
         self._ahead = ReserveAhead(self._calls, self._outage, clock, config) \
             if config.reserve_ahead and store is not None else None
         self.allowance = self._outage.allowance
@@ -196,25 +197,15 @@ class BudgetEngine:
                        saved_nano: int, held: Reservation | None = None) -> tuple[str, ...]:
         """Ledger a request answered from the response cache, settling what `reserve_hit` held as one request
         of no cost; else only its row, written in the background (lost, not journaled, if the store fails: it
-        moves no counter). Its policies."""
+        moves no counter), with the other hits of the moment (see HitRows). Its policies."""
         if held is not None:
             entry = cache_hit_entry(request_id, caller, held.policies, facts, saved_nano, self.clock.now())
             self._settlements.start(held, _ONE_REQUEST, entry)
             return held.policies
         match = self._slots.match(settings, caller, facts.requested_model or "")
         if match.policies and self.store is not None:
-            entry = cache_hit_entry(request_id, caller, match.names, facts, saved_nano, self.clock.now())
-            call = self.store.file_row(entry)
-            if isinstance(call, asyncio.Future) and self._calls.bounds_time:   # on its way: no task needed
-                call.add_done_callback(_retrieved)
-                self._calls.keep(call)
-            else:
-                self._calls.spawn(self._file_row(call))
+            self._hit_rows.add(cache_hit_entry(request_id, caller, match.names, facts, saved_nano, self.clock.now()))
         return match.names
-
-    async def _file_row(self, call: Awaitable[None]) -> None:
-        with contextlib.suppress(StoreError, TimeoutError):
-            await self._calls.bounded(call)
 
     async def recover(self) -> bool:
         """Replay the journal when the store answers again; True when the store is healthy."""
@@ -246,12 +237,6 @@ class BudgetEngine:
 
 _ONE_REQUEST = Charge(0, 0, 1)                     # what a cache hit holds and is charged
 _NO_COST = WorstCase(Usage(), _ONE_REQUEST)
-
-
-def _retrieved(call: asyncio.Future[Any]) -> None:
-    """Take a background call's failure (it is counted by the store's observer, and needs no more)."""
-    if not call.cancelled():
-        call.exception()
 
 
 def _on_spare(request_id: str, plan: Plan, worst: WorstCase, spare: Spare, match: Match,

@@ -17,7 +17,7 @@ from gateway.domain.pricing import Charge
 __all__ = ["StoreObserver", "TIMED_OPERATIONS", "InstrumentedStore"]
 
 StoreObserver = OperationObserver   # (operation, seconds, failed)
-TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "file_row", "read", "ping", "close")
+TIMED_OPERATIONS = ("reserve", "reserve_spares", "settle", "release", "record", "file_rows", "read", "ping", "close")
 
 
 class InstrumentedStore:
@@ -39,7 +39,7 @@ class InstrumentedStore:
         if self.capabilities.self_timed:
             store.observe_calls(observe)
             operations = {"reserve": store.reserve, "reserve_spares": store.reserve_spares, "settle": store.settle,
-                          "release": store.release, "record": store.record, "file_row": store.file_row,
+                          "release": store.release, "record": store.record, "file_rows": store.file_rows,
                           "read": store.read,
                           "ping": store.ping, "close": store.close}
             for name in self.capabilities.self_timed & operations.keys():
@@ -76,9 +76,9 @@ class InstrumentedStore:
         """The wrapped store's `record`, timed."""
         return self._timed("record", self.wrapped.record, request_id, lines, now, entry)
 
-    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
-        """The wrapped store's `file_row`, timed."""
-        return self._timed("file_row", self.wrapped.file_row, entry)
+    def file_rows(self, entries: Sequence[LedgerEntry]) -> Awaitable[None]:
+        """The wrapped store's `file_rows`, timed."""
+        return self._timed("file_rows", self.wrapped.file_rows, entries)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The wrapped store's `read`, timed."""

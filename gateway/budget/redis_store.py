@@ -71,7 +71,7 @@ __all__ = ["RedisBudgetStore", "create_redis_client"]
 
 HEALTH_CHECK_S = 30
 MAX_CACHED = 4096   # counter keys and limit words kept (they change with each window)
-_SCRIPTS = ("reserve", "settle", "release", "record", "file_row", "read", "ping")
+_SCRIPTS = ("reserve", "settle", "release", "record", "file_rows", "read", "ping")
 _SELF_TIMED = frozenset((*_SCRIPTS, "reserve_spares"))   # the script operations: timed by the driver
 
 RedisClient = Redis | RedisCluster
@@ -195,10 +195,11 @@ class RedisBudgetStore:
                 *(self._words.key(counter) for counter, _, _ in lines)]
         return self._call("record", keys, args, _is_one)
 
-    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
-        """Add a ledger row that moves no counter (see `BudgetStore`); may wait a moment to share a write."""
-        args = [self._prefix, f"[{self._ledger_max},{_row_ms(entry)}]", *_row(entry)]
-        return self._call("file_row", [self._key("ledger")], args, _nothing, lazy=True)
+    def file_rows(self, entries: Sequence[LedgerEntry]) -> Awaitable[None]:
+        """Add ledger rows that move no counter (see `BudgetStore`); may wait a moment to share a write."""
+        times = ",".join([str(self._ledger_max), *[str(_row_ms(entry)) for entry in entries]])
+        args = [self._prefix, f"[{times}]", *[orjson.dumps(entry[1:]).decode() for entry in entries]]
+        return self._call("file_rows", [self._key("ledger")], args, _nothing, lazy=True)
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order."""

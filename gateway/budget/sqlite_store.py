@@ -122,9 +122,9 @@ class SqliteBudgetStore:
         check_record_lines(lines)
         return await self._transaction(lambda db: self._tables.record(db, request_id, lines, now, entry))
 
-    async def file_row(self, entry: LedgerEntry) -> None:
-        """Add a ledger row that moves no counter (see `BudgetStore`)."""
-        await self._transaction(lambda db: self._tables.file_row(db, entry))
+    async def file_rows(self, entries: Sequence[LedgerEntry]) -> None:
+        """Add ledger rows that move no counter (see `BudgetStore`), in one transaction."""
+        await self._transaction(lambda db: self._tables.file_rows(db, entries))
 
     async def read(self, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         """The state of each counter, in order."""

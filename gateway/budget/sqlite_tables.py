@@ -121,8 +121,9 @@ class SqliteTables:
         self._append_row(db, entry)
         return True
 
-    def file_row(self, db: Db, entry: LedgerEntry) -> None:
-        self._append_row(db, entry)
+    def file_rows(self, db: Db, entries: Sequence[LedgerEntry]) -> None:
+        for entry in entries:
+            self._append_row(db, entry)
 
     def read(self, db: Db, counters: Sequence[CounterKey], now: float) -> list[CounterState]:
         self._drop_expired(db, now)

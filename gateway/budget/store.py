@@ -291,8 +291,8 @@ class BudgetStore(Protocol):
         release, never with record. ValueError if `lines` is empty.
         """
 
-    def file_row(self, entry: LedgerEntry) -> Awaitable[None]:
-        """Add a ledger row that moves no counter (a cache hit), filed as `settle` files one."""
+    def file_rows(self, entries: Sequence[LedgerEntry]) -> Awaitable[None]:
+        """Add ledger rows that move no counter (cache hits), in order, each filed as `settle` files one."""
 
     def read(self, counters: Sequence[CounterKey], now: float) -> Awaitable[list[CounterState]]:
         """The state of each counter, in order; one never written (or dropped after expiry) reads zero."""
