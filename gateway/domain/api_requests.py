@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from gateway.domain.request import (
-    MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, check_types, forwarded_body, optional_int, parse_payload,
+    MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, checked_payload, forwarded_body, optional_int,
 )
 from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS
 from gateway.errors import InvalidRequest
@@ -48,11 +48,7 @@ _EXTRA_FIELDS = ("tools", "tool_choice", "text", "output_format")
 
 def parse_api_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
     """The checked request for a Responses or Messages `endpoint`; InvalidRequest when it is not one."""
-    payload = parse_payload(body)
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter.", param="model")
-    check_types(payload)
+    payload, model = checked_payload(body)
     _refuse_unbounded(endpoint, payload)
     max_tokens = _required_max_tokens(payload) if endpoint is MESSAGES else optional_int(payload, "max_output_tokens")
     stream = payload.get("stream") is True

@@ -16,7 +16,7 @@ import orjson
 from gateway.errors import InvalidRequest
 
 __all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "MAX_TOKENS_LIMIT", "parse_request", "upstream_body",
-           "parse_payload", "forwarded_body", "optional_int", "check_types",
+           "parse_payload", "checked_payload", "forwarded_body", "optional_int", "check_types",
            "media_type_of"]
 
 MAX_TOKENS_LIMIT = 2**31 - 1     # the largest max_tokens passed on (OpenAI's own limit is an int32)
@@ -104,13 +104,19 @@ def check_types(payload: dict[str, Any]) -> None:
             raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
 
 
-def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
-    """The checked request for `endpoint` in a client's JSON body; InvalidRequest when it is not one."""
+def checked_payload(body: bytes) -> tuple[dict[str, Any], str]:
+    """A client's JSON body with its model, its fields' types checked; InvalidRequest when it is not one."""
     payload = parse_payload(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     check_types(payload)
+    return payload, model
+
+
+def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
+    """The checked request for `endpoint` in a client's JSON body; InvalidRequest when it is not one."""
+    payload, model = checked_payload(body)
     stream = payload.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequest(f"Streaming is not supported on {endpoint.path}.", param="stream")
