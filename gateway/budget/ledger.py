@@ -19,6 +19,7 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerF
     caller = reservation.caller
     name, team = (caller.name, caller.team) if caller else (None, None)
     model: str | None
+    user, session = (facts.user, facts.session) if facts is not None else (None, None)
     if facts is None:
         model, requested, provider, latency_ms, attempts = reservation.plan.model, None, None, 0, 0
     else:
@@ -30,7 +31,7 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerF
     return LedgerEntry(now, reservation.request_id, name, team, reservation.policies, model,
                        provider, prompt, completion, cached, charge.usd_nano if charge else 0,
                        "failed" if charge is None else "served", latency_ms, attempts, requested,
-                       usage is not None and usage.estimated)
+                       usage is not None and usage.estimated, 0, user, session)
 
 
 def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str, ...], facts: LedgerFacts,
@@ -38,4 +39,4 @@ def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str
     """`cache_hit`: no tokens, no cost (so ledger totals still equal the counters), and what the answer saved."""
     latency_ms = round((time.perf_counter() - facts.started) * 1000)
     return LedgerEntry(now, request_id, caller.name, caller.team, policies, facts.model, None, 0, 0, 0, 0,
-                       "cache_hit", latency_ms, 0, facts.requested_model, False, saved_nano)
+                       "cache_hit", latency_ms, 0, facts.requested_model, False, saved_nano, facts.user, facts.session)

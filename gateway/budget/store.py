@@ -180,6 +180,8 @@ class LedgerEntry(NamedTuple):
     requested_model: str | None = None
     usage_estimated: bool = False            # charged on the gateway's count or bound, not the upstream's usage
     saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
+    user: str | None = None                  # the end user the request was made for (OpenAI `user` or header)
+    session: str | None = None               # the x-gateway-session it belongs to
 
 
 LEDGER_FIELDS = len(LedgerEntry._fields)

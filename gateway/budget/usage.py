@@ -1,7 +1,7 @@
-"""The spend ledger summed per model, key, team, policy or provider (served by GET /v1/budget/usage).
+"""The spend ledger summed per model, key, team, policy, provider, end user or session (GET /v1/budget/usage).
 
 Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
-requests, and grouped by policy only the policies that apply to it. `requests` counts charged
+requests (so only its own end users and sessions), and grouped by policy only the policies that apply to it. `requests` counts charged
 requests (a failed request costs nothing and is not counted); `cache_hits` counts requests answered
 from the response cache and `saved_usd` what their answers cost when bought; a row with several
 policies counts once in each of its policy groups and once in the total.
@@ -26,14 +26,15 @@ __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_in
            "NOW_INCLUDED_S"]
 
 log = logging.getLogger("gateway.budget")
-GroupBy = Literal["model", "key", "team", "policy", "provider"]
-GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider")
+GroupBy = Literal["model", "key", "team", "policy", "provider", "user", "session"]
+GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider", "user", "session")
 PAGE = 10_000
 NOW_INCLUDED_S = 0.001   # the default `until` is exclusive: one ledger tick past now
 MAX_INSTANT_S = 2**33    # epoch seconds (the year 2242): later times are refused, not overflowed
 _FIELDS: dict[str, Callable[[LedgerEntry], str | None]] = {
     "model": lambda entry: entry.model, "key": lambda entry: entry.caller, "team": lambda entry: entry.team,
-    "provider": lambda entry: entry.provider,
+    "provider": lambda entry: entry.provider, "user": lambda entry: entry.user,
+    "session": lambda entry: entry.session,
 }
 
 

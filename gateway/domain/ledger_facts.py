@@ -18,3 +18,5 @@ class LedgerFacts(NamedTuple):
     attempts: int                    # upstream calls made
     usage: Usage | None              # what was charged for, when it was served
     started: float                   # time.perf_counter() at its arrival (the ledger's latency)
+    user: str | None = None          # the end user it was made for (gateway.domain.end_user)
+    session: str | None = None

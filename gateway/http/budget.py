@@ -70,7 +70,7 @@ def _iso(epoch_s: float) -> str:
 
 
 async def budget_usage(request: web.Request) -> web.Response:
-    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider."""
+    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider|user|session."""
     settings = request.app[CONFIG].current
     caller = authenticate(request, settings)
     engine = request.app[BUDGET]

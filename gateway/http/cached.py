@@ -65,7 +65,8 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         record.error = "client_disconnected"     # what was sent cost nothing either way
-    facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started)
+    facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.user,
+                        record.session)
     record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano)
     return response
 
