@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from decimal import Decimal
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,9 +12,7 @@ import pytest
 from gateway.config.model import ModelPrice
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.tokens import prompt_upper_bound
-from gateway.http.auth import key_digest
-from tests.support.canary import CANARY_KEY
-from tests.support.redis_server import free_port
+from tests.support.replicas import start_replica, wait_healthy
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY
 
 PRICE = ModelPrice(Decimal("2.00"), Decimal("8.00"), max_output_tokens=100)
@@ -26,46 +21,9 @@ CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "spend care
 CLIENTS = 300
 SERVED_BUDGET = 10   # B = 10.5 W, so exactly floor(B / W) = 10 requests fit
 
-CONFIG = """
-server: {{host: 127.0.0.1, port: {port}, admin_key_sha256: {admin}}}
-store: {{url: "{store}", journal_path: {tmp}/journal-{port}.jsonl}}
-providers:
-  primary: {{base_url: "{upstream}", api_key: "{key}"}}
-routes: {{gpt-4.1: [primary]}}
-pricing: {{gpt-4.1: {{input: 2.00, output: 8.00, max_output_tokens: 100}}}}
-keys: [{{name: web-app, team: web, sha256: {client}}}]
-policies: policies
-"""
-
 
 def worst_case_nano() -> int:
     return cost_nano(PRICE, Usage(prompt_upper_bound(CHAT), CHAT["max_tokens"]))
-
-
-async def start_replica(tmp_path: Path, store_url: str, upstream_url: str) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    config = tmp_path / f"config-{port}.yaml"
-    config.write_text(CONFIG.format(port=port, admin=key_digest(ADMIN_KEY), store=store_url, tmp=tmp_path,
-                                    upstream=upstream_url, key=CANARY_KEY, client=key_digest(CLIENT_KEY)))
-    log = open(tmp_path / f"gateway-{port}.log", "wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--log-level", "WARNING", "run", "--config", str(config),
-        stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    return process, f"http://127.0.0.1:{port}"
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
-    for _ in range(300):
-        assert process.returncode is None, "a gateway replica exited"
-        try:
-            async with session.get(url + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.05)  # readiness polling of a process we started
-    pytest.fail(f"replica {url} did not become healthy")
 
 
 async def settled_status(session: aiohttp.ClientSession, url: str) -> dict:

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.support.settings import CLIENT_KEY
-from tests.test_budget_replicas import start_replica, wait_healthy
+from tests.support.replicas import start_replica, wait_healthy
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "one of many"}], "max_tokens": 5}
 CLIENTS = 300

@@ -27,6 +27,7 @@ from gateway.budget.slots import KEY_GRACE_S, Match, Slot, SlotCache, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
+from gateway.budget.user_slots import user_slots
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Settings, StoreConfig
 from gateway.domain.ledger_facts import LedgerFacts
@@ -79,6 +80,8 @@ class BudgetEngine:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
         slots = self._slots.slots(match, now, self.config.lease_s)
+        if match.per_user:                         # never spareable: reserved directly, below
+            slots = user_slots(slots, req.user)
         ahead = self._ahead
         if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
             return await self._reserve_direct(request_id, plan, match, slots, worst, now)
@@ -145,6 +148,8 @@ class BudgetEngine:
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
         slots = self._slots.slots(match, now, self.config.lease_s)
+        if match.per_user:
+            slots = user_slots(slots, req.user)
         lines = tuple(slot.line(worst.amount) for slot in slots)
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
