@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
+from gateway.budget.forecast_alerts import CHECK_S, ForecastAlerts
 from gateway.budget.factory import create_engine
 from gateway.budget.store import BudgetStore
 from gateway.cache.factory import create_cache
@@ -22,7 +23,7 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.http.appkeys import (
-    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, FORECASTS, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
     RELOADER, RESILIENCE, ROUTER,
 )
 from gateway.http.budget import add_budget_routes
@@ -182,7 +183,9 @@ def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitabl
         return
     app[ALERTS] = sender = AlertSender(engine.store, app[CONFIG], app[CLOCK], app[BACKGROUND], sleep=sleep)
     engine.on_settled.append(sender.observe)
+    app[FORECASTS] = ForecastAlerts(engine, app[CONFIG], sender)
     app.cleanup_ctx.append(alert_delivery)
+    app.cleanup_ctx.append(forecast_watch)
 
 
 async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
@@ -191,3 +194,16 @@ async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
         app[ALERTS].start(session)
         yield
         await app[ALERTS].stop()
+
+
+async def forecast_watch(app: web.Application) -> AsyncIterator[None]:
+    """Check the budgets' forecasts every CHECK_S for the app's lifetime (gateway.budget.forecast_alerts)."""
+    async def step() -> None:
+        await app[FORECASTS].check()
+        await asyncio.sleep(CHECK_S)
+
+    task = asyncio.create_task(keep_running("forecast_alerts", step, app[BACKGROUND]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
+from gateway.budget.burn import BurnTracker
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import cache_hit_entry, ledger_entry
 from gateway.budget.outage import Outage
@@ -70,6 +71,7 @@ class BudgetEngine:
         self.allowance = self._outage.allowance
         self.on_settled: list[SettleListener] = self._settlements.listeners
         self.spares = self._ahead.spares if self._ahead is not None else None
+        self.burn = BurnTracker()            # the last hour's spend per counter, for forecasts (status only)
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation | Downgrade:

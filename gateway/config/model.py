@@ -558,6 +558,11 @@ class Settings:
         """Client keys by digest."""
         return {key.sha256: key for key in self.keys}
 
+    @cached_property
+    def policy_index(self) -> dict[str, Policy]:
+        """Policies by name."""
+        return {policy.name: policy for policy in self.policies}
+
     def route_for(self, model: str) -> Route | None:
         """The route serving `model`: an exact name wins over globs, then globs in file order."""
         for route in self.routes:

@@ -49,7 +49,8 @@ async def budget_status(request: web.Request) -> web.Response:
 
     async def budgets_of(engine: BudgetEngine, settings: Settings, policies: list[Policy], caller: CallerIdentity,
                          now: float) -> list[dict[str, Any]]:
-        return await budget_report(engine, policies, now, lambda policy: each_values(settings, policy, caller, user))
+        return await budget_report(engine, policies, now, lambda policy: each_values(settings, policy, caller, user),
+                                   settings)
 
     return await scoped_status(request, budgets_of)
 
