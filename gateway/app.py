@@ -32,6 +32,7 @@ from gateway.http.metrics import add_metrics_routes
 from gateway.http.middleware import request_middleware
 from gateway.http.provider_status import add_provider_status_routes
 from gateway.http.rate_limits import add_rate_limit_routes
+from gateway.http.ui import add_ui_routes
 from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
 from gateway.observability.access_log import AccessLog
@@ -99,6 +100,7 @@ def add_routes(app: web.Application) -> None:
     add_budget_routes(app)
     add_rate_limit_routes(app)
     add_metrics_routes(app)
+    add_ui_routes(app)
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:
