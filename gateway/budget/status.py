@@ -54,7 +54,7 @@ def window_entries(policy: Policy, state: CounterState, budget_index: int, now: 
                                                   _units(state.reserved), last_hour):
         if limit is None:
             continue
-        entry = {
+        entry: dict[str, Any] = {
             "policy": policy.name, "period": budget.period, "unit": unit,
             "limit": _amount(unit, limit), "spent": _amount(unit, spent), "reserved": _amount(unit, reserved),
             "remaining": _amount(unit, max(0, limit - spent - reserved)),
