@@ -120,11 +120,8 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
         await engine.recover()
         await asyncio.sleep(RECOVERY_INTERVAL_S)
 
-    task = asyncio.create_task(keep_running("journal_replay", step, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "journal_replay", step):
+        yield
     await engine.close()
 
 
@@ -152,11 +149,8 @@ async def canary_sync(app: web.Application) -> AsyncIterator[None]:
         await runs.sync(config.current)
     except Exception as error:               # never keeps the gateway from starting: canaries wait on control
         app[BACKGROUND].failed("canary_sync", error)
-    task = asyncio.create_task(keep_running("canary_sync", step, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "canary_sync", step):
+        yield
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:
@@ -171,11 +165,8 @@ async def config_reload(app: web.Application) -> AsyncIterator[None]:
         lambda fresh: app[PROVIDERS].sync(fresh.providers),
         app[RESILIENCE].sync,
     ])
-    task = asyncio.create_task(keep_running("config_reload", reloader.poll, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "config_reload", reloader.poll):
+        yield
 
 
 def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
@@ -204,8 +195,17 @@ async def forecast_watch(app: web.Application) -> AsyncIterator[None]:
         await app[FORECASTS].check()
         await asyncio.sleep(CHECK_S)
 
-    task = asyncio.create_task(keep_running("forecast_alerts", step, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "forecast_alerts", step):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running(app: web.Application, name: str, step: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """`step` again and again in a background task named `name` (see keep_running) while the block runs."""
+    task = asyncio.create_task(keep_running(name, step, app[BACKGROUND]))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

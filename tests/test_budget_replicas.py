@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from decimal import Decimal
 
 import aiohttp
@@ -12,7 +11,7 @@ import pytest
 from gateway.config.model import ModelPrice
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.tokens import prompt_upper_bound
-from tests.support.replicas import start_replica, wait_healthy
+from tests.support.replicas import two_replicas
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY
 
 PRICE = ModelPrice(Decimal("2.00"), Decimal("8.00"), max_output_tokens=100)
@@ -39,21 +38,10 @@ async def settled_status(session: aiohttp.ClientSession, url: str) -> dict:
 
 @pytest.fixture
 async def replicas(tmp_path, upstream, request):
-    store_url = request.getfixturevalue(request.param)
-    (tmp_path / "policies").mkdir()
     budget = nano_to_usd(worst_case_nano() * SERVED_BUDGET + worst_case_nano() // 2)
-    (tmp_path / "policies" / "global.yaml").write_text(f"name: global\nbudgets:\n  - {{period: daily, usd: {budget}}}\n")
-    started = [await start_replica(tmp_path, store_url, upstream.url) for _ in range(2)]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        try:
-            for process, url in started:
-                await wait_healthy(session, url, process)
-            yield session, [url for _, url in started], budget
-        finally:
-            for process, _ in started:
-                process.send_signal(signal.SIGTERM)
-            for process, _ in started:
-                await asyncio.wait_for(process.wait(), timeout=20)
+    policy = ("global", f"name: global\nbudgets:\n  - {{period: daily, usd: {budget}}}\n")
+    async with two_replicas(tmp_path, request.getfixturevalue(request.param), upstream.url, policy) as (session, urls):
+        yield session, urls, budget
 
 
 @pytest.mark.parametrize("replicas", ["redis_url", "redis_cluster_url"], indirect=True)

@@ -23,6 +23,15 @@ ONE_DOLLAR = Action(usage={"prompt_tokens": 0, "completion_tokens": 125_000, "to
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "a dollar"}], "max_tokens": 125_000}
 
 
+async def forecasting(start_gateway, upstream, receiver, tmp_path, clock: FakeClock, usd: str):  # noqa: F811
+    """A gateway with one daily budget of `usd` that alerts `receiver` once its projection passes the limit."""
+    policy = dataclasses.replace(make_policy(f"daily-{usd}", usd=usd), forecast_alert=Decimal("1.0"),
+                                 alerts=AlertConfig(receiver.url))
+    settings = make_settings({"primary": upstream.url}, policies=(policy,),
+                             store=StoreConfig(path=str(tmp_path / "b.db"), reserve_ahead=False))
+    return await start_gateway(settings, clock=clock)
+
+
 def test_the_forecast_follows_the_current_rate():
     # half a day at $1/h, then the last hour at $3/h: the projection and the end follow the last hour
     ahead = forecast(14, 20, 0, 24 * HOUR, 12 * HOUR, 3)
@@ -37,11 +46,7 @@ def test_the_forecast_follows_the_current_rate():
 async def test_a_dollar_an_hour_from_midnight_projects_24_runs_out_at_20_and_alerts_once(
         upstream, start_gateway, http, receiver, tmp_path):  # noqa: F811
     clock = FakeClock(MIDNIGHT)
-    policy = dataclasses.replace(make_policy("daily-20", usd="20"), forecast_alert=Decimal("1.0"),
-                                 alerts=AlertConfig(receiver.url))
-    gateway = await start_gateway(make_settings({"primary": upstream.url}, policies=(policy,),
-                                                store=StoreConfig(path=str(tmp_path / "b.db"), reserve_ahead=False)),
-                                  clock=clock)
+    gateway = await forecasting(start_gateway, upstream, receiver, tmp_path, clock, "20")
     upstream.script(*[ONE_DOLLAR] * 12)
     for hour in range(12):                     # at half past every hour from midnight to 11:30
         clock.set(MIDNIGHT + hour * HOUR + HOUR / 2)
@@ -75,11 +80,7 @@ async def test_a_dollar_an_hour_from_midnight_projects_24_runs_out_at_20_and_ale
 async def test_a_window_under_its_projection_share_is_not_alerted(upstream, start_gateway, http, receiver,  # noqa: F811
                                                                   tmp_path):
     clock = FakeClock(MIDNIGHT)
-    policy = dataclasses.replace(make_policy("daily-30", usd="30"), forecast_alert=Decimal("1.0"),
-                                 alerts=AlertConfig(receiver.url))
-    gateway = await start_gateway(make_settings({"primary": upstream.url}, policies=(policy,),
-                                                store=StoreConfig(path=str(tmp_path / "b.db"), reserve_ahead=False)),
-                                  clock=clock)
+    gateway = await forecasting(start_gateway, upstream, receiver, tmp_path, clock, "30")
     upstream.script(ONE_DOLLAR)
     clock.set(MIDNIGHT + HOUR / 2)
     assert (await http(gateway, "POST", "/v1/chat/completions", json=CHAT)).status == 200

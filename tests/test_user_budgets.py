@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 import time
 from decimal import Decimal
 
-import aiohttp
 import pytest
 
 from gateway.clock import FakeClock
@@ -18,7 +16,7 @@ from gateway.domain.pricing import Usage, cost_nano, nano_to_usd, usd_to_nano
 from gateway.domain.tokens import prompt_upper_bound
 from gateway.http.appkeys import BUDGET
 from gateway.mock_upstream import Action
-from tests.support.replicas import start_replica, wait_healthy
+from tests.support.replicas import two_replicas
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, PRICES, make_settings
 
 CENT = Decimal("0.01")
@@ -105,20 +103,9 @@ USERS, CLIENTS = 10, 200
 
 @pytest.fixture
 async def replicas(tmp_path, upstream, redis_url):
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "per-user.yaml").write_text(
-        "name: per-user\neach: user\nbudgets:\n  - {period: daily, usd: 0.01}\n")
-    started = [await start_replica(tmp_path, redis_url, upstream.url) for _ in range(2)]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        try:
-            for process, url in started:
-                await wait_healthy(session, url, process)
-            yield session, [url for _, url in started]
-        finally:
-            for process, _ in started:
-                process.send_signal(signal.SIGTERM)
-            for process, _ in started:
-                await asyncio.wait_for(process.wait(), timeout=20)
+    policy = ("per-user", "name: per-user\neach: user\nbudgets:\n  - {period: daily, usd: 0.01}\n")
+    async with two_replicas(tmp_path, redis_url, upstream.url, policy) as running:
+        yield running
 
 
 async def test_two_replicas_200_concurrent_requests_across_10_users_no_user_overspends(replicas, upstream):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +18,7 @@ from tests.support.canary import CANARY_KEY
 from tests.support.redis_server import free_port
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY
 
-__all__ = ["CONFIG", "start_replica", "wait_healthy"]
+__all__ = ["CONFIG", "start_replica", "wait_healthy", "two_replicas"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -58,3 +61,23 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, process: asynci
             pass
         await asyncio.sleep(0.05)  # readiness polling of a process we started
     pytest.fail(f"replica {url} did not become healthy")
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(tmp_path: Path, store_url: str, upstream_url: str, policy: tuple[str, str]
+                       ) -> AsyncIterator[tuple[aiohttp.ClientSession, list[str]]]:
+    """Two healthy replicas on `store_url` with one policy file (name, YAML); a session and their URLs.
+    They are stopped with SIGTERM at the end."""
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / f"{policy[0]}.yaml").write_text(policy[1])
+    started = [await start_replica(tmp_path, store_url, upstream_url) for _ in range(2)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        try:
+            for process, url in started:
+                await wait_healthy(session, url, process)
+            yield session, [url for _, url in started]
+        finally:
+            for process, _ in started:
+                process.send_signal(signal.SIGTERM)
+            for process, _ in started:
+                await asyncio.wait_for(process.wait(), timeout=20)
