@@ -185,6 +185,7 @@ class Target:
     budgeted: bool = False
     access_log: AccessLogCounter | None = None
     cached: bool = False                    # answered from the response cache after its first request
+    unique: bool = False                    # its client makes every body unique (see post.lua BENCH_UNIQUE)
 
     @property
     def is_gateway(self) -> bool:
@@ -199,6 +200,8 @@ def run_wrk(target: Target, body: Path, conc: int, duration: int, cpus: str | No
     is every request sent, so the gateway's budget must have moved by exactly that many requests.
     """
     env = dict(os.environ, BENCH_BODY=str(body), BENCH_HEADERS=target.headers)
+    if target.unique:
+        env["BENCH_UNIQUE"] = os.urandom(8).hex()      # this run's bodies were never sent before
     if drain:
         env["BENCH_ACTIVE_S"] = str(duration)
     prefix = ["taskset", "-c", cpus] if cpus else []
@@ -328,7 +331,7 @@ class Bench:
         self.targets[name] = Target(name, url, gateway, headers, key=CLIENT_KEY,
                                     budgeted=written.budgeted,
                                     access_log=AccessLogCounter(gateway.log_path) if written.access_log else None,
-                                    cached=written.cached)
+                                    cached=written.cached, unique=written.unique)
 
     def _build_of(self, name: str, env: dict[str, str], directory: Path) -> str:
         """Which code target `name` runs, once checked that its gateway package is imported from its source."""

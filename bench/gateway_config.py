@@ -89,10 +89,10 @@ def _cache_miss(config: Document, policies: Document) -> None:
 
 
 def _cache_store_miss(config: Document, policies: Document) -> None:
-    """The response cache on for the bench's model, but no answer fits `max_entry_bytes`: every request
-    reads the store, misses, goes upstream and is not kept. Identical requests in flight wait for the one
-    that leads (single flight), then go upstream themselves: its latency is not a miss's, only its cost."""
-    config["cache"] = {"models": ["gpt-4o-mini"], "max_entry_bytes": 64}
+    """The response cache on for the bench's model, and every request's body made unique by its client
+    (CLIENT_UNIQUE_BODIES): each reads the store, misses, goes upstream and has its answer written to the
+    store; the whole cost of a miss."""
+    config["cache"] = {"models": ["gpt-4o-mini"]}
 
 
 def _cache_refresh(config: Document, policies: Document) -> None:
@@ -104,6 +104,8 @@ def _cache_refresh(config: Document, policies: Document) -> None:
 
 CLIENT_HEADERS = {"cache-refresh": {"Cache-Control": "no-cache"}}
 """Request headers a variant's clients send."""
+CLIENT_UNIQUE_BODIES = frozenset({"cache-store-miss"})
+"""Variants whose clients send no two bodies alike (bench/post.lua BENCH_UNIQUE)."""
 
 def _rate_limits(config: Document, policies: Document) -> None:
     """The team policy counted per key, with a per-key minute window (requests and tokens) so high it never
@@ -167,6 +169,7 @@ class WrittenConfig:
     cached: bool = False  # the bench's answers are kept: a request after the first reaches neither the
     #                       upstream nor the budget (so neither is checked per request)
     headers: tuple[tuple[str, str], ...] = ()   # sent with every request
+    unique: bool = False  # its clients send no two bodies alike
 
 
 def write_config(directory: Path, port: int, redis_url: str, upstream: str,
@@ -180,10 +183,11 @@ def write_config(directory: Path, port: int, redis_url: str, upstream: str,
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     cache = config.get("cache", {})
     headers = tuple(CLIENT_HEADERS.get(variant, {}).items())
+    unique = variant in CLIENT_UNIQUE_BODIES
     cached = ("gpt-4o-mini" in cache.get("models", ()) and cache.get("max_entry_bytes", 1 << 20) >= 64 * 1024
-              and not headers)
+              and not headers and not unique)
     budgeted = any(policy["name"] == TEAM_POLICY for policy in policies["policies"]) and not cached
-    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted, cached, headers)
+    return WrittenConfig(path, bool(config["server"]["access_log"]), budgeted, cached, headers, unique)
 
 
 def target_name(variant: str) -> str:

@@ -2,6 +2,9 @@
 --
 -- Environment: BENCH_BODY      path of the request body (JSON)
 --              BENCH_HEADERS   extra request headers, one "Name: value" per line (optional)
+--              BENCH_UNIQUE    a run id (fixed width): every request's user message starts with it and the
+--                              request's number instead of its first characters, so no two bodies are
+--                              alike (a cache never hits) and each costs what the body file costs
 --              BENCH_ACTIVE_S  send new requests only during the first BENCH_ACTIVE_S seconds (optional);
 --                              wrk's -d must be longer: in the rest of the run the requests in flight
 --                              finish and are counted, so no request is cut off when wrk stops
@@ -22,6 +25,18 @@ for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
   local name, value = line:match("^%s*([^:]-)%s*:%s*(.-)%s*$")
   if name and name ~= "" then
     wrk.headers[name] = value
+  end
+end
+
+local unique = os.getenv("BENCH_UNIQUE")
+if unique and unique ~= "" then
+  local head, tail = wrk.body:match('^(.-"role": "user", "content": ")(.*)$')
+  assert(head, "BENCH_UNIQUE: the body has no user message")
+  local sent = 0
+  function request()
+    sent = sent + 1
+    local marker = string.format("%s%010d", unique, sent)
+    return wrk.format(nil, nil, nil, head .. marker .. tail:sub(#marker + 1))
   end
 end
 

@@ -1,6 +1,7 @@
 """A scriptable OpenAI-compatible mock upstream for the quickstart, the test-suite and benchmarks.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, and the
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, OpenAI's
+Responses and Anthropic's Messages (POST /v1/responses, POST /v1/messages: see gateway.mock_apis), and the
 control endpoints GET /__stats, POST /__reset, POST /__script, POST /__always (for a mock in another process).
 
 Usage is deterministic and derived from the request, so tests can compute the expected cost:
@@ -144,6 +145,7 @@ class ModelUsage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     requests: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass
@@ -158,6 +160,7 @@ class BilledUsage:
         totals.prompt_tokens += usage["prompt_tokens"]
         totals.completion_tokens += usage.get("completion_tokens", 0)
         totals.cached_tokens += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        totals.cache_write_tokens += usage.get("cache_write_tokens", 0)
         totals.requests += 1
 
     @property
@@ -438,6 +441,8 @@ class MockUpstream:
         app.router.add_post("/v1/completions", answers.completions_handler)
         app.router.add_post("/v1/embeddings", answers.embeddings)
         app.router.add_get("/v1/models", answers.models)
+        from gateway.mock_apis import add_api_routes   # (it builds on this module)
+        add_api_routes(app, self, answers)
         app.router.add_get("/__stats", self._stats)
         app.router.add_post("/__reset", self._reset)
         app.router.add_post("/__script", self._script)

@@ -1,5 +1,5 @@
-"""`gateway usage`: spend (and what the response cache saved) from the ledger per model, key, team, policy or
-provider, as a table or CSV."""
+"""`gateway usage`: spend (and what the response cache saved) from the ledger per model, key, team, policy,
+provider or endpoint, as a table or CSV."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import aiohttp
 
 from gateway.status_cli import fetch_status, table
 
-__all__ = ["COLUMNS", "usage_path", "render_table", "render_csv", "collect", "run_usage"]
+__all__ = ["COLUMNS", "TABLE_COLUMNS", "usage_path", "render_table", "render_csv", "collect", "run_usage"]
 
-COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cache_hits", "saved_usd")
+COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cache_hits", "saved_usd",
+           "cache_write_tokens")   # (a column added later goes last: spreadsheets read columns by position)
+TABLE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cost_usd",
+                 "cache_hits", "saved_usd")   # (people read a table by its header: cache writes beside reads)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # what makes a spreadsheet read a cell as a formula
 
 
@@ -28,10 +31,10 @@ def usage_path(since: str | None, until: str | None, group_by: str) -> str:
 
 def render_table(body: dict[str, Any]) -> str:
     """One row per group, then the total, under a line naming the time range."""
-    rows = [[_group(entry["group"]), *(str(entry[column]) for column in COLUMNS)] for entry in body["data"]]
-    rows.append(["TOTAL", *(str(body["total"][column]) for column in COLUMNS)])
-    header = [body["group_by"].upper(), "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "COST USD", "CACHE HITS",
-              "SAVED USD"]
+    rows = [[_group(entry["group"]), *(str(entry[column]) for column in TABLE_COLUMNS)] for entry in body["data"]]
+    rows.append(["TOTAL", *(str(body["total"][column]) for column in TABLE_COLUMNS)])
+    header = [body["group_by"].upper(), "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "CACHE WRITE", "COST USD",
+              "CACHE HITS", "SAVED USD"]
     return f"usage from {body['since']} to {body['until']}\n" + table(rows, header)
 
 

@@ -130,6 +130,7 @@ def test_every_config_variant_is_accepted_by_gateway_check(variant: str, tmp_pat
     assert written.access_log == (variant != "no-access-log")
     assert written.cached == (variant == "cache-hit")
     assert dict(written.headers) == ({"Cache-Control": "no-cache"} if variant == "cache-refresh" else {})
+    assert written.unique == (variant == "cache-store-miss")   # its bodies never repeat: every request a miss
     assert written.budgeted == (variant not in ("no-budget", "cache-hit"))   # a hit moves no budget
 
 

@@ -10,7 +10,8 @@ import openai
 import pytest
 
 from gateway.config.model import StoreConfig
-from gateway.domain.end_user import MAX_ID_CHARS
+from gateway.domain.end_user import MAX_ID_CHARS, end_user
+from gateway.errors import InvalidRequest
 from gateway.http.appkeys import BUDGET
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_policy, make_settings
 
@@ -80,3 +81,11 @@ async def test_the_sdk_gets_a_bad_request_error_for_a_bad_user(upstream, start_g
     gateway = await start_gateway(make_settings({"primary": upstream.url}, policies=POLICIES))
     with pytest.raises(openai.BadRequestError, match="printable"):
         await sdk(gateway).chat.completions.create(model="gpt-4.1", messages=MESSAGES, user="a\x00b")
+
+
+def test_the_messages_api_names_its_end_user_in_metadata_and_the_header_still_wins():
+    assert end_user({"metadata": {"user_id": "ann"}}, None, messages=True) == "ann"
+    assert end_user({"metadata": {"user_id": "ann"}}, "hdr", messages=True) == "hdr"
+    assert end_user({"user": "not-read-here"}, None, messages=True) is None
+    with pytest.raises(InvalidRequest, match="metadata.user_id"):
+        end_user({"metadata": {"user_id": 7}}, None, messages=True)

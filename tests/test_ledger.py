@@ -99,8 +99,8 @@ async def test_usage_groups_by_each_option(upstream, start_gateway, http, store_
     body = await usage(http, gateway, group_by=group_by)
 
     expected = {"model": {"gpt-4.1", "gpt-4o-mini"}, "key": {"web-app", "batch"}, "team": {"web", "data"},
-                "provider": {"primary"}, "policy": {"global", "team-web", "team-data"}, "user": {None},
-                "session": {None}}[group_by]   # (end users: tests/test_end_users.py)
+                "provider": {"primary"}, "policy": {"global", "team-web", "team-data"}, "endpoint": {"chat"},
+                "user": {None}, "session": {None}}[group_by]   # (end users: tests/test_end_users.py)
     groups = by_group(body)
     assert body["group_by"] == group_by and set(groups) == expected
     total = body["total"]
@@ -157,7 +157,8 @@ async def test_a_failed_request_leaves_a_zero_cost_row_and_no_request(upstream, 
     assert (row.status, row.cost_nano, row.caller, row.team, row.model) == ("failed", 0, "web-app", "web", "gpt-4.1")
     assert row.policies == ("global", "team-web")
     assert (await usage(http, gateway))["total"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                     "cached_tokens": 0, "cost_usd": "0", "cache_hits": 0,
+                                                     "cached_tokens": 0, "cache_write_tokens": 0, "cost_usd": "0",
+                                                     "cache_hits": 0,
                                                      "saved_usd": "0"}
 
 

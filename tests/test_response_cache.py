@@ -14,7 +14,7 @@ import pytest
 from gateway import cli
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.clock import FakeClock
-from gateway.config.model import CacheConfig, StoreConfig
+from gateway.config.model import CacheConfig, RateLimit, StoreConfig
 from gateway.mock_upstream import Action
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from tests.support.canary import CANARY_KEY
@@ -36,7 +36,7 @@ def store_config(request, tmp_path) -> StoreConfig:
 
 
 def settings_for(upstream, store_config, cache: CacheConfig = CACHED, **overrides: Any):
-    return make_settings({"primary": upstream.url}, store=store_config, policies=POLICIES, cache=cache, **overrides)
+    return make_settings({"primary": upstream.url}, store=store_config, cache=cache, **{"policies": POLICIES, **overrides})
 
 
 async def post(http, gateway, body: dict[str, Any], key: str = CLIENT_KEY, **headers: str):
@@ -380,3 +380,30 @@ def _echoing_its_key(stream: bool) -> Action:
     chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
     events = "".join(f"data: {orjson.dumps(chunk).decode()}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
     return Action(raw_body=events, headers={"Content-Type": "text/event-stream"})
+
+
+# --- a hit is a request for request-rate limits, and nothing else -------------------------------------------
+
+async def test_a_hit_counts_as_one_request_in_request_rate_and_in_flight_limits_but_costs_no_tokens_or_budget(
+        upstream, start_gateway, http, store_config):
+    policy = dataclasses.replace(make_policy("everyone", **LIMITS), max_concurrent=5, rate_limits=(
+        RateLimit(per="minute", requests=3), RateLimit(per="hour", tokens=10**6)))
+    gateway = await start_gateway(settings_for(upstream, store_config, policies=(policy,)))
+    replies = []
+    for _ in range(4):
+        replies.append(await post(http, gateway, CHAT))
+        await settled(gateway)
+
+    assert [r.status for r in replies] == [200, 200, 200, 429] and len(upstream.requests) == 1
+    assert [r.headers.get("x-gateway-cache") for r in replies[:3]] == ["miss", "hit", "hit"]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in replies[:3]] == ["2", "1", "0"]
+    assert replies[3].json()["error"]["code"] == "rate_limit_exceeded" and "Retry-After" in replies[3].headers
+    windows = (await http(gateway, "GET", "/v1/rate_limits/status", key=ADMIN_KEY)).json()["data"]
+    used = {(e["per"], e.get("unit")): e["used"] for e in windows}
+    billed = upstream.billed.models["gpt-4o-mini"]
+    assert used[("minute", "requests")] == 3 and used[("concurrent", "requests")] == 0
+    assert used[("hour", "tokens")] == billed.prompt_tokens + billed.completion_tokens    # the miss's only
+    spent = await status(http, gateway)
+    assert spent[("daily", "requests")] == 1 and Decimal(spent[("daily", "usd")]) > 0    # the miss alone
+    hits = [row for row in await ledger(gateway) if row.status == "cache_hit"]
+    assert len(hits) == 2 and all(h.cost_nano == 0 and h.saved_nano > 0 and h.policies == ("everyone",) for h in hits)

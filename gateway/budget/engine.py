@@ -24,16 +24,15 @@ from gateway.budget.refusals import exceeded_error, held_error
 from gateway.budget.reservation import Downgrade, Reservation
 from gateway.budget.reserve_ahead import ReserveAhead
 from gateway.budget.settlements import SettleListener, Settlements
-from gateway.budget.slots import KEY_GRACE_S, Match, Slot, SlotCache, limits_of
+from gateway.budget.slots import KEY_GRACE_S, Match, Slot, SlotCache, hit_slots, limits_of
 from gateway.budget.spares import Spare, SparePool
 from gateway.budget.store import MAX_AMOUNT, UNITS, BudgetStore, ReserveLine, ReserveOutcome
 from gateway.budget.store_calls import StoreCalls
-from gateway.budget.user_slots import user_slots
 from gateway.clock import Clock
 from gateway.config.model import CallerIdentity, Settings, StoreConfig
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.plan import Plan
-from gateway.domain.pricing import Charge
+from gateway.domain.pricing import Charge, Usage
 from gateway.domain.request import ProxyRequest
 from gateway.domain.worst_case import WorstCase, worst_case
 from gateway.errors import StoreError
@@ -81,9 +80,7 @@ class BudgetEngine:
         if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        slots = self._slots.slots(match, now, self.config.lease_s)
-        if match.per_user:                         # never spareable: reserved directly, below
-            slots = user_slots(slots, req.user)
+        slots = self._slots.slots(match, now, self.config.lease_s, req.user)   # per_user: never spareable
         ahead = self._ahead
         if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
             return await self._reserve_direct(request_id, plan, match, slots, worst, now)
@@ -149,9 +146,7 @@ class BudgetEngine:
         match = self._slots.match(settings, caller, cheaper.model, cheaper)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
-        slots = self._slots.slots(match, now, self.config.lease_s)
-        if match.per_user:
-            slots = user_slots(slots, req.user)
+        slots = self._slots.slots(match, now, self.config.lease_s, req.user)
         lines = tuple(slot.line(worst.amount) for slot in slots)
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
@@ -178,10 +173,36 @@ class BudgetEngine:
             return self._calls.spawn(self._outage.settle_locally(reservation.held_as, reservation.lines, charge, entry))
         return self._settlements.start(reservation, charge, entry, facts.provider if facts is not None else None)
 
+    async def reserve_hit(self, request_id: str, settings: Settings, caller: CallerIdentity,
+                          plan: Plan, user: str | None = None) -> Reservation | None:
+        """Hold a cache hit as one request on its policies' request-rate windows and in-flight counters (see
+        hit_slots), or raise RateLimited; None when none limits it, or the store is out (fail_open)."""
+        match = self._slots.match(settings, caller, plan.model, plan)
+        if not match.rated or self.store is None:
+            return None
+        now = self.clock.now()
+        self._slots.slots(match, now, self.config.lease_s)
+        slots = hit_slots(match, user)
+        if not slots:
+            return None
+        lines = tuple([slot.line(_ONE_REQUEST) for slot in slots])
+        outcome = await self._outage.reserve(request_id, lines, now)
+        if outcome is None:
+            return None
+        if not outcome.ok:
+            raise rate_limited(slots[outcome.refused_index or 0], outcome, now)
+        return Reservation(request_id, plan, _NO_COST, lines, False, None, caller, match.names, None,
+                           rate_headers(slots, outcome.used, now))
+
     def file_cache_hit(self, settings: Settings, caller: CallerIdentity, request_id: str, facts: LedgerFacts,
-                       saved_nano: int) -> tuple[str, ...]:
-        """Ledger a request answered from the response cache: nothing reserved or spent, only its row, written
-        in the background (lost, not journaled, if the store fails: it moves no counter). Its policies."""
+                       saved_nano: int, held: Reservation | None = None) -> tuple[str, ...]:
+        """Ledger a request answered from the response cache, settling what `reserve_hit` held as one request
+        of no cost; else only its row, written in the background (lost, not journaled, if the store fails: it
+        moves no counter). Its policies."""
+        if held is not None:
+            entry = cache_hit_entry(request_id, caller, held.policies, facts, saved_nano, self.clock.now())
+            self._settlements.start(held, _ONE_REQUEST, entry)
+            return held.policies
         match = self._slots.match(settings, caller, facts.requested_model or "")
         if match.policies and self.store is not None:
             entry = cache_hit_entry(request_id, caller, match.names, facts, saved_nano, self.clock.now())
@@ -223,6 +244,10 @@ class BudgetEngine:
         await self._calls.wind_down()
         if self.store is not None:
             await self.store.close()
+
+
+_ONE_REQUEST = Charge(0, 0, 1)                     # what a cache hit holds and is charged
+_NO_COST = WorstCase(Usage(), _ONE_REQUEST)
 
 
 def _retrieved(call: asyncio.Future[Any]) -> None:

@@ -15,12 +15,13 @@ from gateway.budget.matching import matching_policies
 from gateway.budget.rate_slots import RateSlot, each_value, provider_slots, rate_slots
 from gateway.budget.rate_windows import with_each
 from gateway.budget.store import CounterKey, Limits, ReserveLine
+from gateway.budget.user_slots import user_slots
 from gateway.budget.windows import Window, WindowCache
 from gateway.config.model import BudgetLimit, CallerIdentity, Policy, ProviderConfig, Settings
 from gateway.domain.plan import Plan
 from gateway.domain.pricing import Charge, usd_to_nano
 
-__all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of"]
+__all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of", "hit_slots"]
 
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
 USER_KEY_GRACE_S = 3_600    # a per-user counter only as long as replicas' clocks may disagree (user_slots)
@@ -79,13 +80,14 @@ class Match:
     """
 
     __slots__ = ("policies", "names", "slots", "since", "until", "caller", "model", "providers", "rated",
-                 "need_group", "spareable", "per_user")
+                 "need_group", "spareable", "hits", "per_user")
 
     def __init__(self, policies: list[Policy], caller: CallerIdentity | None = None, model: str = "",
                  providers: Sequence[ProviderConfig] = ()) -> None:
         self.policies = policies
         self.names = tuple(dict.fromkeys(policy.name for policy in policies))
         self.slots: tuple[Slot, ...] = ()
+        self.hits: tuple[tuple[Slot, ...], tuple[RateSlot, ...]] | None = None   # see hit_slots
         self.since = self.until = 0.0
         self.caller, self.model = caller, model
         self.providers = providers if any(provider.rate_limits for provider in providers) else ()
@@ -122,8 +124,9 @@ class SlotCache:
                                                            caller, model, providers)
         return match
 
-    def slots(self, match: Match, now: float, lease_s: float = 0.0) -> tuple[Slot, ...]:
-        """The match's slots in the windows holding `now`: budgets, then rate windows, then providers'."""
+    def slots(self, match: Match, now: float, lease_s: float = 0.0, user: str | None = None) -> tuple[Slot, ...]:
+        """The match's slots in the windows holding `now`: budgets, then rate windows, then providers'; those of
+        `each: user` policies named for `user` (see gateway.budget.user_slots)."""
         if not match.since <= now < match.until:
             budgets = budget_slots(match.policies, now, self._windows, match.caller, match.model)
             windows = [slot.window for slot in budgets]
@@ -137,4 +140,16 @@ class SlotCache:
                 match.until = min([match.until, *(slot.until for slot in rates)]) if windows else \
                     min(slot.until for slot in rates)
                 match.slots = (*budgets, *rates)
-        return match.slots
+        return match.slots if not match.per_user else user_slots(match.slots, user)
+
+
+def hit_slots(match: Match, user: str | None = None) -> tuple[RateSlot, ...]:
+    """The slots a cache hit counts on (of `match.slots`): its policies' request-rate windows and in-flight
+    counters (of `user`, for `each: user` policies); not budgets, token windows nor providers' limits (a hit
+    costs nothing and calls no provider)."""
+    cached = match.hits
+    if cached is None or cached[0] is not match.slots:
+        counted = tuple([slot for slot in match.slots if isinstance(slot, RateSlot) and slot.provider is None
+                         and (slot.limit is None or slot.limit.requests is not None)])
+        cached = match.hits = (match.slots, counted)
+    return cached[1] if not match.per_user else user_slots(cached[1], user)

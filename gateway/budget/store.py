@@ -180,6 +180,9 @@ class LedgerEntry(NamedTuple):
     requested_model: str | None = None
     usage_estimated: bool = False            # charged on the gateway's count or bound, not the upstream's usage
     saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
+    endpoint: str | None = None              # chat, completions, embeddings, responses, messages (None: unknown,
+                                             # as in rows filed before it was recorded and lease_expired rows)
+    cache_write_tokens: int = 0              # of prompt_tokens, written to the provider's prompt cache
     user: str | None = None                  # the end user the request was made for (OpenAI `user` or header)
     session: str | None = None               # the x-gateway-session it belongs to
 

@@ -1,10 +1,11 @@
-"""The spend ledger summed per model, key, team, policy, provider, end user or session (GET /v1/budget/usage).
+"""The spend ledger summed per model, key, team, policy, provider, endpoint, end user or session
+(GET /v1/budget/usage).
 
 Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
-requests (so only its own end users and sessions), and grouped by policy only the policies that apply to it. `requests` counts charged
-requests (a failed request costs nothing and is not counted); `cache_hits` counts requests answered
-from the response cache and `saved_usd` what their answers cost when bought; a row with several
-policies counts once in each of its policy groups and once in the total.
+requests (so only its own end users and sessions), and grouped by policy only the policies that apply to
+it. `requests` counts charged requests (a failed request costs nothing and is not counted); `cache_hits`
+counts requests answered from the response cache and `saved_usd` what their answers cost when bought; a
+row with several policies counts once in each of its policy groups and once in the total.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from gateway.errors import InvalidRequest
 __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "GroupBy",
            "NOW_INCLUDED_S"]
 
-GroupBy = Literal["model", "key", "team", "policy", "provider", "user", "session"]
-GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider", "user", "session")
+GroupBy = Literal["model", "key", "team", "policy", "provider", "endpoint", "user", "session"]
+GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider", "endpoint", "user", "session")
 NOW_INCLUDED_S = 0.001   # the default `until` is exclusive: one ledger tick past now
 MAX_INSTANT_S = 2**33    # epoch seconds (the year 2242): later times are refused, not overflowed
 _FIELDS: dict[str, Callable[[LedgerEntry], str | None]] = {
     "model": lambda entry: entry.model, "key": lambda entry: entry.caller, "team": lambda entry: entry.team,
-    "provider": lambda entry: entry.provider, "user": lambda entry: entry.user,
-    "session": lambda entry: entry.session,
+    "provider": lambda entry: entry.provider, "endpoint": lambda entry: entry.endpoint,
+    "user": lambda entry: entry.user, "session": lambda entry: entry.session,
 }
 
 
@@ -44,6 +45,7 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_nano: int = 0
     cache_hits: int = 0
     saved_nano: int = 0
@@ -58,13 +60,14 @@ class Totals:
         self.prompt_tokens += entry.prompt_tokens
         self.completion_tokens += entry.completion_tokens
         self.cached_tokens += entry.cached_tokens
+        self.cache_write_tokens += entry.cache_write_tokens
         self.cost_nano += entry.cost_nano
 
     def as_json(self) -> dict[str, Any]:
         """Token counts as integers, cost and savings as exact decimal strings of USD."""
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
-                "cost_usd": format_usd(self.cost_nano), "cache_hits": self.cache_hits,
+                "cache_write_tokens": self.cache_write_tokens, "cost_usd": format_usd(self.cost_nano), "cache_hits": self.cache_hits,
                 "saved_usd": format_usd(self.saved_nano)}
 
 

@@ -10,14 +10,19 @@ so the store holds counters of the users active in the current windows only.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.budget.rate_windows import with_each
-from gateway.budget.slots import Slot
+from gateway.budget.rate_slots import RateSlot
 from gateway.config.model import Policy
 from gateway.errors import InvalidRequest
 
 __all__ = ["ANONYMOUS", "user_slots", "user_value"]
 
+if TYPE_CHECKING:
+    from gateway.budget.slots import BudgetSlot
+
+S = TypeVar("S", bound="BudgetSlot | RateSlot")
 ANONYMOUS = "anonymous"       # `without_user: anonymous`: requests without an end user share this one
 
 
@@ -31,13 +36,13 @@ def user_value(policy: Policy, user: str | None) -> str:
                          "'x-gateway-user' header.", code="end_user_required", param="user")
 
 
-def user_slots(slots: tuple[Slot, ...], user: str | None) -> tuple[Slot, ...]:
+def user_slots(slots: tuple[S, ...], user: str | None) -> tuple[S, ...]:
     """`slots` with the counters of `each: user` policies named for `user`."""
     return tuple([_for_user(slot, user) if slot.policy is not None and slot.policy.each == "user" else slot
                   for slot in slots])
 
 
-def _for_user(slot: Slot, user: str | None) -> Slot:
+def _for_user(slot: S, user: str | None) -> S:
     assert slot.policy is not None
     counter = slot.counter
     value = user_value(slot.policy, user)

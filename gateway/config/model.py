@@ -33,10 +33,13 @@ __all__ = [
     "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "RateLimit", "AlertConfig", "Downgrade",
     "Policy",
     "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
-    "LOCAL_CALLER", "ADMIN_CALLER",
+    "LOCAL_CALLER", "ADMIN_CALLER", "Api", "DEFAULT_APIS",
 ]
 
 Handler = Callable[[Any], Any]
+Api = Literal["openai-chat", "openai-responses", "anthropic-messages"]
+"""A wire API a provider serves: OpenAI's chat/completions/embeddings, OpenAI's Responses, Anthropic's Messages."""
+DEFAULT_APIS: tuple[Api, ...] = ("openai-chat",)
 _PLAINTEXT_KEYS = {"admin_key": "admin_key_sha256", "metrics_key": "metrics_key_sha256"}
 
 
@@ -166,7 +169,7 @@ class ProviderTimeouts:
 
 @dataclass(frozen=True, config=STRICT)
 class ProviderConfig:
-    """An OpenAI-compatible upstream. `api_key` comes from the environment; never log it."""
+    """An upstream serving the wire APIs in `apis`. `api_key` comes from the environment; never log it."""
 
     base_url: HttpUrl
     """Ends before /chat/completions, e.g. https://api.openai.com/v1."""
@@ -179,6 +182,9 @@ class ProviderConfig:
     """A larger non-streamed answer is a 502; below 1024 even a short answer would be refused."""
     rate_limits: RateLimits = ()
     """The provider's own quota across all replicas: at its limit it is skipped, like an open breaker."""
+    apis: Annotated[tuple[Api, ...], Field(min_length=1)] = DEFAULT_APIS
+    """The wire APIs it serves; an endpoint is routed only to providers that serve its API (default: openai-chat,
+    i.e. /chat/completions, /completions and /embeddings; /responses only when listed)."""
     name: SkipJsonSchema[str] = Field(default="", kw_only=True)
     """Its key under `providers`."""
 
@@ -200,15 +206,27 @@ class ModelPrice:
     """None: cached tokens cost the input price."""
     max_output_tokens: int = Field(default=4096, ge=0)
     """Worst case reserved when a request has no max_tokens."""
+    cache_write: Money | None = None
+    """Prompt tokens written to a provider's prompt cache (Anthropic's cache_creation_input_tokens); None: the
+    input price."""
 
     @cached_property
-    def whole_nano_per_token(self) -> tuple[int, int, int] | None:
-        """(input, cached input, output) in nano-USD per token when all three are whole numbers."""
-        cached = self.input if self.cached_input is None else self.cached_input
-        rates = [rate * 1000 for rate in (self.input, cached, self.output)]   # USD/1M tokens -> nano-USD/token
-        if any(rate != rate.to_integral_value() for rate in rates):
+    def whole_nano_per_token(self) -> tuple[int, int, int, int] | None:
+        """(input, cached input, output, cache write) in nano-USD per token when all four are whole numbers."""
+        rates = [rate * 1000 for rate in (self.input, self.cached_rate, self.output, self.cache_write_rate)]
+        if any(rate != rate.to_integral_value() for rate in rates):   # (USD/1M tokens -> nano-USD/token)
             return None
-        return int(rates[0]), int(rates[1]), int(rates[2])
+        return int(rates[0]), int(rates[1]), int(rates[2]), int(rates[3])
+
+    @property
+    def cached_rate(self) -> Decimal:
+        """USD per 1M cached prompt tokens (cache reads)."""
+        return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def cache_write_rate(self) -> Decimal:
+        """USD per 1M prompt tokens written to the provider's cache."""
+        return self.input if self.cache_write is None else self.cache_write
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -1,7 +1,7 @@
 """The end user and session a request is made for: the application's own user, not the calling key.
 
-The end user is the OpenAI `user` field of the body, or the `x-gateway-user` header when it is set (the
-header wins: a proxy in front of the application may know the user better than the body says); the
+The end user is the OpenAI `user` field of the body (on /v1/messages Anthropic's `metadata.user_id`), or the
+`x-gateway-user` header when it is set (the header wins: a proxy in front of the application may know the user better than the body says); the
 session is the `x-gateway-session` header. Both are checked here (a string of 1 to MAX_ID_CHARS
 printable characters) and then only stored in the ledger and counted by `each: user` policies: never a
 metric label.
@@ -31,9 +31,14 @@ def checked_id(value: Any, param: str) -> str | None:
     return value
 
 
-def end_user(payload: dict[str, Any], user_header: str | None) -> str | None:
-    """The request's end user: the header when set, else the body's `user` (both checked)."""
+def end_user(payload: dict[str, Any], user_header: str | None, messages: bool = False) -> str | None:
+    """The request's end user: the header when set, else the body's `user` (Anthropic Messages:
+    `metadata.user_id`), both checked."""
     if user_header:
         return checked_id(user_header, USER_HEADER)
+    if messages:
+        metadata = payload.get("metadata")
+        field = metadata.get("user_id") if isinstance(metadata, dict) else None
+        return None if field is None else checked_id(field, "metadata.user_id")
     field = payload.get("user")
     return None if field is None else checked_id(field, "user")

@@ -22,12 +22,17 @@ _NANO_PER_MTOK_UNIT = Decimal(NANO_PER_USD) / Decimal(1_000_000)  # nano-USD per
 
 
 class Usage(NamedTuple):
-    """Tokens used by one response; `estimated` when the gateway counted them itself."""
+    """Tokens used by one response; `estimated` when the gateway counted them itself.
+
+    `prompt_tokens` counts every input token: `cached_tokens` (read from the provider's prompt cache) and
+    `cache_write_tokens` (written to it, Anthropic) are parts of it, priced at their own rates.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     estimated: bool = False
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -66,19 +71,24 @@ def format_usd(nano: int) -> str:
 
 
 def cost_nano(price: ModelPrice, usage: Usage) -> int:
-    """Cost of `usage` at `price` in nano-USD; cached prompt tokens are billed at the cached price.
+    """Cost of `usage` at `price` in nano-USD; cached prompt tokens are billed at the cached price, prompt
+    tokens written to the provider's cache at the cache-write price.
 
     Prices of at most three decimals per 1M tokens (nearly all) cost whole nano-USD per token, so
     integers give the exact cost; finer prices take the Decimal path and round up.
     """
     cached = min(usage.cached_tokens, usage.prompt_tokens)
+    written = usage.cache_write_tokens
+    if written:
+        written = min(written, usage.prompt_tokens - cached)
     rates = price.whole_nano_per_token
     if rates is not None:
-        return (usage.prompt_tokens - cached) * rates[0] + cached * rates[1] + usage.completion_tokens * rates[2]
-    cached_price = price.input if price.cached_input is None else price.cached_input
+        cost = (usage.prompt_tokens - cached) * rates[0] + cached * rates[1] + usage.completion_tokens * rates[2]
+        return cost + written * (rates[3] - rates[0]) if written else cost
     per_million = (
-        (usage.prompt_tokens - cached) * price.input
-        + cached * cached_price
+        (usage.prompt_tokens - cached - written) * price.input
+        + cached * price.cached_rate
+        + written * price.cache_write_rate
         + usage.completion_tokens * price.output
     )
     return int((per_million * _NANO_PER_MTOK_UNIT).to_integral_value(rounding=ROUND_CEILING))

@@ -17,6 +17,7 @@ from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
 from gateway.errors import InvalidRequest
 
 __all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "MAX_TOKENS_LIMIT", "parse_request", "upstream_body",
+           "parse_payload", "forwarded_body", "optional_int", "check_types",
            "media_type_of"]
 
 MAX_TOKENS_LIMIT = 2**31 - 1     # the largest max_tokens passed on (OpenAI's own limit is an int32)
@@ -26,9 +27,10 @@ MAX_TOKENS_LIMIT = 2**31 - 1     # the largest max_tokens passed on (OpenAI's ow
 class Endpoint:
     """An OpenAI endpoint the gateway forwards."""
 
-    kind: str            # chat | completions | embeddings
+    kind: str            # chat | completions | embeddings | responses | messages (the ledger's `endpoint`)
     path: str            # appended to the provider's base_url
     streams: bool        # whether `"stream": true` is allowed
+    api: str = "openai-chat"   # the wire API it speaks (a provider's `apis` entry)
 
 
 ENDPOINTS = {
@@ -73,7 +75,7 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _forwarded_body(payload: dict[str, Any]) -> bytes:
+def forwarded_body(payload: dict[str, Any]) -> bytes:
     """The payload encoded for the upstream; 400 when it is nested too deeply to encode (orjson: 254 levels)."""
     try:
         return orjson.dumps(payload)
@@ -81,7 +83,7 @@ def _forwarded_body(payload: dict[str, Any]) -> bytes:
         raise InvalidRequest("The request body is nested too deeply.") from None
 
 
-def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
+def optional_int(payload: dict[str, Any], *names: str) -> int | None:
     """The first of `names` given, checked to be an integer from 0 to MAX_TOKENS_LIMIT."""
     for name in names:
         value = payload.get(name)
@@ -93,7 +95,7 @@ def _optional_int(payload: dict[str, Any], *names: str) -> int | None:
     return None
 
 
-def _check_types(payload: dict[str, Any]) -> None:
+def check_types(payload: dict[str, Any]) -> None:
     """400 for a `stream` that is not a boolean, `stream_options` not an object, `n`/`best_of` not >= 1."""
     if payload.get("stream") is not None and not isinstance(payload["stream"], bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
@@ -113,23 +115,23 @@ def parse_request(endpoint: Endpoint, body: bytes, user_header: str | None = Non
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter.", param="model")
-    _check_types(payload)
+    check_types(payload)
     stream = payload.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequest(f"Streaming is not supported on {endpoint.path}.", param="stream")
     options = payload.get("stream_options")
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    max_tokens = _optional_int(payload, "max_completion_tokens", "max_tokens")
+    max_tokens = optional_int(payload, "max_completion_tokens", "max_tokens")
     user = end_user(payload, user_header)
     session = checked_id(session_header, SESSION_HEADER) if session_header else None
-    return ProxyRequest(endpoint, _forwarded_body(payload), payload, model, stream, wants_usage, max_tokens, user,
+    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, wants_usage, max_tokens, user,
                         session)
 
 
 def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:
     """The bytes to send upstream: `req.body` unless the model or usage option must change.
 
-    Encoding the changed payload cannot fail: `_forwarded_body` encoded it, and the changes add no depth
+    Encoding the changed payload cannot fail: `forwarded_body` encoded it, and the changes add no depth
     past the second level.
     """
     rename = upstream_model is not None and upstream_model != req.model

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from gateway.config.model import Policy
+from gateway.domain.api_requests import MESSAGES, api_prompt_bound
 from gateway.domain.plan import Plan
 from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
 from gateway.domain.request import ProxyRequest
@@ -61,9 +62,18 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
 
 
 def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
-    """The request's bound on any provider of the plan (failover may pick a dearer one)."""
-    prompt, completion = prompt_upper_bound(req.payload), output_cap(req, plan, policies)
+    """The request's bound on any provider of the plan (failover may pick a dearer one).
+
+    On /v1/messages every prompt token may be written to the provider's cache, which may cost more than input.
+    """
+    chat = req.endpoint.api == "openai-chat"
+    prompt = prompt_upper_bound(req.payload) if chat else api_prompt_bound(req)
+    completion = output_cap(req, plan, policies)
     usage = Usage(prompt, completion, 0, True)   # estimated
     prices = plan.prices
-    dearest = cost_nano(prices[0], usage) if len(prices) == 1 else max(cost_nano(price, usage) for price in prices)
+    if chat and len(prices) == 1:
+        dearest = cost_nano(prices[0], usage)
+    else:
+        usages = (usage, usage._replace(cache_write_tokens=prompt)) if req.endpoint is MESSAGES else (usage,)
+        dearest = max(cost_nano(price, each) for price in prices for each in usages)
     return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -10,9 +11,12 @@ from gateway.config.digest import key_digest
 from gateway.config.model import ADMIN_CALLER, LOCAL_CALLER, CallerIdentity, Settings
 from gateway.errors import Unauthorized
 
-__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "token_digest", "authenticate", "KnownTokens"]
+__all__ = ["LOCAL_CALLER", "ADMIN_CALLER", "key_digest", "token_digest", "authenticate", "KnownTokens",
+           "TokenReader", "bearer_token", "anthropic_token"]
 
 MAX_KNOWN_TOKENS = 1024
+TokenReader = Callable[[web.Request], "str | None"]
+"""Where an endpoint's clients send their key."""
 
 
 def token_digest(token: str) -> str | None:
@@ -30,6 +34,15 @@ def bearer_token(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def anthropic_token(request: web.Request) -> str | None:
+    """The key an Anthropic client sends: `x-api-key`, else an `Authorization: Bearer` token."""
+    key = request.headers.get("x-api-key", "").strip()
+    return key or bearer_token(request)
+
+
+_HOW_TO_SEND: dict[TokenReader, str] = {anthropic_token: "'x-api-key: <key>' or 'Authorization: Bearer <key>'"}
 
 
 def identify(settings: Settings, token: str | None) -> CallerIdentity | None:
@@ -75,14 +88,15 @@ class KnownTokens:
         return caller
 
 
-def authenticate(request: web.Request, settings: Settings, known: KnownTokens | None = None) -> CallerIdentity:
-    """The caller of `request`; raises Unauthorized for a missing or unknown key."""
-    token = bearer_token(request)
+def authenticate(request: web.Request, settings: Settings, known: KnownTokens | None = None,
+                 read_token: TokenReader = bearer_token) -> CallerIdentity:
+    """The caller of `request` (its key where `read_token` finds it); raises Unauthorized for a missing or unknown key."""
+    token = read_token(request)
     caller = identify(settings, token) if known is None else known.identify(settings, token)
     if caller is not None:
         return caller
     if settings.server.auth == "none":
         return LOCAL_CALLER
     if token is None:
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        raise Unauthorized(f"Missing API key: send {_HOW_TO_SEND.get(read_token, repr('Authorization: Bearer <key>'))}.")
     raise Unauthorized("Incorrect API key provided.")

@@ -73,7 +73,7 @@ def _iso(epoch_s: float) -> str:
 
 
 async def budget_usage(request: web.Request) -> web.Response:
-    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider|user|session."""
+    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider|endpoint|user|session."""
     settings = request.app[CONFIG].current
     caller = authenticate(request, settings)
     engine = request.app[BUDGET]

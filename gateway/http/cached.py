@@ -1,5 +1,6 @@
 """The response cache in the request path: looked up before any budget is reserved, a hit served from it
-(no upstream call, no budget touched: a ledger row saying what it saved), an answer kept once delivered whole.
+(no upstream call, no budget or token window charged, one request in request-rate windows and in-flight
+counters, a ledger row saying what it saved), an answer kept once delivered whole.
 
     kept     a 200 answer delivered whole, charged on the upstream's own usage, of the model the client
              asked for (not a downgrade), not a refusal, within cache.max_entry_bytes
@@ -17,6 +18,7 @@ from gateway.cache.assemble import StreamAssembler, storable_answer
 from gateway.cache.service import ERROR, Lookup, ResponseCache
 from gateway.config.model import CacheConfig, CallerIdentity, Settings
 from gateway.domain.ledger_facts import LedgerFacts
+from gateway.domain.plan import Plan
 from gateway.domain.pricing import Usage
 from gateway.domain.request import ProxyRequest
 from gateway.http.middleware import RECORD
@@ -45,29 +47,38 @@ def cache_header(result: str) -> str:
 
 
 async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, settings: Settings,
-                    caller: CallerIdentity, now: float) -> web.StreamResponse:
-    """Answer from the cache: the whole answer, or its SSE events; then ledger what it saved."""
+                    caller: CallerIdentity, plan: Plan, now: float) -> web.StreamResponse:
+    """Answer from the cache (counted as one request by request-rate limits): the whole answer, or its SSE
+    events; then ledger what it saved."""
     record, entry = request[RECORD], lookup.entry
     assert entry is not None
+    held = await budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
     record.cost_nano, record.saved_nano = 0, entry.cost_nano
     headers = {"x-gateway-cache": "hit", "age": str(entry.age(now)), "x-request-id": record.request_id}
+    if held is not None and held.headers is not None:
+        headers |= held.headers
+    try:
+        return await _send_hit(request, lookup, entry.body, headers)
+    finally:
+        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
+                            record.user, record.session)
+        record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
+
+
+async def _send_hit(request: web.Request, lookup: Lookup, body: bytes, headers: dict[str, str]
+                    ) -> web.StreamResponse:
+    """Send the cached answer whole, or as its SSE events: its head and body in one write (a web.Response
+    holds its head back for its body; a StreamResponse would send them apart, a second system call)."""
     if lookup.events is None:
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json", **headers})
-        response.content_length = len(entry.body)
-        body = entry.body
+        response = web.Response(body=body, headers=headers, content_type="application/json")
     else:
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
-        body = lookup.events
+        response = web.Response(body=lookup.events, headers={"Cache-Control": "no-cache", **headers},
+                                content_type="text/event-stream")
     try:
         await response.prepare(request)
-        await response.write(body)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        record.error = "client_disconnected"     # what was sent cost nothing either way
-    facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.user,
-                        record.session)
-    record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano)
+        request[RECORD].error = "client_disconnected"     # what was sent cost nothing either way
     return response
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, RateLimited, error_body
+from gateway.http.api_errors import shaped_for
 from gateway.observability.access_log import AccessLog, AccessRecord
 
 if TYPE_CHECKING:
@@ -37,22 +38,22 @@ def _new_request_id() -> str:
     return _ids.getrandbits(128).to_bytes(16, "big").hex()
 
 
-def error_response(error: GatewayError) -> web.Response:
-    """The JSON response for a gateway error."""
-    return web.Response(body=orjson.dumps(error.body()), status=error.status,
+def error_response(error: GatewayError, path: str = "") -> web.Response:
+    """The JSON response for a gateway error, in the shape of the API at `path` (OpenAI's by default)."""
+    return web.Response(body=orjson.dumps(shaped_for(path, error.status, error.body())), status=error.status,
                         content_type="application/json", headers=error.headers)
 
 
-def _unexpected() -> web.Response:
+def _unexpected(path: str) -> web.Response:
     body = error_body("The gateway hit an internal error.", "server_error", "internal_error")
-    return web.Response(body=orjson.dumps(body), status=500, content_type="application/json")
+    return web.Response(body=orjson.dumps(shaped_for(path, 500, body)), status=500, content_type="application/json")
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
-    """aiohttp's own refusals (unknown path, wrong method) in OpenAI's shape."""
+def _http_error(exc: web.HTTPException, path: str) -> web.Response:
+    """aiohttp's own refusals (unknown path, wrong method) in the shape of the API at `path`."""
     code = "not_found" if exc.status == 404 else None
-    return web.Response(body=orjson.dumps(error_body(exc.reason, "invalid_request_error", code)),
-                        status=exc.status, content_type="application/json")
+    body = shaped_for(path, exc.status, error_body(exc.reason, "invalid_request_error", code))
+    return web.Response(body=orjson.dumps(body), status=exc.status, content_type="application/json")
 
 
 def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middleware:
@@ -70,17 +71,17 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
         except GatewayError as exc:
             record.error = exc.code
             refusal = exc if isinstance(exc, (BudgetExceeded, RateLimited)) else None
-            response = error_response(exc)
+            response = error_response(exc, request.path)
         except web.HTTPRequestEntityTooLarge:
             record.error = "request_too_large"
-            response = error_response(PayloadTooLarge("Request body is over the size limit."))
+            response = error_response(PayloadTooLarge("Request body is over the size limit."), request.path)
         except web.HTTPException as exc:
             record.error = exc.reason
-            response = _http_error(exc)
+            response = _http_error(exc, request.path)
         except Exception:
             log.exception("unhandled error serving request %s", record.request_id)
             record.error = "internal_error"
-            response = _unexpected()
+            response = _unexpected(request.path)
         finally:
             metrics.requests_in_flight -= 1
         record.status = response.status

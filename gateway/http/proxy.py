@@ -14,12 +14,13 @@ from gateway.budget.reservation import Downgrade, Reservation
 from gateway.cache.service import ResponseCache
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import CallerIdentity, Settings
+from gateway.domain.api_requests import API_ENDPOINTS
 from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
 from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
 from gateway.http.appkeys import BUDGET, CACHE, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE, ROUTER
-from gateway.http.auth import KnownTokens, authenticate
+from gateway.http.auth import KnownTokens, TokenReader, anthropic_token, authenticate, bearer_token
 from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
@@ -27,6 +28,7 @@ from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.routing.canary_runs import latency_of
 from gateway.routing.router import RouteChoice, Router
+from gateway.upstream.api_streams import DIALECTS
 from gateway.upstream.charging import Bill, Delivery, bill_for
 from gateway.upstream.dispatch import dispatch
 from gateway.upstream.open_streams import OpenStreams
@@ -60,11 +62,13 @@ class Proxy:
         return self.app[PROVIDERS]
 
 
-async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> web.StreamResponse:
+async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
+                read_token: TokenReader = bearer_token) -> web.StreamResponse:
     """caller -> request -> route -> cache -> reserve -> providers -> relay -> settle (-> cache)."""
     record = request[RECORD]
+    record.endpoint = endpoint.kind
     settings = proxy.config.current
-    caller = authenticate(request, settings, proxy.tokens)
+    caller = authenticate(request, settings, proxy.tokens, read_token)
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
     record.model = record.requested_model = req.model
@@ -72,12 +76,14 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy) -> we
     record.user, record.session = req.user, req.session
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
-    lookup = await look_up(proxy.cache, settings, caller, req, request) if settings.cache.models else None
+    # (the cache stores and replays chat answers: the other APIs are not cached yet)
+    cached = settings.cache.models and endpoint.api == "openai-chat"
+    lookup = await look_up(proxy.cache, settings, caller, req, request) if cached else None
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
     if lookup.entry is not None:
-        # no budget or rate window is reserved or charged: request-rate limits should count a hit here (not yet)
-        return await serve_hit(request, lookup, proxy.budget, settings, caller, proxy.cache.clock.now())
+        return await serve_hit(request, lookup, proxy.budget, settings, caller, choice.plan,
+                               proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
         return await forward(request, proxy, settings, caller, req, choice, delivery)
@@ -91,7 +97,7 @@ async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller
     record, plan = request[RECORD], choice.plan
     reservation = await proxy.budget.reserve(record.request_id, settings, caller, plan, req)
     if isinstance(reservation, Downgrade):   # refused by a policy that serves a cheaper model instead
-        cheaper = proxy.router.plans.plan_for(settings, reservation.model)
+        cheaper = proxy.router.plan_for(settings, reservation.model, req.endpoint)
         reservation = await proxy.budget.reserve_downgraded(record.request_id, settings, caller, cheaper, req,
                                                             reservation)
     record.policies, record.downgraded_from = reservation.policies, reservation.downgraded_from
@@ -135,7 +141,8 @@ async def respond(request: web.Request, req: ProxyRequest, delivery: Delivery, p
     try:
         if not (req.stream and reply.response.status == 200 and is_event_stream(reply.response)):
             response, delivery.usage = await relay_json(reply.response, redactor, served_by,
-                                                        reply.provider_config.max_response_bytes)
+                                                        reply.provider_config.max_response_bytes,
+                                                        DIALECTS[req.endpoint.api])
             delivery.body = response.body if isinstance(response.body, bytes) else None
             await send_now(request, response)
             return response
@@ -170,7 +177,8 @@ async def relay_to_client(request: web.Request, req: ProxyRequest, outcome: Stre
     """Relay the stream; once its first byte is out, a failure can only end it, never replace it."""
     record = request[RECORD]
     try:
-        await relay_stream(upstream, client, req.wants_usage, providers.redactor, outcome)
+        await relay_stream(upstream, client, req.wants_usage, providers.redactor, outcome,
+                           DIALECTS[req.endpoint.api])
         if not outcome.client_gone:
             await client.write_eof()
     except Exception:
@@ -193,7 +201,7 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
         if bill.unknown is not None:
             _warn_unknown(record, bill)
     facts = LedgerFacts(record.model, record.requested_model, record.provider, record.attempts, record.usage,
-                        record.started, record.user, record.session)
+                        record.started, record.endpoint, record.user, record.session)
     budget.settle(reservation, bill.charge if bill else None, facts)
 
 
@@ -212,9 +220,12 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 
 def add_proxy_routes(app: web.Application) -> None:
-    """Register the forwarded OpenAI endpoints."""
+    """Register the forwarded endpoints: OpenAI's chat, completions, embeddings and Responses, Anthropic's Messages."""
     proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS],
                   app[CACHE])
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))
+    app.router.add_post("/v1/responses", functools.partial(serve, endpoint=API_ENDPOINTS["responses"], proxy=proxy))
+    app.router.add_post("/v1/messages", functools.partial(serve, endpoint=API_ENDPOINTS["messages"], proxy=proxy,
+                                                          read_token=anthropic_token))

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.config.model import ServerConfig
+from gateway.domain.api_requests import parse_api_request
 from gateway.domain.end_user import SESSION_HEADER, USER_HEADER
 from gateway.domain.request import Endpoint, ProxyRequest, media_type_of, parse_request
 from gateway.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
@@ -37,4 +38,7 @@ async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: S
     """Read and check a client request for `endpoint` (with its end user and session, see domain.end_user)."""
     body = await read_body(request, server.max_body_bytes, server.client_timeout_s)
     headers = request.headers
-    return parse_request(endpoint, body, headers.get(USER_HEADER), headers.get(SESSION_HEADER))
+    user, session = headers.get(USER_HEADER), headers.get(SESSION_HEADER)
+    if endpoint.api == "openai-chat":
+        return parse_request(endpoint, body, user, session)
+    return parse_api_request(endpoint, body, user, session)

@@ -40,6 +40,7 @@ class AccessRecord:
     cache: str | None = None                 # the response cache's lookup: hit, miss, bypass or error
     saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
     rate_skipped: tuple[str, ...] = ()       # providers skipped at their own rate limit
+    endpoint: str | None = None              # the forwarded endpoint's kind (chat, responses, messages, ...)
     user: str | None = None                  # the end user and session: ledgered, not logged (personal data)
     session: str | None = None
 

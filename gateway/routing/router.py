@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 from gateway.config.model import CallerIdentity, Settings
 from gateway.config.routes import Route
 from gateway.domain.plan import Plan, PlanCache, plan_for
-from gateway.domain.request import ProxyRequest
+from gateway.domain.request import Endpoint, ProxyRequest
+from gateway.routing.apis import ApiPlans
 from gateway.routing.rules import Traits, first_match
 from gateway.routing.split import Weights, stable_point
 
@@ -146,6 +147,7 @@ class Router:
         self.counts: ArmCounts = {}
         self._rng = rng or random.Random()
         self.plans = PlanCache()
+        self.apis = ApiPlans()
         self._settings: Settings | None = None
         self._choosers: dict[str, _Chooser] = {}
 
@@ -157,7 +159,15 @@ class Router:
         chooser = self._choosers.get(req.model)
         if chooser is None:
             chooser = self.chooser(settings, req.model)
-        return chooser.choose(caller, req, headers)
+        choice = chooser.choose(caller, req, headers)
+        plan = self.apis.serving(settings, choice.plan, req.endpoint)
+        if plan is choice.plan:
+            return choice
+        return RouteChoice(plan, choice.arm, choice.run, choice.arm_index, choice.step)
+
+    def plan_for(self, settings: Settings, model: str, endpoint: Endpoint) -> Plan:
+        """The plain plan of `model` (a downgrade's), kept to the providers that serve `endpoint`."""
+        return self.apis.serving(settings, self.plans.plan_for(settings, model), endpoint)
 
     def chooser(self, settings: Settings, model: str) -> _Chooser:
         """The chooser of `model` under `settings`, built on first use."""

@@ -4,7 +4,9 @@
     the upstream answered an error status                   -> nothing (providers do not bill errors)
     an answer with the provider's own usage                 -> that usage at the serving model's price
     a stream without (readable) usage: cut off, ended by
-    the gateway, or a quiet or garbled provider             -> prompt bound + one token per output event
+    the gateway, or a quiet or garbled provider             -> prompt bound (or the input the stream reported
+                                                               at its start: Anthropic's message_start) + one
+                                                               token per output event
     an answer whose usage is missing or unreadable          -> the worst case, at the serving model's price
     a client that left while an upstream call was in flight -> the worst case, at the dearest target
 
@@ -76,7 +78,12 @@ def _stream_bill(target: Target, outcome: StreamOutcome, worst: WorstCase) -> Bi
     """A stream's usage chunk, else the estimate of what it relayed (unknown when the upstream garbled it)."""
     if outcome.usage is not None and not outcome.usage_unreadable:
         return _bounded(target, outcome.usage, worst, None)
-    estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+    partial = outcome.partial
+    if partial is None:
+        estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+    else:   # the input side as the upstream counted it
+        estimate = Usage(partial.prompt_tokens, max(partial.completion_tokens, outcome.content_events),
+                         partial.cached_tokens, True, partial.cache_write_tokens)
     unknown: UsageUnknown | None = "unreadable" if outcome.usage_unreadable else \
         "missing" if outcome.complete else None   # a stream cut short has its own error
     return _bounded(target, estimate, worst, unknown)

@@ -206,11 +206,12 @@ async def _send(call: _Call, target: Target) -> aiohttp.ClientResponse:
     try:
         client, remaining = call.pool[target.provider], call.deadline_at - started
         call.provider_config = client.config
+        endpoint = call.req.endpoint
         if remaining > client.head_timeout_s + _TIMEOUT_SLACK_S:
-            response = await client.post(call.req.endpoint.path, body)   # aiohttp times out before the deadline
+            response = await client.post(endpoint.path, body, endpoint.api)   # aiohttp times out before the deadline
         else:
             async with asyncio.timeout(remaining):
-                response = await client.post(call.req.endpoint.path, body)
+                response = await client.post(endpoint.path, body, endpoint.api)
         outcome = str(response.status)
         return response
     except asyncio.TimeoutError as exc:

@@ -22,15 +22,38 @@ from gateway.redact import Redactor
 __all__ = ["ProviderClient", "ProviderPool", "RETIRE_MARGIN_S"]
 
 RETIRE_MARGIN_S = 5.0
+ANTHROPIC_VERSION = "2023-06-01"   # sent on Messages calls unless the provider's `headers` name another
 
 
-def _call_headers(config: ProviderConfig) -> CIMultiDict[str]:
+def _auth(config: ProviderConfig, api: str) -> dict[str, str]:
+    """The key, sent as the API expects it: Anthropic's `x-api-key` (and `anthropic-version`), else a bearer."""
+    if api == "anthropic-messages":
+        configured = {name.lower(): value for name, value in config.headers}
+        return {"x-api-key": config.api_key,
+                "anthropic-version": configured.get("anthropic-version", ANTHROPIC_VERSION)}
+    return {"Authorization": f"Bearer {config.api_key}"}
+
+
+def _call_headers(config: ProviderConfig, auth: dict[str, str]) -> CIMultiDict[str]:
     """The headers of every call, merged as aiohttp merges per-call headers, once instead of per call."""
     headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in {**dict(config.headers), "Content-Type": "application/json",
-                        "Authorization": f"Bearer {config.api_key}"}.items():
+    for name, value in {**dict(config.headers), "Content-Type": "application/json", **auth}.items():
         headers[name] = value
     return headers
+
+
+def _styles(config: ProviderConfig) -> tuple[CIMultiDict[str] | None, dict[str, CIMultiDict[str]]]:
+    """The session's headers and, for a provider whose APIs differ in auth style, each API's own per call.
+
+    A provider of one style has its headers on the session (a call passes none, so aiohttp merges none); one
+    serving both styles has none on the session, and each call passes its API's whole set, so no call carries
+    the key twice or in the other API's header.
+    """
+    styles = {api: _auth(config, api) for api in config.apis}
+    first = styles[config.apis[0]]
+    if all(auth == first for auth in styles.values()):
+        return _call_headers(config, first), {}
+    return None, {api: _call_headers(config, auth) for api, auth in styles.items()}
 
 
 class ProviderClient:
@@ -39,12 +62,13 @@ class ProviderClient:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
         timeouts = config.timeouts
+        session_headers, self._headers = _styles(config)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
                 total=timeouts.total_s, connect=timeouts.connect_s, sock_read=timeouts.read_s),
             raise_for_status=False,
-            headers=_call_headers(config),
+            headers=session_headers,
             # No cookie jar: a provider's cookies must not ride along on other clients' calls (nor cost a
             # jar lookup on every call).
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -67,13 +91,16 @@ class ProviderClient:
             url = self._urls[path] = URL(self.config.base_url.rstrip("/") + path)
         return url
 
-    def post(self, path: str, body: bytes) -> Awaitable[aiohttp.ClientResponse]:
-        """POST `body` to the provider (await it); the caller must release the response.
+    def post(self, path: str, body: bytes, api: str = "openai-chat") -> Awaitable[aiohttp.ClientResponse]:
+        """POST `body` to the provider (await it), authenticated as `api` expects; the caller must release the
+        response.
 
         A redirect is returned, never followed: aiohttp would send the body and the configured headers
         (all but Authorization) to whatever host it names.
         """
         self.last_used = time.monotonic()   # (asyncio.get_running_loop costs a getpid call on 3.11)
+        if self._headers:
+            return self.session.post(self.url(path), data=body, headers=self._headers[api], allow_redirects=False)
         return self.session.post(self.url(path), data=body, allow_redirects=False)
 
     async def close(self) -> None:

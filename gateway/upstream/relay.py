@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway.domain.request import media_type_of
-from gateway.errors import UpstreamFailure, error_body
+from gateway.errors import UpstreamFailure
 from gateway.redact import Redactor
 from gateway.upstream.bounded import BodyTooLarge, read_bounded
-from gateway.upstream.stream_meter import (
-    STREAM_BUDGET_EXHAUSTED, STREAM_TIMEOUT, STREAM_TRUNCATED, StreamOutcome, admit,
-)
-from gateway.upstream.usage import UNREADABLE, ReadUsage, usage_from
+from gateway.upstream.dialect import CHAT, Dialect
+from gateway.upstream.stream_meter import STREAM_TRUNCATED, StreamOutcome
+from gateway.upstream.usage import UNREADABLE, ReadUsage
 
 __all__ = ["PASSED_HEADERS", "relay_json", "relay_stream", "is_event_stream"]
 
@@ -25,16 +26,6 @@ PASSED_HEADERS = ("Content-Type", "Retry-After", "retry-after-ms", "x-ratelimit-
                   "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                   "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 _PASSED = {name.lower(): name for name in PASSED_HEADERS}
-_ENDINGS = (
-    (STREAM_TRUNCATED, "upstream_error",
-     "The upstream stream ended before it was complete; the answer is truncated."),
-    (STREAM_BUDGET_EXHAUSTED, "budget_exceeded",
-     "The stream reached the output its request reserved (max_tokens x n, else the policy's or the model's "
-     "max_output_tokens); the gateway ended it."),
-    (STREAM_TIMEOUT, "upstream_error", "The stream ran longer than its provider's stream_s; the gateway ended it."),
-)
-_ERROR_EVENTS = {code: b"data: " + orjson.dumps(error_body(message, type_, code)) + b"\n\n"
-                 for code, type_, message in _ENDINGS}
 
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
@@ -52,7 +43,7 @@ def is_event_stream(response: aiohttp.ClientResponse) -> bool:
 
 
 async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra_headers: dict[str, str],
-                     max_bytes: int) -> tuple[web.Response, ReadUsage]:
+                     max_bytes: int, dialect: Dialect = CHAT) -> tuple[web.Response, ReadUsage]:
     """Read the whole upstream answer and build the client's response (plus `extra_headers`), with usage on success.
 
     An answer that cannot be read whole is an UpstreamFailure: 502 when it is over `max_bytes` or cut
@@ -69,13 +60,13 @@ async def relay_json(response: aiohttp.ClientResponse, redactor: Redactor, extra
     except (aiohttp.ClientError, ConnectionError):
         raise UpstreamFailure("The provider's answer ended before it was complete.",
                               code="upstream_truncated") from None
-    usage = usage_of_answer(body) if 200 <= response.status < 300 else None
+    usage = usage_of_answer(body, dialect.usage_from) if 200 <= response.status < 300 else None
     headers = passed_headers(response)
     headers.update(extra_headers)
     return web.Response(body=body, status=response.status, headers=headers), usage
 
 
-def usage_of_answer(body: bytes) -> ReadUsage:
+def usage_of_answer(body: bytes, usage_from: Callable[[Any], ReadUsage] = CHAT.usage_from) -> ReadUsage:
     """The usage block of a whole JSON answer, parsed from the answer's tail when it can be.
 
     Providers put `usage` last, after the long choices. `"usage"` with both quotes never occurs inside
@@ -118,7 +109,7 @@ class _SseSplitter:
 
 
 async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamResponse, wants_usage: bool,
-                       redactor: Redactor, outcome: StreamOutcome) -> None:
+                       redactor: Redactor, outcome: StreamOutcome, dialect: Dialect = CHAT) -> None:
     """Relay SSE events into `outcome` as they arrive, within its limits; a stream that ends early, or that
     the gateway ends (its reserved output spent, or its time up: see OpenStreams), gets an error event.
 
@@ -127,11 +118,11 @@ async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamRespo
     splitter = _SseSplitter()
     try:
         async for chunk in upstream.content.iter_any():
-            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor)
+            await _forward(splitter.feed(chunk), client, outcome, wants_usage, redactor, dialect)
             if outcome.ended_by is not None:
                 break
         else:
-            await _forward(splitter.flush(), client, outcome, wants_usage, redactor)
+            await _forward(splitter.flush(), client, outcome, wants_usage, redactor, dialect)
     except _ClientGone:
         outcome.client_gone = True
         return
@@ -140,13 +131,13 @@ async def relay_stream(upstream: aiohttp.ClientResponse, client: web.StreamRespo
     if outcome.ended_by is not None:
         upstream.close()                     # the gateway ended it: the upstream must stop generating
     if not outcome.complete:
-        await _write_error(client, outcome)
+        await _write_error(client, outcome, dialect)
 
 
 async def _forward(events: list[bytes], client: web.StreamResponse, outcome: StreamOutcome,
-                   wants_usage: bool, redactor: Redactor) -> None:
+                   wants_usage: bool, redactor: Redactor, dialect: Dialect) -> None:
     """Write the events the client should see, as one write, up to an event that ends the stream."""
-    out = admit(events, outcome, wants_usage)
+    out = dialect.admit(events, outcome, wants_usage)
     if out:
         if outcome.first_write_at is None:
             outcome.first_write_at = time.perf_counter()
@@ -163,10 +154,10 @@ class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
 
 
-async def _write_error(client: web.StreamResponse, outcome: StreamOutcome) -> None:
+async def _write_error(client: web.StreamResponse, outcome: StreamOutcome, dialect: Dialect) -> None:
     """End the stream with the error event of `outcome.ended_by` (the upstream broke off, if unset)."""
     outcome.ended_by = outcome.ended_by or STREAM_TRUNCATED
     try:
-        await client.write(_ERROR_EVENTS[outcome.ended_by])
+        await client.write(dialect.error_events[outcome.ended_by])
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         outcome.client_gone = True

@@ -56,6 +56,7 @@ class StreamOutcome:
     worst: WorstCase
     price: ModelPrice                # of the model serving it
     usage: Usage | None = None
+    partial: Usage | None = None     # usage known before the end (Anthropic's message_start: the input side)
     usage_unreadable: bool = False   # a usage chunk that could not be read: the usage is unknown
     content_events: int = 0          # events that carried output, from the first one on (the estimate)
     # Events are counted without parsing them while content_events < event_cap; the others are parsed:

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from gateway.domain.pricing import Usage
 
-__all__ = ["UNREADABLE", "Unreadable", "ReadUsage", "usage_from"]
+__all__ = ["UNREADABLE", "Unreadable", "ReadUsage", "usage_from", "count", "optional_count"]
 
 MAX_COUNT = 2**53 - 1   # beyond it a JSON number is no exact integer (and no answer is that long)
 
@@ -36,7 +36,7 @@ ReadUsage = Usage | Unreadable | None
 """A usage block read: counts, UNREADABLE, or None when the answer has no usage block (or `"usage": null`)."""
 
 
-class _Bad(Exception):
+class _Bad(ValueError):
     """A field that is not a count."""
 
 
@@ -48,6 +48,16 @@ def _count(value: Any) -> int:
     elif type(value) is float and value.is_integer() and 0 <= value <= MAX_COUNT:
         return int(value)
     raise _Bad
+
+
+def count(value: Any) -> int:
+    """A token count; ValueError when `value` is not one."""
+    return _count(value)
+
+
+def optional_count(value: Any) -> int:
+    """A token count that may be absent (None: 0); ValueError when `value` is something else."""
+    return 0 if value is None else _count(value)
 
 
 def _cached(usage: dict[str, Any]) -> int:

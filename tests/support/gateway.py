@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import httpx2 as httpx
 import openai
 import pytest
@@ -25,7 +26,7 @@ from tests.support.canary import CanaryTransport, assert_no_canary
 from tests.support.settings import CLIENT_KEY
 
 __all__ = ["RunningGateway", "Reply", "ServedGateway", "upstream", "backup_upstream", "start_gateway", "serve_gateway",
-           "sdk", "http"]
+           "sdk", "anthropic_sdk", "http"]
 
 
 @dataclass
@@ -116,6 +117,23 @@ async def sdk() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
     def make(gateway: RunningGateway, key: str = CLIENT_KEY, **kwargs: Any) -> openai.AsyncOpenAI:
         client = openai.AsyncOpenAI(
             base_url=gateway.url + "/v1", api_key=key, max_retries=kwargs.pop("max_retries", 0),
+            http_client=httpx.AsyncClient(transport=CanaryTransport(), timeout=30), **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def anthropic_sdk() -> AsyncIterator[Callable[..., anthropic.AsyncAnthropic]]:
+    """The official anthropic SDK pointed at a gateway; every answer is scanned for the canary key."""
+    clients: list[anthropic.AsyncAnthropic] = []
+
+    def make(gateway: RunningGateway, key: str = CLIENT_KEY, **kwargs: Any) -> anthropic.AsyncAnthropic:
+        client = anthropic.AsyncAnthropic(
+            base_url=gateway.url, api_key=key, max_retries=kwargs.pop("max_retries", 0),
             http_client=httpx.AsyncClient(transport=CanaryTransport(), timeout=30), **kwargs)
         clients.append(client)
         return client

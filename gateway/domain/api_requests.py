@@ -1,0 +1,133 @@
+"""Requests of the two other wire APIs: OpenAI's Responses (`/v1/responses`) and Anthropic's Messages (`/v1/messages`).
+
+Each is read into the same ProxyRequest as a chat request, so budgets, routing, retries and the ledger treat
+them alike; what differs is checked here:
+
+    responses   `max_output_tokens` bounds the output (else the policy or model cap); `input` (a string or a
+                list of items) and `instructions` are the prompt. Refused, because the input or the cost
+                they add cannot be bounded before the call: `previous_response_id`, `conversation` and
+                `prompt` (state kept at the provider), `background` (answered before its usage exists),
+                hosted tools (web search, file search, code interpreter, MCP, ...: fees the price table
+                does not hold, results added to the input).
+    messages    `max_tokens` is required (as Anthropic requires it) and bounds the output; `system` and
+                `messages` are the prompt; a request with tools adds TOOLS_OVERHEAD_TOKENS (Anthropic's
+                own tool-use system prompt). Server tools (web search, web fetch, code execution) and
+                `mcp_servers` are refused for the same reasons.
+
+The prompt bound follows gateway.domain.tokens: UTF-8 bytes of every string (a token covers at least one
+byte), MESSAGE_OVERHEAD_TOKENS per item, a fixed allowance per image, the bytes of a file's or document's
+data (never less than that allowance), and the JSON bytes of tool definitions and output formats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.domain.request import (
+    MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, check_types, forwarded_body, optional_int, parse_payload,
+)
+from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
+from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS
+from gateway.errors import InvalidRequest
+
+__all__ = ["RESPONSES", "MESSAGES", "API_ENDPOINTS", "parse_api_request", "api_prompt_bound",
+           "TOOLS_OVERHEAD_TOKENS", "HOSTED_TOOL_FIELDS"]
+
+RESPONSES = Endpoint("responses", "/responses", True, "openai-responses")
+MESSAGES = Endpoint("messages", "/messages", True, "anthropic-messages")
+API_ENDPOINTS = {"responses": RESPONSES, "messages": MESSAGES}
+TOOLS_OVERHEAD_TOKENS = 1_000    # Anthropic's tool-use system prompt is a few hundred tokens
+HOSTED_TOOL_FIELDS = ("previous_response_id", "conversation", "prompt", "background", "mcp_servers")
+_IMAGE_KINDS = frozenset(("input_image", "image"))
+_DATA_KINDS = frozenset(("input_file", "input_audio", "document", "file"))
+_RESPONSES_TOOLS = frozenset(("function", "custom", "local_shell", "shell", "apply_patch"))
+_MESSAGES_TOOLS = ("custom", "bash_", "text_editor_", "computer_", "memory_")   # client tools (type prefixes)
+_EXTRA_FIELDS = ("tools", "tool_choice", "text", "output_format")
+
+
+def parse_api_request(endpoint: Endpoint, body: bytes, user_header: str | None = None,
+                      session_header: str | None = None) -> ProxyRequest:
+    """The checked request for a Responses or Messages `endpoint` (with its end user and session headers);
+    InvalidRequest when it is not one."""
+    payload = parse_payload(body)
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    check_types(payload)
+    _refuse_unbounded(endpoint, payload)
+    max_tokens = _required_max_tokens(payload) if endpoint is MESSAGES else optional_int(payload, "max_output_tokens")
+    stream = payload.get("stream") is True
+    # Both APIs stream their usage on their own (response.completed, message_start + message_delta): nothing
+    # is asked for and nothing is hidden, so the client "wants" the usage it gets.
+    user = end_user(payload, user_header, messages=endpoint is MESSAGES)
+    session = checked_id(session_header, SESSION_HEADER) if session_header else None
+    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, True, max_tokens, user, session)
+
+
+def _required_max_tokens(payload: dict[str, Any]) -> int:
+    """Anthropic's `max_tokens`: required, a positive integer."""
+    value = optional_int(payload, "max_tokens")
+    if value is None or value < 1:
+        raise InvalidRequest(f"'max_tokens' is required: an integer from 1 to {MAX_TOKENS_LIMIT}.",
+                             param="max_tokens")
+    return value
+
+
+def _refuse_unbounded(endpoint: Endpoint, payload: dict[str, Any]) -> None:
+    """400 for fields and tools whose input or cost the gateway cannot bound before the call."""
+    for name in HOSTED_TOOL_FIELDS:
+        if payload.get(name) not in (None, False):
+            raise InvalidRequest(f"'{name}' is not supported through the gateway: the input or cost it adds "
+                                 "cannot be bounded before the call.", param=name)
+    tools = payload.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not _client_tool(endpoint, kind):
+            raise InvalidRequest(f"Tool type '{kind}' runs at the provider, with fees and results the gateway "
+                                 "cannot bound before the call; only client tools are supported.", param="tools")
+
+
+def _client_tool(endpoint: Endpoint, kind: Any) -> bool:
+    """Whether a tool of type `kind` runs at the client (its cost is the tokens of its definition and results)."""
+    if endpoint is MESSAGES:
+        return kind is None or (isinstance(kind, str) and kind.startswith(_MESSAGES_TOOLS))
+    return kind in _RESPONSES_TOOLS
+
+
+def _bytes(value: Any) -> int:
+    """Upper bound of the tokens in a JSON value of either API (see the module docstring)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, list):
+        return sum(_bytes(item) for item in value)
+    if isinstance(value, dict):
+        kind = value.get("type")
+        if kind in _IMAGE_KINDS:
+            return NON_TEXT_PART_TOKENS
+        strings = sum(_bytes(item) for item in value.values())
+        return max(NON_TEXT_PART_TOKENS, strings) if kind in _DATA_KINDS else strings
+    return 1 if value is not None else 0
+
+
+def _items(value: Any) -> int:
+    """Items of a prompt list (each gets MESSAGE_OVERHEAD_TOKENS); a string or object is one."""
+    return len(value) if isinstance(value, list) else 1
+
+
+def api_prompt_bound(req: ProxyRequest) -> int:
+    """An upper bound of the input tokens of a Responses or Messages request."""
+    payload = req.payload
+    prompt_field, system_field = ("messages", "system") if req.endpoint is MESSAGES else ("input", "instructions")
+    prompt, system = payload.get(prompt_field), payload.get(system_field)
+    try:
+        total = _bytes(prompt) + _bytes(system) + MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
+        for name in _EXTRA_FIELDS:
+            if name in payload:
+                total += len(orjson.dumps(payload[name]))
+    except (RecursionError, orjson.JSONEncodeError):
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    if req.endpoint is MESSAGES and payload.get("tools"):
+        total += TOOLS_OVERHEAD_TOKENS
+    return total
