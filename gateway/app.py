@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.background import BackgroundFailures, keep_running
 from gateway.budget.alerts import POST_TIMEOUT_S, AlertSender
+from gateway.budget.forecast_alerts import CHECK_S, ForecastAlerts
 from gateway.budget.factory import create_engine
 from gateway.budget.store import BudgetStore
 from gateway.cache.factory import create_cache
@@ -22,7 +23,7 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.config.reload import ConfigReloader
 from gateway.http.appkeys import (
-    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
+    ACCESS_LOG, ALERTS, BACKGROUND, BUDGET, FORECASTS, CACHE, CLOCK, CONFIG, METRICS, OPEN_STREAMS, PEERS, PROVIDERS,
     RELOADER, RESILIENCE, ROUTER,
 )
 from gateway.http.budget import add_budget_routes
@@ -31,6 +32,7 @@ from gateway.http.metrics import add_metrics_routes
 from gateway.http.middleware import request_middleware
 from gateway.http.provider_status import add_provider_status_routes
 from gateway.http.rate_limits import add_rate_limit_routes
+from gateway.http.ui import add_ui_routes
 from gateway.http.proxy import add_proxy_routes
 from gateway.log_scrub import scrub_logs
 from gateway.observability.access_log import AccessLog
@@ -98,6 +100,7 @@ def add_routes(app: web.Application) -> None:
     add_budget_routes(app)
     add_rate_limit_routes(app)
     add_metrics_routes(app)
+    add_ui_routes(app)
 
 
 async def provider_pool(app: web.Application) -> AsyncIterator[None]:
@@ -117,11 +120,8 @@ async def budget_recovery(app: web.Application) -> AsyncIterator[None]:
         await engine.recover()
         await asyncio.sleep(RECOVERY_INTERVAL_S)
 
-    task = asyncio.create_task(keep_running("journal_replay", step, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "journal_replay", step):
+        yield
     await engine.close()
 
 
@@ -149,11 +149,8 @@ async def canary_sync(app: web.Application) -> AsyncIterator[None]:
         await runs.sync(config.current)
     except Exception as error:               # never keeps the gateway from starting: canaries wait on control
         app[BACKGROUND].failed("canary_sync", error)
-    task = asyncio.create_task(keep_running("canary_sync", step, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "canary_sync", step):
+        yield
 
 
 async def config_reload(app: web.Application) -> AsyncIterator[None]:
@@ -168,11 +165,8 @@ async def config_reload(app: web.Application) -> AsyncIterator[None]:
         lambda fresh: app[PROVIDERS].sync(fresh.providers),
         app[RESILIENCE].sync,
     ])
-    task = asyncio.create_task(keep_running("config_reload", reloader.poll, app[BACKGROUND]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(app, "config_reload", reloader.poll):
+        yield
 
 
 def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
@@ -182,7 +176,9 @@ def add_budget_alerts(app: web.Application, *, sleep: Callable[[float], Awaitabl
         return
     app[ALERTS] = sender = AlertSender(engine.store, app[CONFIG], app[CLOCK], app[BACKGROUND], sleep=sleep)
     engine.on_settled.append(sender.observe)
+    app[FORECASTS] = ForecastAlerts(engine, app[CONFIG], sender)
     app.cleanup_ctx.append(alert_delivery)
+    app.cleanup_ctx.append(forecast_watch)
 
 
 async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
@@ -191,3 +187,25 @@ async def alert_delivery(app: web.Application) -> AsyncIterator[None]:
         app[ALERTS].start(session)
         yield
         await app[ALERTS].stop()
+
+
+async def forecast_watch(app: web.Application) -> AsyncIterator[None]:
+    """Check the budgets' forecasts every CHECK_S for the app's lifetime (gateway.budget.forecast_alerts)."""
+    async def step() -> None:
+        await app[FORECASTS].check()
+        await asyncio.sleep(CHECK_S)
+
+    async with running(app, "forecast_alerts", step):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running(app: web.Application, name: str, step: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """`step` again and again in a background task named `name` (see keep_running) while the block runs."""
+    task = asyncio.create_task(keep_running(name, step, app[BACKGROUND]))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.budget.usage import GROUPS
 from gateway.config.model import Settings
 from gateway.errors import ConfigError
 from gateway.log_output import configure_logging, stderr_handler
@@ -225,13 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
     status.add_argument("--policy")
     status.set_defaults(func=cmd_status)
-    usage = sub.add_parser("usage", help="spend from the ledger per model, key, team, policy or provider")
+    usage = sub.add_parser("usage", help="spend from the ledger per model, key, team, policy, provider, "
+                                                "end user or session")
     usage.add_argument("--url", default="http://127.0.0.1:8080")
     usage.add_argument("--key", help="client or admin key (default: $GATEWAY_KEY)")
     usage.add_argument("--since", help="ISO 8601 or epoch seconds (default: start of this month, UTC)")
     usage.add_argument("--until", help="ISO 8601 or epoch seconds (default: now)")
-    usage.add_argument("--group-by", default="model",
-                       choices=["model", "key", "team", "policy", "provider", "endpoint"])
+    usage.add_argument("--group-by", default="model", choices=list(GROUPS))
     usage.add_argument("--csv", action="store_true", help="print CSV: a header row, then one row per group")
     usage.set_defaults(func=cmd_usage)
     mock = sub.add_parser("mock-upstream", help="serve the bundled OpenAI-compatible mock provider")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -31,9 +32,26 @@ def render_budgets(entries: list[dict[str, Any]]) -> str:
         return "no budget policies apply to this key"
     rows = [[_who(e), e["period"], e["unit"], str(e["spent"]), str(e["reserved"]), str(e["limit"]),
              str(e["remaining"]), f"{bar(e['utilization'])} {e['utilization'] * 100:5.1f}%", e["state"],
-             e["resets_at"]] for e in entries]
+             e["resets_at"], _forecast(e)] for e in entries]
     return table(rows, ["POLICY", "PERIOD", "UNIT", "SPENT", "IN FLIGHT", "LIMIT", "REMAINING", "USED",
-                        "STATE", "RESETS AT"])
+                        "STATE", "RESETS AT", "FORECAST"])
+
+
+def _forecast(entry: dict[str, Any]) -> str:
+    """'<rate>/h, <projected> by reset[, out HH:MM]' (the time in the window's own zone offset), or '-'."""
+    ahead = entry.get("forecast")
+    if not ahead:
+        return "-"
+    text = f"{ahead['burn_per_hour']}/h, {ahead['projected_at_reset']} by reset"
+    if ahead["exhausted_at"]:
+        text += f", out {_local(ahead['exhausted_at'], entry['resets_at'])}"
+    return text
+
+
+def _local(instant: str, like: str) -> str:
+    """`instant` (ISO 8601) as HH:MM in the UTC offset of `like` (the window's reset), with the date if not today."""
+    moment = datetime.fromisoformat(instant).astimezone(datetime.fromisoformat(like).tzinfo)
+    return moment.strftime("%H:%M")
 
 
 def render_rates(entries: list[dict[str, Any]]) -> str:

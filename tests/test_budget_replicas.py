@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 from decimal import Decimal
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,9 +11,7 @@ import pytest
 from gateway.config.model import ModelPrice
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.tokens import prompt_upper_bound
-from gateway.http.auth import key_digest
-from tests.support.canary import CANARY_KEY
-from tests.support.redis_server import free_port
+from tests.support.replicas import two_replicas
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY
 
 PRICE = ModelPrice(Decimal("2.00"), Decimal("8.00"), max_output_tokens=100)
@@ -26,46 +20,9 @@ CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "spend care
 CLIENTS = 300
 SERVED_BUDGET = 10   # B = 10.5 W, so exactly floor(B / W) = 10 requests fit
 
-CONFIG = """
-server: {{host: 127.0.0.1, port: {port}, admin_key_sha256: {admin}}}
-store: {{url: "{store}", journal_path: {tmp}/journal-{port}.jsonl}}
-providers:
-  primary: {{base_url: "{upstream}", api_key: "{key}"}}
-routes: {{gpt-4.1: [primary]}}
-pricing: {{gpt-4.1: {{input: 2.00, output: 8.00, max_output_tokens: 100}}}}
-keys: [{{name: web-app, team: web, sha256: {client}}}]
-policies: policies
-"""
-
 
 def worst_case_nano() -> int:
     return cost_nano(PRICE, Usage(prompt_upper_bound(CHAT), CHAT["max_tokens"]))
-
-
-async def start_replica(tmp_path: Path, store_url: str, upstream_url: str) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    config = tmp_path / f"config-{port}.yaml"
-    config.write_text(CONFIG.format(port=port, admin=key_digest(ADMIN_KEY), store=store_url, tmp=tmp_path,
-                                    upstream=upstream_url, key=CANARY_KEY, client=key_digest(CLIENT_KEY)))
-    log = open(tmp_path / f"gateway-{port}.log", "wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--log-level", "WARNING", "run", "--config", str(config),
-        stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    return process, f"http://127.0.0.1:{port}"
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
-    for _ in range(300):
-        assert process.returncode is None, "a gateway replica exited"
-        try:
-            async with session.get(url + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.05)  # readiness polling of a process we started
-    pytest.fail(f"replica {url} did not become healthy")
 
 
 async def settled_status(session: aiohttp.ClientSession, url: str) -> dict:
@@ -81,21 +38,10 @@ async def settled_status(session: aiohttp.ClientSession, url: str) -> dict:
 
 @pytest.fixture
 async def replicas(tmp_path, upstream, request):
-    store_url = request.getfixturevalue(request.param)
-    (tmp_path / "policies").mkdir()
     budget = nano_to_usd(worst_case_nano() * SERVED_BUDGET + worst_case_nano() // 2)
-    (tmp_path / "policies" / "global.yaml").write_text(f"name: global\nbudgets:\n  - {{period: daily, usd: {budget}}}\n")
-    started = [await start_replica(tmp_path, store_url, upstream.url) for _ in range(2)]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        try:
-            for process, url in started:
-                await wait_healthy(session, url, process)
-            yield session, [url for _, url in started], budget
-        finally:
-            for process, _ in started:
-                process.send_signal(signal.SIGTERM)
-            for process, _ in started:
-                await asyncio.wait_for(process.wait(), timeout=20)
+    policy = ("global", f"name: global\nbudgets:\n  - {{period: daily, usd: {budget}}}\n")
+    async with two_replicas(tmp_path, request.getfixturevalue(request.param), upstream.url, policy) as (session, urls):
+        yield session, urls, budget
 
 
 @pytest.mark.parametrize("replicas", ["redis_url", "redis_cluster_url"], indirect=True)

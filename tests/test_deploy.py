@@ -26,7 +26,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 METRIC_NAME = re.compile(r"\bgateway_[a-z0-9_]+\b")
 QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 TEMPLATE_VARIABLES = {"$__rate_interval": "5m", "$policy": ".*", "$model": ".*"}
-PANEL_TOPICS = ("spend against budget", "cost per hour by model", "monthly forecast", "tokens by model",
+PANEL_TOPICS = ("spend against budget", "cost per hour by model", "forecast at the reset", "tokens by model",
                 "requests by status class", "latency p50 / p95 / p99", "time to first token", "breaker states",
                 "retries and failovers", "canaries", "cache hit rate", "cache savings")
 
@@ -84,6 +84,10 @@ def test_dashboard_is_a_grafana_dashboard_with_the_promised_panels() -> None:
     titles = " | ".join(panel["title"].lower() for panel in panels(board))
     for topic in PANEL_TOPICS:
         assert topic in titles
+    [ahead] = [panel for panel in panels(board) if panel["title"].lower().startswith("forecast")]
+    # the gateway's own projection, in each policy's zone and calendar: no UTC month arithmetic in PromQL
+    assert "gateway_budget_projected_at_reset" in ahead["targets"][0]["expr"]
+    assert "days_in_month" not in json.dumps(ahead)
 
 
 def test_dashboard_and_alert_queries_are_valid_promql(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ async def test_usage_groups_by_each_option(upstream, start_gateway, http, store_
     body = await usage(http, gateway, group_by=group_by)
 
     expected = {"model": {"gpt-4.1", "gpt-4o-mini"}, "key": {"web-app", "batch"}, "team": {"web", "data"},
-                "provider": {"primary"}, "policy": {"global", "team-web", "team-data"}, "endpoint": {"chat"}}[group_by]
+                "provider": {"primary"}, "policy": {"global", "team-web", "team-data"}, "endpoint": {"chat"},
+                "user": {None}, "session": {None}}[group_by]   # (end users: tests/test_end_users.py)
     groups = by_group(body)
     assert body["group_by"] == group_by and set(groups) == expected
     total = body["total"]

@@ -8,13 +8,11 @@ tests/test_rate_limits.py (two gateways on one store, every backend).
 from __future__ import annotations
 
 import asyncio
-import signal
 
-import aiohttp
 import pytest
 
+from tests.support.replicas import two_replicas
 from tests.support.settings import CLIENT_KEY
-from tests.test_budget_replicas import start_replica, wait_healthy
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "one of many"}], "max_tokens": 5}
 CLIENTS = 300
@@ -23,21 +21,9 @@ PER_MINUTE = 50
 
 @pytest.fixture
 async def replicas(tmp_path, upstream, request):
-    store_url = request.getfixturevalue(request.param)
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "rpm.yaml").write_text(
-        f"name: rpm\nrate_limits:\n  - {{per: minute, requests: {PER_MINUTE}}}\n")
-    started = [await start_replica(tmp_path, store_url, upstream.url) for _ in range(2)]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        try:
-            for process, url in started:
-                await wait_healthy(session, url, process)
-            yield session, [url for _, url in started]
-        finally:
-            for process, _ in started:
-                process.send_signal(signal.SIGTERM)
-            for process, _ in started:
-                await asyncio.wait_for(process.wait(), timeout=20)
+    policy = ("rpm", f"name: rpm\nrate_limits:\n  - {{per: minute, requests: {PER_MINUTE}}}\n")
+    async with two_replicas(tmp_path, request.getfixturevalue(request.param), upstream.url, policy) as running:
+        yield running
 
 
 @pytest.mark.parametrize("replicas", ["redis_url", "redis_cluster_url"], indirect=True)

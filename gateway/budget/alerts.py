@@ -124,7 +124,7 @@ class AlertSender:
         now = self._clock.now()
         for state in states:
             policy = policies.get(state.counter.policy)
-            if policy is None or policy.alerts is None:
+            if policy is None or policy.alerts is None or policy.each == "user":   # not a webhook per end user
                 continue
             fresh = [alert for alert in reached_alerts(policy, state, now) if alert.key not in self._seen]
             if fresh:

@@ -9,10 +9,14 @@ from gateway.config.model import CallerIdentity, Policy, Settings
 __all__ = ["each_values"]
 
 
-def each_values(settings: Settings, policy: Policy, caller: CallerIdentity) -> list[str | None]:
-    """The `each` values of `policy` that `caller` may see: its own, or (admin) every one the config names."""
+def each_values(settings: Settings, policy: Policy, caller: CallerIdentity, user: str | None = None
+                ) -> list[str | None]:
+    """The `each` values of `policy` that `caller` may see: its own, or (admin) every one the config names;
+    of an `each: user` policy, the end user asked for (`?user=`), if any: end users are not in the config."""
     if policy.each is None:
         return [None]
+    if policy.each == "user":
+        return [] if user is None else [user]
     if not caller.admin:
         return [each_value(policy, caller, "")] if policy.each != "model" else _models(settings, policy)
     identities = [key.identity for key in settings.keys if applies_to_caller(policy, key.identity)]

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
+from gateway.budget.burn import BurnTracker
 from gateway.budget.hit_rows import HitRows
 from gateway.budget.journal import SpendJournal
 from gateway.budget.ledger import cache_hit_entry, ledger_entry
@@ -70,6 +71,7 @@ class BudgetEngine:
         self.allowance = self._outage.allowance
         self.on_settled: list[SettleListener] = self._settlements.listeners
         self.spares = self._ahead.spares if self._ahead is not None else None
+        self.burn = BurnTracker()            # the last hour's spend per counter, for forecasts (status only)
 
     async def reserve(self, request_id: str, settings: Settings, caller: CallerIdentity,
                       plan: Plan, req: ProxyRequest) -> Reservation | Downgrade:
@@ -79,7 +81,7 @@ class BudgetEngine:
         if not match.limited or self.store is None:
             return Reservation(request_id, plan, worst)
         now = self.clock.now()
-        slots = self._slots.slots(match, now, self.config.lease_s)
+        slots = self._slots.slots(match, now, self.config.lease_s, req.user)   # per_user: never spareable
         ahead = self._ahead
         if ahead is None or not match.spareable:   # see gateway.budget.slots.SPARE_PERS
             return await self._reserve_direct(request_id, plan, match, slots, worst, now)
@@ -145,7 +147,7 @@ class BudgetEngine:
         match = self._slots.match(settings, caller, cheaper.model, cheaper)
         now = self.clock.now()
         worst = worst_case(req, cheaper, match.policies)
-        slots = self._slots.slots(match, now, self.config.lease_s)
+        slots = self._slots.slots(match, now, self.config.lease_s, req.user)
         lines = tuple(slot.line(worst.amount) for slot in slots)
         outcome = await self._outage.reserve(request_id, lines, now, match.need_group)
         if outcome is not None and not outcome.ok:
@@ -173,7 +175,7 @@ class BudgetEngine:
         return self._settlements.start(reservation, charge, entry, facts.provider if facts is not None else None)
 
     async def reserve_hit(self, request_id: str, settings: Settings, caller: CallerIdentity,
-                          plan: Plan) -> Reservation | None:
+                          plan: Plan, user: str | None = None) -> Reservation | None:
         """Hold a cache hit as one request on its policies' request-rate windows and in-flight counters (see
         hit_slots), or raise RateLimited; None when none limits it, or the store is out (fail_open)."""
         match = self._slots.match(settings, caller, plan.model, plan)
@@ -181,7 +183,7 @@ class BudgetEngine:
             return None
         now = self.clock.now()
         self._slots.slots(match, now, self.config.lease_s)
-        slots = hit_slots(match)
+        slots = hit_slots(match, user)
         if not slots:
             return None
         lines = tuple([slot.line(_ONE_REQUEST) for slot in slots])

@@ -19,6 +19,7 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerF
     caller = reservation.caller
     name, team = (caller.name, caller.team) if caller else (None, None)
     model: str | None
+    user, session = (facts.user, facts.session) if facts is not None else (None, None)
     if facts is None:
         model, requested, provider, latency_ms, attempts, endpoint = reservation.plan.model, None, None, 0, 0, None
     else:
@@ -31,7 +32,7 @@ def ledger_entry(reservation: Reservation, charge: Charge | None, facts: LedgerF
                        provider, prompt, completion, cached, charge.usd_nano if charge else 0,
                        "failed" if charge is None else "served", latency_ms, attempts, requested,
                        usage is not None and usage.estimated, 0, endpoint,
-                       usage.cache_write_tokens if usage is not None else 0)
+                       usage.cache_write_tokens if usage is not None else 0, user, session)
 
 
 def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str, ...], facts: LedgerFacts,
@@ -39,4 +40,5 @@ def cache_hit_entry(request_id: str, caller: CallerIdentity, policies: tuple[str
     """`cache_hit`: no tokens, no cost (so ledger totals still equal the counters), and what the answer saved."""
     latency_ms = round((time.perf_counter() - facts.started) * 1000)
     return LedgerEntry(now, request_id, caller.name, caller.team, policies, facts.model, None, 0, 0, 0, 0,
-                       "cache_hit", latency_ms, 0, facts.requested_model, False, saved_nano, facts.endpoint)
+                       "cache_hit", latency_ms, 0, facts.requested_model, False, saved_nano, facts.endpoint, 0,
+                       facts.user, facts.session)

@@ -53,7 +53,8 @@ class RateSlot:
 
 
 def each_value(policy: Policy, caller: CallerIdentity, model: str) -> str | None:
-    """The value a policy counts apart: the caller's key name, team or the model; None when shared."""
+    """The value a policy counts apart: the caller's key name, team or the model; None when shared (and for
+    `each: user`, whose counters are named per request: gateway.budget.user_slots)."""
     if policy.each == "key":
         return caller.name
     if policy.each == "team":

@@ -15,6 +15,7 @@ from gateway.budget.matching import matching_policies
 from gateway.budget.rate_slots import RateSlot, each_value, provider_slots, rate_slots
 from gateway.budget.rate_windows import with_each
 from gateway.budget.store import CounterKey, Limits, ReserveLine
+from gateway.budget.user_slots import user_slots
 from gateway.budget.windows import Window, WindowCache
 from gateway.config.model import BudgetLimit, CallerIdentity, Policy, ProviderConfig, Settings
 from gateway.domain.plan import Plan
@@ -23,6 +24,7 @@ from gateway.domain.pricing import Charge, usd_to_nano
 __all__ = ["KEY_GRACE_S", "BudgetSlot", "Slot", "Match", "SlotCache", "budget_slots", "limits_of", "hit_slots"]
 
 KEY_GRACE_S = 35 * 86_400   # counters outlive their window long enough for last month's report
+USER_KEY_GRACE_S = 3_600    # a per-user counter only as long as replicas' clocks may disagree (user_slots)
 MAX_MATCHES = 4096          # (caller, model) pairs kept; more are dropped together and found again
 # Rate windows a spare reservation may hold on: its bucket (1/20 of the window) outlasts a batch of spares.
 # Never in-flight counters (an idle spare would hold a slot) nor providers' limits (skipped per request).
@@ -57,8 +59,9 @@ def budget_slots(policies: Sequence[Policy], now: float, windows: WindowCache,
         each = None if policy.each is None or caller is None else each_value(policy, caller, model)
         for budget in policy.budgets:
             window = windows.window_for(budget.period, policy.timezone, now)
+            grace = USER_KEY_GRACE_S if policy.each == "user" else KEY_GRACE_S
             slots.append(BudgetSlot(CounterKey(policy.name, budget.period, with_each(window.id, each)),
-                                    limits_of(budget), window.end_ts + KEY_GRACE_S, policy, window))
+                                    limits_of(budget), window.end_ts + grace, policy, window))
     return tuple(slots)
 
 
@@ -69,13 +72,15 @@ class Match:
     """The policies a (caller, model) pair must fit, and their slots while `now` is in [since, until).
 
     `rated`: some slot is a rate window or an in-flight counter; `spareable`: the match may take spare
-    reservations (no rate slot, or only policy windows of a minute or longer: see SPARE_PERS);
+    reservations (no rate slot, or only policy windows of a minute or longer: see SPARE_PERS; no `each: user`
+    policy, whose counters are named per request: gateway.budget.user_slots); `per_user`: some policy counts
+    each end user apart;
     `need_group`: every target provider has its own rate limits, so a request none of them has room for
     is refused.
     """
 
     __slots__ = ("policies", "names", "slots", "since", "until", "caller", "model", "providers", "rated",
-                 "need_group", "spareable", "hits")
+                 "need_group", "spareable", "hits", "per_user")
 
     def __init__(self, policies: list[Policy], caller: CallerIdentity | None = None, model: str = "",
                  providers: Sequence[ProviderConfig] = ()) -> None:
@@ -88,7 +93,8 @@ class Match:
         self.providers = providers if any(provider.rate_limits for provider in providers) else ()
         self.rated = bool(self.providers) or any(policy.limits_rate for policy in policies)
         self.need_group = bool(providers) and all(provider.rate_limits for provider in providers)
-        self.spareable = not self.providers and all(
+        self.per_user = any(policy.each == "user" for policy in policies)
+        self.spareable = not self.providers and not self.per_user and all(
             policy.max_concurrent is None and all(limit.per in SPARE_PERS for limit in policy.rate_limits)
             for policy in policies)
 
@@ -118,8 +124,9 @@ class SlotCache:
                                                            caller, model, providers)
         return match
 
-    def slots(self, match: Match, now: float, lease_s: float = 0.0) -> tuple[Slot, ...]:
-        """The match's slots in the windows holding `now`: budgets, then rate windows, then providers'."""
+    def slots(self, match: Match, now: float, lease_s: float = 0.0, user: str | None = None) -> tuple[Slot, ...]:
+        """The match's slots in the windows holding `now`: budgets, then rate windows, then providers'; those of
+        `each: user` policies named for `user` (see gateway.budget.user_slots)."""
         if not match.since <= now < match.until:
             budgets = budget_slots(match.policies, now, self._windows, match.caller, match.model)
             windows = [slot.window for slot in budgets]
@@ -133,15 +140,16 @@ class SlotCache:
                 match.until = min([match.until, *(slot.until for slot in rates)]) if windows else \
                     min(slot.until for slot in rates)
                 match.slots = (*budgets, *rates)
-        return match.slots
+        return match.slots if not match.per_user else user_slots(match.slots, user)
 
 
-def hit_slots(match: Match) -> tuple[RateSlot, ...]:
+def hit_slots(match: Match, user: str | None = None) -> tuple[RateSlot, ...]:
     """The slots a cache hit counts on (of `match.slots`): its policies' request-rate windows and in-flight
-    counters; not budgets, token windows nor providers' limits (a hit costs nothing and calls no provider)."""
+    counters (of `user`, for `each: user` policies); not budgets, token windows nor providers' limits (a hit
+    costs nothing and calls no provider)."""
     cached = match.hits
     if cached is None or cached[0] is not match.slots:
         counted = tuple([slot for slot in match.slots if isinstance(slot, RateSlot) and slot.provider is None
                          and (slot.limit is None or slot.limit.requests is not None)])
         cached = match.hits = (match.slots, counted)
-    return cached[1]
+    return cached[1] if not match.per_user else user_slots(cached[1], user)

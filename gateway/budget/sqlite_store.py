@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,
     status TEXT NOT NULL, latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, requested_model TEXT,
     usage_estimated INTEGER NOT NULL DEFAULT 0, saved_nano INTEGER NOT NULL DEFAULT 0, endpoint TEXT,
-    cache_write_tokens INTEGER NOT NULL DEFAULT 0
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0, end_user TEXT, session TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (time_ms);
 CREATE TABLE IF NOT EXISTS alert_claims (
@@ -69,7 +69,7 @@ CREATE INDEX IF NOT EXISTS alert_claims_lease ON alert_claims (delivered, lease_
 # Ledger columns added after the first release, added to an older file when it is opened.
 _ADDED_LEDGER_COLUMNS = (("requested_model", "TEXT"), ("usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
                          ("saved_nano", "INTEGER NOT NULL DEFAULT 0"), ("endpoint", "TEXT"),
-                         ("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"))
+                         ("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"), ("end_user", "TEXT"), ("session", "TEXT"))
 
 
 class SqliteBudgetStore:

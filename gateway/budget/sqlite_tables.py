@@ -23,7 +23,7 @@ _NOTHING = Charge()
 LEDGER_COLUMNS = (
     "time_ms, request_id, caller, team, policies, model, provider, prompt_tokens, completion_tokens,"
     " cached_tokens, cost_nano, status, latency_ms, attempts, requested_model, usage_estimated, saved_nano,"
-    " endpoint, cache_write_tokens"
+    " endpoint, cache_write_tokens, end_user, session"
 )
 
 _ADD = """
@@ -225,11 +225,12 @@ class SqliteTables:
             return
         latest = db.execute("SELECT MAX(time_ms) FROM ledger").fetchone()[0] or 0
         cursor = db.execute(
-            f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES ({', '.join('?' * 21)})",
             (max(time_ms(entry.time), latest), entry.request_id, entry.caller, entry.team, ",".join(entry.policies),
              entry.model, entry.provider, entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens,
              entry.cost_nano, entry.status, entry.latency_ms, entry.attempts, entry.requested_model,
-             int(entry.usage_estimated), entry.saved_nano, entry.endpoint, entry.cache_write_tokens),
+             int(entry.usage_estimated), entry.saved_nano, entry.endpoint, entry.cache_write_tokens, entry.user,
+             entry.session),
         )
         db.execute("DELETE FROM ledger WHERE seq <= ?", ((cursor.lastrowid or 0) - self.ledger_max,))
 
@@ -312,9 +313,9 @@ def _expired_row(request_id: str, lines: Sequence[_Line], now: float) -> LedgerE
 
 def _entry(row: tuple) -> LedgerEntry:
     """A ledger row read back."""
-    time_ms_, request_id, caller, team, policies, *rest, estimated, saved, endpoint, written = row
+    time_ms_, request_id, caller, team, policies, *rest, estimated, saved, endpoint, written, user, session = row
     return LedgerEntry._make((time_ms_ / 1000, request_id, caller, team, tuple(filter(None, policies.split(","))),
-                              *rest, bool(estimated), saved, endpoint, written))
+                              *rest, bool(estimated), saved, endpoint, written, user, session))
 
 
 def _key_columns(counter: CounterKey) -> tuple[str, str, str]:

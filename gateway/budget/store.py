@@ -183,6 +183,8 @@ class LedgerEntry(NamedTuple):
     endpoint: str | None = None              # chat, completions, embeddings, responses, messages (None: unknown,
                                              # as in rows filed before it was recorded and lease_expired rows)
     cache_write_tokens: int = 0              # of prompt_tokens, written to the provider's prompt cache
+    user: str | None = None                  # the end user the request was made for (OpenAI `user` or header)
+    session: str | None = None               # the x-gateway-session it belongs to
 
 
 LEDGER_FIELDS = len(LedgerEntry._fields)

@@ -1,23 +1,24 @@
-"""The spend ledger summed per model, key, team, policy, provider or endpoint (served by GET /v1/budget/usage).
+"""The spend ledger summed per model, key, team, policy, provider, endpoint, end user or session
+(GET /v1/budget/usage).
 
 Scoped like /v1/budget/status: the admin sees every row; a client key sees only the rows of its own
-requests, and grouped by policy only the policies that apply to it. `requests` counts charged
-requests (a failed request costs nothing and is not counted); `cache_hits` counts requests answered
-from the response cache and `saved_usd` what their answers cost when bought; a row with several
-policies counts once in each of its policy groups and once in the total.
+requests (so only its own end users and sessions), and grouped by policy only the policies that apply to
+it. `requests` counts charged requests (a failed request costs nothing and is not counted); `cache_hits`
+counts requests answered from the response cache and `saved_usd` what their answers cost when bought; a
+row with several policies counts once in each of its policy groups and once in the total.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from gateway.budget.ledger_read import ledger_rows
 from gateway.budget.status import visible_policies
-from gateway.budget.store import BudgetStore, LedgerEntry
+from gateway.budget.store import LedgerEntry
 from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.pricing import format_usd
 from gateway.errors import InvalidRequest
@@ -25,15 +26,14 @@ from gateway.errors import InvalidRequest
 __all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "GroupBy",
            "NOW_INCLUDED_S"]
 
-log = logging.getLogger("gateway.budget")
-GroupBy = Literal["model", "key", "team", "policy", "provider", "endpoint"]
-GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider", "endpoint")
-PAGE = 10_000
+GroupBy = Literal["model", "key", "team", "policy", "provider", "endpoint", "user", "session"]
+GROUPS: tuple[GroupBy, ...] = ("model", "key", "team", "policy", "provider", "endpoint", "user", "session")
 NOW_INCLUDED_S = 0.001   # the default `until` is exclusive: one ledger tick past now
 MAX_INSTANT_S = 2**33    # epoch seconds (the year 2242): later times are refused, not overflowed
 _FIELDS: dict[str, Callable[[LedgerEntry], str | None]] = {
     "model": lambda entry: entry.model, "key": lambda entry: entry.caller, "team": lambda entry: entry.team,
     "provider": lambda entry: entry.provider, "endpoint": lambda entry: entry.endpoint,
+    "user": lambda entry: entry.user, "session": lambda entry: entry.session,
 }
 
 
@@ -93,25 +93,6 @@ class Scope:
         if group_by == "policy":
             return [p for p in entry.policies if self.policies is None or p in self.policies]
         return [_FIELDS[group_by](entry)]
-
-
-async def ledger_rows(store: BudgetStore, since: float, until: float, page: int = PAGE) -> AsyncIterator[LedgerEntry]:
-    """Every ledger row with since <= time < until, read page by page; rows sharing a time are read once."""
-    read_at_edge: set[str] = set()
-    while True:
-        rows = await store.ledger(since, until, page)
-        fresh = [row for row in rows if row.request_id not in read_at_edge]
-        for row in fresh:
-            yield row
-        if len(rows) < page:
-            return
-        if not fresh:
-            log.warning("usage report cut short: more than %d ledger rows share the time %s", page, since)
-            return
-        last = rows[-1].time
-        at_last = {row.request_id for row in rows if row.time == last}
-        read_at_edge = at_last | read_at_edge if last == since else at_last
-        since = last
 
 
 async def usage_totals(rows: AsyncIterator[LedgerEntry], scope: Scope,

@@ -407,8 +407,10 @@ class Policy:
     name: Name
     match: PolicyMatch = PolicyMatch()
     budgets: Annotated[tuple[BudgetLimit, ...], AfterValidator(_one_per_period)] = Field(default=(), kw_only=True)
-    each: Literal["key", "team", "model"] | None = None
-    """Budgets, rate limits and max_concurrent apply to each key, team or model apart; absent: shared."""
+    each: Literal["key", "team", "model", "user"] | None = None
+    """Budgets, rate limits and max_concurrent apply to each key, team, model or end user apart; absent: shared."""
+    without_user: Literal["refuse", "anonymous"] = "refuse"
+    """`each: user`: a request without an end user gets a 400 (`refuse`) or counts as the user `anonymous`."""
     rate_limits: RateLimits = ()
     max_concurrent: int | None = Field(default=None, ge=1)
     """Requests in flight at once (per `each` value)."""
@@ -427,12 +429,17 @@ class Policy:
     """The file the policy came from."""
     alerts: AlertConfig | None = None
     """Webhook for warn_at and exceeded alerts."""
+    forecast_alert: Decimal | None = Field(default=None, gt=0, le=10)
+    """Alert (by `alerts.webhook`, once per window) when the projected spend at the reset passes this share of
+    the limit."""
 
     @model_validator(mode="after")
     def _limits_something(self) -> Self:
         """A policy without budgets, rate limits or max_concurrent would limit nothing."""
         if not self.budgets and not self.rate_limits and self.max_concurrent is None:
             raise _at((), "needs at least one of: budgets, rate_limits, max_concurrent")
+        if self.forecast_alert is not None and (self.alerts is None or not self.budgets):
+            raise _at(("forecast_alert",), "needs budgets and alerts.webhook to send it to")
         return self
 
     @property
@@ -568,6 +575,11 @@ class Settings:
     def key_index(self) -> dict[str, ApiKey]:
         """Client keys by digest."""
         return {key.sha256: key for key in self.keys}
+
+    @cached_property
+    def policy_index(self) -> dict[str, Policy]:
+        """Policies by name."""
+        return {policy.name: policy for policy in self.policies}
 
     def route_for(self, model: str) -> Route | None:
         """The route serving `model`: an exact name wins over globs, then globs in file order."""

@@ -28,6 +28,7 @@ import orjson
 from gateway.domain.request import (
     MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, checked_payload, forwarded_body, optional_int,
 )
+from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
 from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS
 from gateway.errors import InvalidRequest
 
@@ -46,15 +47,19 @@ _MESSAGES_TOOLS = ("custom", "bash_", "text_editor_", "computer_", "memory_")   
 _EXTRA_FIELDS = ("tools", "tool_choice", "text", "output_format")
 
 
-def parse_api_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
-    """The checked request for a Responses or Messages `endpoint`; InvalidRequest when it is not one."""
+def parse_api_request(endpoint: Endpoint, body: bytes, user_header: str | None = None,
+                      session_header: str | None = None) -> ProxyRequest:
+    """The checked request for a Responses or Messages `endpoint` (with its end user and session headers);
+    InvalidRequest when it is not one."""
     payload, model = checked_payload(body)
     _refuse_unbounded(endpoint, payload)
     max_tokens = _required_max_tokens(payload) if endpoint is MESSAGES else optional_int(payload, "max_output_tokens")
     stream = payload.get("stream") is True
     # Both APIs stream their usage on their own (response.completed, message_start + message_delta): nothing
     # is asked for and nothing is hidden, so the client "wants" the usage it gets.
-    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, True, max_tokens)
+    user = end_user(payload, user_header, messages=endpoint is MESSAGES)
+    session = checked_id(session_header, SESSION_HEADER) if session_header else None
+    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, True, max_tokens, user, session)
 
 
 def _required_max_tokens(payload: dict[str, Any]) -> int:

@@ -19,3 +19,5 @@ class LedgerFacts(NamedTuple):
     usage: Usage | None              # what was charged for, when it was served
     started: float                   # time.perf_counter() at its arrival (the ledger's latency)
     endpoint: str | None = None      # chat, completions, embeddings, responses or messages
+    user: str | None = None          # the end user it was made for (gateway.domain.end_user)
+    session: str | None = None

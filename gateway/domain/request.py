@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
 from gateway.errors import InvalidRequest
 
 __all__ = ["Endpoint", "ENDPOINTS", "ProxyRequest", "MAX_TOKENS_LIMIT", "parse_request", "upstream_body",
@@ -49,6 +50,8 @@ class ProxyRequest(NamedTuple):
     stream: bool
     wants_usage: bool            # the client itself asked for the streamed usage chunk
     max_tokens: int | None
+    user: str | None = None      # the end user (gateway.domain.end_user), never a metric label
+    session: str | None = None
 
 
 def media_type_of(content_type: str | None) -> str:
@@ -114,8 +117,10 @@ def checked_payload(body: bytes) -> tuple[dict[str, Any], str]:
     return payload, model
 
 
-def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
-    """The checked request for `endpoint` in a client's JSON body; InvalidRequest when it is not one."""
+def parse_request(endpoint: Endpoint, body: bytes, user_header: str | None = None,
+                  session_header: str | None = None) -> ProxyRequest:
+    """The checked request for `endpoint` in a client's JSON body (with its end user and session headers);
+    InvalidRequest when it is not one."""
     payload, model = checked_payload(body)
     stream = payload.get("stream") is True
     if stream and not endpoint.streams:
@@ -123,7 +128,10 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ProxyRequest:
     options = payload.get("stream_options")
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     max_tokens = optional_int(payload, "max_completion_tokens", "max_tokens")
-    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, wants_usage, max_tokens)
+    user = end_user(payload, user_header)
+    session = checked_id(session_header, SESSION_HEADER) if session_header else None
+    return ProxyRequest(endpoint, forwarded_body(payload), payload, model, stream, wants_usage, max_tokens, user,
+                        session)
 
 
 def upstream_body(req: ProxyRequest, upstream_model: str | None) -> bytes:

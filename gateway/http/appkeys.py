@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from gateway.background import BackgroundFailures
     from gateway.budget.alerts import AlertSender
     from gateway.budget.engine import BudgetEngine
+    from gateway.budget.forecast_alerts import ForecastAlerts
     from gateway.cache.service import ResponseCache
     from gateway.clock import Clock
     from gateway.config.holder import ConfigHolder
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from gateway.routing.router import Router
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
-           "PEERS", "OPEN_STREAMS", "ROUTER", "CACHE"]
+           "PEERS", "OPEN_STREAMS", "ROUTER", "CACHE", "FORECASTS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -34,6 +35,7 @@ RESILIENCE: web.AppKey[ResilienceRegistry] = web.AppKey("resilience")
 RELOADER: web.AppKey[ConfigReloader] = web.AppKey("reloader")
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertSender] = web.AppKey("alerts")
+FORECASTS: web.AppKey[ForecastAlerts] = web.AppKey("forecasts")
 BACKGROUND: web.AppKey[BackgroundFailures] = web.AppKey("background")
 PEERS: web.AppKey[Peers] = web.AppKey("peers")
 OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")

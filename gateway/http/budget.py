@@ -17,6 +17,7 @@ from gateway.budget.usage import (
 )
 from gateway.budget.windows import window_for
 from gateway.config.model import CallerIdentity, Policy, Settings
+from gateway.domain.end_user import checked_id
 from gateway.errors import InvalidRequest, StoreError, StoreUnavailable
 from gateway.http.appkeys import BUDGET, CONFIG
 from gateway.http.auth import authenticate
@@ -42,14 +43,16 @@ async def scoped_status(request: web.Request, read: StatusReader) -> web.Respons
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
-async def _budgets_of(engine: BudgetEngine, settings: Settings, policies: list[Policy], caller: CallerIdentity,
-                      now: float) -> list[dict[str, Any]]:
-    return await budget_report(engine, policies, now, lambda policy: each_values(settings, policy, caller))
-
-
 async def budget_status(request: web.Request) -> web.Response:
-    """GET /v1/budget/status[?policy=NAME]."""
-    return await scoped_status(request, _budgets_of)
+    """GET /v1/budget/status[?policy=NAME][&user=END_USER]: `user` shows that end user's `each: user` windows."""
+    user = checked_id(request.query.get("user"), "user")
+
+    async def budgets_of(engine: BudgetEngine, settings: Settings, policies: list[Policy], caller: CallerIdentity,
+                         now: float) -> list[dict[str, Any]]:
+        return await budget_report(engine, policies, now, lambda policy: each_values(settings, policy, caller, user),
+                                   settings)
+
+    return await scoped_status(request, budgets_of)
 
 
 def _query(request: web.Request, now: float) -> tuple[float, float, GroupBy]:
@@ -70,7 +73,7 @@ def _iso(epoch_s: float) -> str:
 
 
 async def budget_usage(request: web.Request) -> web.Response:
-    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider|endpoint."""
+    """GET /v1/budget/usage?since=&until=&group_by=model|key|team|policy|provider|endpoint|user|session."""
     settings = request.app[CONFIG].current
     caller = authenticate(request, settings)
     engine = request.app[BUDGET]

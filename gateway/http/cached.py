@@ -52,7 +52,7 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
     events; then ledger what it saved."""
     record, entry = request[RECORD], lookup.entry
     assert entry is not None
-    held = await budget.reserve_hit(record.request_id, settings, caller, plan)
+    held = await budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
     record.cost_nano, record.saved_nano = 0, entry.cost_nano
     headers = {"x-gateway-cache": "hit", "age": str(entry.age(now)), "x-request-id": record.request_id}
     if held is not None and held.headers is not None:
@@ -60,7 +60,8 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
     try:
         return await _send_hit(request, lookup, entry.body, headers)
     finally:
-        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint)
+        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
+                            record.user, record.session)
         record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
 
 

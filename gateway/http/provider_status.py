@@ -20,7 +20,7 @@ from gateway.http.appkeys import CONFIG, PEERS, RESILIENCE, ROUTER
 from gateway.http.auth import authenticate
 from gateway.routing.report import canary_entry
 
-__all__ = ["provider_status", "add_provider_status_routes"]
+__all__ = ["provider_status", "provider_report", "add_provider_status_routes"]
 
 _FIELDS = ("provider", "state", "failure_rate", "calls_in_window", "open_until", "consecutive_opens")
 _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
@@ -68,14 +68,19 @@ def _every_worker(workers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 async def provider_status(request: web.Request) -> web.Response:
     """The breaker state of every configured provider, in OpenAI's list shape."""
     _require_admin(request)
-    own = request.app[RESILIENCE].snapshot()
-    peers = request.app.get(PEERS)
+    return web.Response(body=orjson.dumps(await provider_report(request.app)), content_type="application/json")
+
+
+async def provider_report(app: web.Application) -> dict[str, Any]:
+    """Every provider's breaker (every worker's under --workers) and, with canary routes, the canaries."""
+    own = app[RESILIENCE].snapshot()
+    peers = app.get(PEERS)
     data = [_entry(snapshot) for snapshot in own] if peers is None else \
         _every_worker(await peers.everyone("breakers", own))
     body: dict[str, Any] = {"object": "list", "data": data}
-    if any(route.canary is not None for route in request.app[CONFIG].current.routes):
-        body["canaries"] = await _canaries(request.app)
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    if any(route.canary is not None for route in app[CONFIG].current.routes):
+        body["canaries"] = await _canaries(app)
+    return body
 
 
 async def _canaries(app: web.Application) -> list[dict[str, Any]] | None:

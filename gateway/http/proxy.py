@@ -73,6 +73,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     req = await read_proxy_request(request, endpoint, settings.server)
     record.model = record.requested_model = req.model
     record.stream = req.stream
+    record.user, record.session = req.user, req.session
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
     # (the cache stores and replays chat answers: the other APIs are not cached yet)
@@ -200,7 +201,7 @@ def settle(budget: BudgetEngine, record: AccessRecord, reservation: Reservation,
         if bill.unknown is not None:
             _warn_unknown(record, bill)
     facts = LedgerFacts(record.model, record.requested_model, record.provider, record.attempts, record.usage,
-                        record.started, record.endpoint)
+                        record.started, record.endpoint, record.user, record.session)
     budget.settle(reservation, bill.charge if bill else None, facts)
 
 

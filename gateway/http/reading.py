@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.config.model import ServerConfig
 from gateway.domain.api_requests import parse_api_request
+from gateway.domain.end_user import SESSION_HEADER, USER_HEADER
 from gateway.domain.request import Endpoint, ProxyRequest, media_type_of, parse_request
 from gateway.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
@@ -34,6 +35,10 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 
 
 async def read_proxy_request(request: web.Request, endpoint: Endpoint, server: ServerConfig) -> ProxyRequest:
-    """Read and check a client request for `endpoint`."""
+    """Read and check a client request for `endpoint` (with its end user and session, see domain.end_user)."""
     body = await read_body(request, server.max_body_bytes, server.client_timeout_s)
-    return parse_request(endpoint, body) if endpoint.api == "openai-chat" else parse_api_request(endpoint, body)
+    headers = request.headers
+    user, session = headers.get(USER_HEADER), headers.get(SESSION_HEADER)
+    if endpoint.api == "openai-chat":
+        return parse_request(endpoint, body, user, session)
+    return parse_api_request(endpoint, body, user, session)

@@ -41,6 +41,8 @@ class AccessRecord:
     saved_nano: int = 0                      # a cache hit: what the cached answer cost when it was bought
     rate_skipped: tuple[str, ...] = ()       # providers skipped at their own rate limit
     endpoint: str | None = None              # the forwarded endpoint's kind (chat, responses, messages, ...)
+    user: str | None = None                  # the end user and session: ledgered, not logged (personal data)
+    session: str | None = None
 
     def line(self, option: int = 0) -> bytes:
         """The JSON log line (`option`: orjson's, such as OPT_APPEND_NEWLINE)."""

@@ -31,7 +31,7 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 MAX_SERVED_KINDS = 4096
-CONTROL_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v1/providers/status", "/v1/budget/status",
+CONTROL_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v1/providers/status", "/v1/budget/status", "/ui",
                            "/v1/budget/usage"})
 """Scrapes, health checks and status reads: counted in `gateway_control_requests_total`, not as traffic."""
 M = TypeVar("M", Counter, LoopHistogram)

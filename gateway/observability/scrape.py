@@ -22,14 +22,14 @@ from gateway.errors import StoreError
 from gateway.observability.instruments import GatewayMetrics
 from gateway.resilience.registry import ResilienceRegistry
 
-__all__ = ["BREAKER_STATES", "STORE_READ_TIMEOUT_S", "Scrape", "read_budgets", "budget_families",
+__all__ = ["BREAKER_STATES", "STORE_READ_TIMEOUT_S", "Scrape", "read_budgets", "budget_families", "forecast_families",
            "breaker_family", "reload_family", "background_family", "BACKGROUND_TASKS"]
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 STORE_READ_TIMEOUT_S = 2.0
 _BUDGET_LABELS = ("policy", "period", "unit")
 BACKGROUND_TASKS = ("config_reload", "alert_delivery", "journal_replay", "spare_reservations", "accept_connections",
-                    "header_deadlines", "canary_sync")
+                    "header_deadlines", "canary_sync", "forecast_alerts")
 
 
 class Scrape(Collector):
@@ -46,7 +46,7 @@ async def read_budgets(engine: BudgetEngine, settings: Settings, metrics: Gatewa
     """Budget gauges of every policy window, in one store read; none when the read fails."""
     try:
         async with asyncio.timeout(STORE_READ_TIMEOUT_S):
-            entries = await budget_report(engine, list(settings.policies), engine.clock.now())
+            entries = await budget_report(engine, list(settings.policies), engine.clock.now(), settings=settings)
     except TimeoutError:
         metrics.store_errors("read").inc()   # the instrumented store saw a cancellation, not an error
         return []
@@ -68,7 +68,29 @@ def budget_families(entries: Iterable[dict[str, Any]]) -> list[Metric]:
         spent.add_metric(labels, float(entry["spent"]))
         limit.add_metric(labels, float(entry["limit"]))
         utilization.add_metric(labels, float(entry["utilization"]))
-    return [spent, limit, utilization]
+    return [spent, limit, utilization, *forecast_families(entries)]
+
+
+def forecast_families(entries: Iterable[dict[str, Any]]) -> list[Metric]:
+    """Burn rate, projected spend at the reset and its share of the limit, per shared budget window."""
+    burn = GaugeMetricFamily("gateway_budget_burn_per_hour", "Spent in the last hour (per hour), in the unit.",
+                             labels=_BUDGET_LABELS)
+    projected = GaugeMetricFamily("gateway_budget_projected_at_reset",
+                                  "Spend projected at the window's reset at the last hour's rate, in the unit.",
+                                  labels=_BUDGET_LABELS)
+    share = GaugeMetricFamily("gateway_budget_projected_utilization",
+                              "Projected spend at the reset over the limit (1 = runs out right at the reset).",
+                              labels=_BUDGET_LABELS)
+    for entry in entries:
+        ahead = entry.get("forecast")
+        if ahead is None:
+            continue
+        labels = [entry["policy"], entry["period"], entry["unit"]]
+        burn.add_metric(labels, float(ahead["burn_per_hour"]))
+        projected.add_metric(labels, float(ahead["projected_at_reset"]))
+        limit = float(entry["limit"])
+        share.add_metric(labels, float(ahead["projected_at_reset"]) / limit if limit else 1.0)
+    return [burn, projected, share]
 
 
 def breaker_family(resilience: ResilienceRegistry, settings: Settings) -> Metric:
