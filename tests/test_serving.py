@@ -97,6 +97,27 @@ async def test_at_the_cap_a_new_client_is_served_by_closing_the_longest_waiting_
     assert len(gateway.server.connections) <= 20
 
 
+async def test_at_the_cap_a_stalled_head_goes_before_a_client_yet_to_write_or_an_idle_kept_alive_one(
+        upstream, serve_gateway, http):
+    gateway = await serve_gateway(settings_for(upstream, header_timeout_s=60), max_connections=3)
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    silent = await asyncio.open_connection(host, int(port))             # oldest: connected, nothing sent yet
+    idle = await asyncio.open_connection(host, int(port))               # served once, then kept alive
+    idle[1].write(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    head = await idle[0].readuntil(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+    await idle[0].readexactly(length)
+    stalled = await open_partial(gateway.url)
+    await until(lambda: len(gateway.server.connections) == 3)
+
+    reply = await http(gateway, "POST", "/v1/chat/completions", json=CHAT)
+
+    assert reply.status == 200
+    assert await closed_by_server(stalled[0], within_s=1)                # it made room, once 0.25 s old
+    assert not await closed_by_server(silent[0], within_s=0.1)           # a client may be slow to write
+    assert not await closed_by_server(idle[0], within_s=0.1)             # nor dropped between two requests
+
+
 async def test_at_the_cap_with_every_connection_serving_a_new_one_waits_for_a_free_slot(
         upstream, serve_gateway, http):
     gateway = await serve_gateway(settings_for(upstream), max_connections=2)

@@ -7,8 +7,10 @@ connections whose clock ran past `server.header_timeout_s` (one sweep a fraction
 a timer per request). An idle kept-alive connection is closed by aiohttp after `keepalive_timeout_s`.
 
 At the cap, a new connection makes room by closing the connection that has waited longest for its
-request headers (EVICT_MIN_AGE_S at least; up to EVICT_BATCH of them at once, as nginx drains), else an
-idle kept-alive one; when every connection is busy with a request it waits.
+request headers (EVICT_MIN_AGE_S at least, EVICT_SILENT_AGE_S when it sent nothing yet; up to EVICT_BATCH
+of them at once, as nginx drains); while
+only younger heads are coming it waits for them to age; with no head coming at all, it closes an idle
+kept-alive connection; when every connection is busy with a request it waits.
 
 The handler reads two attributes of aiohttp's `RequestHandler` that are not public API, `_waiter` (set
 while it waits for the next request) and `_messages` (parsed requests not yet handled); pyproject.toml
@@ -39,6 +41,7 @@ __all__ = ["ClientConnections", "GatewayRequestHandler"]
 log = logging.getLogger("gateway")
 REPORT_EVERY_S = 60.0     # closings for the deadline or the cap are logged at most this often
 EVICT_MIN_AGE_S = 0.25    # a head younger than this may just not have been read yet: not closed for room
+EVICT_SILENT_AGE_S = 1.0  # nor a connection that sent nothing yet, for this long (its client may be slow to write)
 EVICT_BATCH = 16          # heads closed at once at the cap (under a flood, one at a time is too slow)
 
 
@@ -77,12 +80,16 @@ class ClientConnections:
                 await asyncio.wait_for(self._changed.wait(), EVICT_MIN_AGE_S)
 
     def _waited_longest(self, now: float) -> list[GatewayRequestHandler]:
-        """Up to EVICT_BATCH connections waiting longest (EVICT_MIN_AGE_S at least) for their headers, else
-        one idle kept-alive connection, else none."""
-        heads = [c for c in self._open if c.header_started is not None and now - c.header_started >= EVICT_MIN_AGE_S]
+        """Up to EVICT_BATCH connections waiting longest (EVICT_MIN_AGE_S at least) for their headers; none
+        while younger heads are coming (they age into the next ones: a kept-alive client between two requests
+        is not dropped for a flood of new connections); else one idle kept-alive connection."""
+        heads = [c for c in self._open if c.header_started is not None]
+        old = [c for c in heads if now - (c.header_started or now) >= (EVICT_SILENT_AGE_S if c.silent else EVICT_MIN_AGE_S)]
+        if old:
+            return heapq.nsmallest(EVICT_BATCH, old, key=lambda c: c.header_started or 0.0)
         if heads:
-            return heapq.nsmallest(EVICT_BATCH, heads, key=lambda c: c.header_started or 0.0)
-        return [c for c in self._open if c.between_requests and c.header_started is None][:1]
+            return []
+        return [c for c in self._open if c.between_requests][:1]
 
     def close_overdue(self, now: float) -> int:
         """Close every connection whose headers are not complete `header_timeout_s` after its clock started."""
@@ -136,12 +143,13 @@ class GatewayRequestHandler(RequestHandler):
     """aiohttp's HTTP protocol, with a header deadline, a place in `ClientConnections`, and malformed
     requests answered in OpenAI's error shape without echoing (or logging) their raw bytes."""
 
-    __slots__ = ("_table", "header_started")
+    __slots__ = ("_table", "header_started", "silent")
 
     def __init__(self, manager: web.Server, table: ClientConnections, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._table = table
         self.header_started: float | None = None    # loop.time() when the current request head began
+        self.silent = True                          # nothing received yet
 
     @property
     def between_requests(self) -> bool:
@@ -159,6 +167,7 @@ class GatewayRequestHandler(RequestHandler):
         self._table.lost(self)
 
     def data_received(self, data: bytes) -> None:
+        self.silent = False
         if self.header_started is None and self._waiter is not None:
             self.header_started = self._loop.time()     # the first byte of a request on a kept-alive connection
         _data_received(self, data)                  # (not super(): this runs for every read)
