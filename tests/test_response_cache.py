@@ -308,6 +308,8 @@ async def test_no_store_neither_reads_nor_writes(upstream, start_gateway, http, 
 class BrokenStore:
     """A cache store that always fails."""
 
+    bounds_time = False
+
     async def get(self, key: str, now: float) -> bytes | None:
         raise ConnectionError("down")
 

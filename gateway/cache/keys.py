@@ -28,14 +28,14 @@ def scope_identity(scope: str, caller: CallerIdentity) -> str:
 def canonical_body(payload: dict[str, Any]) -> bytes:
     """The body with sorted keys and no whitespace, without the IGNORED_FIELDS (the client's own encoding
     of it cannot matter: it was parsed and is encoded again)."""
-    kept = {name: value for name, value in payload.items() if name not in IGNORED_FIELDS}
-    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+    if not IGNORED_FIELDS.isdisjoint(payload):
+        payload = {name: value for name, value in payload.items() if name not in IGNORED_FIELDS}
+    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
 def cache_key(endpoint: str, model: str, identity: str, payload: dict[str, Any]) -> str:
     """The hex SHA-256 of the key's parts, each length-prefixed so no two sets of parts run together."""
-    digest = hashlib.sha256(KEY_VERSION)
+    parts = [KEY_VERSION]
     for part in (endpoint.encode(), model.encode(), identity.encode(), canonical_body(payload)):
-        digest.update(b"%d:" % len(part))
-        digest.update(part)
-    return digest.hexdigest()
+        parts += (b"%d:" % len(part), part)
+    return hashlib.sha256(b"".join(parts)).hexdigest()

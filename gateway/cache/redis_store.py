@@ -38,6 +38,7 @@ class RedisCacheStore:
         self._put = client.register_script(_PUT)
         self._prefix = f"{prefix}:cache:"
         self._owns_client = owns_client
+        self.bounds_time = self._driver.capabilities.bounds_time
 
     async def get(self, key: str, now: float) -> bytes | None:
         """The stored value, or None."""

@@ -20,7 +20,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.cache.control import control_of
 from gateway.cache.entry import CacheEntry, decode, encode
@@ -37,6 +37,7 @@ __all__ = ["Lookup", "ResponseCache", "HIT", "MISS", "BYPASS", "ERROR"]
 
 log = logging.getLogger("gateway.cache")
 HIT, MISS, BYPASS, ERROR = "hit", "miss", "bypass", "error"
+T = TypeVar("T")
 MAX_MODELS = 1024    # client model names remembered per config (they come from clients)
 
 
@@ -119,8 +120,8 @@ class ResponseCache:
         if held is not None:
             return held, MISS
         try:
-            async with asyncio.timeout(self.timeout_s):
-                data = await self.store.get(key, now)
+            get = self.store.get(key, now)
+            data = await (get if self.store.bounds_time else self._bounded(get))
         except Exception as exc:             # any failure of the cache is a miss, never the request's
             self._failed("get", exc)
             return None, ERROR
@@ -162,10 +163,12 @@ class ResponseCache:
         self._writes.add(work)
         work.add_done_callback(functools.partial(self._written, key, flight))
 
-    async def _bounded(self, call: Awaitable[None] | None) -> None:
-        if call is not None:
-            async with asyncio.timeout(self.timeout_s):
-                await call
+    async def _bounded(self, call: Awaitable[T] | None) -> T | None:
+        """`call` within the store's timeout."""
+        if call is None:
+            return None
+        async with asyncio.timeout(self.timeout_s):
+            return await call
 
     def _written(self, key: str, flight: Flight | None, work: asyncio.Future[None]) -> None:
         """A write ended: count its failure; the flight it kept visible is forgotten."""

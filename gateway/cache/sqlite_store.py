@@ -51,6 +51,7 @@ class SqliteCacheStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self.bounds_time = False
 
     async def get(self, key: str, now: float) -> bytes | None:
         """The value, stamped as just used; None when absent or expired (an expired one is deleted)."""

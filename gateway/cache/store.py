@@ -15,7 +15,10 @@ __all__ = ["CacheStore"]
 
 
 class CacheStore(Protocol):
-    """Where cache entries live."""
+    """Where cache entries live; `bounds_time`: every call answers (or fails) within the store's own timeout,
+    so the caller adds none."""
+
+    bounds_time: bool
 
     async def get(self, key: str, now: float) -> bytes | None:
         """The value stored under `key`, or None (never stored, expired by `now`, or evicted)."""
