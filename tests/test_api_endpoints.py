@@ -19,9 +19,9 @@ import orjson
 import pytest
 
 from gateway import cli
-from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, StoreConfig
+from gateway.config.model import CacheConfig, ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
-from gateway.http.appkeys import BUDGET
+from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
 from gateway.upstream.api_usage import messages_usage_block
 from gateway.upstream.usage import UNREADABLE
@@ -365,3 +365,33 @@ def test_cache_writes_cost_their_own_price_exactly(price):
 ])
 def test_messages_usage_is_read_exactly_or_unknown_never_zero(block, expected):
     assert messages_usage_block(block) == (UNREADABLE if expected == "unreadable" else expected)
+
+
+async def test_whole_responses_and_messages_answers_are_cached_and_their_streams_are_not(
+        upstream, start_gateway, sdk, anthropic_sdk, http, tmp_path):
+    settings = api_settings({"primary": upstream.url}, policies=(make_policy("global", **LIMITS),),
+                            store=StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False),
+                            cache=CacheConfig(models=("gpt-4.1", CLAUDE)))
+    gateway = await start_gateway(settings)
+    openai_client, claude = sdk(gateway), anthropic_sdk(gateway)
+    responses = [await openai_client.responses.with_raw_response.create(
+        model="gpt-4.1", input="Say hello to the gateway", max_output_tokens=50) for _ in range(2)]
+    await gateway.app[CACHE].written()
+    messages = [await claude.messages.with_raw_response.create(model=CLAUDE, max_tokens=100, messages=ASK)
+                for _ in range(2)]
+    for _ in range(2):
+        stream = await openai_client.responses.create(model="gpt-4.1", input="Stream it", stream=True)
+        assert [e async for e in stream if e.type == "response.completed"]
+        await gateway.app[CACHE].written()
+
+    assert [r.headers["x-gateway-cache"] for r in (*responses, *messages)] == ["miss", "hit"] * 2
+    answers = [r.parse() for r in responses]             # the openai SDK's raw response parses at once
+    assert answers[1].output_text == answers[0].output_text == upstream.content
+    texts = [(await r.parse()).content[0].text for r in messages]
+    assert texts[1] == texts[0] and texts[0]
+    assert [r.path for r in upstream.requests] == ["/v1/responses", "/v1/messages", "/v1/responses", "/v1/responses"]
+    rows = await ledger(gateway)
+    hits = sorted((r.endpoint, r.status, r.cost_nano) for r in rows if r.status == "cache_hit")
+    assert hits == [("messages", "cache_hit", 0), ("responses", "cache_hit", 0)]
+    assert all(r.saved_nano > 0 for r in rows if r.status == "cache_hit")
+    assert (await budget(http, gateway))[("global", "requests")]["spent"] == 4     # the misses and the streams

@@ -251,3 +251,15 @@ def test_a_whole_answer_is_kept_unless_it_is_a_refusal(answer: dict, kept: bool)
     body = orjson.dumps(answer)
     assert storable_answer(body) is storable(answer) is kept
     assert storable_answer(orjson.dumps(answer, option=orjson.OPT_INDENT_2)) is kept
+
+
+@pytest.mark.parametrize(("answer", "kept"), [
+    ({"type": "message", "content": [{"type": "text", "text": "fine"}], "stop_reason": "end_turn"}, True),
+    ({"type": "message", "content": [], "stop_reason": "refusal"}, False),
+    ({"object": "response", "output": [{"type": "message", "content": [{"type": "output_text", "text": "ok"}]}]},
+     True),
+    ({"object": "response", "output": [{"type": "message", "content": [{"type": "refusal", "refusal": "no"}]}]},
+     False),
+], ids=["messages", "messages_refusal", "responses", "responses_refusal"])
+def test_a_whole_responses_or_messages_answer_is_kept_unless_it_is_a_refusal(answer: dict, kept: bool) -> None:
+    assert storable_answer(orjson.dumps(answer)) is kept

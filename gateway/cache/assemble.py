@@ -26,9 +26,10 @@ JSON = dict[str, Any]
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 _JOINED = ("content", "refusal", "reasoning_content")
 _CHAT = "chat.completion.chunk"
-# a refusal's marks as keys of the answer: a quote inside a JSON string is escaped, so `"refusal"` followed
-# by `:` is a key, never text
-_REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)')
+# a refusal's marks as keys of the answer (a quote inside a JSON string is escaped, so `"refusal"` followed
+# by `:` is a key, never text): chat's, the Responses API's refusal content and Anthropic's stop reason
+_REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)'
+                      rb'|"type"\s*:\s*"refusal"|"stop_reason"\s*:\s*"refusal"')
 
 
 class _Unstorable(Exception):

@@ -76,8 +76,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     record.user, record.session = req.user, req.session
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
-    # (the cache stores and replays chat answers: the other APIs are not cached yet)
-    cached = settings.cache.models and endpoint.api == "openai-chat"
+    # the cache replays streams as chat events only: the other APIs' streams are neither read nor kept
+    cached = settings.cache.models and (endpoint.api == "openai-chat" or not req.stream)
     lookup = await look_up(proxy.cache, settings, caller, req, request) if cached else None
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
