@@ -22,14 +22,6 @@ CHAT = {"model": "gpt-4.1", "messages": MESSAGES, "max_tokens": 10}
 NOON_UTC = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc).timestamp()
 
 
-@pytest.fixture(params=["embedded", "redis"])
-def store_config(request, tmp_path) -> StoreConfig:
-    """Every budget test runs on the embedded store and on a real redis-server (spares: test_spare_reservations)."""
-    if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
-    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
-
-
 def billed_cost(upstream, model: str) -> Decimal:
     billed = upstream.billed.models[model]
     return nano_to_usd(cost_nano(PRICES[model], Usage(billed.prompt_tokens, billed.completion_tokens,

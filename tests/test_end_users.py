@@ -9,7 +9,6 @@ from urllib.parse import urlencode
 import openai
 import pytest
 
-from gateway.config.model import StoreConfig
 from gateway.domain.end_user import MAX_ID_CHARS, end_user
 from gateway.errors import InvalidRequest
 from gateway.http.appkeys import BUDGET
@@ -17,13 +16,6 @@ from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, make_policy
 
 MESSAGES = [{"role": "user", "content": "Whose spend is this?"}]
 POLICIES = (make_policy("global", usd="100"),)
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def store_config(request, tmp_path) -> StoreConfig:
-    if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
-    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
 
 
 async def grouped(http, gateway, key: str, group_by: str) -> dict[str | None, dict[str, Any]]:

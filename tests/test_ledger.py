@@ -36,14 +36,6 @@ POLICIES = (make_policy("global", **LIMITS), make_policy("team-web", teams=("web
             make_policy("team-data", teams=("data",), **LIMITS))
 
 
-@pytest.fixture(params=["embedded", "redis"])
-def store_config(request, tmp_path) -> StoreConfig:
-    """Every ledger test runs on the embedded store and on a real redis-server (spares: test_spare_reservations)."""
-    if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
-    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
-
-
 async def usage(http, gateway, key: str = ADMIN_KEY, **query: str) -> dict[str, Any]:
     reply = await http(gateway, "GET", "/v1/budget/usage?" + urlencode(query), key=key)
     assert reply.status == 200, reply.body

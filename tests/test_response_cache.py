@@ -27,14 +27,6 @@ POLICIES = (make_policy("everyone", **LIMITS),)
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is a cache?"}], "max_tokens": 50}
 
 
-@pytest.fixture(params=["embedded", "redis"])
-def store_config(request, tmp_path) -> StoreConfig:
-    """Every cache test runs on the embedded store and on a real redis-server."""
-    if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
-    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
-
-
 def settings_for(upstream, store_config, cache: CacheConfig = CACHED, **overrides: Any):
     return make_settings({"primary": upstream.url}, store=store_config, cache=cache, **{"policies": POLICIES, **overrides})
 

@@ -10,20 +10,12 @@ from urllib.parse import urlencode
 import orjson
 import pytest
 
-from gateway.config.model import StoreConfig
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.http.appkeys import BUDGET
 from tests.support.metrics import RecordingLog, scrape, total, value
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "serve me something cheaper"}], "max_tokens": 9}
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def store_config(request, tmp_path) -> StoreConfig:
-    if request.param == "redis":
-        return StoreConfig(url=request.getfixturevalue("redis_url"), reserve_ahead=False)
-    return StoreConfig(path=str(tmp_path / "budget.db"), reserve_ahead=False)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
