@@ -25,6 +25,7 @@ from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.tokens import prompt_upper_bound
 from gateway.mock_upstream import Action, MockUpstream
 from tests.support.redis_server import free_port
+from tests.support.replicas import wait_healthy
 from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,16 +207,7 @@ async def gateway_process(upstream, tmp_path: Path) -> AsyncIterator[tuple[int, 
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(20):
-                while True:      # polling a child process for readiness, not passing test time
-                    assert process.returncode is None, (tmp_path / "gateway.log").read_text()
-                    try:
-                        async with session.get(url + "/healthz") as reply:
-                            if reply.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await wait_healthy(session, url, process)
         yield process.pid, url
     finally:
         if process.returncode is None:
