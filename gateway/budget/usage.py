@@ -11,7 +11,7 @@ row with several policies counts once in each of its policy groups and once in t
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -23,7 +23,7 @@ from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.pricing import format_usd
 from gateway.errors import InvalidRequest
 
-__all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "parse_instant", "GroupBy",
+__all__ = ["GROUPS", "Totals", "Scope", "ledger_rows", "usage_totals", "grouped_totals", "parse_instant", "GroupBy",
            "NOW_INCLUDED_S"]
 
 GroupBy = Literal["model", "key", "team", "policy", "provider", "endpoint", "user", "session"]
@@ -96,16 +96,24 @@ class Scope:
 
 
 async def usage_totals(rows: AsyncIterator[LedgerEntry], scope: Scope,
-                    group_by: GroupBy) -> tuple[dict[str | None, Totals], Totals]:
+                       group_by: GroupBy) -> tuple[dict[str | None, Totals], Totals]:
     """Totals per group and overall, over the rows `scope` sees."""
-    groups: dict[str | None, Totals] = {}
+    groups, total = await grouped_totals(rows, scope, (group_by,))
+    return groups[group_by], total
+
+
+async def grouped_totals(rows: AsyncIterator[LedgerEntry], scope: Scope, group_bys: Sequence[GroupBy]
+                         ) -> tuple[dict[GroupBy, dict[str | None, Totals]], Totals]:
+    """Totals per group of each of `group_bys`, and overall, in one pass over the rows `scope` sees."""
+    groups: dict[GroupBy, dict[str | None, Totals]] = {group_by: {} for group_by in group_bys}
     total = Totals()
     async for entry in rows:
         if not scope.sees(entry):
             continue
         total.add(entry)
-        for group in scope.groups(entry, group_by):
-            groups.setdefault(group, Totals()).add(entry)
+        for group_by, totals in groups.items():
+            for group in scope.groups(entry, group_by):
+                totals.setdefault(group, Totals()).add(entry)
     return groups, total
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.budget.each import each_values
 from gateway.budget.rate_status import rate_report
 from gateway.budget.status import budget_report, visible_policies
-from gateway.budget.usage import Scope, Totals, ledger_rows, usage_totals
+from gateway.budget.usage import GroupBy, Scope, Totals, grouped_totals, ledger_rows
 from gateway.budget.windows import window_for
 from gateway.config.model import LOCAL_CALLER, CallerIdentity, Settings
 from gateway.errors import StoreError, StoreUnavailable, Unauthorized
@@ -54,15 +54,16 @@ def ui_caller(request: web.Request, settings: Settings, known: KnownTokens) -> C
 async def _top_today(request: web.Request, settings: Settings, caller: CallerIdentity, now: float
                      ) -> dict[str, list[tuple[str | None, dict[str, Any]]]]:
     """Today's (UTC) top models and end users by cost, from the ledger rows the caller may see."""
-    engine, top = request.app[BUDGET], {}
+    engine = request.app[BUDGET]
     since = window_for("daily", "UTC", now).start_ts
-    for group_by in ("model", "user"):
-        groups: dict[str | None, Totals] = {}
-        if engine.store is not None:
-            groups, _ = await usage_totals(ledger_rows(engine.store, since, now + 0.001), Scope.of(settings, caller),
-                                           group_by)   # type: ignore[arg-type]
+    kinds: tuple[GroupBy, ...] = ("model", "user")
+    by: dict[GroupBy, dict[str | None, Totals]] = {kind: {} for kind in kinds}
+    if engine.store is not None:      # one read of today's rows for both
+        by, _ = await grouped_totals(ledger_rows(engine.store, since, now + 0.001), Scope.of(settings, caller), kinds)
+    top: dict[str, list[tuple[str | None, dict[str, Any]]]] = {}
+    for kind, groups in by.items():
         ranked = sorted(groups.items(), key=lambda item: (-item[1].cost_nano, -item[1].requests, str(item[0])))
-        top[group_by] = [(name, totals.as_json()) for name, totals in ranked[:TOP]]
+        top[kind] = [(name, totals.as_json()) for name, totals in ranked[:TOP]]
     return top
 
 
