@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import logging
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,10 +59,11 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
                store: BudgetStore | None = None, access_log: AccessLog | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                registry: CollectorRegistry | None = None, peers: Peers | None = None,
-               cache_store: CacheStore | None = None) -> web.Application:
+               cache_store: CacheStore | None = None, rng: random.Random | None = None) -> web.Application:
     """The gateway application; tests pass fakes, production passes nothing (a fresh metrics registry).
 
-    `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all).
+    `peers`: this worker's siblings under `gateway run --workers N` (metrics and status answer for all);
+    `rng`: what splits and canaries draw their arms from.
     """
     scrub_logs()
     app = web.Application(client_max_size=settings.server.max_body_bytes)
@@ -83,7 +85,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app.cleanup_ctx.append(budget_recovery)
     app.cleanup_ctx.append(response_cache)        # closed before the budget store, whose client it may share
     add_budget_alerts(app, sleep=sleep)
-    app[ROUTER] = router = Router(CanaryRuns(app[BUDGET].store, clock))
+    app[ROUTER] = router = Router(CanaryRuns(app[BUDGET].store, clock), rng)
     metrics.registry.register(ArmCollector(router.counts))
     app.cleanup_ctx.append(canary_sync)
     if config_path is not None:
