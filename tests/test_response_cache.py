@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from gateway import cli
-from gateway.http.appkeys import BUDGET, CACHE
+from gateway.http.appkeys import BUDGET, CACHE, CONFIG
 from gateway.clock import FakeClock
-from gateway.config.model import CacheConfig, RateLimit, StoreConfig
+from gateway.config.model import CacheConfig, RateLimit, Route, RouteTarget, StoreConfig
 from gateway.mock_upstream import Action
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from tests.support.canary import CANARY_KEY
@@ -401,3 +401,73 @@ async def test_a_hit_counts_as_one_request_in_request_rate_and_in_flight_limits_
     assert spent[("daily", "requests")] == 1 and Decimal(spent[("daily", "usd")]) > 0    # the miss alone
     hits = [row for row in await ledger(gateway) if row.status == "cache_hit"]
     assert len(hits) == 2 and all(h.cost_nano == 0 and h.saved_nano > 0 and h.policies == ("everyone",) for h in hits)
+
+
+# --- a request served from the cache before is known again by its bytes (gateway.http.repeat_hits) ----------
+
+async def test_repeated_identical_hits_still_tell_keys_users_and_cache_control_apart(upstream, start_gateway, http,
+                                                                                    store_config):
+    gateway = await start_gateway(settings_for(upstream, store_config))
+    first = await post(http, gateway, CHAT)
+    await settled(gateway)
+    repeats = [await post(http, gateway, CHAT, **{"x-gateway-user": "ann"}) for _ in range(3)]
+    bob = await post(http, gateway, CHAT, **{"x-gateway-user": "bob"})
+    other_team = await post(http, gateway, CHAT, key=OTHER_KEY, **{"x-gateway-user": "ann"})
+    refreshed = await post(http, gateway, CHAT, **{"x-gateway-user": "ann", "Cache-Control": "no-cache"})
+    await settled(gateway)
+    after = await post(http, gateway, CHAT, **{"x-gateway-user": "ann"})
+
+    assert [r.headers["x-gateway-cache"] for r in (*repeats, bob)] == ["hit"] * 4
+    assert all(r.json() == first.json() for r in (*repeats, bob))
+    assert (other_team.headers["x-gateway-cache"], refreshed.headers["x-gateway-cache"]) == ("miss", "bypass")
+    assert after.headers["x-gateway-cache"] == "hit" and after.json() == refreshed.json() != first.json()
+    assert len(upstream.requests) == 3
+    hits = [row for row in await ledger(gateway) if row.status == "cache_hit"]
+    assert [(row.user, row.caller) for row in hits] == [("ann", "web-app")] * 3 + [("bob", "web-app"), ("ann", "web-app")]
+
+
+async def test_repeated_hits_of_a_stream_replay_it_with_usage_only_when_asked(upstream, start_gateway, sdk,
+                                                                               store_config):
+    gateway = await start_gateway(settings_for(upstream, store_config))
+    client = sdk(gateway)
+    messages = [{"role": "user", "content": "Tell me about caching in three words"}]
+    original = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    await settled(gateway)
+    for include_usage in (True, False, True, False):
+        text, usage = await _streamed(client, messages, include_usage=include_usage)
+        assert text == original.choices[0].message.content
+        assert (usage is not None) == include_usage
+    assert len(upstream.requests) == 1
+
+
+async def test_repeated_hits_end_with_their_entry_and_with_the_config_that_cached_them(upstream, start_gateway, http,
+                                                                                       tmp_path):
+    clock = FakeClock()
+    gateway = await start_gateway(settings_for(upstream, StoreConfig(path=str(tmp_path / "b.db")),
+                                               dataclasses.replace(CACHED, ttl_s=60)), clock=clock)
+    replies = [await post(http, gateway, CHAT) for _ in range(3)]
+    await settled(gateway)
+    clock.advance(61)
+    expired = await post(http, gateway, CHAT)
+    await settled(gateway)
+    again = [await post(http, gateway, CHAT) for _ in range(2)]
+    holder = gateway.app[CONFIG]
+    holder.swap(dataclasses.replace(holder.current, cache=dataclasses.replace(CACHED, models=("text-embedding-*",))))
+    uncached = await post(http, gateway, CHAT)
+
+    assert [r.headers["x-gateway-cache"] for r in (*replies, expired, *again)] == ["miss", "hit", "hit", "miss",
+                                                                                   "hit", "hit"]
+    assert "x-gateway-cache" not in uncached.headers and len(upstream.requests) == 3
+
+
+async def test_repeated_hits_through_a_split_are_still_routed_and_counted_down_its_arms(upstream, start_gateway,
+                                                                                       http, store_config):
+    split = Route("gpt-4o-mini", (RouteTarget("primary"), RouteTarget("backup")), (50, 50))  # type: ignore[arg-type]
+    settings = make_settings({"primary": upstream.url, "backup": upstream.url}, store=store_config, cache=CACHED,
+                             policies=POLICIES)
+    gateway = await start_gateway(dataclasses.replace(settings, routes=(split, *settings.routes)))
+    replies = [await post(http, gateway, CHAT) for _ in range(8)]
+    text = (await http(gateway, "GET", "/metrics", key=ADMIN_KEY)).body.decode()
+    arms = [sample(text, "gateway_route_arm_requests_total", route="gpt-4o-mini", arm=arm) or 0
+            for arm in ("primary", "backup")]
+    assert [r.status for r in replies] == [200] * 8 and sum(arms) == 8 and len(upstream.requests) == 1

@@ -195,6 +195,11 @@ class BudgetEngine:
         return Reservation(request_id, plan, _NO_COST, lines, False, None, caller, match.names, None,
                            rate_headers(slots, outcome.used, now))
 
+    def limits_hits(self, settings: Settings, caller: CallerIdentity, plan: Plan) -> bool:
+        """Whether `reserve_hit` may hold a cache hit of `caller` on `plan` (a rate window or in-flight counter
+        applies to it)."""
+        return self.store is not None and self._slots.match(settings, caller, plan.model, plan).rated
+
     def file_cache_hit(self, settings: Settings, caller: CallerIdentity, request_id: str, facts: LedgerFacts,
                        saved_nano: int, held: Reservation | None = None) -> tuple[str, ...]:
         """Ledger a request answered from the response cache, settling what `reserve_hit` held as one request

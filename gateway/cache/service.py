@@ -103,6 +103,10 @@ class ResponseCache:
                 return hit
         return Lookup(key, result, True, flight=self.flights.lead(key))
 
+    def held_hit(self, key: str, stream: bool, wants_usage: bool) -> Lookup | None:
+        """A hit on what this replica holds in memory under `key` (no store call, no flight), or None."""
+        return self._hit(key, self.memory.get(key, self.clock.now()), stream, wants_usage)
+
     def _hit(self, key: str, entry: CacheEntry | None, stream: bool, wants_usage: bool) -> Lookup | None:
         """A hit on `entry` (as SSE for a stream); None when there is none, or it has no stream form."""
         if entry is None:

@@ -14,11 +14,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway.budget.engine import BudgetEngine
+from gateway.budget.reservation import Reservation
 from gateway.cache.assemble import StreamAssembler, storable_answer
 from gateway.cache.service import ERROR, Lookup, ResponseCache
 from gateway.config.model import CacheConfig, CallerIdentity, Settings
 from gateway.domain.ledger_facts import LedgerFacts
-from gateway.domain.plan import Plan
 from gateway.domain.pricing import Usage
 from gateway.domain.request import ProxyRequest
 from gateway.http.middleware import RECORD
@@ -47,30 +47,18 @@ def cache_header(result: str) -> str:
 
 
 async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, settings: Settings,
-                    caller: CallerIdentity, plan: Plan, now: float) -> web.StreamResponse:
-    """Answer from the cache (counted as one request by request-rate limits): the whole answer, or its SSE
-    events; then ledger what it saved."""
+                    caller: CallerIdentity, held: Reservation | None, now: float) -> web.StreamResponse:
+    """Answer from the cache (`held`: what `reserve_hit` held of it): the whole answer, or its SSE events, with
+    its head and body in one write; then ledger what it saved."""
     record, entry = request[RECORD], lookup.entry
     assert entry is not None
-    held = await budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
     record.cost_nano, record.saved_nano = 0, entry.cost_nano
     headers = {"x-gateway-cache": "hit", "age": str(entry.age(now)), "x-request-id": record.request_id}
     if held is not None and held.headers is not None:
         headers |= held.headers
-    try:
-        return await _send_hit(request, lookup, entry.body, headers)
-    finally:
-        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
-                            record.user, record.session)
-        record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
-
-
-async def _send_hit(request: web.Request, lookup: Lookup, body: bytes, headers: dict[str, str]
-                    ) -> web.StreamResponse:
-    """Send the cached answer whole, or as its SSE events: its head and body in one write (a web.Response
-    holds its head back for its body; a StreamResponse would send them apart, a second system call)."""
+    # a web.Response holds its head back for its body; a StreamResponse would send them apart (two system calls)
     if lookup.events is None:
-        response = web.Response(body=body, headers=headers, content_type="application/json")
+        response = web.Response(body=entry.body, headers=headers, content_type="application/json")
     else:
         response = web.Response(body=lookup.events, headers={"Cache-Control": "no-cache", **headers},
                                 content_type="text/event-stream")
@@ -78,7 +66,11 @@ async def _send_hit(request: web.Request, lookup: Lookup, body: bytes, headers: 
         await response.prepare(request)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        request[RECORD].error = "client_disconnected"     # what was sent cost nothing either way
+        record.error = "client_disconnected"     # what was sent cost nothing either way
+    finally:
+        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
+                            record.user, record.session)
+        record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
     return response
 
 

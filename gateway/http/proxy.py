@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.reservation import Downgrade, Reservation
-from gateway.cache.service import ResponseCache
+from gateway.cache.service import HIT, Lookup, ResponseCache
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.api_requests import API_ENDPOINTS
@@ -24,6 +24,7 @@ from gateway.http.auth import KnownTokens, TokenReader, anthropic_token, authent
 from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
+from gateway.http.repeat_hits import RepeatHits, Ticket, wire_key
 from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.routing.canary_runs import latency_of
@@ -55,6 +56,7 @@ class Proxy:
     tokens: KnownTokens
     streams: OpenStreams
     cache: ResponseCache
+    repeats: RepeatHits
 
     @functools.cached_property
     def providers(self) -> ProviderPool:
@@ -64,10 +66,19 @@ class Proxy:
 
 async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
                 read_token: TokenReader = bearer_token) -> web.StreamResponse:
-    """caller -> request -> route -> cache -> reserve -> providers -> relay -> settle (-> cache)."""
+    """caller -> request -> route -> cache -> reserve -> providers -> relay -> settle (-> cache); a request
+    served from the cache before is answered again from this replica's memory at once (see repeat_hits)."""
     record = request[RECORD]
     record.endpoint = endpoint.kind
     settings = proxy.config.current
+    wire = None
+    if settings.cache.models and request.content.is_eof():   # its body is all here: reading it cannot wait
+        wire = wire_key(request, endpoint, read_token, await request.read())
+        ticket = proxy.repeats.find(settings, wire)
+        if ticket is not None:
+            hit = proxy.cache.held_hit(ticket.key, ticket.req.stream, ticket.req.wants_usage)
+            if hit is not None:
+                return await serve_repeat(request, proxy, settings, ticket, hit)
     caller = authenticate(request, settings, proxy.tokens, read_token)
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
@@ -82,13 +93,29 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
     if lookup.entry is not None:
-        return await serve_hit(request, lookup, proxy.budget, settings, caller, choice.plan,
-                               proxy.cache.clock.now())
+        plan = choice.plan
+        held = await proxy.budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
+        if wire is not None and proxy.router.fixed(settings, req.model) and \
+                not proxy.budget.limits_hits(settings, caller, plan):
+            proxy.repeats.remember(settings, wire, Ticket(caller, req, plan.route, lookup.key))
+        return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
         return await forward(request, proxy, settings, caller, req, choice, delivery)
     finally:
         keep_answer(proxy.cache, lookup, settings.cache, delivery, record)
+
+
+async def serve_repeat(request: web.Request, proxy: Proxy, settings: Settings, ticket: Ticket,
+                       hit: Lookup) -> web.StreamResponse:
+    """Answer a request identical to one the full path served from the cache, with what it made of that one."""
+    record, req = request[RECORD], ticket.req
+    record.caller = ticket.caller.name
+    record.model = record.requested_model = req.model
+    record.stream = req.stream
+    record.user, record.session = req.user, req.session
+    record.route, record.cache = ticket.route, HIT
+    return await serve_hit(request, hit, proxy.budget, settings, ticket.caller, None, proxy.cache.clock.now())
 
 
 async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller: CallerIdentity,
@@ -222,7 +249,7 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded endpoints: OpenAI's chat, completions, embeddings and Responses, Anthropic's Messages."""
     proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS],
-                  app[CACHE])
+                  app[CACHE], RepeatHits())
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

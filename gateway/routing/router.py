@@ -169,6 +169,10 @@ class Router:
         """The plain plan of `model` (a downgrade's), kept to the providers that serve `endpoint`."""
         return self.apis.serving(settings, self.plans.plan_for(settings, model), endpoint)
 
+    def fixed(self, settings: Settings, model: str) -> bool:
+        """Whether every request for `model` gets the same plan (a plain route: no split, canary or rules)."""
+        return isinstance(self.chooser(settings, model), _Fixed)
+
     def chooser(self, settings: Settings, model: str) -> _Chooser:
         """The chooser of `model` under `settings`, built on first use."""
         if settings is not self._settings:
