@@ -71,10 +71,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     record = request[RECORD]
     record.endpoint = endpoint.kind
     settings = proxy.config.current
-    wire = None
-    if settings.cache.models and request.content.is_eof():   # its body is all here: reading it cannot wait
-        wire = wire_key(request, endpoint, read_token, await request.read())
-        ticket = proxy.repeats.find(settings, wire)
+    if proxy.repeats and settings.cache.models and request.content.is_eof():   # the body is all here: no wait
+        ticket = proxy.repeats.find(settings, wire_key(request, endpoint, read_token, await request.read()))
         if ticket is not None:
             hit = proxy.cache.held_hit(ticket.key, ticket.req.stream, ticket.req.wants_usage)
             if hit is not None:
@@ -95,8 +93,8 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     if lookup.entry is not None:
         plan = choice.plan
         held = await proxy.budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
-        if wire is not None and proxy.router.fixed(settings, req.model) and \
-                not proxy.budget.limits_hits(settings, caller, plan):
+        if proxy.router.fixed(settings, req.model) and not proxy.budget.limits_hits(settings, caller, plan):
+            wire = wire_key(request, endpoint, read_token, await request.read())   # read already: no wait
             proxy.repeats.remember(settings, wire, Ticket(caller, req, plan.route, lookup.key))
         return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
