@@ -23,7 +23,7 @@ from gateway.config.holder import ConfigHolder
 from gateway.config.loader import load_settings
 from gateway.config.model import ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.errors import ConfigError, StoreError
-from gateway.http.appkeys import METRICS, RELOADER
+from gateway.http.appkeys import BUDGET, METRICS, RELOADER
 from gateway.http.auth import key_digest
 from gateway.observability.access_log import AccessLog, AccessRecord
 from gateway.observability.cache import CACHE_OPERATIONS
@@ -386,6 +386,8 @@ async def test_sibling_workers_scrape_as_one_and_show_every_workers_breakers(
     chat = {"model": "gpt-4.1", "messages": MESSAGES_FOR_COUNT, "max_tokens": 5}
     for index in (0, 0, 0, 1, 1):
         assert (await http(workers[index], "POST", "/v1/chat/completions", json=chat)).status == 200
+    for worker in workers:       # settled in the background: else a scrape and the status may read apart
+        await worker.app[BUDGET].settled()
     breaker = workers[1].app[RESILIENCE].breaker("primary")
     for _ in range(BREAKER_OPENS_AT):         # only worker 1's breaker of primary opens
         breaker.acquire().failure()
