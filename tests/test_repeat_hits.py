@@ -3,46 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 from gateway.config.model import CallerIdentity
-from gateway.domain.request import ENDPOINTS, parse_request
-from gateway.http.repeat_hits import RepeatHits, Ticket, WireKey
+from gateway.http.repeat_hits import MAX_BODY_BYTES, RepeatHits, Ticket, WireKey
 from tests.support.settings import make_settings
 
 SETTINGS = make_settings({"primary": "http://127.0.0.1:9/v1"})
 CALLER = CallerIdentity("web-app", team="web")
 
 
-def wire(n: int, size: int = 100) -> WireKey:
-    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"%s"}]}' % (b"%d" % n).ljust(size, b" ")
-    return ("chat", "sk-1", None, None, None, "application/json", body)
+def wire(n: int, cache_control: str | None = None) -> WireKey:
+    return ("chat", "sk-1", None, None, cache_control, "application/json", hashlib.sha256(b"%d" % n).digest())
 
 
-def ticket(key: WireKey) -> Ticket:
-    return Ticket(CALLER, parse_request(ENDPOINTS["chat"], key[-1]), "gpt-4o-mini", f"key-{len(key[-1])}")
+def ticket(n: int) -> Ticket:
+    return Ticket(CALLER, "gpt-4o-mini", False, False, None, None, "gpt-4o-mini", f"key-{n}")
 
 
-def test_the_oldest_requests_go_first_past_the_count_or_the_bytes_bound() -> None:
-    repeats = RepeatHits(max_requests=3, max_body_bytes=9_200)
-    keys = [wire(n) for n in range(5)]
-    for key in keys:
-        repeats.remember(SETTINGS, key, ticket(key))
-    assert [repeats.find(SETTINGS, key) is not None for key in keys] == [False, False, True, True, True]
+def test_the_oldest_requests_go_first_past_the_count_or_the_bytes_of_their_headers() -> None:
+    repeats = RepeatHits(max_requests=3)
+    for n in range(5):
+        repeats.remember(SETTINGS, wire(n), ticket(n), 100)
+    assert [repeats.find(SETTINGS, wire(n)) for n in range(5)] == [None, None, ticket(2), ticket(3), ticket(4)]
 
-    big = wire(9, size=9_000)
-    repeats.remember(SETTINGS, big, ticket(big))
-    assert len(repeats) == 1 and repeats.find(SETTINGS, big) is not None      # the rest made room for its bytes
-    huge = wire(10, size=20_000)
-    repeats.remember(SETTINGS, huge, ticket(huge))
-    assert repeats.find(SETTINGS, huge) is None and repeats.find(SETTINGS, big) is not None
+    repeats = RepeatHits(max_bytes=4_000)      # each key below holds ~1,500 bytes of header values
+    for n in range(3):
+        repeats.remember(SETTINGS, wire(n, "x" * 1_000), ticket(n), 100)
+    assert [repeats.find(SETTINGS, wire(n, "x" * 1_000)) for n in range(3)] == [None, ticket(1), ticket(2)]
+    repeats.remember(SETTINGS, wire(9, "x" * 5_000), ticket(9), 100)
+    assert repeats.find(SETTINGS, wire(9, "x" * 5_000)) is None and len(repeats) == 2
 
 
-def test_a_new_config_forgets_every_request_of_the_old_one() -> None:
-    repeats, key = RepeatHits(), wire(1)
-    repeats.remember(SETTINGS, key, ticket(key))
+def test_a_body_too_large_to_arrive_whole_is_not_remembered() -> None:
+    repeats = RepeatHits()
+    repeats.remember(SETTINGS, wire(1), ticket(1), MAX_BODY_BYTES + 1)
+    repeats.remember(SETTINGS, wire(2), ticket(2), MAX_BODY_BYTES)
+    assert (repeats.find(SETTINGS, wire(1)), repeats.find(SETTINGS, wire(2))) == (None, ticket(2))
+
+
+def test_a_new_config_forgets_every_request_of_the_old_one_at_its_first_lookup() -> None:
+    repeats = RepeatHits()
+    repeats.remember(SETTINGS, wire(1), ticket(1), 100)
     reloaded = dataclasses.replace(SETTINGS)
-    assert repeats.find(SETTINGS, key) is not None and repeats.find(reloaded, key) is None
-    other = wire(2)
-    repeats.remember(reloaded, other, ticket(other))
-    assert repeats.find(reloaded, other) is not None and repeats.find(SETTINGS, key) is None
-    assert len(repeats) == 1
+    assert repeats.find(SETTINGS, wire(1)) == ticket(1)
+    assert repeats.find(reloaded, wire(1)) is None and len(repeats) == 0     # the lane is off until a new hit
+    repeats.remember(reloaded, wire(2), ticket(2), 100)
+    assert repeats.find(reloaded, wire(2)) == ticket(2) and repeats.find(SETTINGS, wire(2)) is None

@@ -471,3 +471,42 @@ async def test_repeated_hits_through_a_split_are_still_routed_and_counted_down_i
     arms = [sample(text, "gateway_route_arm_requests_total", route="gpt-4o-mini", arm=arm) or 0
             for arm in ("primary", "backup")]
     assert [r.status for r in replies] == [200] * 8 and sum(arms) == 8 and len(upstream.requests) == 1
+
+
+async def _raw(http, gateway, path: str, body: bytes, content_type: str = "application/json", **headers: str):
+    return await http(gateway, "POST", path, data=body, headers={"Content-Type": content_type, **headers})
+
+
+async def test_the_same_bytes_on_another_endpoint_session_or_content_type_take_the_full_path(
+        upstream, start_gateway, http, store_config):
+    gateway = await start_gateway(settings_for(upstream, store_config))
+    body = orjson.dumps(CHAT)
+    replies = [await _raw(http, gateway, "/v1/chat/completions", body, **{"x-gateway-session": "s1"})
+               for _ in range(3)]
+    await settled(gateway)
+    other_session = await _raw(http, gateway, "/v1/chat/completions", body, **{"x-gateway-session": "s2"})
+    completions = await _raw(http, gateway, "/v1/completions", body, **{"x-gateway-session": "s1"})
+    plain_text = await _raw(http, gateway, "/v1/chat/completions", body, "text/plain", **{"x-gateway-session": "s1"})
+
+    assert [r.headers["x-gateway-cache"] for r in (*replies, other_session)] == ["miss", "hit", "hit", "hit"]
+    assert (completions.status, completions.headers["x-gateway-cache"]) == (400, "miss")   # the mock wants a prompt
+    assert plain_text.status == 415
+    hits = [row for row in await ledger(gateway) if row.status == "cache_hit"]
+    assert [row.session for row in hits] == ["s1", "s1", "s2"]
+
+
+async def test_a_repeated_request_waits_for_a_refresh_in_flight_and_gets_its_fresh_answer(
+        upstream, start_gateway, http, store_config):
+    gateway = await start_gateway(settings_for(upstream, store_config))
+    first = [await post(http, gateway, CHAT) for _ in range(3)]          # a miss, then hits: remembered
+    await settled(gateway)
+    upstream.script(Action(delay_s=0.3))
+    refresh = asyncio.create_task(post(http, gateway, CHAT, **{"Cache-Control": "no-cache"}))
+    for _ in range(500):                                                 # until the refresh is upstream
+        if len(upstream.requests) == 2:
+            break
+        await asyncio.sleep(0.002)
+    follower = await post(http, gateway, CHAT)
+    fresh = await refresh
+    assert fresh.headers["x-gateway-cache"] == "bypass" and follower.headers["x-gateway-cache"] == "hit"
+    assert follower.json() == fresh.json() != first[0].json() and len(upstream.requests) == 2

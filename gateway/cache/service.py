@@ -104,7 +104,10 @@ class ResponseCache:
         return Lookup(key, result, True, flight=self.flights.lead(key))
 
     def held_hit(self, key: str, stream: bool, wants_usage: bool) -> Lookup | None:
-        """A hit on what this replica holds in memory under `key` (no store call, no flight), or None."""
+        """A hit on what this replica holds in memory under `key` (no store call), or None; None too while a
+        request for `key` is in flight (a `no-cache` refresh: `lookup` waits for its answer)."""
+        if self.flights.waiting_on(key) is not None:
+            return None
         return self._hit(key, self.memory.get(key, self.clock.now()), stream, wants_usage)
 
     def _hit(self, key: str, entry: CacheEntry | None, stream: bool, wants_usage: bool) -> Lookup | None:

@@ -24,7 +24,7 @@ from gateway.http.auth import KnownTokens, TokenReader, anthropic_token, authent
 from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
-from gateway.http.repeat_hits import RepeatHits, Ticket, wire_key
+from gateway.http.repeat_hits import RepeatHits, Ticket, may_repeat, ticket_for, wire_key
 from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.routing.canary_runs import latency_of
@@ -71,10 +71,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     record = request[RECORD]
     record.endpoint = endpoint.kind
     settings = proxy.config.current
-    if proxy.repeats and settings.cache.models and request.content.is_eof():   # the body is all here: no wait
+    if proxy.repeats and settings.cache.models and may_repeat(request):
         ticket = proxy.repeats.find(settings, wire_key(request, endpoint, read_token, await request.read()))
         if ticket is not None:
-            hit = proxy.cache.held_hit(ticket.key, ticket.req.stream, ticket.req.wants_usage)
+            hit = proxy.cache.held_hit(ticket.key, ticket.stream, ticket.wants_usage)
             if hit is not None:
                 return await serve_repeat(request, proxy, settings, ticket, hit)
     caller = authenticate(request, settings, proxy.tokens, read_token)
@@ -94,8 +94,9 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
         plan = choice.plan
         held = await proxy.budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
         if proxy.router.fixed(settings, req.model) and not proxy.budget.limits_hits(settings, caller, plan):
-            wire = wire_key(request, endpoint, read_token, await request.read())   # read already: no wait
-            proxy.repeats.remember(settings, wire, Ticket(caller, req, plan.route, lookup.key))
+            body = await request.read()                                              # read already: no wait
+            proxy.repeats.remember(settings, wire_key(request, endpoint, read_token, body),
+                                   ticket_for(caller, req, plan.route, lookup.key), len(body))
         return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
@@ -107,11 +108,11 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
 async def serve_repeat(request: web.Request, proxy: Proxy, settings: Settings, ticket: Ticket,
                        hit: Lookup) -> web.StreamResponse:
     """Answer a request identical to one the full path served from the cache, with what it made of that one."""
-    record, req = request[RECORD], ticket.req
+    record = request[RECORD]
     record.caller = ticket.caller.name
-    record.model = record.requested_model = req.model
-    record.stream = req.stream
-    record.user, record.session = req.user, req.session
+    record.model = record.requested_model = ticket.model
+    record.stream = ticket.stream
+    record.user, record.session = ticket.user, ticket.session
     record.route, record.cache = ticket.route, HIT
     return await serve_hit(request, hit, proxy.budget, settings, ticket.caller, None, proxy.cache.clock.now())
 

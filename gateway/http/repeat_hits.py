@@ -1,15 +1,17 @@
-"""Requests served from the cache before, known again by their bytes: an identical request under the same
+"""Requests served from the cache before, known again on the wire: an identical request under the same
 config skips authentication, parsing, routing and the cache key, most of what a hit costs besides sending it.
 
 A request is remembered only once it was served as a hit on the full path, and only when nothing on that
 path can come out differently for the same bytes: its route is a plain one (no split, canary or rules) and
 no rate window or in-flight counter holds its hits (those take a store call per request). What identifies
 it is everything the path reads of the request (`wire_key`): the endpoint, the client's token, the end
-user and session headers, Cache-Control, Content-Type and the body. A config reload forgets every request.
+user and session headers, Cache-Control, Content-Type and the body (by its SHA-256: no prompt is kept).
+A config reload forgets every request.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 from aiohttp import web
@@ -19,58 +21,81 @@ from gateway.domain.end_user import SESSION_HEADER, USER_HEADER
 from gateway.domain.request import Endpoint, ProxyRequest
 from gateway.http.auth import TokenReader
 
-__all__ = ["Ticket", "RepeatHits", "WireKey", "wire_key", "MAX_REQUESTS", "MAX_BODY_BYTES"]
+__all__ = ["Ticket", "RepeatHits", "WireKey", "may_repeat", "wire_key", "ticket_for", "MAX_REQUESTS", "MAX_BYTES",
+           "MAX_BODY_BYTES"]
 
 MAX_REQUESTS = 4096
-MAX_BODY_BYTES = 16 * 1024 * 1024   # the remembered bodies together (the oldest go first past either bound)
+MAX_BYTES = 4 * 1024 * 1024      # the remembered wire keys' header values together (the oldest go first)
+MAX_BODY_BYTES = 64 * 1024       # a larger body is not remembered (it seldom arrives whole before it is served)
+_OVERHEAD = 512                  # bytes counted per request beside its header values (tuples, digest, ticket)
 WireKey = tuple[str, "str | None", "str | None", "str | None", "str | None", "str | None", bytes]
 
 
 class Ticket(NamedTuple):
-    """What the full path made of a request that it served from the cache."""
+    """What the full path made of a request it served from the cache, as much as answering it again takes."""
 
     caller: CallerIdentity
-    req: ProxyRequest
+    model: str
+    stream: bool
+    wants_usage: bool
+    user: str | None
+    session: str | None
     route: str
     key: str                 # the cache key
+
+
+def ticket_for(caller: CallerIdentity, req: ProxyRequest, route: str, key: str) -> Ticket:
+    """The ticket of a request the full path served from the cache under `key`."""
+    return Ticket(caller, req.model, req.stream, req.wants_usage, req.user, req.session, route, key)
+
+
+def may_repeat(request: web.Request) -> bool:
+    """Whether `request` may be one remembered: its body is small and all here (reading it cannot wait, and
+    what is hashed before the client is authenticated stays within MAX_BODY_BYTES)."""
+    length = request.content_length
+    return length is not None and length <= MAX_BODY_BYTES and request.content.is_eof()
 
 
 def wire_key(request: web.Request, endpoint: Endpoint, read_token: TokenReader, body: bytes) -> WireKey:
     """Everything the path of a cache hit reads of `request` (see gateway.http.proxy.serve)."""
     headers = request.headers
     return (endpoint.kind, read_token(request), headers.get(USER_HEADER), headers.get(SESSION_HEADER),
-            headers.get("Cache-Control"), headers.get("Content-Type"), body)
+            headers.get("Cache-Control"), headers.get("Content-Type"), hashlib.sha256(body).digest())
 
 
 class RepeatHits:
-    """Tickets by wire key, under one Settings at a time, within MAX_REQUESTS and MAX_BODY_BYTES."""
+    """Tickets by wire key, under one Settings at a time, within MAX_REQUESTS and MAX_BYTES."""
 
-    def __init__(self, max_requests: int = MAX_REQUESTS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES) -> None:
         self._settings: Settings | None = None
-        self._tickets: dict[WireKey, Ticket] = {}
+        self._tickets: dict[WireKey, tuple[Ticket, int]] = {}
         self._bytes = 0
-        self._max_requests, self._max_bytes = max_requests, max_body_bytes
+        self._max_requests, self._max_bytes = max_requests, max_bytes
 
     def __len__(self) -> int:
         return len(self._tickets)
 
     def find(self, settings: Settings, wire: WireKey) -> Ticket | None:
-        """The ticket of an identical request served under `settings`, or None."""
+        """The ticket of an identical request served under `settings` (None; a new config forgets all)."""
         if settings is not self._settings:
+            self._forget(settings)
             return None
-        return self._tickets.get(wire)
+        held = self._tickets.get(wire)
+        return None if held is None else held[0]
 
-    def remember(self, settings: Settings, wire: WireKey, ticket: Ticket) -> None:
-        """Keep `ticket` for requests identical to `wire` (forgetting those of an older config)."""
+    def remember(self, settings: Settings, wire: WireKey, ticket: Ticket, body_bytes: int) -> None:
+        """Keep `ticket` for requests identical to `wire` (a body of `body_bytes`)."""
         if settings is not self._settings:
-            self._settings, self._tickets, self._bytes = settings, {}, 0
-        size = len(wire[-1])
-        if wire in self._tickets or size > self._max_bytes:
+            self._forget(settings)
+        size = _OVERHEAD + sum(len(part) for part in wire[1:6] if part is not None)
+        if wire in self._tickets or body_bytes > MAX_BODY_BYTES or size > self._max_bytes:
             return
         tickets = self._tickets
         while tickets and (len(tickets) >= self._max_requests or self._bytes + size > self._max_bytes):
             oldest = next(iter(tickets))
-            self._bytes -= len(oldest[-1])
-            del tickets[oldest]
-        tickets[wire] = ticket
+            self._bytes -= tickets.pop(oldest)[1]
+        tickets[wire] = (ticket, size)
         self._bytes += size
+
+    def _forget(self, settings: Settings) -> None:
+        self._settings, self._tickets, self._bytes = settings, {}, 0
