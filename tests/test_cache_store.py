@@ -240,6 +240,37 @@ def test_the_memory_front_is_bounded_in_bytes_and_in_held_time() -> None:
     assert front.get("short", now + 1) is short and front.get("short", now + 2) is None
 
 
+def _chat_entry(text: str, now: float) -> CacheEntry:
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    return CacheEntry(orjson.dumps(answer), Usage(3, 4), 5, now, now + 3600)
+
+
+def test_a_held_entry_keeps_its_replays_within_the_front_bound_and_a_new_entry_replays_its_own() -> None:
+    front, now = MemoryFront(), 1000.0
+    first, second = _chat_entry("first answer " * 20, now), _chat_entry("second answer " * 20, now)
+    front.put("k", first, now, 1 << 20)
+    with_usage = front.replay("k", first, True)
+    assert with_usage == replay_events(first.body, first.usage, True) and front.replay("k", first, True) is with_usage
+    without = front.replay("k", first, False)
+    assert without == replay_events(first.body, first.usage, False) != with_usage
+    assert front.bytes == len(first.body) + ENTRY_OVERHEAD + len(with_usage) + len(without)
+
+    front.put("k", second, now, 1 << 20)                           # a refreshed entry: its own replays
+    assert front.replay("k", second, True) == replay_events(second.body, second.usage, True)
+    assert front.replay("k", first, True) == with_usage            # an entry no longer held: made, not kept
+    assert front.bytes == len(second.body) + ENTRY_OVERHEAD + len(front.replay("k", second, True))
+
+    sizes = [len(entry.body) + ENTRY_OVERHEAD for entry in (first, second)]
+    small = sum(sizes) + len(replay_events(second.body, second.usage, True)) - 1
+    front = MemoryFront()
+    front.put("a", first, now, small)
+    front.put("b", second, now, small)
+    front.replay("b", second, True)                               # its replay takes the room of the oldest
+    assert front.get("a", now) is None and front.get("b", now) is second and front.bytes <= small
+
+
 @pytest.mark.parametrize(("answer", "kept"), [
     ({"choices": [{"message": {"content": "fine", "refusal": None}, "finish_reason": "stop"}]}, True),
     ({"choices": [{"message": {"content": 'say "refusal": no, "finish_reason": "content_filter"'},

@@ -2,7 +2,9 @@
 
 Bounded in bytes (least recently used first out) and in time: an entry is held for at most HOLD_S
 seconds (and never past its own expiry), so an entry another replica refreshed (`Cache-Control:
-no-cache`) is served from here for at most that long.
+no-cache`) is served from here for at most that long. A held entry also keeps its SSE replays (with and
+without the usage chunk) once a streamed hit made them, counted in its bytes: the next streamed hits
+send them as they are.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from gateway.cache.entry import CacheEntry
+from gateway.cache.replay import replay_events
 
 __all__ = ["HOLD_S", "ENTRY_OVERHEAD", "MemoryFront", "front_bytes"]
 
@@ -23,12 +26,24 @@ def front_bytes(max_bytes: int) -> int:
     return min(max_bytes // 16, MAX_FRONT_BYTES)
 
 
+class _Held:
+    """An entry, the time it is held until, its replays made so far (by wants_usage) and its bytes."""
+
+    __slots__ = ("entry", "until", "replays", "size")
+
+    def __init__(self, entry: CacheEntry, until: float) -> None:
+        self.entry, self.until = entry, until
+        self.replays: dict[bool, bytes | None] = {}
+        self.size = len(entry.body) + ENTRY_OVERHEAD
+
+
 class MemoryFront:
     """Entries by key, each with the time it is held until, least recently used first."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
+        self._entries: OrderedDict[str, _Held] = OrderedDict()
         self.bytes = 0
+        self._limit = MAX_FRONT_BYTES      # the last `put`'s
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -38,24 +53,41 @@ class MemoryFront:
         held = self._entries.get(key)
         if held is None:
             return None
-        if now >= held[1]:
+        if now >= held.until:
             self._drop(key)
             return None
         self._entries.move_to_end(key)
-        return held[0]
+        return held.entry
 
     def put(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:
         """Hold `entry` (replacing one under `key`); the least recently used go while past `limit` bytes."""
-        size = len(entry.body) + ENTRY_OVERHEAD
-        if size > limit:
+        self._limit = limit
+        held = _Held(entry, min(entry.expires_at, now + HOLD_S))
+        if held.size > limit:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (entry, min(entry.expires_at, now + HOLD_S))
-        self.bytes += size
-        while self.bytes > limit:
+        self._entries[key] = held
+        self.bytes += held.size
+        self._trim()
+
+    def replay(self, key: str, entry: CacheEntry, wants_usage: bool) -> bytes | None:
+        """`entry`'s SSE events (see replay_events), kept with it while it is held under `key`."""
+        held = self._entries.get(key)
+        if held is None or held.entry is not entry:
+            return replay_events(entry.body, entry.usage, wants_usage)
+        if wants_usage in held.replays:
+            return held.replays[wants_usage]
+        events = held.replays[wants_usage] = replay_events(entry.body, entry.usage, wants_usage)
+        added = len(events) if events is not None else 0
+        held.size += added
+        self.bytes += added
+        self._trim()
+        return events
+
+    def _trim(self) -> None:
+        while self.bytes > self._limit:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: str) -> None:
-        entry, _ = self._entries.pop(key)
-        self.bytes -= len(entry.body) + ENTRY_OVERHEAD
+        self.bytes -= self._entries.pop(key).size

@@ -27,7 +27,6 @@ from gateway.cache.entry import CacheEntry, decode, encode
 from gateway.cache.flights import Flight, Flights
 from gateway.cache.keys import cache_key, scope_identity
 from gateway.cache.memory import MemoryFront, front_bytes
-from gateway.cache.replay import replay_events
 from gateway.cache.store import CacheStore
 from gateway.clock import Clock
 from gateway.config.model import CacheConfig, CallerIdentity
@@ -116,7 +115,7 @@ class ResponseCache:
             return None
         if not stream:
             return Lookup(key, HIT, False, entry)
-        events = replay_events(entry.body, entry.usage, wants_usage)
+        events = self.memory.replay(key, entry, wants_usage)
         return None if events is None else Lookup(key, HIT, False, entry, events)
 
     async def _read(self, key: str, config: CacheConfig) -> tuple[CacheEntry | None, str]:
