@@ -591,10 +591,6 @@ class Settings:
                 return route
         return None
 
-    def price_for(self, model: str) -> ModelPrice | None:
-        """The price of `model` (an upstream or client model name)."""
-        return self.pricing.get(model)
-
 
 def _at(loc: tuple[str | int, ...], message: str) -> ValidationError:
     """A problem at `loc` of the value being validated, to raise."""

@@ -71,8 +71,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     record = request[RECORD]
     record.endpoint = endpoint.kind
     settings = proxy.config.current
+    wire = None
     if proxy.repeats and settings.cache.models and may_repeat(request):
-        ticket = proxy.repeats.find(settings, wire_key(request, endpoint, read_token, await request.read()))
+        wire = wire_key(request, endpoint, read_token, await request.read())
+        ticket = proxy.repeats.find(settings, wire)
         if ticket is not None:
             hit = proxy.cache.held_hit(ticket.key, ticket.stream, ticket.wants_usage)
             if hit is not None:
@@ -80,9 +82,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     caller = authenticate(request, settings, proxy.tokens, read_token)
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
-    record.model = record.requested_model = req.model
-    record.stream = req.stream
-    record.user, record.session = req.user, req.session
+    _note(record, req)
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
     # the cache replays streams as chat events only: the other APIs' streams are neither read nor kept
@@ -93,10 +93,11 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     if lookup.entry is not None:
         plan = choice.plan
         held = await proxy.budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
-        if proxy.router.fixed(settings, req.model) and not proxy.budget.limits_hits(settings, caller, plan):
+        if held is None and proxy.router.fixed(settings, req.model) and \
+                not proxy.budget.limits_hits(settings, caller, plan):
             body = await request.read()                                              # read already: no wait
-            proxy.repeats.remember(settings, wire_key(request, endpoint, read_token, body),
-                                   ticket_for(caller, req, plan.route, lookup.key), len(body))
+            wire = wire or wire_key(request, endpoint, read_token, body)
+            proxy.repeats.remember(settings, wire, ticket_for(caller, req, plan.route, lookup.key), len(body))
         return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
     delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
     try:
@@ -110,11 +111,16 @@ async def serve_repeat(request: web.Request, proxy: Proxy, settings: Settings, t
     """Answer a request identical to one the full path served from the cache, with what it made of that one."""
     record = request[RECORD]
     record.caller = ticket.caller.name
-    record.model = record.requested_model = ticket.model
-    record.stream = ticket.stream
-    record.user, record.session = ticket.user, ticket.session
+    _note(record, ticket)
     record.route, record.cache = ticket.route, HIT
     return await serve_hit(request, hit, proxy.budget, settings, ticket.caller, None, proxy.cache.clock.now())
+
+
+def _note(record: AccessRecord, req: ProxyRequest | Ticket) -> None:
+    """Record what the client asked for: its model, whether streamed, its end user and session."""
+    record.model = record.requested_model = req.model
+    record.stream = req.stream
+    record.user, record.session = req.user, req.session
 
 
 async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller: CallerIdentity,
