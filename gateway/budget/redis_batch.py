@@ -63,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget.store import StoreCapabilities
 
-__all__ = ["ScriptPipeline", "CallObserver", "Parse"]
+__all__ = ["ScriptPipeline", "CallObserver", "Parse", "take_writer"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
 QUIET_OUTSTANDING = 1   # at most this many calls outstanding: a call is written at once, not a loop turn later
@@ -296,7 +296,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pipeline: ScriptPipeline, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
                  timeout_s: float | None) -> None:
         self._pipeline = pipeline
-        self._writer = writer                # kept alive with its transport (see _take_writer)
+        self._writer = writer                # kept alive with its transport (see take_writer)
         self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=_reply_error)
         self._loop = loop
@@ -406,14 +406,14 @@ async def _take_over(pool: Any, in_background: Callable[[Any], Any]) -> asyncio.
     try:
         connection = pool.make_connection()
         await connection.connect()
-        return _take_writer(connection)
+        return take_writer(connection)
     except Exception:
         if connection is not None:
             in_background(_quietly(lambda: connection.disconnect(nowait=True)))
         raise
 
 
-def _take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
+def take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
     """The opened connection's stream writer (and so its transport), taken from redis-py.
 
     redis-py keeps the connection's stream reader and writer in `_reader` and `_writer` (since 4.2);

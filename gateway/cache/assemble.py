@@ -48,7 +48,10 @@ def usage_block(usage: Usage) -> JSON:
 def storable_answer(body: bytes) -> bool:
     """`storable` of a whole answer the gateway already read as JSON (its usage), without parsing it again:
     an object without a refusal's marks."""
-    return body[:1] == b"{" and _REFUSED.search(body) is None
+    if body[:1] != b"{":
+        return False
+    # every refusal mark names one of these: most answers are cleared by two substring searches, no regex
+    return (b"refusal" not in body and b"content_filter" not in body) or _REFUSED.search(body) is None
 
 
 def storable(answer: Any) -> bool:

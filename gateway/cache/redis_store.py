@@ -1,5 +1,9 @@
 """Cache entries on Redis, Redis Cluster or a Sentinel master: one script call (a GET, or a SET PX) each.
 
+A lookup reads only a key the store may hold: on Redis and Sentinel a KeyIndex, kept by the writes made
+here and by Redis's news of everyone else's (redis_tracking), says which keys those are, so a miss costs
+no store call once the index is ready. On a Cluster, or while the index is not ready, every lookup reads.
+
 The calls go down the budget store's own driver when there is one (on Redis and Sentinel its auto-
 pipelined connection: a call there costs the gateway a fraction of a pooled command), else down the
 client's pool. Keys are `<prefix>:cache:<hash>` without a hash tag, so on a Cluster entries spread over
@@ -18,6 +22,9 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver
+from gateway.cache.key_index import KeyIndex
+from gateway.cache.redis_tracking import KeyTracker
+from gateway.clock import Clock, SystemClock
 from gateway.errors import StoreError
 
 __all__ = ["RedisCacheStore"]
@@ -31,7 +38,7 @@ class RedisCacheStore:
     """CacheStore on a redis-py asyncio client, through `driver` (the budget store's) or a driver of its own."""
 
     def __init__(self, client: Redis | RedisCluster, *, driver: ScriptDriver | None = None, prefix: str = "gw",
-                 owns_client: bool = False) -> None:
+                 owns_client: bool = False, clock: Clock | None = None, horizon_s: float = 3600.0) -> None:
         self._client = client
         self._driver = driver or PublicApiDriver(client)
         self._get = client.register_script(_GET)
@@ -39,6 +46,17 @@ class RedisCacheStore:
         self._prefix = f"{prefix}:cache:"
         self._owns_client = owns_client
         self.bounds_time = self._driver.capabilities.bounds_time
+        self.index = KeyIndex(horizon_s)
+        self._tracker = None if isinstance(client, RedisCluster) else \
+            KeyTracker(client, self.index, self._prefix, clock or SystemClock())
+
+    def may_hold(self, key: str, now: float) -> bool:
+        """False when the index knows the store cannot hold `key` (tracking starts at the first call)."""
+        if self.index.ready:
+            return self.index.may_hold(key, now)
+        if self._tracker is not None:
+            self._tracker.start()
+        return True
 
     async def get(self, key: str, now: float) -> bytes | None:
         """The stored value, or None."""
@@ -48,6 +66,7 @@ class RedisCacheStore:
         """SET with an expiry of what is left of the entry's time to live: the driver's call, on its way
         (nobody waits for it: it may share a write with other calls)."""
         ttl_ms = max(1, math.ceil((expires_at - now) * 1000)) + _SLACK_MS
+        self.index.add(key, now, expires_at - now)
         args: list[Any] = [value, str(ttl_ms)]   # the value goes as bytes (it is no text)
         return self._driver.submit(self._put, [self._prefix + key], args, None, None, True)
 
@@ -60,6 +79,8 @@ class RedisCacheStore:
             raise StoreError(f"redis cache call failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
-        """Close the client if this store made it."""
+        """Stop tracking keys; close the client if this store made it."""
+        if self._tracker is not None:
+            await self._tracker.close()
         if self._owns_client:
             await self._client.aclose()

@@ -125,6 +125,8 @@ class ResponseCache:
         held = self.memory.get(key, now)
         if held is not None:
             return held, MISS
+        if not self.store.may_hold(key, now):
+            return None, MISS
         try:
             get = self.store.get(key, now)
             data = await (get if self.store.bounds_time else self._bounded(get))

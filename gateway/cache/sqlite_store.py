@@ -53,6 +53,10 @@ class SqliteCacheStore:
         self._conn: sqlite3.Connection | None = None
         self.bounds_time = False
 
+    def may_hold(self, key: str, now: float) -> bool:
+        """Always (each lookup reads the file: other workers write to it too)."""
+        return True
+
     async def get(self, key: str, now: float) -> bytes | None:
         """The value, stamped as just used; None when absent or expired (an expired one is deleted)."""
         return await self._run(lambda db: self._get(db, key, now))

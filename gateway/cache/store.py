@@ -20,6 +20,9 @@ class CacheStore(Protocol):
 
     bounds_time: bool
 
+    def may_hold(self, key: str, now: float) -> bool:
+        """False only when the store surely holds nothing under `key` (a miss without a read)."""
+
     async def get(self, key: str, now: float) -> bytes | None:
         """The value stored under `key`, or None (never stored, expired by `now`, or evicted)."""
 

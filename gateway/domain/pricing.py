@@ -7,6 +7,7 @@ per request (never under-charged by more than 1 nano-USD a request).
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_CEILING, Decimal
 from typing import NamedTuple
 
@@ -63,6 +64,7 @@ def nano_to_usd(nano: int) -> Decimal:
     return Decimal(nano) / NANO_PER_USD
 
 
+@functools.lru_cache(maxsize=4096)    # a log line formats one or two; the same few amounts come again and again
 def format_usd(nano: int) -> str:
     """Integer nano-USD as a plain decimal string without trailing zeros: 38550 -> '0.00003855'."""
     sign, nano = ("-", -nano) if nano < 0 else ("", nano)

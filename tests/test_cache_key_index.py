@@ -1,0 +1,198 @@
+"""The cache key index: a miss on Redis costs no store read once the replica knows every key the store may
+hold, from its own writes and Redis's news of everyone's (client tracking); whatever goes wrong with the
+news, lookups read the store again (issue 19, acceptance 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.budget.redis_store import create_redis_client
+from gateway.cache.entry import CacheEntry, encode
+from gateway.cache.key_index import BUCKETS, KeyIndex
+from gateway.cache.redis_store import RedisCacheStore
+from gateway.cache.service import ResponseCache
+from gateway.clock import FakeClock
+from gateway.config.model import CacheConfig, CallerIdentity, StoreConfig
+from gateway.domain.pricing import Usage
+from gateway.http.appkeys import CACHE
+from tests.test_response_cache import CHAT, post, settings_for
+
+CONFIG = CacheConfig(models=("m",))
+CALLER = CallerIdentity("web-app", team="web")
+ENTRY = encode(CacheEntry(b'{"id": "x"}', Usage(3, 4), 1000, 0.0, 1e12))
+
+
+async def until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    """Wait for `condition` (news from Redis arrives on its own connection); fail after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# --- the index itself, on the injected clock -----------------------------------------------------------------
+
+def test_a_ready_index_rules_out_only_keys_it_never_saw() -> None:
+    index = KeyIndex(horizon_s=60)
+    index.add("written", 0.0)
+    assert index.may_hold("never", 0.0)              # not ready yet: anything may be held
+    index.ready = True
+    assert (index.may_hold("written", 1.0), index.may_hold("never", 1.0)) == (True, False)
+
+
+def test_a_key_stays_for_its_time_to_live_and_goes_with_its_bucket() -> None:
+    index = KeyIndex(horizon_s=60)
+    index.ready = True
+    index.add("old", 0.0)
+    index.add("new", 61.0)                           # 61 s later: "old" may still be held (Redis keeps a slack)
+    assert index.may_hold("old", 61.0) and len(index) == 2
+    gone = 62.0 + 62.0 / BUCKETS                     # its bucket ends a horizon after it closed
+    index.add("newer", gone)
+    assert (index.may_hold("old", gone), index.may_hold("new", gone), len(index)) == (False, True, 2)
+
+
+def test_a_longer_time_to_live_written_keeps_keys_longer() -> None:
+    index = KeyIndex(horizon_s=60)
+    index.ready = True
+    index.add("long", 0.0, ttl_s=3600)
+    index.add("later", 1000.0)
+    assert index.may_hold("long", 1000.0)
+
+
+def test_past_its_bound_every_key_may_be_held_until_those_left_out_expired() -> None:
+    index = KeyIndex(horizon_s=60, max_keys=2)
+    index.ready = True
+    for key in ("a", "b", "left-out"):
+        index.add(key, 0.0)
+    assert len(index) == 2 and index.may_hold("never", 10.0)
+    index.add("c", 200.0)                            # the left-out key expired: the index is sure again
+    assert not index.may_hold("never", 200.0) and index.may_hold("c", 200.0)
+
+
+# --- on Redis -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def redis_stores(fresh_redis_server) -> AsyncIterator[Callable[[], RedisCacheStore]]:
+    """Cache stores on a redis-server of this test alone, each its own replica's; closed at the end."""
+    made: list[RedisCacheStore] = []
+
+    def make() -> RedisCacheStore:
+        made.append(RedisCacheStore(create_redis_client(fresh_redis_server.url, 1.0, 8), owns_client=True))
+        return made[-1]
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def ready(store: RedisCacheStore) -> RedisCacheStore:
+    """The store once its index is filled (tracking starts at its first lookup)."""
+    store.may_hold("start", time.time())
+    await until(lambda: store.index.ready)
+    return store
+
+
+async def reads(server) -> int:
+    """Script calls (the cache's GETs and SETs) the Redis server has run so far."""
+    async with aioredis.from_url(server.url) as client:
+        stats = await client.info("commandstats")
+    return stats.get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+async def test_a_miss_on_a_ready_index_reads_nothing_and_a_written_key_is_read(fresh_redis_server,
+                                                                             redis_stores) -> None:
+    store = await ready(redis_stores())
+    cache = ResponseCache(store, FakeClock(), 1.0)
+    before = await reads(fresh_redis_server)
+    miss = await cache.lookup(CONFIG, CALLER, "chat", "m", {"prompt": "never asked"}, False, False, None)
+    assert miss is not None and miss.result == "miss"
+    assert await reads(fresh_redis_server) == before
+    await store.put("k", ENTRY, time.time(), time.time() + 60, 1 << 20)
+    cache.memory = type(cache.memory)()              # not held in memory: only the store can answer
+    assert store.may_hold("k", time.time()) and await store.get("k", time.time()) == ENTRY
+
+
+async def test_a_replica_learns_keys_written_before_it_started_and_by_others_since(redis_stores) -> None:
+    first = await ready(redis_stores())
+    now = time.time()
+    await first.put("before", ENTRY, now, now + 60, 1 << 20)
+    await first.put("gone", ENTRY, now, now + 60, 1 << 20)
+    await first._client.delete("gw:cache:gone")
+    second = await ready(redis_stores())
+    assert (second.may_hold("before", now), second.may_hold("gone", now)) == (True, False)
+    await first.put("since", ENTRY, now, now + 60, 1 << 20)
+    await until(lambda: second.may_hold("since", now))
+    assert await second.get("since", now) == ENTRY
+
+
+async def test_a_lost_tracking_connection_reads_every_key_until_the_index_is_filled_again(
+        fresh_redis_server, redis_stores) -> None:
+    store = await ready(redis_stores())
+    async with aioredis.from_url(fresh_redis_server.url) as client:
+        await client.client_kill_filter(_type="pubsub")
+        await until(lambda: not store.index.ready)
+        await client.set("gw:cache:meanwhile", ENTRY)    # written while no news came: read, not ruled out
+    assert store.may_hold("meanwhile", time.time())
+    assert await store.get("meanwhile", time.time()) == ENTRY
+    await until(lambda: store.index.ready)
+    assert store.may_hold("meanwhile", time.time()) and not store.may_hold("never", time.time())
+
+
+async def test_a_restarted_or_flushed_redis_refills_the_index(fresh_redis_server, redis_stores) -> None:
+    store = await ready(redis_stores())
+    await store.put("k", ENTRY, time.time(), time.time() + 60, 1 << 20)
+    fresh_redis_server.restart()                     # no persistence: the entry is gone with it
+    await until(lambda: not store.index.ready)
+    await until(lambda: store.index.ready, within_s=20)
+    assert not store.may_hold("k", time.time())
+    async with aioredis.from_url(fresh_redis_server.url) as client:
+        await client.set("gw:cache:after", ENTRY)
+        await until(lambda: store.may_hold("after", time.time()))
+        await client.flushall()
+    await until(lambda: not store.may_hold("after", time.time()))
+    assert store.index.ready
+
+
+async def test_a_redis_user_that_may_not_track_keys_reads_every_lookup(fresh_redis_server, caplog) -> None:
+    async with aioredis.from_url(fresh_redis_server.url) as admin:
+        await admin.acl_setuser("cacheonly", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                                commands=["+@all", "-client"])
+    url = fresh_redis_server.url.replace("redis://", "redis://cacheonly:pw@")
+    store = RedisCacheStore(create_redis_client(url, 1.0, 8), owns_client=True)
+    try:
+        store.may_hold("start", time.time())
+        await until(lambda: "cannot track keys" in caplog.text)
+        await store.put("k", ENTRY, time.time(), time.time() + 60, 1 << 20)
+        assert not store.index.ready and store.may_hold("never", time.time())
+        assert await store.get("k", time.time()) == ENTRY
+    finally:
+        await store.close()
+
+
+async def test_a_cluster_store_reads_every_lookup(redis_cluster_url) -> None:
+    store = RedisCacheStore(create_redis_client(redis_cluster_url, 1.0, 8), owns_client=True)
+    try:
+        assert store.may_hold("never", time.time()) and store._tracker is None
+    finally:
+        await store.close()
+
+
+async def test_two_gateways_on_one_redis_share_an_answer_through_the_index(upstream, start_gateway, http,
+                                                                          redis_url) -> None:
+    settings = settings_for(upstream, StoreConfig(url=redis_url, reserve_ahead=False),
+                            cache=CacheConfig(models=("gpt-4o-mini",)))
+    first, second = await start_gateway(settings), await start_gateway(settings)
+    for gateway in (first, second):
+        await ready(gateway.app[CACHE].store)
+    other = {**CHAT, "messages": [{"role": "user", "content": "Only the second gateway is asked this"}]}
+    assert (await post(http, second, other)).headers["x-gateway-cache"] == "miss"
+    assert (await post(http, first, CHAT)).headers["x-gateway-cache"] == "miss"
+    await first.app[CACHE].written()
+    await until(lambda: len(second.app[CACHE].store.index) == 2)
+    again = await post(http, second, CHAT)
+    assert (again.status, again.headers["x-gateway-cache"], len(upstream.requests)) == (200, "hit", 2)
