@@ -72,6 +72,8 @@ def test_past_its_bound_every_key_may_be_held_until_those_left_out_expired() -> 
     assert len(index) == 2 and index.may_hold("never", 10.0)
     index.add("c", 200.0)                            # the left-out key expired: the index is sure again
     assert not index.may_hold("never", 200.0) and index.may_hold("c", 200.0)
+    index.add_all(["c", "d", "e"], 201.0)            # a batch of news past the bound: held up to it, then unsure
+    assert len(index) == 2 and index.may_hold("never", 202.0)
 
 
 # --- on Redis -------------------------------------------------------------------------------------------------

@@ -277,7 +277,9 @@ def test_a_held_entry_keeps_its_replays_within_the_front_bound_and_a_new_entry_r
                    "finish_reason": "stop"}]}, True),
     ({"choices": [{"message": {"content": None, "refusal": "I can't help"}, "finish_reason": "stop"}]}, False),
     ({"choices": [{"message": {"content": ""}, "finish_reason": "content_filter"}]}, False),
-], ids=["answer", "words_in_the_text", "refusal", "content_filter"])
+    ({"choices": [{"message": {"content": "a", "refusal": None}, "finish_reason": "stop"},
+                  {"message": {"content": None, "refusal": "No"}, "finish_reason": "stop"}]}, False),
+], ids=["answer", "words_in_the_text", "refusal", "content_filter", "second_choice_refuses"])
 def test_a_whole_answer_is_kept_unless_it_is_a_refusal(answer: dict, kept: bool) -> None:
     body = orjson.dumps(answer)
     assert storable_answer(body) is storable(answer) is kept

@@ -50,8 +50,11 @@ def storable_answer(body: bytes) -> bool:
     an object without a refusal's marks."""
     if body[:1] != b"{":
         return False
-    # every refusal mark names one of these: most answers are cleared by two substring searches, no regex
-    return (b"refusal" not in body and b"content_filter" not in body) or _REFUSED.search(body) is None
+    # every refusal mark holds `refusal` or `content_filter`; an answer whose only such words are compact
+    # `"refusal":null`s (OpenAI's every message has one) is cleared by substring counts, without the regex
+    if b"content_filter" not in body and body.count(b"refusal") == body.count(b'"refusal":null'):
+        return True
+    return _REFUSED.search(body) is None
 
 
 def storable(answer: Any) -> bool:

@@ -13,7 +13,10 @@ taking keys and answers "may hold" for every key until those it could not take h
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import deque
+from collections.abc import Iterable
 
 __all__ = ["KeyIndex", "MAX_KEYS", "BUCKETS"]
 
@@ -30,11 +33,13 @@ class KeyIndex:
         self.max_keys = max_keys
         self._horizon = horizon_s + _SLACK_S
         self._buckets: deque[tuple[float, set[int]]] = deque()    # (start, hashes), oldest first
-        self._size = 0
-        self._unsure_until = 0.0      # keys were left out: every key may be held until then
+        self._hashes: set[int] = set()     # the newest bucket's, taking keys until `_rotate_at`
+        self._rotate_at = -math.inf
+        self._older = 0                    # hashes in the buckets before the newest
+        self._unsure_until = 0.0           # keys were left out: every key may be held until then
 
     def __len__(self) -> int:
-        return self._size
+        return self._older + len(self._hashes)
 
     def may_hold(self, key: str, now: float) -> bool:
         """False only when the store cannot hold `key`: the index is ready and never saw it."""
@@ -47,25 +52,39 @@ class KeyIndex:
         """`key` was written (or changed) at `now`, for `ttl_s` (None: for at most the horizon)."""
         if ttl_s is not None and ttl_s + _SLACK_S > self._horizon:
             self._horizon = ttl_s + _SLACK_S
-        hashes = self._current(now)
-        if self._size >= self.max_keys:
+        if now >= self._rotate_at:
+            self._rotate(now)
+        if self._older + len(self._hashes) >= self.max_keys:
             self._unsure_until = max(self._unsure_until, now + self._horizon)
             return
-        size = len(hashes)
-        hashes.add(hash(key))
-        self._size += len(hashes) - size
+        self._hashes.add(hash(key))
+
+    def add_all(self, keys: Iterable[str], now: float) -> None:
+        """`add` each of `keys` (Redis's news comes in batches)."""
+        if now >= self._rotate_at:
+            self._rotate(now)
+        hashes = self._hashes
+        room = self.max_keys - self._older - len(hashes)
+        fingerprints = set(map(hash, keys)) - hashes
+        if len(fingerprints) > room:     # past the bound: unsure instead
+            self._unsure_until = max(self._unsure_until, now + self._horizon)
+            fingerprints = set(itertools.islice(fingerprints, max(0, room)))
+        hashes |= fingerprints
 
     def clear(self) -> None:
         """Forget every key (the store was emptied, or the index is to be filled again)."""
         self._buckets.clear()
-        self._size = 0
+        self._hashes = set()
+        self._rotate_at = -math.inf
+        self._older = 0
 
-    def _current(self, now: float) -> set[int]:
-        """The bucket keys added at `now` go to, once the buckets past the horizon are dropped."""
+    def _rotate(self, now: float) -> None:
+        """A new bucket for keys added from `now`, once the buckets past the horizon are dropped."""
         width = self._horizon / BUCKETS
         buckets = self._buckets
+        self._older += len(self._hashes)
         while buckets and buckets[0][0] + width + self._horizon <= now:
-            self._size -= len(buckets.popleft()[1])
-        if not buckets or now >= buckets[-1][0] + width:
-            buckets.append((now, set()))
-        return buckets[-1][1]
+            self._older -= len(buckets.popleft()[1])
+        self._hashes = set()
+        buckets.append((now, self._hashes))
+        self._rotate_at = now + width

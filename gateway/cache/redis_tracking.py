@@ -158,9 +158,8 @@ class KeyTracker:
         """A batch of news: the keys named may be held now (None: a database was flushed)."""
         if names is None:
             raise _Flushed()
-        start, now, add = len(self._prefix), self._clock.now(), self._index.add
-        for name in names:
-            add(name[start:].decode("utf-8", "replace"), now)
+        start = len(self._prefix)
+        self._index.add_all([name[start:].decode("utf-8", "replace") for name in names], self._clock.now())
 
     def _hang_up(self) -> None:
         news, self._news = self._news, None
