@@ -72,7 +72,7 @@ def create_app(settings: Settings, *, config_path: str | None = None, clock: Clo
     app[BACKGROUND] = BackgroundFailures()
     app[METRICS] = metrics = GatewayMetrics(registry or CollectorRegistry(), app[CONFIG])
     app[BUDGET] = create_engine(settings.store, clock, store, observe=metrics.store_operation)
-    app[CACHE] = create_cache(settings.store, app[BUDGET].store, clock, settings.cache.ttl_s, cache_store)
+    app[CACHE] = create_cache(settings.store, app[BUDGET].store, clock, cache_store)
     app[ACCESS_LOG] = access_log = access_log or AccessLog(settings.server.access_log)
     app.middlewares.append(request_middleware(metrics, access_log))
     app[RESILIENCE] = ResilienceRegistry(settings, clock, sleep=sleep)

@@ -12,8 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.budget.redis_store import create_redis_client
+from gateway.cache import redis_store, redis_tracking
 from gateway.cache.entry import CacheEntry, encode
 from gateway.cache.key_index import BUCKETS, KeyIndex
+from gateway.cache.keys import cache_key, scope_identity
 from gateway.cache.redis_store import RedisCacheStore
 from gateway.cache.service import ResponseCache
 from gateway.clock import FakeClock
@@ -56,12 +58,24 @@ def test_a_key_stays_for_its_time_to_live_and_goes_with_its_bucket() -> None:
     assert (index.may_hold("old", gone), index.may_hold("new", gone), len(index)) == (False, True, 2)
 
 
-def test_a_longer_time_to_live_written_keeps_keys_longer() -> None:
+def test_a_key_added_late_in_its_bucket_still_stays_its_whole_time_to_live() -> None:
     index = KeyIndex(horizon_s=60)
     index.ready = True
-    index.add("long", 0.0, ttl_s=3600)
-    index.add("later", 1000.0)
-    assert index.may_hold("long", 1000.0)
+    index.add("first", 0.0)
+    late = 62.0 / BUCKETS - 0.001                    # the last moment of the first bucket
+    index.add("late", late)
+    index.add("now", late + 62.0)                    # its whole time to live (and Redis's slack) later
+    assert index.may_hold("late", late + 62.0)
+
+
+def test_a_longer_time_to_live_written_or_configured_keeps_keys_longer() -> None:
+    written, configured = KeyIndex(horizon_s=60), KeyIndex(horizon_s=60)
+    configured.expect_ttl(3600)                      # a reload to a longer ttl_s, before any write
+    for index in (written, configured):
+        index.ready = True
+        index.add("long", 0.0, ttl_s=3600 if index is written else None)
+        index.add("later", 1000.0)
+        assert index.may_hold("long", 1000.0)
 
 
 def test_past_its_bound_every_key_may_be_held_until_those_left_out_expired() -> None:
@@ -132,6 +146,68 @@ async def test_a_replica_learns_keys_written_before_it_started_and_by_others_sin
     assert await second.get("since", now) == ENTRY
 
 
+async def test_the_index_is_ready_only_once_every_key_already_there_is_in_it(fresh_redis_server, monkeypatch) -> None:
+    names = [f"old-{i}" for i in range(50)]
+    async with aioredis.from_url(fresh_redis_server.url) as client:
+        await client.mset({f"gw:cache:{name}": ENTRY for name in names})
+    seen: list[list[bool]] = []
+
+    class Probe(KeyIndex):
+        """Records, the moment it turns ready, which of the old keys it may hold."""
+
+        @property
+        def ready(self) -> bool:
+            return self.__dict__.get("_probe_ready", False)
+
+        @ready.setter
+        def ready(self, value: bool) -> None:
+            self.__dict__["_probe_ready"] = value
+            if value:
+                seen.append([self.may_hold(name, time.time()) for name in names])
+
+    monkeypatch.setattr(redis_store, "KeyIndex", Probe)
+    monkeypatch.setattr(redis_tracking, "SCAN_COUNT", 1)  # a SCAN of many steps, news may come between them
+    store = RedisCacheStore(create_redis_client(fresh_redis_server.url, 1.0, 8), owns_client=True)
+    try:
+        await ready(store)
+        assert seen == [[True] * len(names)]
+    finally:
+        await store.close()
+
+
+async def test_a_frozen_redis_makes_the_index_unready_until_it_answers_again(fresh_redis_server, redis_stores,
+                                                                             monkeypatch) -> None:
+    monkeypatch.setattr(redis_tracking, "HEALTH_S", 0.2)      # silence, then a PING unanswered for as long
+    store = await ready(redis_stores())
+    fresh_redis_server.pause()
+    try:
+        await until(lambda: not store.index.ready)
+        assert store.may_hold("never", time.time())
+    finally:
+        fresh_redis_server.resume()
+    await until(lambda: store.index.ready)
+
+
+async def test_a_closed_store_never_starts_tracking(fresh_redis_server) -> None:
+    store = RedisCacheStore(create_redis_client(fresh_redis_server.url, 1.0, 8), owns_client=True)
+    await store.close()
+    assert store.may_hold("k", time.time()) and store._tracker is not None and store._tracker._task is None
+
+
+async def test_a_flush_of_another_database_refills_the_index_over_the_same_connection(fresh_redis_server,
+                                                                                   redis_stores) -> None:
+    store = await ready(redis_stores())
+    await store.put("kept", ENTRY, time.time(), time.time() + 60, 1 << 20)
+    store.index.add("phantom", time.time())          # in the index, not in Redis: a refill drops it
+    async with aioredis.from_url(fresh_redis_server.url) as client:
+        before = await client.client_list(_type="pubsub")
+        async with aioredis.from_url(fresh_redis_server.url + "/1") as other:
+            await other.flushdb()                    # the news says "flushed", not which database
+        await until(lambda: store.index.ready and not store.may_hold("phantom", time.time()))
+        assert store.may_hold("kept", time.time()) and not store.may_hold("never", time.time())
+        assert [c["id"] for c in await client.client_list(_type="pubsub")] == [c["id"] for c in before]
+
+
 async def test_a_lost_tracking_connection_reads_every_key_until_the_index_is_filled_again(
         fresh_redis_server, redis_stores) -> None:
     store = await ready(redis_stores())
@@ -195,6 +271,7 @@ async def test_two_gateways_on_one_redis_share_an_answer_through_the_index(upstr
     assert (await post(http, second, other)).headers["x-gateway-cache"] == "miss"
     assert (await post(http, first, CHAT)).headers["x-gateway-cache"] == "miss"
     await first.app[CACHE].written()
-    await until(lambda: len(second.app[CACHE].store.index) == 2)
+    key = cache_key("chat", "gpt-4o-mini", scope_identity("team", CALLER), CHAT)
+    await until(lambda: second.app[CACHE].store.may_hold(key, time.time()))
     again = await post(http, second, CHAT)
     assert (again.status, again.headers["x-gateway-cache"], len(upstream.requests)) == (200, "hit", 2)

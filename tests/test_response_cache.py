@@ -302,6 +302,9 @@ class BrokenStore:
 
     bounds_time = False
 
+    def expect_ttl(self, ttl_s: float) -> None:
+        pass
+
     def may_hold(self, key: str, now: float) -> bool:
         return True
 

@@ -17,21 +17,19 @@ from gateway.config.model import StoreConfig
 __all__ = ["create_cache_store", "create_cache"]
 
 
-def create_cache_store(config: StoreConfig, budget_store: BudgetStore | None, clock: Clock,
-                       ttl_s: float) -> CacheStore:
-    """The budget store's Redis client when it has one; else a client of the configured URL; else SQLite.
-    `ttl_s`: how long entries live (a reload may lengthen it: the store learns it from its writes)."""
+def create_cache_store(config: StoreConfig, budget_store: BudgetStore | None, clock: Clock) -> CacheStore:
+    """The budget store's Redis client when it has one; else a client of the configured URL; else SQLite."""
     while isinstance(budget_store, InstrumentedStore):
         budget_store = budget_store.wrapped
     if isinstance(budget_store, RedisBudgetStore):
-        return RedisCacheStore(budget_store.client, driver=budget_store.driver, clock=clock, horizon_s=ttl_s)
+        return RedisCacheStore(budget_store.client, driver=budget_store.driver, clock=clock)
     if config.url:
         return RedisCacheStore(create_redis_client(config.url, config.timeout_s, config.pool_size), owns_client=True,
-                               clock=clock, horizon_s=ttl_s)
+                               clock=clock)
     return SqliteCacheStore(cache_path(config.path))
 
 
-def create_cache(config: StoreConfig, budget_store: BudgetStore | None, clock: Clock, ttl_s: float,
+def create_cache(config: StoreConfig, budget_store: BudgetStore | None, clock: Clock,
                  store: CacheStore | None = None) -> ResponseCache:
     """The response cache over `store` (or the one the store config implies); its calls bounded as the budget's."""
-    return ResponseCache(store or create_cache_store(config, budget_store, clock, ttl_s), clock, hard_timeout(config))
+    return ResponseCache(store or create_cache_store(config, budget_store, clock), clock, hard_timeout(config))

@@ -7,8 +7,10 @@ errs one way: a key it holds may be gone (the read says so), but a key written w
 it for a whole time to live. Keys are kept as their Python hash: two keys that collide cost one read.
 
 Keys sit in time buckets, so old ones go a bucket at a time: a key stays for at least `horizon_s` (the
-longest time to live an entry is written with) after it was last added. Past MAX_KEYS the index stops
-taking keys and answers "may hold" for every key until those it could not take have expired.
+longest time to live an entry is written with, here or in the config) after it was last added. A key
+Redis expires or evicts is news too, so it is added again: the index holds up to about twice the keys
+written within a time to live. Past MAX_KEYS it stops taking keys and answers "may hold" for every key
+until those it could not take have expired.
 """
 
 from __future__ import annotations
@@ -50,14 +52,22 @@ class KeyIndex:
 
     def add(self, key: str, now: float, ttl_s: float | None = None) -> None:
         """`key` was written (or changed) at `now`, for `ttl_s` (None: for at most the horizon)."""
-        if ttl_s is not None and ttl_s + _SLACK_S > self._horizon:
-            self._horizon = ttl_s + _SLACK_S
+        if ttl_s is not None:
+            self.expect_ttl(ttl_s)
         if now >= self._rotate_at:
             self._rotate(now)
-        if self._older + len(self._hashes) >= self.max_keys:
+        fingerprint, hashes = hash(key), self._hashes
+        if fingerprint in hashes:
+            return
+        if self._older + len(hashes) >= self.max_keys:
             self._unsure_until = max(self._unsure_until, now + self._horizon)
             return
-        self._hashes.add(hash(key))
+        hashes.add(fingerprint)
+
+    def expect_ttl(self, ttl_s: float) -> None:
+        """Entries may be written for `ttl_s` from now on: keys are kept at least that long (never shorter)."""
+        if ttl_s + _SLACK_S > self._horizon:
+            self._horizon = ttl_s + _SLACK_S
 
     def add_all(self, keys: Iterable[str], now: float) -> None:
         """`add` each of `keys` (Redis's news comes in batches)."""

@@ -25,6 +25,7 @@ from gateway.budget.redis_driver import PublicApiDriver, ScriptDriver
 from gateway.cache.key_index import KeyIndex
 from gateway.cache.redis_tracking import KeyTracker
 from gateway.clock import Clock, SystemClock
+from gateway.config.model import CacheConfig
 from gateway.errors import StoreError
 
 __all__ = ["RedisCacheStore"]
@@ -38,7 +39,7 @@ class RedisCacheStore:
     """CacheStore on a redis-py asyncio client, through `driver` (the budget store's) or a driver of its own."""
 
     def __init__(self, client: Redis | RedisCluster, *, driver: ScriptDriver | None = None, prefix: str = "gw",
-                 owns_client: bool = False, clock: Clock | None = None, horizon_s: float = 3600.0) -> None:
+                 owns_client: bool = False, clock: Clock | None = None) -> None:
         self._client = client
         self._driver = driver or PublicApiDriver(client)
         self._get = client.register_script(_GET)
@@ -46,9 +47,13 @@ class RedisCacheStore:
         self._prefix = f"{prefix}:cache:"
         self._owns_client = owns_client
         self.bounds_time = self._driver.capabilities.bounds_time
-        self.index = KeyIndex(horizon_s)
+        self.index = KeyIndex(CacheConfig().ttl_s)     # until the cache says its config's (expect_ttl)
         self._tracker = None if isinstance(client, RedisCluster) else \
             KeyTracker(client, self.index, self._prefix, clock or SystemClock())
+
+    def expect_ttl(self, ttl_s: float) -> None:
+        """Keep indexed keys at least `ttl_s` (the config's time to live, at start and at each reload)."""
+        self.index.expect_ttl(ttl_s)
 
     def may_hold(self, key: str, now: float) -> bool:
         """False when the index knows the store cannot hold `key` (tracking starts at the first call)."""

@@ -48,8 +48,8 @@ SCAN_COUNT = 1000
 _PASSING = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")   # error replies that pass: not "cannot track"
 
 
-class _Flushed(Exception):
-    """A database was flushed: the index is filled again."""
+class _CannotTrack(Exception):
+    """This client has no socket to take over (an in-memory Redis): tracking is off for good."""
 
 
 class KeyTracker:
@@ -62,40 +62,39 @@ class KeyTracker:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._news: _News | None = None
+        self._filling: asyncio.Task[None] | None = None
+        self._filled = False           # the index got ready since the last failure was logged
+        self._closed = False
 
     def start(self) -> None:
-        """Start tracking (once; in the running loop)."""
-        if self._task is None:
+        """Start tracking (once, unless closed; in the running loop)."""
+        if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Stop tracking: the index is not ready from now on."""
+        """Stop tracking for good: the index is not ready from now on."""
+        self._closed = True
         self._index.ready = False
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait((self._task,))     # (waiting, not awaiting: a cancel of our caller stays its own)
 
     async def _run(self) -> None:
-        delay = RETRY_S
+        delay, failing = RETRY_S, False
         while True:
+            began = self._clock.monotonic()
             try:
                 await self._track()
-            except _Flushed:
-                delay = 0.0
-            except ResponseError as error:
+            except (_CannotTrack, ResponseError) as error:
                 if not str(error).startswith(_PASSING):
-                    log.warning("response cache key index off: Redis cannot track keys (%s); every lookup "
-                                "reads the store", error)
+                    log.warning("response cache key index off: Redis cannot track keys here (%s); every "
+                                "lookup reads the store", error)
                     return
             except (RedisError, OSError, TimeoutError) as error:
-                if self._index.ready:
-                    log.warning("response cache key index lost its Redis connection (%s): lookups read the "
+                if self._filled or not failing:     # once per streak of failures
+                    log.warning("response cache key index without news from Redis (%s): lookups read the "
                                 "store until it is back", type(error).__name__)
-                    delay = RETRY_S
-            except RuntimeError as error:       # a client with no socket to take over (an in-memory Redis)
-                log.warning("response cache key index off: %s; every lookup reads the store", error)
-                return
+                failing, self._filled = True, False
             except Exception:
                 log.exception("response cache key index failed: off, every lookup reads the store")
                 return
@@ -103,51 +102,71 @@ class KeyTracker:
                 self._index.ready = False
                 self._index.clear()
                 self._hang_up()
+            if self._clock.monotonic() - began >= RETRY_MAX_S:   # it had held a while: retry soon
+                delay = RETRY_S
             await asyncio.sleep(delay)
-            delay = min(max(delay * 2, RETRY_S), RETRY_MAX_S)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def _track(self) -> None:
-        """Subscribe to the news, fill the index, then keep it until the connection fails or a flush."""
+        """Subscribe to the news, fill the index, then keep it until the connection fails."""
         pool = self._client.connection_pool
         connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
+        async with asyncio.timeout(HEALTH_S):    # a Redis that accepts and never answers is a failed attempt
+            try:
+                await connection.connect()
+                writer = take_writer(connection)
+            except RuntimeError as error:
+                raise _CannotTrack(str(error)) from error
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)
+                raise
+            self._news = news = _News(writer, self._heard, self._lost)
+            writer.transport.set_protocol(news)
+            if writer.transport.is_closing():
+                raise RedisConnectionError("tracking connection closed while it was opened")
+            own_id = await news.ask(b"CLIENT", b"ID")
+            await news.ask(b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", b"%d" % own_id, b"BCAST",
+                           b"PREFIX", self._prefix)
+            await news.ask(b"SUBSCRIBE", CHANNEL)
+        self._refill()
         try:
-            await connection.connect()
-            writer = take_writer(connection)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.disconnect(nowait=True)
-            raise
-        self._news = news = _News(writer, self._heard)
-        writer.transport.set_protocol(news)
-        own_id = await news.ask(b"CLIENT", b"ID")
-        await news.ask(b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", b"%d" % own_id, b"BCAST", b"PREFIX", self._prefix)
-        await news.ask(b"SUBSCRIBE", CHANNEL)
-        filling = asyncio.get_running_loop().create_task(self._fill())
-        try:
-            await self._watch(news, filling)
+            await self._watch(news)
         finally:
+            self._stop_filling()
+
+    def _refill(self) -> None:
+        """(Re)start filling the index from a SCAN (the news is coming meanwhile)."""
+        self._stop_filling()
+        self._filling = asyncio.get_running_loop().create_task(self._fill())
+
+    def _stop_filling(self) -> None:
+        filling, self._filling = self._filling, None
+        if filling is not None:
             filling.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await filling
 
     async def _fill(self) -> None:
         """Add the keys the store held before the news began; then the index is ready."""
         start = len(self._prefix)
-        async for name in self._client.scan_iter(match=self._prefix + b"*", count=SCAN_COUNT):
-            self._index.add(_text(name)[start:], self._clock.now())
-        self._index.ready = True
+        match = _glob_escape(self._prefix) + b"*"
+        async for name in self._client.scan_iter(match=match, count=SCAN_COUNT):
+            raw = name if isinstance(name, bytes) else name.encode()
+            self._index.add(raw[start:].decode("utf-8", "replace"), self._clock.now())
+        self._index.ready = self._filled = True
         log.info("response cache key index ready: %d keys", len(self._index))
 
-    async def _watch(self, news: _News, filling: asyncio.Task[None]) -> None:
-        """Until the connection ends (raised): the fill's failure is raised; silence gets a PING."""
+    async def _watch(self, news: _News) -> None:
+        """Until the connection ends (raised): a failed fill is raised; silence gets a PING."""
         while True:
-            heard = news.heard
-            done, _ = await asyncio.wait((news.ended, filling) if not filling.done() else (news.ended,),
-                                         timeout=HEALTH_S, return_when=asyncio.FIRST_COMPLETED)
-            if news.ended in done:
+            heard, filling = news.heard, self._filling
+            waits: tuple[asyncio.Future[Any], ...] = (news.ended,) if filling is None or filling.done() \
+                else (news.ended, filling)
+            await asyncio.wait(waits, timeout=HEALTH_S, return_when=asyncio.FIRST_COMPLETED)
+            if news.ended.done():
                 raise news.ended.exception() or RedisConnectionError("tracking connection closed")
-            if filling in done:
-                if filling.exception() is not None:
+            if filling is not None and filling is self._filling and filling.done():
+                self._filling = None
+                if not filling.cancelled() and filling.exception() is not None:
                     raise filling.exception()  # type: ignore[misc]
                 continue
             if news.heard == heard:
@@ -155,13 +174,22 @@ class KeyTracker:
                     await news.ask(b"PING")
 
     def _heard(self, names: list[bytes] | None) -> None:
-        """A batch of news: the keys named may be held now (None: a database was flushed)."""
+        """A batch of news: the keys named may be held now. None: a database was flushed (any database:
+        the news does not say which), so the index is emptied and filled again over the same connection."""
         if names is None:
-            raise _Flushed()
+            self._index.ready = False
+            self._index.clear()
+            self._refill()
+            return
         start = len(self._prefix)
         self._index.add_all([name[start:].decode("utf-8", "replace") for name in names], self._clock.now())
 
+    def _lost(self) -> None:
+        """The connection ended: the index is not ready from this moment (news may be missed)."""
+        self._index.ready = False
+
     def _hang_up(self) -> None:
+        self._stop_filling()
         news, self._news = self._news, None
         if news is not None:
             news.close()
@@ -170,11 +198,13 @@ class KeyTracker:
 class _News(asyncio.Protocol):
     """The taken-over tracking connection: replies to its own commands in order, news to `on_news`."""
 
-    def __init__(self, writer: asyncio.StreamWriter, on_news: Callable[[list[bytes] | None], None]) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, on_news: Callable[[list[bytes] | None], None],
+                 on_lost: Callable[[], None]) -> None:
         self._writer = writer                  # kept alive with its transport (see take_writer)
         self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
         self._on_news = on_news
+        self._on_lost = on_lost
         self._asked: deque[asyncio.Future[Any]] = deque()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.heard = 0                         # messages read so far
@@ -200,7 +230,7 @@ class _News(asyncio.Protocol):
                     reply = self._asked.popleft()
                     if not reply.done():
                         reply.set_exception(message) if isinstance(message, Exception) else reply.set_result(message)
-        except Exception as error:          # a flush, or bytes that are no RESP
+        except Exception as error:          # bytes that are no RESP
             self._end(error)
 
     def eof_received(self) -> bool:
@@ -214,6 +244,7 @@ class _News(asyncio.Protocol):
         self._end(RedisConnectionError("tracking connection closed"))
 
     def _end(self, error: Exception) -> None:
+        self._on_lost()
         if not self.ended.done():
             self.ended.set_exception(error)
             self.ended.exception()           # retrieved: nobody may be waiting any more
@@ -225,6 +256,6 @@ class _News(asyncio.Protocol):
         self.transport.close()
 
 
-def _text(name: bytes | str) -> str:
-    """A key's name as the text its index entry is hashed from (SCAN answers bytes or, decoding, text)."""
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+def _glob_escape(text: bytes) -> bytes:
+    """`text` matched literally by a SCAN pattern."""
+    return b"".join(b"\\" + bytes((c,)) if c in b"*?[]\\" else bytes((c,)) for c in text)

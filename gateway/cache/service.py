@@ -73,6 +73,7 @@ class ResponseCache:
         if known is not config or len(answers) >= MAX_MODELS:
             answers = {}
             self._cached = (config, answers)
+            self.store.expect_ttl(config.ttl_s)
         cached = answers.get(model)
         if cached is None:
             cached = answers[model] = config.caches(model)

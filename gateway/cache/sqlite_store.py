@@ -53,6 +53,9 @@ class SqliteCacheStore:
         self._conn: sqlite3.Connection | None = None
         self.bounds_time = False
 
+    def expect_ttl(self, ttl_s: float) -> None:
+        """Nothing to do: every lookup reads the file."""
+
     def may_hold(self, key: str, now: float) -> bool:
         """Always (each lookup reads the file: other workers write to it too)."""
         return True

@@ -20,6 +20,9 @@ class CacheStore(Protocol):
 
     bounds_time: bool
 
+    def expect_ttl(self, ttl_s: float) -> None:
+        """Entries may be written for `ttl_s` from now on (the config's; a reload may lengthen it)."""
+
     def may_hold(self, key: str, now: float) -> bool:
         """False only when the store surely holds nothing under `key` (a miss without a read)."""
 
