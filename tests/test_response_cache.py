@@ -18,6 +18,7 @@ from gateway.config.model import CacheConfig, RateLimit, Route, RouteTarget, Sto
 from gateway.mock_upstream import Action
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from tests.support.canary import CANARY_KEY
+from tests.support.metrics import run_promtool
 from tests.support.metrics import value as sample
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, PRICES, make_policy, make_settings
 
@@ -348,6 +349,8 @@ async def test_metrics_count_lookups_by_result_and_model_and_usd_saved_by_policy
     assert [sample(text, "gateway_cache_lookups_total", result=result, model="gpt-4o-mini")
             for result in ("hit", "miss", "bypass")] == [3, 1, 1]
     assert sample(text, "gateway_cache_saved_usd_total", policy="everyone") == pytest.approx(3 * served.cost_nano / 1e9)
+    checked = run_promtool("check", "metrics", stdin=text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- entries hold the answer and its usage, never a header or a key --------------------------------------------

@@ -74,9 +74,9 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
     return response
 
 
-def capture_for(lookup: Lookup, config: CacheConfig) -> StreamAssembler | None:
-    """What joins a stream's answer as it is relayed, when the answer may be kept."""
-    return StreamAssembler(config.max_entry_bytes * STREAM_CAPTURE_FACTOR) if lookup.write else None
+def capture_for(lookup: Lookup, config: CacheConfig, stream: bool) -> StreamAssembler | None:
+    """What joins a stream's answer as it is relayed, when the answer may be kept (a whole answer needs none)."""
+    return StreamAssembler(config.max_entry_bytes * STREAM_CAPTURE_FACTOR) if lookup.write and stream else None
 
 
 def keep_answer(cache: ResponseCache, lookup: Lookup, config: CacheConfig, delivery: Delivery,

@@ -99,7 +99,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
             wire = wire or wire_key(request, endpoint, read_token, body)
             proxy.repeats.remember(settings, wire, ticket_for(caller, req, plan.route, lookup.key), len(body))
         return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
-    delivery = Delivery(True, capture=capture_for(lookup, settings.cache))
+    delivery = Delivery(True, capture=capture_for(lookup, settings.cache, req.stream))
     try:
         return await forward(request, proxy, settings, caller, req, choice, delivery)
     finally:
