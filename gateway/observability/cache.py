@@ -8,7 +8,8 @@ repeated hit's counting.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
@@ -33,10 +34,14 @@ class CacheMetrics:
             self._errors.labels(operation)
         self._labels: dict[tuple[str, str | None], tuple[str, str]] = {}   # raw -> bounded (result, model)
         self._lookups: dict[tuple[str, str], int] = {}
-        self._saved: dict[str, int] = {}
+        self._saved: dict[tuple[str], int] = {}                           # (policy,) -> nano-USD
         created = time.time()
-        registry.register(_LookupsCollector(self._lookups, created))
-        registry.register(_SavedCollector(self._saved, created))
+        registry.register(_DictCounter("gateway_cache_lookups", "Response cache lookups, by result (hit, miss, "
+                                       "bypass, error: the store failed, served as a miss) and client model.",
+                                       ("result", "model"), self._lookups, created))
+        registry.register(_DictCounter("gateway_cache_saved_usd", "USD the response cache saved (what its hits' "
+                                       "answers cost when bought), by budget policy (`none`: a hit no policy "
+                                       "matched).", ("policy",), self._saved, created, unit=NANO_PER_USD))
 
     def request_served(self, record: AccessRecord, bounds: LabelBounds) -> None:
         """Count a request's lookup, and what a hit saved against each of its policies."""
@@ -50,7 +55,7 @@ class CacheMetrics:
         self._lookups[labels] = self._lookups.get(labels, 0) + 1
         if record.saved_nano:
             for policy in record.policies or (NONE,):
-                name = bounds.policy(policy) if policy != NONE else NONE
+                name = (bounds.policy(policy) if policy != NONE else NONE,)
                 self._saved[name] = self._saved.get(name, 0) + record.saved_nano
 
     def store_failed(self, operation: str) -> None:
@@ -58,45 +63,22 @@ class CacheMetrics:
         self._errors.labels(operation).inc()
 
 
-class _LookupsCollector(Collector):
-    """`gateway_cache_lookups_total{result,model}`."""
+class _DictCounter(Collector):
+    """A counter family read at scrape from `counts` (label values -> count), each count divided by `unit`."""
 
-    def __init__(self, lookups: dict[tuple[str, str], int], created: float) -> None:
-        self._lookups, self._created = lookups, created
-
-    def describe(self) -> list[CounterMetricFamily]:
-        return [self._family()]
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = self._family()
-        for labels, count in list(self._lookups.items()):
-            family.add_metric(labels, count, created=self._created)
-        yield family
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily("gateway_cache_lookups", "Response cache lookups, by result (hit, miss, bypass, "
-                                   "error: the store failed, served as a miss) and client model.",
-                                   labels=("result", "model"))
-
-
-class _SavedCollector(Collector):
-    """`gateway_cache_saved_usd_total{policy}`: exact nano-USD sums, as USD at scrape."""
-
-    def __init__(self, saved: dict[str, int], created: float) -> None:
-        self._saved, self._created = saved, created
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], counts: Mapping[Any, int],
+                 created: float, unit: int = 1) -> None:
+        self._name, self._documentation, self._labels = name, documentation, labels
+        self._counts, self._created, self._unit = counts, created, unit
 
     def describe(self) -> list[CounterMetricFamily]:
         return [self._family()]
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = self._family()
-        for policy, nano in list(self._saved.items()):
-            family.add_metric((policy,), nano / NANO_PER_USD, created=self._created)
+        family, unit = self._family(), self._unit
+        for labels, count in list(self._counts.items()):
+            family.add_metric(labels, count if unit == 1 else count / unit, created=self._created)
         yield family
 
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily("gateway_cache_saved_usd", "USD the response cache saved (what its hits' answers "
-                                   "cost when bought), by budget policy (`none`: a hit no policy matched).",
-                                   labels=("policy",))
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labels)
