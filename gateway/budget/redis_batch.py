@@ -63,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.budget.store import StoreCapabilities
 
-__all__ = ["ScriptPipeline", "CallObserver", "Parse", "take_writer"]
+__all__ = ["ScriptPipeline", "CallObserver", "Parse", "take_over"]
 
 TIMER_SLACK_S = 0.001   # event loops may run a timer this early (uvloop counts in milliseconds)
 QUIET_OUTSTANDING = 1   # at most this many calls outstanding: a call is written at once, not a loop turn later
@@ -222,7 +222,9 @@ class ScriptPipeline:
     async def _open(self) -> None:
         """Open a connection through the pool, take its transport over, then send what queued meanwhile."""
         try:
-            writer = await _take_over(self._pool, self._in_background)
+            # made by the pool, not checked out of it: a checkout held for ever would take one of pool_size
+            # connections from the other commands for good, and starve them at pool_size 1
+            writer = await take_over(self._pool.make_connection())
         except Exception as error:   # a driver error, or a redis-py release whose internals differ
             self._connecting = None
             queued, self._queue = self._queue, []
@@ -296,7 +298,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pipeline: ScriptPipeline, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop,
                  timeout_s: float | None) -> None:
         self._pipeline = pipeline
-        self._writer = writer                # kept alive with its transport (see take_writer)
+        self._writer = writer                # kept alive with its transport (see _take_writer)
         self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=_reply_error)
         self._loop = loop
@@ -398,22 +400,18 @@ class _Connection(asyncio.Protocol):
             self._check_oldest()
 
 
-async def _take_over(pool: Any, in_background: Callable[[Any], Any]) -> asyncio.StreamWriter:
-    """A new connection made by `pool` (not checked out of it: a checkout held for ever would take one of
-    pool_size connections from the other commands for good, and starve them at pool_size 1), opened, and its
-    stream writer taken from redis-py; a connection that fails on the way is dropped."""
-    connection = None
+async def take_over(connection: AbstractConnection) -> asyncio.StreamWriter:
+    """`connection` opened and its stream writer taken from redis-py (see _take_writer); a connection that
+    fails on the way (or whose opening is cancelled) is dropped."""
     try:
-        connection = pool.make_connection()
         await connection.connect()
-        return take_writer(connection)
-    except Exception:
-        if connection is not None:
-            in_background(_quietly(lambda: connection.disconnect(nowait=True)))
+        return _take_writer(connection)
+    except BaseException:
+        await _quietly(lambda: connection.disconnect(nowait=True))
         raise
 
 
-def take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
+def _take_writer(connection: AbstractConnection) -> asyncio.StreamWriter:
     """The opened connection's stream writer (and so its transport), taken from redis-py.
 
     redis-py keeps the connection's stream reader and writer in `_reader` and `_writer` (since 4.2);

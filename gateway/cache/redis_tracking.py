@@ -7,13 +7,15 @@ the prefix that any client changed (written, deleted, expired or evicted: each m
 turn of its event loop. Once subscribed, a SCAN of the prefix adds the keys that were there before; only
 when it is done is the index ready.
 
-A flushed database, a lost connection, or no answer to a PING within HEALTH_S of silence make the index
-not ready at once (news may have been missed): it is emptied and filled again over a new connection,
-RETRY_S later (doubling up to RETRY_MAX_S while it keeps failing). A Redis that cannot track keys (before
-6, or CLIENT not allowed to this user) leaves the index off for good: every lookup reads the store.
+A lost connection, a setup or a PING (sent after HEALTH_S of silence) unanswered within HEALTH_S make
+the index not ready at once (news may have been missed): it is emptied and filled again over a new
+connection, RETRY_S later (doubling up to RETRY_MAX_S while attempts keep failing). A flushed database
+(any: the news does not say which) empties it and fills it again over the same connection. A Redis that
+cannot track keys (before 6, or CLIENT, SUBSCRIBE or SCAN not allowed to this user) leaves the index off
+for good: every lookup reads the store.
 
 The news includes this replica's own writes. It is read off the socket by hiredis directly (the
-connection's transport is taken over, as the script pipeline does: see `take_writer`): through redis-py's
+connection's transport is taken over, as the script pipeline does: see `redis_batch.take_over`): through redis-py's
 reader each batch would cost about what the store read it saves.
 
 Redis Cluster is not tracked (each node would need its own connection): there the index stays off.
@@ -22,7 +24,6 @@ Redis Cluster is not tracked (each node would need its own connection): there th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError, ResponseError
 
-from gateway.budget.redis_batch import take_writer
+from gateway.budget.redis_batch import take_over
 from gateway.cache.key_index import KeyIndex
 from gateway.clock import Clock
 
@@ -113,14 +114,9 @@ class KeyTracker:
         connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
         async with asyncio.timeout(HEALTH_S):    # a Redis that accepts and never answers is a failed attempt
             try:
-                await connection.connect()
-                writer = take_writer(connection)
+                writer = await take_over(connection)
             except RuntimeError as error:
                 raise _CannotTrack(str(error)) from error
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect(nowait=True)
-                raise
             self._news = news = _News(writer, self._heard, self._lost)
             writer.transport.set_protocol(news)
             if writer.transport.is_closing():
@@ -200,7 +196,7 @@ class _News(asyncio.Protocol):
 
     def __init__(self, writer: asyncio.StreamWriter, on_news: Callable[[list[bytes] | None], None],
                  on_lost: Callable[[], None]) -> None:
-        self._writer = writer                  # kept alive with its transport (see take_writer)
+        self._writer = writer                  # kept alive with its transport (see redis_batch._take_writer)
         self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
         self._on_news = on_news
