@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gateway.budget.forecast_alerts import ForecastAlerts
     from gateway.cache.service import ResponseCache
     from gateway.clock import Clock
+    from gateway.http.wire_hits import WireHits
     from gateway.config.holder import ConfigHolder
     from gateway.config.reload import ConfigReloader
     from gateway.observability.instruments import GatewayMetrics
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from gateway.routing.router import Router
 
 __all__ = ["CONFIG", "CLOCK", "PROVIDERS", "BUDGET", "ACCESS_LOG", "RESILIENCE", "RELOADER", "METRICS", "ALERTS", "BACKGROUND",
-           "PEERS", "OPEN_STREAMS", "ROUTER", "CACHE", "FORECASTS"]
+           "PEERS", "OPEN_STREAMS", "ROUTER", "CACHE", "FORECASTS", "WIRE_HITS"]
 
 CONFIG: web.AppKey[ConfigHolder] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
@@ -41,3 +42,4 @@ PEERS: web.AppKey[Peers] = web.AppKey("peers")
 OPEN_STREAMS: web.AppKey[OpenStreams] = web.AppKey("open_streams")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 CACHE: web.AppKey[ResponseCache] = web.AppKey("cache")
+WIRE_HITS: web.AppKey[WireHits] = web.AppKey("wire_hits")

@@ -25,7 +25,8 @@ from gateway.http.middleware import RECORD
 from gateway.observability.access_log import AccessRecord
 from gateway.upstream.charging import Delivery
 
-__all__ = ["look_up", "serve_hit", "capture_for", "keep_answer", "cache_header", "STREAM_CAPTURE_FACTOR"]
+__all__ = ["look_up", "serve_hit", "hit_headers", "hit_body", "file_hit", "capture_for", "keep_answer", "cache_header",
+           "STREAM_CAPTURE_FACTOR"]
 
 STREAM_CAPTURE_FACTOR = 8   # a stream relays up to this many times its whole answer's bytes before it is given up
 _NOTHING = Usage()
@@ -50,28 +51,46 @@ async def serve_hit(request: web.Request, lookup: Lookup, budget: BudgetEngine, 
                     caller: CallerIdentity, held: Reservation | None, now: float) -> web.StreamResponse:
     """Answer from the cache (`held`: what `reserve_hit` held of it): the whole answer, or its SSE events, with
     its head and body in one write; then ledger what it saved."""
-    record, entry = request[RECORD], lookup.entry
-    assert entry is not None
-    record.cost_nano, record.saved_nano = 0, entry.cost_nano
-    headers = {"x-gateway-cache": "hit", "age": str(entry.age(now)), "x-request-id": record.request_id}
+    record = request[RECORD]
+    headers = hit_headers(lookup, now, record.request_id)
     if held is not None and held.headers is not None:
         headers |= held.headers
     # a web.Response holds its head back for its body; a StreamResponse would send them apart (two system calls)
-    if lookup.events is None:
-        response = web.Response(body=entry.body, headers=headers, content_type="application/json")
-    else:
-        response = web.Response(body=lookup.events, headers={"Cache-Control": "no-cache", **headers},
-                                content_type="text/event-stream")
+    response = web.Response(body=hit_body(lookup), headers=headers)
     try:
         await response.prepare(request)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         record.error = "client_disconnected"     # what was sent cost nothing either way
     finally:
-        facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
-                            record.user, record.session)
-        record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
+        file_hit(budget, settings, caller, record, lookup, held)
     return response
+
+
+def hit_headers(lookup: Lookup, now: float, request_id: str) -> dict[str, str]:
+    """The headers of a hit's answer, besides its length, date and server."""
+    assert lookup.entry is not None
+    headers = {"Content-Type": "application/json"} if lookup.events is None else \
+        {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    headers |= {"x-gateway-cache": "hit", "age": str(lookup.entry.age(now)), "x-request-id": request_id}
+    return headers
+
+
+def hit_body(lookup: Lookup) -> bytes:
+    """A hit's answer: the whole answer, or its SSE events for a stream."""
+    assert lookup.entry is not None
+    return lookup.entry.body if lookup.events is None else lookup.events
+
+
+def file_hit(budget: BudgetEngine, settings: Settings, caller: CallerIdentity, record: AccessRecord, lookup: Lookup,
+             held: Reservation | None) -> None:
+    """Ledger a hit at no cost with what it saved, and note both (and its policies) on its access record."""
+    entry = lookup.entry
+    assert entry is not None
+    record.cost_nano, record.saved_nano = 0, entry.cost_nano
+    facts = LedgerFacts(record.model, record.requested_model, None, 0, None, record.started, record.endpoint,
+                        record.user, record.session)
+    record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
 
 
 def capture_for(lookup: Lookup, config: CacheConfig, stream: bool) -> StreamAssembler | None:

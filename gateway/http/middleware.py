@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
-from random import Random
 from typing import TYPE_CHECKING
 
 import orjson
@@ -14,7 +12,8 @@ from aiohttp.typedefs import Middleware
 
 from gateway.errors import BudgetExceeded, GatewayError, PayloadTooLarge, RateLimited, error_body
 from gateway.http.api_errors import shaped_for
-from gateway.observability.access_log import AccessLog, AccessRecord
+from gateway.http.whole_reads import forget_read
+from gateway.observability.access_log import AccessLog, AccessRecord, new_request_id
 
 if TYPE_CHECKING:
     from gateway.observability.instruments import GatewayMetrics
@@ -24,18 +23,6 @@ __all__ = ["RECORD", "request_middleware", "error_response"]
 RECORD: web.RequestKey[AccessRecord] = web.RequestKey("record", AccessRecord)
 log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-# Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
-# two processes draw the same ids. Unlike os.urandom it costs no system call per id: ids must be unique,
-# not secret.
-_ids = Random()
-os.register_at_fork(after_in_child=_ids.seed)
-
-
-def _new_request_id() -> str:
-    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts."""
-    return _ids.getrandbits(128).to_bytes(16, "big").hex()
 
 
 def error_response(error: GatewayError, path: str = "") -> web.Response:
@@ -62,7 +49,7 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
     @web.middleware
     async def serve_request(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Serve the request; turn every failure into OpenAI's error shape; then log and count it."""
-        record = AccessRecord(_new_request_id(), request.method, request.path)   # (keywords cost ~1.6k more)
+        record = AccessRecord(new_request_id(), request.method, request.path)   # (keywords cost ~1.6k more)
         request[RECORD] = record
         refusal: BudgetExceeded | RateLimited | None = None
         metrics.requests_in_flight += 1
@@ -84,6 +71,7 @@ def request_middleware(metrics: GatewayMetrics, access_log: AccessLog) -> Middle
             response = _unexpected(request.path)
         finally:
             metrics.requests_in_flight -= 1
+            forget_read(request.protocol)
         record.status = response.status
         if not response.prepared:
             response.headers["x-request-id"] = record.request_id

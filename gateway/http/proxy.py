@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.budget.engine import BudgetEngine
 from gateway.budget.reservation import Downgrade, Reservation
-from gateway.cache.service import HIT, Lookup, ResponseCache
+from gateway.cache.service import Lookup, ResponseCache
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.api_requests import API_ENDPOINTS
@@ -19,12 +19,15 @@ from gateway.domain.ledger_facts import LedgerFacts
 from gateway.domain.request import ENDPOINTS, Endpoint, ProxyRequest
 from gateway.domain.worst_case import WorstCase
 from gateway.errors import UpstreamFailure
-from gateway.http.appkeys import BUDGET, CACHE, CONFIG, OPEN_STREAMS, PROVIDERS, RESILIENCE, ROUTER
+from gateway.http.appkeys import (ACCESS_LOG, BUDGET, CACHE, CONFIG, METRICS, OPEN_STREAMS, PROVIDERS, RESILIENCE,
+                                  ROUTER, WIRE_HITS)
 from gateway.http.auth import KnownTokens, TokenReader, anthropic_token, authenticate, bearer_token
 from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
-from gateway.http.repeat_hits import RepeatHits, Ticket, may_repeat, ticket_for, wire_key
+from gateway.http.repeat_hits import (RepeatHits, Ticket, WireKey, may_repeat, note_asked, note_repeat, ticket_for,
+                                      wire_key)
+from gateway.http.wire_hits import WireHits
 from gateway.observability.access_log import AccessRecord
 from gateway.resilience.registry import ResilienceRegistry
 from gateway.routing.canary_runs import latency_of
@@ -57,6 +60,7 @@ class Proxy:
     streams: OpenStreams
     cache: ResponseCache
     repeats: RepeatHits
+    wire_hits: WireHits
 
     @functools.cached_property
     def providers(self) -> ProviderPool:
@@ -73,16 +77,16 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     settings = proxy.config.current
     wire = None
     if proxy.repeats and settings.cache.models and may_repeat(request):
-        wire = wire_key(request, endpoint, read_token, await request.read())
+        wire = wire_key(request, endpoint, read_token, body := await request.read())
         ticket = proxy.repeats.find(settings, wire)
         if ticket is not None:
             hit = proxy.cache.held_hit(ticket.key, ticket.stream, ticket.wants_usage)
             if hit is not None:
-                return await serve_repeat(request, proxy, settings, ticket, hit)
+                return await serve_repeat(request, proxy, settings, ticket, hit, wire, body)
     caller = authenticate(request, settings, proxy.tokens, read_token)
     record.caller = caller.name
     req = await read_proxy_request(request, endpoint, settings.server)
-    _note(record, req)
+    note_asked(record, req)
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
     # the cache replays streams as chat events only: the other APIs' streams are neither read nor kept
@@ -106,21 +110,16 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
         keep_answer(proxy.cache, lookup, settings.cache, delivery, record)
 
 
-async def serve_repeat(request: web.Request, proxy: Proxy, settings: Settings, ticket: Ticket,
-                       hit: Lookup) -> web.StreamResponse:
-    """Answer a request identical to one the full path served from the cache, with what it made of that one."""
+async def serve_repeat(request: web.Request, proxy: Proxy, settings: Settings, ticket: Ticket, hit: Lookup,
+                       wire: WireKey, body: bytes) -> web.StreamResponse:
+    """Answer a request identical to one the full path served from the cache, with what it made of that one;
+    then learn its bytes, if they came whole, to answer them again before they are parsed (see wire_hits)."""
     record = request[RECORD]
-    record.caller = ticket.caller.name
-    _note(record, ticket)
-    record.route, record.cache = ticket.route, HIT
-    return await serve_hit(request, hit, proxy.budget, settings, ticket.caller, None, proxy.cache.clock.now())
-
-
-def _note(record: AccessRecord, req: ProxyRequest | Ticket) -> None:
-    """Record what the client asked for: its model, whether streamed, its end user and session."""
-    record.model = record.requested_model = req.model
-    record.stream = req.stream
-    record.user, record.session = req.user, req.session
+    note_repeat(record, ticket)
+    response = await serve_hit(request, hit, proxy.budget, settings, ticket.caller, None, proxy.cache.clock.now())
+    if record.error is None:
+        proxy.wire_hits.learn(request, settings, wire, body)
+    return response
 
 
 async def forward(request: web.Request, proxy: Proxy, settings: Settings, caller: CallerIdentity,
@@ -253,8 +252,10 @@ def _warn_unknown(record: AccessRecord, bill: Bill) -> None:
 
 def add_proxy_routes(app: web.Application) -> None:
     """Register the forwarded endpoints: OpenAI's chat, completions, embeddings and Responses, Anthropic's Messages."""
+    repeats = RepeatHits()
+    app[WIRE_HITS] = wire_hits = WireHits(app[CONFIG], repeats, app[CACHE], app[BUDGET], app[ACCESS_LOG], app[METRICS])
     proxy = Proxy(app, app[CONFIG], app[ROUTER], app[BUDGET], app[RESILIENCE], KnownTokens(), app[OPEN_STREAMS],
-                  app[CACHE], RepeatHits())
+                  app[CACHE], repeats, wire_hits)
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
                        ("/v1/embeddings", "embeddings")):
         app.router.add_post(path, functools.partial(serve, endpoint=ENDPOINTS[kind], proxy=proxy))

@@ -16,13 +16,15 @@ from typing import NamedTuple
 
 from aiohttp import web
 
+from gateway.cache.service import HIT
 from gateway.config.model import CallerIdentity, Settings
 from gateway.domain.end_user import SESSION_HEADER, USER_HEADER
 from gateway.domain.request import Endpoint, ProxyRequest
 from gateway.http.auth import TokenReader
+from gateway.observability.access_log import AccessRecord
 
-__all__ = ["Ticket", "RepeatHits", "WireKey", "may_repeat", "wire_key", "ticket_for", "MAX_REQUESTS", "MAX_BYTES",
-           "MAX_BODY_BYTES"]
+__all__ = ["Ticket", "RepeatHits", "WireKey", "may_repeat", "wire_key", "ticket_for", "note_asked", "note_repeat",
+           "MAX_REQUESTS", "MAX_BYTES", "MAX_BODY_BYTES"]
 
 MAX_REQUESTS = 4096
 MAX_BYTES = 4 * 1024 * 1024      # the remembered wire keys' header values together (the oldest go first)
@@ -47,6 +49,20 @@ class Ticket(NamedTuple):
 def ticket_for(caller: CallerIdentity, req: ProxyRequest, route: str, key: str) -> Ticket:
     """The ticket of a request the full path served from the cache under `key`."""
     return Ticket(caller, req.model, req.stream, req.wants_usage, req.user, req.session, route, key)
+
+
+def note_asked(record: AccessRecord, asked: ProxyRequest | Ticket) -> None:
+    """Record what the client asked for: its model, whether streamed, its end user and session."""
+    record.model = record.requested_model = asked.model
+    record.stream = asked.stream
+    record.user, record.session = asked.user, asked.session
+
+
+def note_repeat(record: AccessRecord, ticket: Ticket) -> None:
+    """Record a request answered again from its ticket: as the full path recorded it, a cache hit."""
+    record.caller = ticket.caller.name
+    note_asked(record, ticket)
+    record.route, record.cache = ticket.route, HIT
 
 
 def may_repeat(request: web.Request) -> bool:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from random import Random
 
 import orjson
 
 from gateway.domain.pricing import Usage, format_usd
 
-__all__ = ["AccessRecord", "AccessLog"]
+__all__ = ["AccessRecord", "AccessLog", "new_request_id"]
+
+
+# Seeded from os.urandom here and again in a forked child; its own, so no random.seed() elsewhere can make
+# two processes draw the same ids. Unlike os.urandom it costs no system call per id: ids must be unique,
+# not secret.
+_ids = Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def new_request_id() -> str:
+    """32 random hex digits (128 bits, like a UUID4's hex), unique across replicas and restarts."""
+    return _ids.getrandbits(128).to_bytes(16, "big").hex()
 
 
 @dataclass

@@ -12,9 +12,16 @@ of them at once, as nginx drains); while
 only younger heads are coming it waits for them to age; with no head coming at all, it closes an idle
 kept-alive connection; when every connection is busy with a request it waits.
 
-The handler reads two attributes of aiohttp's `RequestHandler` that are not public API, `_waiter` (set
-while it waits for the next request) and `_messages` (parsed requests not yet handled); pyproject.toml
-pins aiohttp to the releases this was checked against.
+A read on a connection known to stand between two requests goes first to `WireHits` (gateway.http.
+wire_hits): when it is exactly a learned request, it is answered there and aiohttp never sees it. That
+happens only while the connection waits for its next request with nothing queued, is not closing, and has
+nothing left unsent (a client that does not read its answers is answered aiohttp's way, which waits for
+it); the answer moves aiohttp's keep-alive deadline as aiohttp's own answers do.
+
+The handler uses attributes of aiohttp's `RequestHandler` that are not public API: it reads `_waiter` (set
+while it waits for the next request), `_messages` (parsed requests not yet handled), `_close`,
+`_force_close`, `_upgraded` and `_keepalive_timeout`, and sets `_next_keepalive_close_time`; pyproject.toml pins aiohttp
+to the releases this was checked against.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.errors import InvalidRequest
 from gateway.http.middleware import error_response
+from gateway.http.whole_reads import ReadKeeper
+from gateway.http.wire_hits import MAX_READ_BYTES, WireHits
 from gateway.log_scrub import without_raw_bytes
 
 __all__ = ["ClientConnections", "GatewayRequestHandler"]
@@ -139,17 +148,21 @@ def _reason(error: HttpProcessingError) -> str:
     return without_raw_bytes(first).partition(" b'[")[0].strip(" :") or "bad request"
 
 
-class GatewayRequestHandler(RequestHandler):
+class GatewayRequestHandler(RequestHandler, ReadKeeper):
     """aiohttp's HTTP protocol, with a header deadline, a place in `ClientConnections`, and malformed
     requests answered in OpenAI's error shape without echoing (or logging) their raw bytes."""
 
-    __slots__ = ("_table", "header_started", "silent")
+    __slots__ = ("_table", "_wire_hits", "header_started", "silent", "whole_read", "at_boundary")
 
-    def __init__(self, manager: web.Server, table: ClientConnections, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, table: ClientConnections, wire_hits: WireHits | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._table = table
+        self._wire_hits = wire_hits
         self.header_started: float | None = None    # loop.time() when the current request head began
         self.silent = True                          # nothing received yet
+        self.whole_read: bytes | None = None        # the last read, when one request's head was parsed from it
+        self.at_boundary = False                    # the parser stands between requests (see wire_hits)
 
     @property
     def between_requests(self) -> bool:
@@ -167,12 +180,41 @@ class GatewayRequestHandler(RequestHandler):
         self._table.lost(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.at_boundary and data:
+            self.at_boundary = False
+            if self._answered(data):
+                self.at_boundary = True
+                return
         self.silent = False
         if self.header_started is None and self._waiter is not None:
             self.header_started = self._loop.time()     # the first byte of a request on a kept-alive connection
+        queued = len(self._messages)
         _data_received(self, data)                  # (not super(): this runs for every read)
         if self._messages:                          # a whole head was parsed: the request is due to be served
             self.header_started = None
+        if data:                                    # kept until the next read (MAX_READ_BYTES at most)
+            whole = len(self._messages) == queued + 1 and len(data) <= MAX_READ_BYTES
+            self.whole_read = data if whole and self._wire_hits is not None else None
+        elif len(self._messages) != queued:        # aiohttp's own call with b"": requests buffered before
+            self.whole_read = None
+
+    def take_read(self) -> bytes | None:
+        read, self.whole_read = self.whole_read, None
+        return read
+
+    def stands_at_boundary(self) -> None:
+        self.at_boundary = True
+
+    def _answered(self, data: bytes) -> bool:
+        """Answer `data` from its bytes (wire_hits) when it is a learned request and this connection waits for
+        its next request with nothing left to send; keep the connection alive as aiohttp would."""
+        waiter, transport = self._waiter, self.transport
+        if self._wire_hits is None or waiter is None or waiter.done() or self._messages or self._close or \
+                self._force_close or self._upgraded or transport is None or transport.is_closing() or \
+                transport.get_write_buffer_size() or not self._wire_hits.answer(data, transport.write):
+            return False
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        return True
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

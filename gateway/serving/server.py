@@ -29,7 +29,7 @@ from aiohttp import web
 from gateway.background import keep_running
 from gateway.config.loader import startup_line
 from gateway.config.model import ServerConfig, Settings
-from gateway.http.appkeys import BACKGROUND, OPEN_STREAMS
+from gateway.http.appkeys import BACKGROUND, OPEN_STREAMS, WIRE_HITS
 from gateway.serving.connections import ClientConnections, GatewayRequestHandler
 from gateway.serving.listener import Acceptor
 
@@ -66,7 +66,7 @@ class GatewayServer:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
-        protocol = functools.partial(GatewayRequestHandler, server, self.connections,
+        protocol = functools.partial(GatewayRequestHandler, server, self.connections, self.app.get(WIRE_HITS),
                                      loop=asyncio.get_running_loop(),
                                      keepalive_timeout=self.config.keepalive_timeout_s, access_log=None)
         failures = self.app[BACKGROUND]
