@@ -12,7 +12,7 @@ A config reload forgets every request.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 from aiohttp import web
 
@@ -24,13 +24,15 @@ from gateway.http.auth import TokenReader
 from gateway.observability.access_log import AccessRecord
 
 __all__ = ["Ticket", "RepeatHits", "WireKey", "may_repeat", "wire_key", "ticket_for", "note_asked", "note_repeat",
-           "MAX_REQUESTS", "MAX_BYTES", "MAX_BODY_BYTES"]
+           "ConfigTable", "MAX_REQUESTS", "MAX_BYTES", "MAX_BODY_BYTES"]
 
 MAX_REQUESTS = 4096
 MAX_BYTES = 4 * 1024 * 1024      # the remembered wire keys' header values together (the oldest go first)
 MAX_BODY_BYTES = 64 * 1024       # a larger body is not remembered (it seldom arrives whole before it is served)
 _OVERHEAD = 512                  # bytes counted per request beside its header values (tuples, digest, ticket)
 WireKey = tuple[str, "str | None", "str | None", "str | None", "str | None", "str | None", bytes]
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class Ticket(NamedTuple):
@@ -79,39 +81,58 @@ def wire_key(request: web.Request, endpoint: Endpoint, read_token: TokenReader, 
             headers.get("Cache-Control"), headers.get("Content-Type"), hashlib.sha256(body).digest())
 
 
+class ConfigTable(Generic[K, V]):
+    """Values by key under one Settings at a time (a new config forgets all), within `max_items` and
+    `max_bytes` (each put says its size), the oldest going first."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._settings: Settings | None = None
+        self._values: dict[K, tuple[V, int]] = {}
+        self._bytes = 0
+        self._max_items, self._max_bytes = max_items, max_bytes
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, settings: Settings, key: K) -> V | None:
+        """The value kept under `key` for `settings` (None; a new config forgets all)."""
+        if settings is not self._settings:
+            self._forget(settings)
+            return None
+        held = self._values.get(key)
+        return None if held is None else held[0]
+
+    def put(self, settings: Settings, key: K, value: V, size: int) -> None:
+        """Keep `value` under `key` (one already kept stays); one larger than the whole bound is not kept."""
+        if settings is not self._settings:
+            self._forget(settings)
+        values = self._values
+        if key in values or size > self._max_bytes:
+            return
+        while values and (len(values) >= self._max_items or self._bytes + size > self._max_bytes):
+            self._bytes -= values.pop(next(iter(values)))[1]
+        values[key] = (value, size)
+        self._bytes += size
+
+    def _forget(self, settings: Settings) -> None:
+        self._settings, self._values, self._bytes = settings, {}, 0
+
+
 class RepeatHits:
     """Tickets by wire key, under one Settings at a time, within MAX_REQUESTS and MAX_BYTES."""
 
     def __init__(self, max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES) -> None:
-        self._settings: Settings | None = None
-        self._tickets: dict[WireKey, tuple[Ticket, int]] = {}
-        self._bytes = 0
-        self._max_requests, self._max_bytes = max_requests, max_bytes
+        self._tickets: ConfigTable[WireKey, Ticket] = ConfigTable(max_requests, max_bytes)
 
     def __len__(self) -> int:
         return len(self._tickets)
 
     def find(self, settings: Settings, wire: WireKey) -> Ticket | None:
         """The ticket of an identical request served under `settings` (None; a new config forgets all)."""
-        if settings is not self._settings:
-            self._forget(settings)
-            return None
-        held = self._tickets.get(wire)
-        return None if held is None else held[0]
+        return self._tickets.get(settings, wire)
 
     def remember(self, settings: Settings, wire: WireKey, ticket: Ticket, body_bytes: int) -> None:
         """Keep `ticket` for requests identical to `wire` (a body of `body_bytes`)."""
-        if settings is not self._settings:
-            self._forget(settings)
-        size = _OVERHEAD + sum(len(part) for part in wire[1:6] if part is not None)
-        if wire in self._tickets or body_bytes > MAX_BODY_BYTES or size > self._max_bytes:
-            return
-        tickets = self._tickets
-        while tickets and (len(tickets) >= self._max_requests or self._bytes + size > self._max_bytes):
-            oldest = next(iter(tickets))
-            self._bytes -= tickets.pop(oldest)[1]
-        tickets[wire] = (ticket, size)
-        self._bytes += size
-
-    def _forget(self, settings: Settings) -> None:
-        self._settings, self._tickets, self._bytes = settings, {}, 0
+        if body_bytes <= MAX_BODY_BYTES:
+            size = _OVERHEAD + sum(len(part) for part in wire[1:6] if part is not None)
+            self._tickets.put(settings, wire, ticket, size)

@@ -11,27 +11,27 @@ in memory, it is answered here as the repeat path answers it (the same status, h
 ledger row of what it saved, an access log line, the same metrics). Anything else goes aiohttp's way.
 
 What the bytes are compared with holds the client's token, so learned bytes only ever answer the caller
-who sent them. Bounded: MAX_REQUESTS learned requests of MAX_READ_BYTES at most, MAX_BYTES of them
-together, the oldest going first; a new config forgets them all.
+who sent them. The Date header comes from aiohttp's own `helpers.rfc822_formatted_time` (not public API;
+pyproject.toml pins aiohttp), as on aiohttp's answers. Bounded: MAX_REQUESTS learned requests of
+MAX_READ_BYTES at most, MAX_BYTES of them together, the oldest going first; a new config forgets them all.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from email.utils import formatdate
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 from gateway.cache.service import Lookup, ResponseCache
 from gateway.config.holder import ConfigHolder
 from gateway.config.model import Settings
 from gateway.http.cached import file_hit, hit_body, hit_headers
+from gateway.http.repeat_hits import MAX_REQUESTS, ConfigTable, RepeatHits, Ticket, WireKey, note_repeat
 from gateway.http.whole_reads import ReadKeeper
-from gateway.http.repeat_hits import MAX_REQUESTS, RepeatHits, Ticket, WireKey, note_repeat
 from gateway.observability.access_log import AccessLog, AccessRecord, new_request_id
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ MAX_BYTES = 8 * 1024 * 1024       # learned requests' bytes together
 MAX_READ_BYTES = 16 * 1024        # a larger read (head and body) is not learned
 _OVERHEAD = 512                   # bytes counted per learned request beside its read
 log = logging.getLogger("gateway")
-_SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
 
 
 class _Learned(NamedTuple):
@@ -61,12 +60,8 @@ class WireHits:
                  max_bytes: int = MAX_BYTES) -> None:
         self._config, self._repeats, self._cache, self._budget = config, repeats, cache, budget
         self._access_log, self._metrics = access_log, metrics
-        self._max_requests, self._max_bytes = max_requests, max_bytes
-        self._settings: Settings | None = None
-        self._learned: dict[bytes, _Learned] = {}
-        self._bytes = 0
+        self._learned: ConfigTable[bytes, _Learned] = ConfigTable(max_requests, max_bytes)
         self.answered = 0               # requests answered from their bytes since start
-        self._date = (0, b"")
 
     def __len__(self) -> int:
         return len(self._learned)
@@ -81,30 +76,15 @@ class WireHits:
                 read != _wire_form(request, body):
             return
         connection.stands_at_boundary()
-        if settings is not self._config.current:        # reloaded meanwhile: learned under the new one only
-            return
-        if settings is not self._settings:
-            self._forget(settings)
-        size = len(read) + _OVERHEAD
-        if read in self._learned or size > self._max_bytes:
-            return
-        learned = self._learned
-        while learned and (len(learned) >= self._max_requests or self._bytes + size > self._max_bytes):
-            oldest = next(iter(learned))
-            del learned[oldest]
-            self._bytes -= len(oldest) + _OVERHEAD
-        learned[read] = _Learned(wire, request.method, request.path)
-        self._bytes += size
+        if settings is self._config.current:        # (reloaded meanwhile: learned under the new one only)
+            self._learned.put(settings, read, _Learned(wire, request.method, request.path), len(read) + _OVERHEAD)
 
     def answer(self, read: bytes, send: Callable[[bytes], None]) -> bool:
         """Send the whole HTTP answer to `read` when it is a learned request the cache still answers, then
         account for it; False (nothing sent) otherwise."""
-        learned = self._learned.get(read) if len(read) <= MAX_READ_BYTES else None
-        if learned is None:
-            return False
         settings = self._config.current
-        if settings is not self._settings:
-            self._forget(settings)
+        learned = self._learned.get(settings, read) if len(read) <= MAX_READ_BYTES else None
+        if learned is None:
             return False
         ticket = self._repeats.find(settings, learned.wire)
         hit = None if ticket is None else self._cache.held_hit(ticket.key, ticket.stream, ticket.wants_usage)
@@ -120,13 +100,12 @@ class WireHits:
         return True
 
     def _answer(self, hit: Lookup, request_id: str) -> bytes:
-        """The repeat path's answer, head and body."""
+        """The repeat path's answer, head and body (its Date as aiohttp formats it)."""
         body = hit_body(hit)
-        head = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in hit_headers(hit, self._cache.clock.now(), request_id).items():
-            head.append(f"{name}: {value}\r\n".encode())
-        head += (b"Content-Length: %d\r\n" % len(body), self._date_line(), _SERVER, b"\r\n", body)
-        return b"".join(head)
+        headers = hit_headers(hit, self._cache.clock.now(), request_id)
+        headers |= {"Content-Length": str(len(body)), "Date": rfc822_formatted_time(), "Server": SERVER_SOFTWARE}
+        head = "HTTP/1.1 200 OK\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return (head + "\r\n").encode() + body
 
     def _account(self, settings: Settings, learned: _Learned, ticket: Ticket, hit: Lookup,
                  record: AccessRecord) -> None:
@@ -137,16 +116,6 @@ class WireHits:
         record.status = 200
         self._access_log.write(record)
         self._metrics.request_served(record)
-
-    def _date_line(self) -> bytes:
-        """The Date header (formatted once a second)."""
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n")
-        return self._date[1]
-
-    def _forget(self, settings: Settings) -> None:
-        self._settings, self._learned, self._bytes = settings, {}, 0
 
 
 def _wire_form(request: web.Request, body: bytes) -> bytes:
