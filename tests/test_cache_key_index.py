@@ -5,6 +5,7 @@ news, lookups read the store again (issue 19, acceptance 8)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -131,6 +132,47 @@ async def test_a_miss_on_a_ready_index_reads_nothing_and_a_written_key_is_read(f
     await store.put("k", ENTRY, time.time(), time.time() + 60, 1 << 20)
     cache.memory = type(cache.memory)()              # not held in memory: only the store can answer
     assert store.may_hold("k", time.time()) and await store.get("k", time.time()) == ENTRY
+
+
+async def test_a_miss_holds_nothing_in_memory_a_hit_read_from_the_store_is_held_and_a_refresh_replaces_it(
+        fresh_redis_server, redis_stores) -> None:
+    cache = ResponseCache(await ready(redis_stores()), FakeClock(), 1.0)
+    ask = functools.partial(cache.lookup, CONFIG, CALLER, "chat", "m", {"prompt": "asked twice"}, False, False)
+    miss = await ask(None)
+    assert miss is not None and miss.result == "miss"
+    cache.finish(miss, CONFIG, b'{"id": "first"}', Usage(3, 4), 1000)
+    await cache.written()
+    assert len(cache.memory) == 0                    # most answers are never asked for again: none is held
+    counts = [await reads(fresh_redis_server)]
+    hits = []
+    for _ in range(2):
+        hits.append(await ask(None))
+        counts.append(await reads(fresh_redis_server))
+    assert [(hit.result, hit.entry.body) for hit in hits if hit and hit.entry] == [("hit", b'{"id": "first"}')] * 2
+    assert counts[1] > counts[0] and counts[2] == counts[1]   # the first hit read the store; the next, memory
+    refresh = await ask("no-cache")
+    assert refresh is not None and refresh.result == "bypass"
+    cache.finish(refresh, CONFIG, b'{"id": "second"}', Usage(3, 4), 1000)
+    await cache.written()
+    held = cache.held_hit(miss.key, False, False)    # the refreshed answer, never the one held before
+    assert held is not None and held.entry is not None and held.entry.body == b'{"id": "second"}'
+
+
+async def test_news_arriving_while_the_connection_rests_is_read_in_one_batch_when_it_ends(redis_stores,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(redis_tracking, "NEWS_EVERY_S", 0.5)
+    writer, reader = await ready(redis_stores()), await ready(redis_stores())
+    now = time.time()
+    await writer.put("first", ENTRY, now, now + 60, 1 << 20)
+    await until(lambda: reader.may_hold("first", now))     # a quiet connection reads its news at once
+    rested_from = time.monotonic()
+    burst = [f"burst-{i}" for i in range(10)]
+    for key in burst:                                # ten writes, each its own news message
+        await writer.put(key, ENTRY, now, now + 60, 1 << 20)
+    assert not any(reader.may_hold(key, now) for key in burst)   # resting: the news waits in the socket
+    await until(lambda: reader.may_hold(burst[0], now))
+    assert all(reader.may_hold(key, now) for key in burst)       # read together, in one batch
+    assert time.monotonic() - rested_from >= 0.45
 
 
 async def test_a_replica_learns_keys_written_before_it_started_and_by_others_since(redis_stores) -> None:

@@ -178,7 +178,11 @@ def test_tool_call_deltas_are_joined_into_the_whole_answer_and_replayed() -> Non
     _events(_chunk({"audio": {"id": "a1", "data": "AAAA"}}), _chunk({}, "stop")),
     _events(_chunk({"content": "half"}))[:-len(b"data: [DONE]\n\n") - 10],
     b'data: {"error": {"message": "boom"}}\n\n',
-], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event"])
+    b"data: " + orjson.dumps(_chunk({"content": "one"})) + b", " + orjson.dumps(_chunk({}, "stop")) + b"\n\n"
+    b"data: [DONE]\n\n",
+    b"data: " + orjson.dumps(_chunk({"content": "half"}))[:-1] + b"\n\ndata: [DONE]\n\n",
+], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event", "two_values_in_one_event",
+        "unreadable_event"])
 def test_refusals_and_streams_the_gateway_does_not_understand_are_never_kept(stream: bytes) -> None:
     assembler = StreamAssembler(1 << 20)
     assembler.feed(stream)

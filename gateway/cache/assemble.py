@@ -1,8 +1,8 @@
 """Putting a relayed stream back together as the whole answer it stands for, and which answers may be kept.
 
-Fed as the stream is relayed, so memory holds the joined answer, never the stream's events (and a stream
-that relays more than its limit is given up). A chat stream's deltas are joined per choice (content, reasoning, tool calls by index, a legacy function
-call), a completions stream's text per choice; the usage block is the one the stream was charged on. A
+Fed the bytes as the stream is relayed, and kept as they came (a stream that relays more than its limit
+is given up, its bytes let go); joined once it is over. A chat stream's deltas are joined per choice
+(content, reasoning, tool calls by index, a legacy function call), a completions stream's text per choice; the usage block is the one the stream was charged on. A
 chunk the gateway does not understand (a delta field it does not know, completions logprobs) makes the
 stream unstorable rather than stored half-understood.
 
@@ -72,59 +72,72 @@ def storable(answer: Any) -> bool:
 
 
 class StreamAssembler:
-    """Joins a stream's chunks as they are relayed (fed the SSE bytes as written), up to `limit` bytes relayed
-    (past it the stream is given up); `answer` is the whole answer of a complete stream, or None."""
+    """Joins a stream's chunks into its whole answer (fed the SSE bytes as written), up to `limit` bytes relayed
+    (past it the stream is given up); `answer` is the whole answer of a complete stream, or None.
+
+    Feeding keeps the bytes; `answer` parses them, every event in one orjson call, once the stream is
+    over: most of a stream's cost to the cache, and none of it for a stream that is not kept.
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._size = 0
-        self._kind: str | None = None
-        self._top: JSON = {}
-        self._choices: dict[int, JSON] | None = {}   # None: given up (not understood, or past the limit)
-        self._pending = b""
+        self._parts: list[bytes] | None = []     # None: given up (past the limit)
 
     def feed(self, data: bytes) -> None:
-        """Join the whole events in `data` (an event cut between two writes waits for the next)."""
-        if self._choices is None:
-            return
-        events = (self._pending + data).split(b"\n\n")
-        self._pending = events.pop()
-        self._size += len(data)
-        try:
-            for event in events:
-                for line in event.split(b"\n"):
-                    if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
-                        self._join(orjson.loads(line[5:]))
-        except (_Unstorable, orjson.JSONDecodeError):
-            self._choices = None
+        """Keep the bytes written to the client."""
+        parts = self._parts
+        if parts is not None:
+            self._size += len(data)
+            if self._size > self._limit:
+                self._parts = None
+            else:
+                parts.append(data)
 
     def answer(self, usage: Usage) -> bytes | None:
         """The whole answer with `usage` as its usage block; None when it cannot be kept."""
-        choices, kind = self._choices, self._kind
-        if choices is None or kind is None or self._pending.strip():
+        if self._parts is None:
             return None
-        answer = {**self._top, "object": "chat.completion" if kind == _CHAT else "text_completion",
-                  "choices": [_finished(index, choices[index], kind) for index in sorted(choices)],
-                  "usage": usage_block(usage)}
+        events = b"".join(self._parts).split(b"\n\n")
+        if events.pop().strip():                 # an event cut short
+            return None
+        datas = [line[5:] for event in events for line in event.split(b"\n")
+                 if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+        try:
+            chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
+            if len(chunks) != len(datas):        # a data line that held more than one value
+                raise _Unstorable
+            answer = _joined(chunks, usage)
+        except (_Unstorable, orjson.JSONDecodeError):
+            return None
         return orjson.dumps(answer) if storable(answer) else None
 
-    def _join(self, chunk: Any) -> None:
-        """Join one chunk into the answer."""
-        if self._size > self._limit or not isinstance(chunk, dict) or chunk.get("error") is not None:
+
+def _joined(chunks: list[Any], usage: Usage) -> JSON:
+    """The whole answer the chunks stand for, with `usage` as its usage block."""
+    kind: str | None = None
+    top: JSON = {}
+    choices: dict[int, JSON] = {}
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or chunk.get("error") is not None:
             raise _Unstorable
-        if self._kind is None:
-            if chunk.get("object") not in (_CHAT, "text_completion"):
+        if kind is None:
+            kind = chunk.get("object")
+            if kind not in (_CHAT, "text_completion"):
                 raise _Unstorable
-            self._kind = chunk["object"]
-            self._top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
-        elif chunk.get("object") != self._kind:
+            top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
+            join = _chat_part if kind == _CHAT else _text_part
+        elif chunk.get("object") != kind:
             raise _Unstorable
-        assert self._choices is not None
         for part in chunk.get("choices") or ():
             if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
                 raise _Unstorable
-            choice = self._choices.setdefault(part.get("index", 0), {})
-            (_chat_part if self._kind == _CHAT else _text_part)(choice, part)
+            join(choices.setdefault(part.get("index", 0), {}), part)
+    if kind is None:
+        raise _Unstorable
+    return {**top, "object": "chat.completion" if kind == _CHAT else "text_completion",
+            "choices": [_finished(index, choices[index], kind) for index in sorted(choices)],
+            "usage": usage_block(usage)}
 
 
 def _chat_part(choice: JSON, part: JSON) -> None:

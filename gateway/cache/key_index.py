@@ -48,7 +48,10 @@ class KeyIndex:
         if not self.ready or now < self._unsure_until:
             return True
         fingerprint = hash(key)
-        return any(fingerprint in hashes for _, hashes in self._buckets)
+        for _, hashes in self._buckets:
+            if fingerprint in hashes:
+                return True
+        return False
 
     def add(self, key: str, now: float, ttl_s: float | None = None) -> None:
         """`key` was written (or changed) at `now`, for `ttl_s` (None: for at most the horizon)."""

@@ -35,7 +35,6 @@ def canonical_body(payload: dict[str, Any]) -> bytes:
 
 def cache_key(endpoint: str, model: str, identity: str, payload: dict[str, Any]) -> str:
     """The hex SHA-256 of the key's parts, each length-prefixed so no two sets of parts run together."""
-    parts = [KEY_VERSION]
-    for part in (endpoint.encode(), model.encode(), identity.encode(), canonical_body(payload)):
-        parts += (b"%d:" % len(part), part)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    api, name, scope, body = endpoint.encode(), model.encode(), identity.encode(), canonical_body(payload)
+    return hashlib.sha256(b"%b%d:%b%d:%b%d:%b%d:%b" % (KEY_VERSION, len(api), api, len(name), name, len(scope), scope,
+                                                       len(body), body)).hexdigest()

@@ -1,5 +1,10 @@
 """A replica's hot entries in memory, in front of the shared store: a repeated hit costs no store call.
 
+An entry is held once a hit read it from the store, not because this replica wrote it: most answers are
+never asked for again, and holding each one a miss writes would cost every miss a put and churn the
+memory of answers that are asked for again. A write only refreshes an entry already held; an entry the
+store failed to take is held, so that this replica still answers it while the store is out.
+
 Bounded in bytes (least recently used first out) and in time: an entry is held for at most HOLD_S
 seconds (and never past its own expiry), so an entry another replica refreshed (`Cache-Control:
 no-cache`) is served from here for at most that long. A held entry also keeps its SSE replays (with and
@@ -70,6 +75,11 @@ class MemoryFront:
         self._entries[key] = held
         self.bytes += held.size
         self._trim()
+
+    def refresh(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:
+        """Replace the entry held under `key`, if one is (a newer answer was written): hold no other."""
+        if key in self._entries:
+            self.put(key, entry, now, limit)
 
     def replay(self, key: str, entry: CacheEntry, wants_usage: bool) -> bytes | None:
         """`entry`'s SSE events (see replay_events), kept with it while it is held under `key`."""

@@ -14,7 +14,11 @@ connection, RETRY_S later (doubling up to RETRY_MAX_S while attempts keep failin
 cannot track keys (before 6, or CLIENT, SUBSCRIBE or SCAN not allowed to this user) leaves the index off
 for good: every lookup reads the store.
 
-The news includes this replica's own writes. It is read off the socket by hiredis directly (the
+The news includes this replica's own writes, so under load it comes with nearly every request. It is
+read in batches: after each read the connection rests NEWS_EVERY_S before the next (what arrived
+meanwhile waits in the socket), so the news costs one read and one pass per batch, not one per write.
+A key another replica wrote may thus read as a miss here for that long after its news was sent: at
+worst one more upstream call, charged as any. The news is read off the socket by hiredis directly (the
 connection's transport is taken over, as the script pipeline does: see `redis_batch.take_over`): through redis-py's
 reader each batch would cost about what the store read it saves.
 
@@ -38,12 +42,13 @@ from gateway.budget.redis_batch import take_over
 from gateway.cache.key_index import KeyIndex
 from gateway.clock import Clock
 
-__all__ = ["KeyTracker", "HEALTH_S", "RETRY_S", "RETRY_MAX_S"]
+__all__ = ["KeyTracker", "HEALTH_S", "RETRY_S", "RETRY_MAX_S", "NEWS_EVERY_S"]
 
 log = logging.getLogger("gateway.cache")
 CHANNEL = b"__redis__:invalidate"
 HEALTH_S = 5.0        # this long without news: a PING, which must be answered within as long again
 RETRY_S = 0.5
+NEWS_EVERY_S = 0.02   # the news connection rests this long after each read (see above)
 RETRY_MAX_S = 30.0
 SCAN_COUNT = 1000
 _PASSING = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")   # error replies that pass: not "cannot track"
@@ -204,6 +209,7 @@ class _News(asyncio.Protocol):
         self._asked: deque[asyncio.Future[Any]] = deque()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.heard = 0                         # messages read so far
+        self._resting = False
 
     def ask(self, *words: bytes) -> asyncio.Future[Any]:
         """Send one command; its reply (an error reply raised)."""
@@ -228,6 +234,17 @@ class _News(asyncio.Protocol):
                         reply.set_exception(message) if isinstance(message, Exception) else reply.set_result(message)
         except Exception as error:          # bytes that are no RESP
             self._end(error)
+            return
+        if not self._resting:
+            self._resting = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(NEWS_EVERY_S, self._wake)
+
+    def _wake(self) -> None:
+        """Read again what arrived while the connection rested."""
+        self._resting = False
+        if not self.ended.done():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False

@@ -7,7 +7,8 @@
              otherwise -> `miss` (`error` when the store failed: a miss all the same), and the request
              leads a flight that identical requests arriving now will wait on
     finish   the leader's answer (None: nothing to keep) lands for whoever waits; a kept answer is
-             written to the store in the background
+             written to the store in the background (in memory it only replaces an entry held there:
+             this replica holds what a hit read from the store, see memory)
 
 A cache store that fails or is slow never fails a request: the lookup is a miss and the write is dropped,
 each reported to `on_store_error`.
@@ -85,30 +86,37 @@ class ResponseCache:
         """The cache's answer for a request; None when its model is not cached."""
         if not self.caches(config, model):
             return None
-        control = control_of(cache_control)
         key = cache_key(endpoint, model, scope_identity(config.scope, caller), payload)
-        if not control.read:
-            return Lookup(key, BYPASS, control.write, flight=self.flights.lead(key) if control.write else None)
+        flights = self.flights
+        if cache_control is not None:
+            control = control_of(cache_control)
+            if not control.read:
+                return Lookup(key, BYPASS, control.write, flight=flights.lead(key) if control.write else None)
         result = MISS
-        waiting = self.flights.waiting_on(key)
+        waiting = flights.waiting_on(key)
         if waiting is None:
-            entry, result = await self._read(key, config)
-            hit = self._hit(key, entry, stream, wants_usage)
-            if hit is not None:
-                return hit
-            waiting = self.flights.waiting_on(key)     # another request may have led while this one read
+            now = self.clock.now()
+            entry = self.memory.get(key, now)
+            if entry is None and self.store.may_hold(key, now):    # type: ignore[union-attr]
+                entry, result = await self._read(key, config, now)
+                waiting = flights.waiting_on(key)     # another request may have led while this one read
+            if entry is not None:
+                hit = self._hit(key, entry, stream, wants_usage)
+                if hit is not None:
+                    return hit
         if waiting is not None:
-            hit = self._hit(key, await self.flights.follow(waiting), stream, wants_usage)
+            hit = self._hit(key, await flights.follow(waiting), stream, wants_usage)
             if hit is not None:
                 return hit
-        return Lookup(key, result, True, flight=self.flights.lead(key))
+        return Lookup(key, result, True, flight=flights.lead(key))
 
     def held_hit(self, key: str, stream: bool, wants_usage: bool) -> Lookup | None:
         """A hit on what this replica holds in memory under `key` (no store call), or None; None too while a
         request for `key` is in flight (a `no-cache` refresh: `lookup` waits for its answer)."""
         if self.flights.waiting_on(key) is not None:
             return None
-        return self._hit(key, self.memory.get(key, self.clock.now()), stream, wants_usage)
+        entry = self.memory.get(key, self.clock.now())
+        return None if entry is None else self._hit(key, entry, stream, wants_usage)
 
     def _hit(self, key: str, entry: CacheEntry | None, stream: bool, wants_usage: bool) -> Lookup | None:
         """A hit on `entry` (as SSE for a stream); None when there is none, or it has no stream form."""
@@ -119,15 +127,10 @@ class ResponseCache:
         events = self.memory.replay(key, entry, wants_usage)
         return None if events is None else Lookup(key, HIT, False, entry, events)
 
-    async def _read(self, key: str, config: CacheConfig) -> tuple[CacheEntry | None, str]:
-        """The fresh entry under `key`, from memory or the store (None: a miss), and `miss` or `error`."""
+    async def _read(self, key: str, config: CacheConfig, now: float) -> tuple[CacheEntry | None, str]:
+        """The fresh entry the store holds under `key` (None: a miss), held in memory from now on; and `miss`,
+        or `error` when the store failed."""
         assert self.store is not None
-        now = self.clock.now()
-        held = self.memory.get(key, now)
-        if held is not None:
-            return held, MISS
-        if not self.store.may_hold(key, now):
-            return None, MISS
         try:
             get = self.store.get(key, now)
             data = await (get if self.store.bounds_time else self._bounded(get))
@@ -143,22 +146,20 @@ class ResponseCache:
     def finish(self, lookup: Lookup, config: CacheConfig, answer: bytes | None, usage: Usage,
                cost_nano: int) -> None:
         """The request's answer (None: nothing to keep) lands for whoever waits and, if kept, is written."""
-        entry = None
+        flight = lookup.flight
         if answer is not None and lookup.write:
             now = self.clock.now()
             entry = CacheEntry(answer, usage, cost_nano, now, now + config.ttl_s)
             data = encode(entry)
-            if len(data) > config.max_entry_bytes:
-                entry = None
-        flight = lookup.flight
+            if len(data) <= config.max_entry_bytes:
+                if flight is not None:
+                    Flights.land(flight, entry)
+                self.memory.refresh(lookup.key, entry, now, front_bytes(config.max_bytes))
+                self._write(lookup.key, data, entry, config.max_bytes, flight)
+                return
         if flight is not None:
-            Flights.land(flight, entry)
-        if entry is None:
-            if flight is not None:
-                self.flights.clear(lookup.key, flight)
-            return
-        self.memory.put(lookup.key, entry, entry.created_at, front_bytes(config.max_bytes))
-        self._write(lookup.key, data, entry, config.max_bytes, flight)
+            Flights.land(flight, None)
+            self.flights.clear(lookup.key, flight)
 
     def _write(self, key: str, data: bytes, entry: CacheEntry, max_bytes: int, flight: Flight | None) -> None:
         """Start writing the entry: a store call already on its way is kept as it is, a coroutine as a task."""
@@ -166,11 +167,11 @@ class ResponseCache:
         try:
             call = self.store.put(key, data, entry.created_at, entry.expires_at, max_bytes)
         except Exception as exc:
-            self._failed("put", exc)
             call = None
+            self._not_written(key, entry, max_bytes, exc)
         work = call if isinstance(call, asyncio.Future) else asyncio.ensure_future(self._bounded(call))
         self._writes.add(work)
-        work.add_done_callback(functools.partial(self._written, key, flight))
+        work.add_done_callback(functools.partial(self._written, key, entry, max_bytes, flight))
 
     async def _bounded(self, call: Awaitable[T] | None) -> T | None:
         """`call` within the store's timeout."""
@@ -179,13 +180,20 @@ class ResponseCache:
         async with asyncio.timeout(self.timeout_s):
             return await call
 
-    def _written(self, key: str, flight: Flight | None, work: asyncio.Future[None]) -> None:
-        """A write ended: count its failure; the flight it kept visible is forgotten."""
+    def _written(self, key: str, entry: CacheEntry, max_bytes: int, flight: Flight | None,
+                 work: asyncio.Future[None]) -> None:
+        """A write ended (its failure counted); the flight it kept visible is forgotten."""
         self._writes.discard(work)
         if not work.cancelled() and work.exception() is not None:
-            self._failed("put", work.exception() or Exception())
+            self._not_written(key, entry, max_bytes, work.exception() or Exception())
         if flight is not None:
             self.flights.clear(key, flight)
+
+    def _not_written(self, key: str, entry: CacheEntry, max_bytes: int, exc: BaseException) -> None:
+        """The store did not take the entry: count it, and hold it in memory, so that this replica still
+        answers it while the store is out (no other does)."""
+        self._failed("put", exc)
+        self.memory.put(key, entry, self.clock.now(), front_bytes(max_bytes))
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         log.warning("response cache %s failed (%s): served as a miss", operation, type(exc).__name__)

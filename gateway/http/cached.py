@@ -10,6 +10,9 @@ counters, a ledger row saying what it saved), an answer kept once delivered whol
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 import aiohttp
 from aiohttp import web
 
@@ -25,21 +28,24 @@ from gateway.http.middleware import RECORD
 from gateway.observability.access_log import AccessRecord
 from gateway.upstream.charging import Delivery
 
-__all__ = ["look_up", "serve_hit", "hit_headers", "hit_body", "file_hit", "capture_for", "keep_answer", "cache_header",
+__all__ = ["cacheable", "look_up", "serve_hit", "hit_headers", "hit_body", "file_hit", "capture_for", "keep_answer", "cache_header",
            "STREAM_CAPTURE_FACTOR"]
 
 STREAM_CAPTURE_FACTOR = 8   # a stream relays up to this many times its whole answer's bytes before it is given up
 _NOTHING = Usage()
 
 
-async def look_up(cache: ResponseCache, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
-                  request: web.Request) -> Lookup | None:
-    """The cache's answer for the request (None: its model is not cached); the access record says which."""
-    lookup = await cache.lookup(settings.cache, caller, req.endpoint.kind, req.model, req.payload, req.stream,
-                                req.wants_usage, request.headers.get("Cache-Control"))
-    if lookup is not None:
-        request[RECORD].cache = lookup.result
-    return lookup
+def cacheable(settings: Settings, req: ProxyRequest) -> bool:
+    """Whether the request is looked up: some model is cached, and it is no stream of another API than chat
+    (the cache replays streams as chat events only: the other APIs' streams are neither read nor kept)."""
+    return bool(settings.cache.models) and (req.endpoint.api == "openai-chat" or not req.stream)
+
+
+def look_up(cache: ResponseCache, settings: Settings, caller: CallerIdentity, req: ProxyRequest,
+            request: web.Request) -> Coroutine[Any, Any, Lookup | None]:
+    """The cache's lookup of the request, to be awaited (a plain function: no coroutine of its own)."""
+    return cache.lookup(settings.cache, caller, req.endpoint.kind, req.model, req.payload, req.stream,
+                        req.wants_usage, request.headers.get("Cache-Control"))
 
 
 def cache_header(result: str) -> str:
@@ -93,9 +99,9 @@ def file_hit(budget: BudgetEngine, settings: Settings, caller: CallerIdentity, r
     record.policies = budget.file_cache_hit(settings, caller, record.request_id, facts, entry.cost_nano, held)
 
 
-def capture_for(lookup: Lookup, config: CacheConfig, stream: bool) -> StreamAssembler | None:
-    """What joins a stream's answer as it is relayed, when the answer may be kept (a whole answer needs none)."""
-    return StreamAssembler(config.max_entry_bytes * STREAM_CAPTURE_FACTOR) if lookup.write and stream else None
+def capture_for(lookup: Lookup, config: CacheConfig) -> StreamAssembler | None:
+    """What keeps a stream's bytes as they are relayed, to join its answer, when the answer may be kept."""
+    return StreamAssembler(config.max_entry_bytes * STREAM_CAPTURE_FACTOR) if lookup.write else None
 
 
 def keep_answer(cache: ResponseCache, lookup: Lookup, config: CacheConfig, delivery: Delivery,

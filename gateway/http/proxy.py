@@ -22,7 +22,7 @@ from gateway.errors import UpstreamFailure
 from gateway.http.appkeys import (ACCESS_LOG, BUDGET, CACHE, CONFIG, METRICS, OPEN_STREAMS, PROVIDERS, RESILIENCE,
                                   ROUTER, WIRE_HITS)
 from gateway.http.auth import KnownTokens, TokenReader, anthropic_token, authenticate, bearer_token
-from gateway.http.cached import cache_header, capture_for, keep_answer, look_up, serve_hit
+from gateway.http.cached import cache_header, cacheable, capture_for, keep_answer, look_up, serve_hit
 from gateway.http.middleware import RECORD
 from gateway.http.reading import read_proxy_request
 from gateway.http.repeat_hits import (RepeatHits, Ticket, WireKey, may_repeat, note_asked, note_repeat, ticket_for,
@@ -89,11 +89,10 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
     note_asked(record, req)
     choice = proxy.router.route(settings, caller, req, request.headers)
     record.route = choice.plan.route
-    # the cache replays streams as chat events only: the other APIs' streams are neither read nor kept
-    cached = settings.cache.models and (endpoint.api == "openai-chat" or not req.stream)
-    lookup = await look_up(proxy.cache, settings, caller, req, request) if cached else None
+    lookup = await look_up(proxy.cache, settings, caller, req, request) if cacheable(settings, req) else None
     if lookup is None:
         return await forward(request, proxy, settings, caller, req, choice, Delivery(True))
+    record.cache = lookup.result
     if lookup.entry is not None:
         plan = choice.plan
         held = await proxy.budget.reserve_hit(record.request_id, settings, caller, plan, record.user)
@@ -103,7 +102,7 @@ async def serve(request: web.Request, *, endpoint: Endpoint, proxy: Proxy,
             wire = wire or wire_key(request, endpoint, read_token, body)
             proxy.repeats.remember(settings, wire, ticket_for(caller, req, plan.route, lookup.key), len(body))
         return await serve_hit(request, lookup, proxy.budget, settings, caller, held, proxy.cache.clock.now())
-    delivery = Delivery(True, capture=capture_for(lookup, settings.cache, req.stream))
+    delivery = Delivery(True, capture=capture_for(lookup, settings.cache) if req.stream else None)
     try:
         return await forward(request, proxy, settings, caller, req, choice, delivery)
     finally:
