@@ -172,6 +172,19 @@ def test_tool_call_deltas_are_joined_into_the_whole_answer_and_replayed() -> Non
     assert replayed.answer(Usage(10, 5)) == answer
 
 
+def test_a_stream_with_comments_or_unspaced_data_lines_is_joined_as_the_usual_one() -> None:
+    chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Hello"}),
+              _chunk({"content": " there"}), _chunk({}, "stop")]
+    usual = StreamAssembler(1 << 20)
+    usual.feed(_events(*chunks))
+    unusual = StreamAssembler(1 << 20)
+    unusual.feed(b": keep-alive\n\n" + b"".join(b"data:" + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
+                 + b"data: [DONE]\n\n")
+    answer = usual.answer(Usage(10, 5))
+    assert answer is not None and unusual.answer(Usage(10, 5)) == answer
+    assert orjson.loads(answer)["choices"][0]["message"]["content"] == "Hello there"
+
+
 @pytest.mark.parametrize("stream", [
     _events(_chunk({"content": "I can't"}), _chunk({}, "content_filter")),
     _events(_chunk({"role": "assistant", "refusal": "I can't help with that."}), _chunk({}, "stop")),

@@ -26,6 +26,7 @@ JSON = dict[str, Any]
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 _JOINED = ("content", "refusal", "reasoning_content")
 _CHAT = "chat.completion.chunk"
+_DATA, _NEXT_DATA, _DONE_TAIL = b"data: ", b"\n\ndata: ", b"\n\ndata: [DONE]\n\n"
 # a refusal's marks as keys of the answer (a quote inside a JSON string is escaped, so `"refusal"` followed
 # by `:` is a key, never text): chat's, the Responses API's refusal content and Anthropic's stop reason
 _REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)'
@@ -98,19 +99,31 @@ class StreamAssembler:
         """The whole answer with `usage` as its usage block; None when it cannot be kept."""
         if self._parts is None:
             return None
-        events = b"".join(self._parts).split(b"\n\n")
-        if events.pop().strip():                 # an event cut short
-            return None
-        datas = [line[5:] for event in events for line in event.split(b"\n")
-                 if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+        array, count = _data_array(b"".join(self._parts))
         try:
-            chunks = orjson.loads(b"[" + b",".join(datas) + b"]")
-            if len(chunks) != len(datas):        # a data line that held more than one value
+            chunks = orjson.loads(array) if array is not None else None
+            if not isinstance(chunks, list) or len(chunks) != count:   # a data line holding more than one value
                 raise _Unstorable
             answer = _joined(chunks, usage)
         except (_Unstorable, orjson.JSONDecodeError):
             return None
         return orjson.dumps(answer) if storable(answer) else None
+
+
+def _data_array(stream: bytes) -> tuple[bytes | None, int]:
+    """The data of the stream's events but [DONE] as one JSON array, and how many values it should hold;
+    None when the last event was cut short."""
+    body = stream[len(_DATA):-len(_DONE_TAIL)]
+    events = body.count(_NEXT_DATA) + 1
+    # the usual stream, every event one `data: ` line and [DONE] last: the array without a pass per event
+    if stream.startswith(_DATA) and stream.endswith(_DONE_TAIL) and body.count(b"\n") == 2 * (events - 1):
+        return b"[" + body.replace(_NEXT_DATA, b",") + b"]", events
+    parts = stream.split(b"\n\n")
+    if parts.pop().strip():
+        return None, 0
+    datas = [line[5:] for event in parts for line in event.split(b"\n")
+             if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+    return b"[" + b",".join(datas) + b"]", len(datas)
 
 
 def _joined(chunks: list[Any], usage: Usage) -> JSON:
