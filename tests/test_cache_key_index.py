@@ -9,6 +9,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -156,6 +157,24 @@ async def test_a_miss_holds_nothing_in_memory_a_hit_read_from_the_store_is_held_
     await cache.written()
     held = cache.held_hit(miss.key, False, False)    # the refreshed answer, never the one held before
     assert held is not None and held.entry is not None and held.entry.body == b'{"id": "second"}'
+
+
+async def test_an_answer_asked_for_again_while_it_was_fetched_is_held_and_replayed_once(fresh_redis_server,
+                                                                                        redis_stores) -> None:
+    cache = ResponseCache(await ready(redis_stores()), FakeClock(), 1.0)
+    ask = functools.partial(cache.lookup, CONFIG, CALLER, "chat", "m", {"prompt": "asked at once"})
+    leader = await ask(False, False, None)
+    assert leader is not None and leader.result == "miss"
+    followers = [asyncio.ensure_future(ask(True, False, None)) for _ in range(3)]
+    await asyncio.sleep(0)                           # one loop turn: each follower now waits on the leader's flight
+    answer = orjson.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there"},
+                                        "finish_reason": "stop"}]})
+    cache.finish(leader, CONFIG, answer, Usage(3, 4), 1000)
+    hits = await asyncio.gather(*followers)
+    assert [hit.result for hit in hits if hit] == ["hit"] * 3
+    assert len(cache.memory) == 1                    # asked for again: held, unlike an answer nobody asked twice
+    assert hits[0].events is not None and all(hit.events is hits[0].events for hit in hits)   # replayed once
 
 
 async def test_news_arriving_while_the_connection_rests_is_read_in_one_batch_when_it_ends(redis_stores,

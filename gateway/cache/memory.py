@@ -1,6 +1,7 @@
 """A replica's hot entries in memory, in front of the shared store: a repeated hit costs no store call.
 
-An entry is held once a hit read it from the store, not because this replica wrote it: most answers are
+An entry is held once a hit read it, from the store or from an identical request in flight, not because
+this replica wrote it: most answers are
 never asked for again, and holding each one a miss writes would cost every miss a put and churn the
 memory of answers that are asked for again. A write only refreshes an entry already held; an entry the
 store failed to take is held, so that this replica still answers it while the store is out.
@@ -75,6 +76,12 @@ class MemoryFront:
         self._entries[key] = held
         self.bytes += held.size
         self._trim()
+
+    def hold(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:
+        """Hold `entry` under `key` unless it is held there already (with the replays made of it)."""
+        held = self._entries.get(key)
+        if held is None or held.entry is not entry:
+            self.put(key, entry, now, limit)
 
     def refresh(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:
         """Replace the entry held under `key`, if one is (a newer answer was written): hold no other."""

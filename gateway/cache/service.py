@@ -8,7 +8,7 @@
              leads a flight that identical requests arriving now will wait on
     finish   the leader's answer (None: nothing to keep) lands for whoever waits; a kept answer is
              written to the store in the background (in memory it only replaces an entry held there:
-             this replica holds what a hit read from the store, see memory)
+             this replica holds what its hits read, see memory)
 
 A cache store that fails or is slow never fails a request: the lookup is a miss and the write is dropped,
 each reported to `on_store_error`.
@@ -105,9 +105,12 @@ class ResponseCache:
                 if hit is not None:
                     return hit
         if waiting is not None:
-            hit = self._hit(key, await flights.follow(waiting), stream, wants_usage)
-            if hit is not None:
-                return hit
+            entry = await flights.follow(waiting)
+            if entry is not None:            # asked for again while it was fetched: held, its replays with it
+                self.memory.hold(key, entry, self.clock.now(), front_bytes(config.max_bytes))
+                hit = self._hit(key, entry, stream, wants_usage)
+                if hit is not None:
+                    return hit
         return Lookup(key, result, True, flight=flights.lead(key))
 
     def held_hit(self, key: str, stream: bool, wants_usage: bool) -> Lookup | None:
