@@ -3,7 +3,9 @@ store's bound on disk and in memory), the stream assembler and replay (issue 19)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import os
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from gateway.cache.keys import cache_key, scope_identity
 from gateway.cache.memory import ENTRY_OVERHEAD, HOLD_S, MemoryFront
 from gateway.cache.redis_store import RedisCacheStore
 from gateway.cache.replay import replay_events
+from gateway.cache.service import ResponseCache
 from gateway.cache.sqlite_store import SqliteCacheStore
 from gateway.budget.redis_store import create_redis_client
 from gateway.clock import FakeClock
@@ -194,8 +197,10 @@ def test_a_stream_with_comments_or_unspaced_data_lines_is_joined_as_the_usual_on
     b"data: " + orjson.dumps(_chunk({"content": "one"})) + b", " + orjson.dumps(_chunk({}, "stop")) + b"\n\n"
     b"data: [DONE]\n\n",
     b"data: " + orjson.dumps(_chunk({"content": "half"}))[:-1] + b"\n\ndata: [DONE]\n\n",
+    b"data: " + orjson.dumps(_chunk({"content": "A"}))[:-3] + b"\n\ndata: "
+    + orjson.dumps(_chunk({"content": "A"}))[-3:] + b", " + orjson.dumps(_chunk({}, "stop")) + b"\n\ndata: [DONE]\n\n",
 ], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event", "two_values_in_one_event",
-        "unreadable_event"])
+        "unreadable_event", "a_chunk_split_over_two_data_lines"])
 def test_refusals_and_streams_the_gateway_does_not_understand_are_never_kept(stream: bytes) -> None:
     assembler = StreamAssembler(1 << 20)
     assembler.feed(stream)
@@ -206,6 +211,23 @@ def test_a_stream_relaying_past_its_limit_is_given_up() -> None:
     assembler = StreamAssembler(1000)
     assembler.feed(_events(*[_chunk({"content": "word "}) for _ in range(50)], _chunk({}, "stop")))
     assert assembler.answer(Usage(10, 50)) is None
+
+
+def test_a_long_stream_is_joined_a_slice_at_a_time_within_little_memory() -> None:
+    pieces = [_chunk({"content": f"w{i} "}) for i in range(20_000)] + [_chunk({}, "stop")]
+    assembler = StreamAssembler(64 << 20)
+    tracemalloc.start()
+    try:
+        for at in range(0, len(pieces), 100):        # fed as relayed: 100 events a write, ~5 MiB in all
+            assembler.feed(b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in pieces[at:at + 100]))
+        assembler.feed(b"data: [DONE]\n\n")
+        answer = assembler.answer(Usage(10, 20_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer is not None
+    assert orjson.loads(answer)["choices"][0]["message"]["content"] == "".join(f"w{i} " for i in range(20_000))
+    assert peak < 2 << 20                            # never the whole stream's bytes, nor all its chunks parsed
 
 
 def test_a_completions_answer_replays_as_text_completion_chunks() -> None:
@@ -240,6 +262,61 @@ async def test_a_gateway_on_redis_cluster_keeps_answers_in_the_cluster(upstream,
         await gateway.app[CACHE].written()
     assert results == ["miss", "hit", "hit"] and len(upstream.requests) == 1
     assert isinstance(gateway.app[CACHE].store, RedisCacheStore)
+
+
+class _HeldWrites:
+    """A store that holds nothing and answers each write when the test says (`writes`, in order)."""
+
+    bounds_time = True
+
+    def __init__(self) -> None:
+        self.writes: list[asyncio.Future[None]] = []
+
+    def expect_ttl(self, ttl_s: float) -> None:
+        pass
+
+    def may_hold(self, key: str, now: float) -> bool:
+        return False
+
+    async def get(self, key: str, now: float) -> bytes | None:
+        return None
+
+    def put(self, key: str, value: bytes, now: float, expires_at: float, max_bytes: int) -> asyncio.Future[None]:
+        self.writes.append(asyncio.get_running_loop().create_future())
+        return self.writes[-1]
+
+    async def close(self) -> None:
+        pass
+
+
+def _whole(content: str) -> bytes:
+    return orjson.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+
+
+async def test_a_failed_write_or_a_late_follower_never_replaces_a_newer_answer_held_in_memory() -> None:
+    store, clock = _HeldWrites(), FakeClock()
+    cache = ResponseCache(store, clock, 1.0)
+    config = CacheConfig(models=("m",))
+    ask = functools.partial(cache.lookup, config, WEB, "chat", "m", {"prompt": "p"}, False, False)
+    first = await ask(None)
+    follower = asyncio.ensure_future(ask(None))
+    await asyncio.sleep(0)                           # one loop turn: the follower waits on the first's flight
+    assert first is not None and first.result == "miss"
+    cache.finish(first, config, _whole("old"), Usage(1, 1), 10)
+    clock.advance(1)
+    refresh = await ask("no-cache")                  # before the follower wakes: a newer answer is held
+    assert refresh is not None and refresh.result == "bypass"
+    cache.finish(refresh, config, _whole("new"), Usage(1, 1), 10)
+    hit = await follower                             # it waited on the old answer and gets it ...
+    assert hit is not None and hit.entry is not None and orjson.loads(hit.entry.body)["choices"][0]["message"][
+        "content"] == "old"
+    store.writes[0].set_exception(ConnectionError("store out"))     # ... and the old answer's write fails
+    store.writes[1].set_result(None)
+    await cache.written()
+    await asyncio.sleep(0)                           # the writes' callbacks run
+    held = cache.held_hit(first.key, False, False)   # neither put the old answer back over the new one
+    assert held is not None and held.entry is not None and b'"new"' in held.entry.body
 
 
 def test_the_memory_front_is_bounded_in_bytes_and_in_held_time() -> None:

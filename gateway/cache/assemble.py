@@ -26,7 +26,8 @@ JSON = dict[str, Any]
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 _JOINED = ("content", "refusal", "reasoning_content")
 _CHAT = "chat.completion.chunk"
-_DATA, _NEXT_DATA, _DONE_TAIL = b"data: ", b"\n\ndata: ", b"\n\ndata: [DONE]\n\n"
+_DATA, _NEXT_DATA = b"data: ", b"\n\ndata: "
+SLICE_BYTES = 64 * 1024   # relayed bytes a stream keeps before it joins them (see StreamAssembler)
 # a refusal's marks as keys of the answer (a quote inside a JSON string is escaped, so `"refusal"` followed
 # by `:` is a key, never text): chat's, the Responses API's refusal content and Anthropic's stop reason
 _REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)'
@@ -76,81 +77,109 @@ class StreamAssembler:
     """Joins a stream's chunks into its whole answer (fed the SSE bytes as written), up to `limit` bytes relayed
     (past it the stream is given up); `answer` is the whole answer of a complete stream, or None.
 
-    Feeding keeps the bytes; `answer` parses them, every event in one orjson call, once the stream is
-    over: most of a stream's cost to the cache, and none of it for a stream that is not kept.
+    Feeding keeps the bytes and joins them a slice of SLICE_BYTES at a time (the whole events in it, each
+    data line parsed on its own by orjson, without a pass per event in Python for the usual stream);
+    `answer` joins the rest. So a short stream is parsed once, at its end, and a long one never holds more
+    than a slice of bytes and of parsed chunks.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._size = 0
-        self._parts: list[bytes] | None = []     # None: given up (past the limit)
+        self._parts: list[bytes] | None = []     # fed since the last slice; None: given up
+        self._kept = 0
+        self._joined = _Joined()
 
     def feed(self, data: bytes) -> None:
-        """Keep the bytes written to the client."""
+        """Keep the bytes written to the client; join them once a slice is kept."""
         parts = self._parts
-        if parts is not None:
-            self._size += len(data)
-            if self._size > self._limit:
-                self._parts = None
-            else:
-                parts.append(data)
+        if parts is None:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._parts = None
+            return
+        parts.append(data)
+        self._kept += len(data)
+        if self._kept > SLICE_BYTES:
+            kept = b"".join(parts)
+            cut = kept.rfind(b"\n\n") + 2         # whole events only; the rest waits for the next feeds
+            if cut > 1:
+                self._parts, self._kept = [kept[cut:]], len(kept) - cut
+                self._join(kept[:cut])
+            else:                                  # one event longer than a slice: try again a slice later
+                self._parts, self._kept = [kept], 0
 
     def answer(self, usage: Usage) -> bytes | None:
         """The whole answer with `usage` as its usage block; None when it cannot be kept."""
         if self._parts is None:
             return None
-        array, count = _data_array(b"".join(self._parts))
+        rest = b"".join(self._parts)
+        if rest.rpartition(b"\n\n")[2].strip():   # an event cut short
+            return None
+        self._join(rest)
+        if self._parts is None:
+            return None
         try:
-            chunks = orjson.loads(array) if array is not None else None
-            if not isinstance(chunks, list) or len(chunks) != count:   # a data line holding more than one value
-                raise _Unstorable
-            answer = _joined(chunks, usage)
-        except (_Unstorable, orjson.JSONDecodeError):
+            answer = self._joined.answer(usage)
+        except _Unstorable:
             return None
         return orjson.dumps(answer) if storable(answer) else None
 
-
-def _data_array(stream: bytes) -> tuple[bytes | None, int]:
-    """The data of the stream's events but [DONE] as one JSON array, and how many values it should hold;
-    None when the last event was cut short."""
-    body = stream[len(_DATA):-len(_DONE_TAIL)]
-    events = body.count(_NEXT_DATA) + 1
-    # the usual stream, every event one `data: ` line and [DONE] last: the array without a pass per event
-    if stream.startswith(_DATA) and stream.endswith(_DONE_TAIL) and body.count(b"\n") == 2 * (events - 1):
-        return b"[" + body.replace(_NEXT_DATA, b",") + b"]", events
-    parts = stream.split(b"\n\n")
-    if parts.pop().strip():
-        return None, 0
-    datas = [line[5:] for event in parts for line in event.split(b"\n")
-             if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
-    return b"[" + b",".join(datas) + b"]", len(datas)
+    def _join(self, events: bytes) -> None:
+        """Join the whole events in `events` (anything not understood gives the stream up)."""
+        try:
+            self._joined.add(list(map(orjson.loads, _data_lines(events))))
+        except (_Unstorable, orjson.JSONDecodeError):
+            self._parts = None
 
 
-def _joined(chunks: list[Any], usage: Usage) -> JSON:
-    """The whole answer the chunks stand for, with `usage` as its usage block."""
-    kind: str | None = None
-    top: JSON = {}
-    choices: dict[int, JSON] = {}
-    for chunk in chunks:
-        if not isinstance(chunk, dict) or chunk.get("error") is not None:
-            raise _Unstorable
+def _data_lines(events: bytes) -> list[bytes]:
+    """The data lines of whole SSE events, [DONE] left out."""
+    body = events[len(_DATA):-2]
+    lines = body.split(_NEXT_DATA)
+    # the usual events, each one `data: ` line: no pass over them in Python (a JSON text holds no newline)
+    if not (events.startswith(_DATA) and events.endswith(b"\n\n") and body.count(b"\n") == 2 * (len(lines) - 1)):
+        lines = [line[5:] for event in events.split(b"\n\n") for line in event.split(b"\n")
+                 if line.startswith(b"data:")]
+    return [line for line in lines if line.strip() != b"[DONE]"] if b"[DONE]" in events else lines
+
+
+class _Joined:
+    """A stream's answer so far: its kind, top-level fields and choices joined chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.top: JSON = {}
+        self.choices: dict[int, JSON] = {}
+
+    def add(self, chunks: list[Any]) -> None:
+        """Join chunks into the answer."""
+        for chunk in chunks:
+            if not isinstance(chunk, dict) or chunk.get("error") is not None:
+                raise _Unstorable
+            if self.kind is None:
+                kind = chunk.get("object")
+                if kind not in (_CHAT, "text_completion"):
+                    raise _Unstorable
+                self.kind = kind
+                self.top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
+            elif chunk.get("object") != self.kind:
+                raise _Unstorable
+            join = _chat_part if self.kind == _CHAT else _text_part
+            for part in chunk.get("choices") or ():
+                if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
+                    raise _Unstorable
+                join(self.choices.setdefault(part.get("index", 0), {}), part)
+
+    def answer(self, usage: Usage) -> JSON:
+        """The whole answer, with `usage` as its usage block."""
+        kind, choices = self.kind, self.choices
         if kind is None:
-            kind = chunk.get("object")
-            if kind not in (_CHAT, "text_completion"):
-                raise _Unstorable
-            top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
-            join = _chat_part if kind == _CHAT else _text_part
-        elif chunk.get("object") != kind:
             raise _Unstorable
-        for part in chunk.get("choices") or ():
-            if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
-                raise _Unstorable
-            join(choices.setdefault(part.get("index", 0), {}), part)
-    if kind is None:
-        raise _Unstorable
-    return {**top, "object": "chat.completion" if kind == _CHAT else "text_completion",
-            "choices": [_finished(index, choices[index], kind) for index in sorted(choices)],
-            "usage": usage_block(usage)}
+        return {**self.top, "object": "chat.completion" if kind == _CHAT else "text_completion",
+                "choices": [_finished(index, choices[index], kind) for index in sorted(choices)],
+                "usage": usage_block(usage)}
 
 
 def _chat_part(choice: JSON, part: JSON) -> None:

@@ -1,10 +1,11 @@
 """A replica's hot entries in memory, in front of the shared store: a repeated hit costs no store call.
 
 An entry is held once a hit read it, from the store or from an identical request in flight, not because
-this replica wrote it: most answers are
-never asked for again, and holding each one a miss writes would cost every miss a put and churn the
-memory of answers that are asked for again. A write only refreshes an entry already held; an entry the
-store failed to take is held, so that this replica still answers it while the store is out.
+this replica wrote it: most answers are never asked for again, and holding each one a miss writes would
+cost every miss a put and churn the memory of answers that are asked for again. A miss's write replaces
+an entry already held, a `no-cache` refresh's is held (whatever was held is stale), and an entry the
+store failed to take is held, so that this replica still answers it while the store is out; none of
+these replaces an answer stored after it.
 
 Bounded in bytes (least recently used first out) and in time: an entry is held for at most HOLD_S
 seconds (and never past its own expiry), so an entry another replica refreshed (`Cache-Control:
@@ -78,9 +79,10 @@ class MemoryFront:
         self._trim()
 
     def hold(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:
-        """Hold `entry` under `key` unless it is held there already (with the replays made of it)."""
+        """Hold `entry` under `key` unless it, or an answer stored after it, is held there already (the one
+        held keeps its replays)."""
         held = self._entries.get(key)
-        if held is None or held.entry is not entry:
+        if held is None or (held.entry is not entry and held.entry.created_at < entry.created_at):
             self.put(key, entry, now, limit)
 
     def refresh(self, key: str, entry: CacheEntry, now: float, limit: int) -> None:

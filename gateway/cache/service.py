@@ -157,7 +157,10 @@ class ResponseCache:
             if len(data) <= config.max_entry_bytes:
                 if flight is not None:
                     Flights.land(flight, entry)
-                self.memory.refresh(lookup.key, entry, now, front_bytes(config.max_bytes))
+                if lookup.result == BYPASS:   # a no-cache refresh: what any request holds is stale now
+                    self.memory.put(lookup.key, entry, now, front_bytes(config.max_bytes))
+                else:
+                    self.memory.refresh(lookup.key, entry, now, front_bytes(config.max_bytes))
                 self._write(lookup.key, data, entry, config.max_bytes, flight)
                 return
         if flight is not None:
@@ -196,7 +199,7 @@ class ResponseCache:
         """The store did not take the entry: count it, and hold it in memory, so that this replica still
         answers it while the store is out (no other does)."""
         self._failed("put", exc)
-        self.memory.put(key, entry, self.clock.now(), front_bytes(max_bytes))
+        self.memory.hold(key, entry, self.clock.now(), front_bytes(max_bytes))
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         log.warning("response cache %s failed (%s): served as a miss", operation, type(exc).__name__)
