@@ -1,10 +1,11 @@
 """Putting a relayed stream back together as the whole answer it stands for, and which answers may be kept.
 
-Fed the bytes as the stream is relayed, and kept as they came (a stream that relays more than its limit
-is given up, its bytes let go); joined once it is over. A chat stream's deltas are joined per choice
-(content, reasoning, tool calls by index, a legacy function call), a completions stream's text per choice; the usage block is the one the stream was charged on. A
-chunk the gateway does not understand (a delta field it does not know, completions logprobs) makes the
-stream unstorable rather than stored half-understood.
+Fed the bytes as the stream is relayed and joined a slice at a time (a stream that relays more than its
+limit is given up, its bytes let go). A chat stream's deltas are joined per choice (content, reasoning,
+tool calls by index, a legacy function call), a completions stream's text per choice; the usage block is
+the one the stream was charged on. A chunk the gateway does not understand (a data line that is no JSON
+value, a delta field it does not know, completions logprobs) makes the stream unstorable rather than
+stored half-understood.
 
 Never kept: answers that are no JSON object, and refusals (a choice with a `refusal` or finish_reason
 `content_filter`): a filter that tripped once should not answer the same prompt for an hour.
