@@ -3,7 +3,7 @@
     keys       the exact-match key: endpoint, client model, the scope's identity, the canonical body
     control    the client's Cache-Control: no-cache (skip the lookup), no-store (neither read nor write)
     entry      what an entry holds (the answer and its usage, never a header or a key) and its codec
-    assemble   a relayed stream's bytes, joined once it is over into the whole answer it stands for
+    assemble   a relayed stream's bytes, joined a slice at a time into the whole answer it stands for
     replay     a whole answer sent as the SSE events a provider would send
     store      the storage seam; redis_store (Redis, Cluster, Sentinel) and sqlite_store (embedded, LRU-bounded)
     memory     the entries a replica's hits read, in front of the store (bounded in bytes and held seconds)

@@ -153,6 +153,7 @@ class _Joined:
         self.kind: str | None = None
         self.top: JSON = {}
         self.choices: dict[int, JSON] = {}
+        self._part = _chat_part                # how a choice's part is joined: by the kind
 
     def add(self, chunks: list[Any]) -> None:
         """Join chunks into the answer."""
@@ -163,15 +164,14 @@ class _Joined:
                 kind = chunk.get("object")
                 if kind not in (_CHAT, "text_completion"):
                     raise _Unstorable
-                self.kind = kind
+                self.kind, self._part = kind, _chat_part if kind == _CHAT else _text_part
                 self.top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
             elif chunk.get("object") != self.kind:
                 raise _Unstorable
-            join = _chat_part if self.kind == _CHAT else _text_part
             for part in chunk.get("choices") or ():
                 if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
                     raise _Unstorable
-                join(self.choices.setdefault(part.get("index", 0), {}), part)
+                self._part(self.choices.setdefault(part.get("index", 0), {}), part)
 
     def answer(self, usage: Usage) -> JSON:
         """The whole answer, with `usage` as its usage block."""

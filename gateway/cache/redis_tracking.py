@@ -48,8 +48,8 @@ log = logging.getLogger("gateway.cache")
 CHANNEL = b"__redis__:invalidate"
 HEALTH_S = 5.0        # this long without news: a PING, which must be answered within as long again
 RETRY_S = 0.5
-NEWS_EVERY_S = 0.02   # the news connection rests this long after each read (see above)
 RETRY_MAX_S = 30.0
+NEWS_EVERY_S = 0.02   # the news connection rests this long after each read (see above)
 SCAN_COUNT = 1000
 _PASSING = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")   # error replies that pass: not "cannot track"
 

@@ -121,10 +121,8 @@ class ResponseCache:
         entry = self.memory.get(key, self.clock.now())
         return None if entry is None else self._hit(key, entry, stream, wants_usage)
 
-    def _hit(self, key: str, entry: CacheEntry | None, stream: bool, wants_usage: bool) -> Lookup | None:
-        """A hit on `entry` (as SSE for a stream); None when there is none, or it has no stream form."""
-        if entry is None:
-            return None
+    def _hit(self, key: str, entry: CacheEntry, stream: bool, wants_usage: bool) -> Lookup | None:
+        """A hit on `entry` (as SSE for a stream); None when it has no stream form."""
         if not stream:
             return Lookup(key, HIT, False, entry)
         events = self.memory.replay(key, entry, wants_usage)
