@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import math
 import os
+import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -199,8 +201,12 @@ def test_a_stream_with_comments_or_unspaced_data_lines_is_joined_as_the_usual_on
     b"data: " + orjson.dumps(_chunk({"content": "half"}))[:-1] + b"\n\ndata: [DONE]\n\n",
     b"data: " + orjson.dumps(_chunk({"content": "A"}))[:-3] + b"\n\ndata: "
     + orjson.dumps(_chunk({"content": "A"}))[-3:] + b", " + orjson.dumps(_chunk({}, "stop")) + b"\n\ndata: [DONE]\n\n",
+    *(_events({**_chunk({"content": "A"}), "choices": [{"index": index, "delta": {"content": "A"}}]}, _chunk({}, "stop"))
+      for index in ([0], {"i": 0}, "0")),
+    _events(_chunk({"content": "A"}))[:-len(b"data: [DONE]\n\n")] + b"data: [DONE]\n\n" + _events(_chunk({}, "stop")),
 ], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event", "two_values_in_one_event",
-        "unreadable_event", "a_chunk_split_over_two_data_lines"])
+        "unreadable_event", "a_chunk_split_over_two_data_lines", "a_list_as_index", "an_object_as_index",
+        "a_text_as_index", "done_before_the_end"])
 def test_refusals_and_streams_the_gateway_does_not_understand_are_never_kept(stream: bytes) -> None:
     assembler = StreamAssembler(1 << 20)
     assembler.feed(stream)
@@ -228,6 +234,31 @@ def test_a_long_stream_is_joined_a_slice_at_a_time_within_little_memory() -> Non
     assert answer is not None
     assert orjson.loads(answer)["choices"][0]["message"]["content"] == "".join(f"w{i} " for i in range(20_000))
     assert peak < 2 << 20                            # never the whole stream's bytes, nor all its chunks parsed
+
+
+def _join_seconds(pieces: int, delta: Callable[[int], dict]) -> float:
+    """The best of three joins of a stream of `pieces` chunks made by `delta`, fed 4 KiB a write, in seconds."""
+    stream = _events(*[_chunk(delta(i)) for i in range(pieces)], _chunk({}, "stop"))
+    best = math.inf
+    for _ in range(3):
+        assembler = StreamAssembler(64 << 20)
+        started = time.perf_counter()
+        for at in range(0, len(stream), 4096):
+            assembler.feed(stream[at:at + 4096])
+        answer = assembler.answer(Usage(10, pieces))
+        best = min(best, time.perf_counter() - started)
+        assert answer is not None
+    return best
+
+
+@pytest.mark.parametrize("delta", [
+    pytest.param(lambda i: {"content": "x" * 160}, id="content"),
+    pytest.param(lambda i: {"tool_calls": [{"index": 0, "function": {"arguments": "y" * 160}}]}, id="tool_arguments"),
+])
+def test_a_long_answer_in_many_chunks_is_joined_in_time_linear_in_its_length(delta: Callable[[int], dict]) -> None:
+    # adding each piece to one string copied the whole text per chunk: 20,000 chunks of 160 characters took
+    # about 16 times as long as 5,000 (seconds of the event loop for an answer the cache could not even keep)
+    assert _join_seconds(20_000, delta) < 8 * _join_seconds(5_000, delta)
 
 
 def test_a_completions_answer_replays_as_text_completion_chunks() -> None:

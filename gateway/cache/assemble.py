@@ -25,10 +25,11 @@ __all__ = ["usage_block", "storable", "storable_answer", "StreamAssembler"]
 
 JSON = dict[str, Any]
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
-_JOINED = ("content", "refusal", "reasoning_content")
+_JOINED = frozenset(("content", "refusal", "reasoning_content"))
 _CHAT = "chat.completion.chunk"
 _DATA, _NEXT_DATA = b"data: ", b"\n\ndata: "
 SLICE_BYTES = 64 * 1024   # relayed bytes a stream keeps before it joins them (see StreamAssembler)
+PIECES = 1024             # pieces of a text kept before they are joined (see _add_piece)
 # a refusal's marks as keys of the answer (a quote inside a JSON string is escaped, so `"refusal"` followed
 # by `:` is a key, never text): chat's, the Responses API's refusal content and Anthropic's stop reason
 _REFUSED = re.compile(rb'"finish_reason"\s*:\s*"content_filter"|"refusal"\s*:(?!\s*null)'
@@ -51,13 +52,7 @@ def usage_block(usage: Usage) -> JSON:
 def storable_answer(body: bytes) -> bool:
     """`storable` of a whole answer the gateway already read as JSON (its usage), without parsing it again:
     an object without a refusal's marks."""
-    if body[:1] != b"{":
-        return False
-    # every refusal mark holds `refusal` or `content_filter`; an answer whose only such words are compact
-    # `"refusal":null`s (OpenAI's every message has one) is cleared by substring counts, without the regex
-    if b"content_filter" not in body and body.count(b"refusal") == body.count(b'"refusal":null'):
-        return True
-    return _REFUSED.search(body) is None
+    return body[:1] == b"{" and _REFUSED.search(body) is None   # one pass (faster than substring counts)
 
 
 def storable(answer: Any) -> bool:
@@ -86,34 +81,38 @@ class StreamAssembler:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._size = 0
-        self._parts: list[bytes] | None = []     # fed since the last slice; None: given up
-        self._kept = 0
+        self._size = 0                           # bytes relayed before the last slice
+        self._parts: list[bytes] | None = []     # kept since the last slice; None: given up
+        self._kept = 0                           # bytes relayed since the last slice
         self._joined = _Joined()
 
     def feed(self, data: bytes) -> None:
         """Keep the bytes written to the client; join them once a slice is kept."""
         parts = self._parts
-        if parts is None:
-            return
-        self._size += len(data)
+        if parts is not None:
+            parts.append(data)
+            self._kept += len(data)
+            if self._kept > SLICE_BYTES:
+                self._slice(parts)
+
+    def _slice(self, parts: list[bytes]) -> None:
+        """Join the whole events kept (past the limit, give the stream up)."""
+        self._size += self._kept
+        self._kept = 0
         if self._size > self._limit:
             self._parts = None
             return
-        parts.append(data)
-        self._kept += len(data)
-        if self._kept > SLICE_BYTES:
-            kept = b"".join(parts)
-            cut = kept.rfind(b"\n\n") + 2         # whole events only; the rest waits for the next feeds
-            if cut > 1:
-                self._parts, self._kept = [kept[cut:]], len(kept) - cut
-                self._join(kept[:cut])
-            else:                                  # one event longer than a slice: try again a slice later
-                self._parts, self._kept = [kept], 0
+        kept = b"".join(parts)
+        cut = kept.rfind(b"\n\n") + 2         # whole events only; the rest waits for the next feeds
+        if cut > 1:
+            self._parts = [kept[cut:]]
+            self._join(kept[:cut])
+        else:                                  # one event longer than a slice: try again a slice later
+            self._parts = [kept]
 
     def answer(self, usage: Usage) -> bytes | None:
         """The whole answer with `usage` as its usage block; None when it cannot be kept."""
-        if self._parts is None:
+        if self._parts is None or self._size + self._kept > self._limit:
             return None
         rest = b"".join(self._parts)
         if rest.rpartition(b"\n\n")[2].strip():   # an event cut short
@@ -136,18 +135,20 @@ class StreamAssembler:
 
 
 def _data_lines(events: bytes) -> list[bytes]:
-    """The data lines of whole SSE events, [DONE] left out."""
-    body = events[len(_DATA):-2]
-    lines = body.split(_NEXT_DATA)
-    # the usual events, each one `data: ` line: no pass over them in Python (a JSON text holds no newline)
-    if not (events.startswith(_DATA) and events.endswith(b"\n\n") and body.count(b"\n") == 2 * (len(lines) - 1)):
-        lines = [line[5:] for event in events.split(b"\n\n") for line in event.split(b"\n")
-                 if line.startswith(b"data:")]
-    return [line for line in lines if line.strip() != b"[DONE]"] if b"[DONE]" in events else lines
+    """The data lines of whole SSE events, the [DONE] that ends them left out (one before the end is no JSON:
+    the stream is not kept)."""
+    lines = events[len(_DATA):-2].split(_NEXT_DATA)
+    # the usual events, each one `data: ` line: no pass over them in Python (a JSON text holds no raw newline)
+    if not (events.startswith(_DATA) and events.endswith(b"\n\n") and b"\n" not in b"".join(lines)):
+        lines = [line[5:] for event in events.split(b"\n\n") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if lines and lines[-1].strip() == b"[DONE]":
+        lines.pop()
+    return lines
 
 
 class _Joined:
-    """A stream's answer so far: its kind, top-level fields and choices joined chunk by chunk."""
+    """A stream's answer so far: its kind, top-level fields and choices joined chunk by chunk (each text kept as
+    its pieces, joined once at the end: adding to a string per chunk would copy it whole each time)."""
 
     def __init__(self) -> None:
         self.kind: str | None = None
@@ -157,21 +158,36 @@ class _Joined:
 
     def add(self, chunks: list[Any]) -> None:
         """Join chunks into the answer."""
+        choices = self.choices
         for chunk in chunks:
-            if not isinstance(chunk, dict) or chunk.get("error") is not None:
+            if type(chunk) is not dict or chunk.get("error") is not None:
                 raise _Unstorable
-            if self.kind is None:
-                kind = chunk.get("object")
-                if kind not in (_CHAT, "text_completion"):
-                    raise _Unstorable
-                self.kind, self._part = kind, _chat_part if kind == _CHAT else _text_part
-                self.top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
-            elif chunk.get("object") != self.kind:
+            if chunk.get("object") != self.kind:
+                self._start(chunk)
+            parts = chunk.get("choices")
+            if not parts:
+                continue
+            if type(parts) is not list:
                 raise _Unstorable
-            for part in chunk.get("choices") or ():
-                if not isinstance(part, dict) or not isinstance(part.get("index", 0), int):
+            for part in parts:
+                if type(part) is not dict:
                     raise _Unstorable
-                self._part(self.choices.setdefault(part.get("index", 0), {}), part)
+                index = part.get("index", 0)
+                if type(index) is not int:
+                    raise _Unstorable
+                choice = choices.get(index)
+                if choice is None:
+                    choice = choices[index] = {}
+                self._part(choice, part)
+
+    def _start(self, chunk: JSON) -> None:
+        """The first chunk says the stream's kind and top-level fields (a later chunk of another kind: not
+        understood)."""
+        kind = chunk.get("object")
+        if self.kind is not None or kind not in (_CHAT, "text_completion"):
+            raise _Unstorable
+        self.kind, self._part = kind, _chat_part if kind == _CHAT else _text_part
+        self.top = {name: chunk[name] for name in _TOP if chunk.get(name) is not None}
 
     def answer(self, usage: Usage) -> JSON:
         """The whole answer, with `usage` as its usage block."""
@@ -185,23 +201,31 @@ class _Joined:
 
 def _chat_part(choice: JSON, part: JSON) -> None:
     """Join one chat delta into its choice."""
-    delta = part.get("delta") or {}
-    if not isinstance(delta, dict):
-        raise _Unstorable
-    for name, value in delta.items():
-        if value is None:
-            continue
-        if name == "role":
-            choice["role"] = value
-        elif name in _JOINED and isinstance(value, str):
-            choice[name] = choice.get(name, "") + value
-        elif name == "tool_calls" and isinstance(value, list):
-            _join_tool_calls(choice.setdefault("tool_calls", {}), value)
-        elif name == "function_call" and isinstance(value, dict):
-            _join_call(choice.setdefault("function_call", {}), value)
-        else:
+    delta = part.get("delta")
+    if delta:
+        if type(delta) is not dict:
             raise _Unstorable
-    _finish_reason_and_logprobs(choice, part, "content")
+        for name, value in delta.items():
+            if value is None:
+                continue
+            if name in _JOINED and type(value) is str:
+                _add_piece(choice, name, value)
+            elif name == "role":
+                choice["role"] = value
+            elif name == "tool_calls" and type(value) is list:
+                _join_tool_calls(choice.setdefault("tool_calls", {}), value)
+            elif name == "function_call" and type(value) is dict:
+                _join_call(choice.setdefault("function_call", {}), value)
+            else:
+                raise _Unstorable
+    reason = part.get("finish_reason")
+    if reason is not None:
+        choice["finish_reason"] = reason
+    logprobs = part.get("logprobs")
+    if logprobs is not None:
+        if type(logprobs) is not dict or type(logprobs.get("content")) is not list:
+            raise _Unstorable
+        choice.setdefault("logprobs", {"content": []})["content"].extend(logprobs["content"])
 
 
 def _text_part(choice: JSON, part: JSON) -> None:
@@ -209,19 +233,27 @@ def _text_part(choice: JSON, part: JSON) -> None:
     text = part.get("text")
     if part.get("logprobs") is not None or not isinstance(text, str | None):
         raise _Unstorable
-    choice["text"] = choice.get("text", "") + (text or "")
+    _add_piece(choice, "text", text or "")
     if part.get("finish_reason") is not None:
         choice["finish_reason"] = part["finish_reason"]
 
 
-def _finish_reason_and_logprobs(choice: JSON, part: JSON, field: str) -> None:
-    if part.get("finish_reason") is not None:
-        choice["finish_reason"] = part["finish_reason"]
-    logprobs = part.get("logprobs")
-    if logprobs is not None:
-        if not isinstance(logprobs, dict) or not isinstance(logprobs.get(field), list):
-            raise _Unstorable
-        choice.setdefault("logprobs", {field: []})[field].extend(logprobs[field])
+def _add_piece(joined: JSON, name: str, piece: str) -> None:
+    """Keep `piece` of the text `name` (its pieces are joined by `_text`; every PIECES of them, joined so far, so
+    that a long stream's text is not held as many times its bytes)."""
+    pieces = joined.get(name)
+    if pieces is None:
+        joined[name] = [piece]
+    else:
+        pieces.append(piece)
+        if len(pieces) == PIECES:
+            pieces[:] = ("".join(pieces),)
+
+
+def _text(joined: JSON, name: str, default: str | None = "") -> str | None:
+    """The text `name` joined from its pieces (`default` when it had none)."""
+    pieces = joined.get(name)
+    return default if pieces is None else "".join(pieces)
 
 
 def _join_tool_calls(calls: dict[int, JSON], deltas: list[Any]) -> None:
@@ -247,21 +279,36 @@ def _join_call(call: JSON, delta: JSON) -> None:
         if value is not None:
             if not isinstance(value, str):
                 raise _Unstorable
-            call[name] = call.get(name, "") + value
+            _add_piece(call, name, value)
+
+
+def _joined_call(call: JSON) -> JSON:
+    """A function call with its name and arguments joined."""
+    return {name: "".join(pieces) for name, pieces in call.items()}
+
+
+def _tool_call(call: JSON) -> JSON:
+    """A tool call in the whole answer's shape, its function's name and arguments joined."""
+    joined = {"type": "function", **call}
+    if "function" in call:
+        joined["function"] = _joined_call(call["function"])
+    return joined
 
 
 def _finished(index: int, choice: JSON, kind: str) -> JSON:
     """A joined choice in the whole answer's shape."""
     finish_reason = choice.get("finish_reason")
     if kind != _CHAT:
-        return {"text": choice.get("text", ""), "index": index, "logprobs": None, "finish_reason": finish_reason}
-    message: JSON = {"role": choice.get("role", "assistant"), "content": choice.get("content")}
+        return {"text": _text(choice, "text"), "index": index, "logprobs": None, "finish_reason": finish_reason}
+    message: JSON = {"role": choice.get("role", "assistant"), "content": _text(choice, "content", None)}
     if "tool_calls" in choice:
-        message["tool_calls"] = [{"type": "function", **call} for _, call in sorted(choice["tool_calls"].items())]
+        message["tool_calls"] = [_tool_call(call) for _, call in sorted(choice["tool_calls"].items())]
     elif message["content"] is None:
         message["content"] = ""
-    for name in ("function_call", "reasoning_content", "refusal"):
+    if "function_call" in choice:
+        message["function_call"] = _joined_call(choice["function_call"])
+    for name in ("reasoning_content", "refusal"):
         if name in choice:
-            message[name] = choice[name]
+            message[name] = _text(choice, name)
     message.setdefault("refusal", None)
     return {"index": index, "message": message, "logprobs": choice.get("logprobs"), "finish_reason": finish_reason}

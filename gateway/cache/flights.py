@@ -14,7 +14,30 @@ from gateway.cache.entry import CacheEntry
 
 __all__ = ["Flight", "Flights"]
 
-Flight = asyncio.Future[CacheEntry | None]
+
+class Flight:
+    """One answer being fetched: its followers wait on a future, made for the first of them (most answers
+    have none)."""
+
+    __slots__ = ("landed", "entry", "_future")
+
+    def __init__(self) -> None:
+        self.landed = False
+        self.entry: CacheEntry | None = None
+        self._future: asyncio.Future[CacheEntry | None] | None = None
+
+    def land(self, entry: CacheEntry | None) -> None:
+        """Hand the leader's answer (None: nothing to share) to whoever waits (once)."""
+        if not self.landed:
+            self.landed, self.entry = True, entry
+            if self._future is not None:
+                self._future.set_result(entry)
+
+    def waiter(self) -> asyncio.Future[CacheEntry | None]:
+        """The future that gets the answer when the flight lands (not landed yet)."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
 
 
 class Flights:
@@ -34,20 +57,15 @@ class Flights:
         """A new flight for `key`, led by the caller; None when one is already in the air."""
         if key in self._flights:
             return None
-        flight: Flight = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
+        flight = self._flights[key] = Flight()
         return flight
 
     @staticmethod
     async def follow(flight: Flight) -> CacheEntry | None:
         """The answer the flight lands with (a follower that leaves does not cancel it)."""
-        return await asyncio.shield(flight)
-
-    @staticmethod
-    def land(flight: Flight, entry: CacheEntry | None) -> None:
-        """Hand the leader's answer (None: nothing to share) to whoever waits."""
-        if not flight.done():
-            flight.set_result(entry)
+        if flight.landed:
+            return flight.entry
+        return await asyncio.shield(flight.waiter())
 
     def clear(self, key: str, flight: Flight) -> None:
         """Forget a landed flight (its answer is in the store now, or was never kept)."""

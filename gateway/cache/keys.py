@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -35,6 +36,11 @@ def canonical_body(payload: dict[str, Any]) -> bytes:
 
 def cache_key(endpoint: str, model: str, identity: str, payload: dict[str, Any]) -> str:
     """The hex SHA-256 of the key's parts, each length-prefixed so no two sets of parts run together."""
-    api, name, scope, body = endpoint.encode(), model.encode(), identity.encode(), canonical_body(payload)
-    return hashlib.sha256(b"%b%d:%b%d:%b%d:%b%d:%b" % (KEY_VERSION, len(api), api, len(name), name, len(scope), scope,
-                                                       len(body), body)).hexdigest()
+    body = canonical_body(payload)
+    return hashlib.sha256(b"%b%d:%b" % (_head(endpoint, model, identity), len(body), body)).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)    # the parts before the body: the same few come again and again
+def _head(endpoint: str, model: str, identity: str) -> bytes:
+    api, name, scope = endpoint.encode(), model.encode(), identity.encode()
+    return b"%b%d:%b%d:%b%d:%b" % (KEY_VERSION, len(api), api, len(name), name, len(scope), scope)

@@ -41,7 +41,7 @@ T = TypeVar("T")
 MAX_MODELS = 1024    # client model names remembered per config (they come from clients)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lookup:
     """What the cache said about one request."""
 
@@ -154,7 +154,7 @@ class ResponseCache:
             data = encode(entry)
             if len(data) <= config.max_entry_bytes:
                 if flight is not None:
-                    Flights.land(flight, entry)
+                    flight.land(entry)
                 if lookup.result == BYPASS:   # a no-cache refresh: what any request holds is stale now
                     self.memory.put(lookup.key, entry, now, front_bytes(config.max_bytes))
                 else:
@@ -162,7 +162,7 @@ class ResponseCache:
                 self._write(lookup.key, data, entry, config.max_bytes, flight)
                 return
         if flight is not None:
-            Flights.land(flight, None)
+            flight.land(None)
             self.flights.clear(lookup.key, flight)
 
     def _write(self, key: str, data: bytes, entry: CacheEntry, max_bytes: int, flight: Flight | None) -> None:
