@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.http.appkeys import CACHE
-from gateway.cache.assemble import StreamAssembler, storable, storable_answer
+from gateway.cache.assemble import SLICE_BYTES, StreamAssembler, storable, storable_answer
 from gateway.cache.control import control_of
 from gateway.cache.entry import CacheEntry
 from gateway.cache.keys import cache_key, scope_identity
@@ -204,13 +204,34 @@ def test_a_stream_with_comments_or_unspaced_data_lines_is_joined_as_the_usual_on
     *(_events({**_chunk({"content": "A"}), "choices": [{"index": index, "delta": {"content": "A"}}]}, _chunk({}, "stop"))
       for index in ([0], {"i": 0}, "0")),
     _events(_chunk({"content": "A"}))[:-len(b"data: [DONE]\n\n")] + b"data: [DONE]\n\n" + _events(_chunk({}, "stop")),
+    _events({"choices": [{"index": 0, "delta": {"content": "INJECTED "}}]}, _chunk({"content": "Hi"}), _chunk({}, "stop")),
+    _events(_chunk({"tool_calls": [{"index": True, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}),
+            _chunk({}, "tool_calls")),
+    b'data: {"id": "c1", "object": "chat.completion.chunk", "created": 7, "model": "m", "choices": [{"index": 0, '
+    b'"delta": {"role": ' + b"[" * 300 + b'"assistant"' + b"]" * 300 + b'}}]}\n\n' + _events(_chunk({}, "stop")),
 ], ids=["content_filter", "refusal", "unknown_delta", "cut_mid_event", "error_event", "two_values_in_one_event",
         "unreadable_event", "a_chunk_split_over_two_data_lines", "a_list_as_index", "an_object_as_index",
-        "a_text_as_index", "done_before_the_end"])
+        "a_text_as_index", "done_before_the_end", "a_first_chunk_of_no_kind", "true_as_tool_call_index",
+        "nested_deeper_than_json_is_written"])
 def test_refusals_and_streams_the_gateway_does_not_understand_are_never_kept(stream: bytes) -> None:
     assembler = StreamAssembler(1 << 20)
     assembler.feed(stream)
     assert assembler.answer(Usage(10, 5)) is None
+
+
+def test_a_stream_that_goes_on_after_a_done_in_an_earlier_slice_is_not_kept() -> None:
+    # the client stops reading at the [DONE]: text sent after it, even a slice later, is no part of its answer
+    head = _events(*[_chunk({"content": "x" * 100}) for _ in range(700)], _chunk({}, "stop"))
+    tail = _events(_chunk({"content": "EVIL"}), _chunk({}, "stop"))
+    assert len(head) > SLICE_BYTES
+    for writes in ([head, tail], [head + tail]):
+        assembler = StreamAssembler(1 << 24)
+        for data in writes:
+            assembler.feed(data)
+        assert assembler.answer(Usage(10, 5)) is None
+    whole = StreamAssembler(1 << 24)
+    whole.feed(head)
+    assert orjson.loads(whole.answer(Usage(10, 5)) or b"null")["choices"][0]["message"]["content"] == "x" * 70_000
 
 
 def test_a_stream_relaying_past_its_limit_is_given_up() -> None:

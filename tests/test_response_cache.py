@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from gateway import cli
+from gateway.http import cached
 from gateway.http.appkeys import BUDGET, CACHE, CONFIG
 from gateway.clock import FakeClock
 from gateway.config.model import CacheConfig, RateLimit, Route, RouteTarget, StoreConfig
@@ -268,6 +269,18 @@ async def test_when_the_leader_fails_the_waiting_requests_go_upstream_themselves
     upstream.script(Action(status=400, delay_s=0.3))
     replies = await asyncio.gather(*(post(http, gateway, CHAT) for _ in range(5)))
     assert sorted(reply.status for reply in replies) == [200] * 4 + [400]
+    assert len(upstream.requests) == 5
+
+
+async def test_when_keeping_the_leaders_answer_fails_the_waiting_requests_go_upstream_themselves(
+        upstream, start_gateway, http, tmp_path, monkeypatch):
+    def broken(delivery: object, config: object) -> bytes:
+        raise RuntimeError("a bug while the answer is put together")
+    monkeypatch.setattr(cached, "_answer", broken)
+    gateway = await start_gateway(settings_for(upstream, StoreConfig(path=str(tmp_path / "b.db"))))
+    upstream.script(Action(delay_s=0.3))
+    replies = await asyncio.wait_for(asyncio.gather(*(post(http, gateway, CHAT) for _ in range(5))), 10)
+    assert [reply.status for reply in replies] == [200] * 5     # none waits for ever on the leader's flight
     assert len(upstream.requests) == 5
 
 

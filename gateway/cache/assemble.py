@@ -82,9 +82,10 @@ class StreamAssembler:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._size = 0                           # bytes relayed before the last slice
-        self._parts: list[bytes] | None = []     # kept since the last slice; None: given up
+        self._parts: list[bytes] | None = []     # not joined yet; None: given up
         self._kept = 0                           # bytes relayed since the last slice
         self._joined = _Joined()
+        self._done = False                       # a [DONE] ended the events joined so far
 
     def feed(self, data: bytes) -> None:
         """Keep the bytes written to the client; join them once a slice is kept."""
@@ -122,28 +123,34 @@ class StreamAssembler:
             return None
         try:
             answer = self._joined.answer(usage)
-        except _Unstorable:
+            return orjson.dumps(answer) if storable(answer) else None
+        except (_Unstorable, orjson.JSONEncodeError):   # nested deeper than orjson writes
             return None
-        return orjson.dumps(answer) if storable(answer) else None
 
     def _join(self, events: bytes) -> None:
-        """Join the whole events in `events` (anything not understood gives the stream up)."""
+        """Join the whole events in `events` (anything not understood, or data after a [DONE], gives the
+        stream up: its client stopped reading at the [DONE])."""
+        lines, done = _data_lines(events)
         try:
-            self._joined.add(list(map(orjson.loads, _data_lines(events))))
+            if self._done and lines:
+                raise _Unstorable
+            self._joined.add(list(map(orjson.loads, lines)))
         except (_Unstorable, orjson.JSONDecodeError):
             self._parts = None
+        self._done = self._done or done
 
 
-def _data_lines(events: bytes) -> list[bytes]:
-    """The data lines of whole SSE events, the [DONE] that ends them left out (one before the end is no JSON:
-    the stream is not kept)."""
+def _data_lines(events: bytes) -> tuple[list[bytes], bool]:
+    """The data lines of whole SSE events, a [DONE] that ends them left out (one before their end is no JSON:
+    the stream is not kept); and whether one did."""
     lines = events[len(_DATA):-2].split(_NEXT_DATA)
     # the usual events, each one `data: ` line: no pass over them in Python (a JSON text holds no raw newline)
     if not (events.startswith(_DATA) and events.endswith(b"\n\n") and b"\n" not in b"".join(lines)):
         lines = [line[5:] for event in events.split(b"\n\n") for line in event.split(b"\n") if line.startswith(b"data:")]
     if lines and lines[-1].strip() == b"[DONE]":
         lines.pop()
-    return lines
+        return lines, True
+    return lines, False
 
 
 class _Joined:
@@ -162,7 +169,7 @@ class _Joined:
         for chunk in chunks:
             if type(chunk) is not dict or chunk.get("error") is not None:
                 raise _Unstorable
-            if chunk.get("object") != self.kind:
+            if self.kind is None or chunk.get("object") != self.kind:
                 self._start(chunk)
             parts = chunk.get("choices")
             if not parts:
@@ -239,27 +246,29 @@ def _text_part(choice: JSON, part: JSON) -> None:
 
 
 def _add_piece(joined: JSON, name: str, piece: str) -> None:
-    """Keep `piece` of the text `name` (its pieces are joined by `_text`; every PIECES of them, joined so far, so
-    that a long stream's text is not held as many times its bytes)."""
-    pieces = joined.get(name)
-    if pieces is None:
-        joined[name] = [piece]
+    """Keep `piece` of the text `name`: a first piece as it is, more in a list (joined by `_text`; every PIECES of
+    them joined so far, so that a long stream's text is not held as many times its bytes)."""
+    text = joined.get(name)
+    if text is None:
+        joined[name] = piece
+    elif type(text) is str:
+        joined[name] = [text, piece]
     else:
-        pieces.append(piece)
-        if len(pieces) == PIECES:
-            pieces[:] = ("".join(pieces),)
+        text.append(piece)
+        if len(text) == PIECES:
+            text[:] = ("".join(text),)
 
 
 def _text(joined: JSON, name: str, default: str | None = "") -> str | None:
     """The text `name` joined from its pieces (`default` when it had none)."""
-    pieces = joined.get(name)
-    return default if pieces is None else "".join(pieces)
+    text = joined.get(name)
+    return default if text is None else text if type(text) is str else "".join(text)
 
 
 def _join_tool_calls(calls: dict[int, JSON], deltas: list[Any]) -> None:
     """Tool call deltas joined by their index: id and type kept, function name and arguments joined."""
     for delta in deltas:
-        if not isinstance(delta, dict) or not isinstance(delta.get("index"), int):
+        if type(delta) is not dict or type(delta.get("index")) is not int:
             raise _Unstorable
         call = calls.setdefault(delta["index"], {})
         for name in ("id", "type"):
@@ -284,7 +293,7 @@ def _join_call(call: JSON, delta: JSON) -> None:
 
 def _joined_call(call: JSON) -> JSON:
     """A function call with its name and arguments joined."""
-    return {name: "".join(pieces) for name, pieces in call.items()}
+    return {name: _text(call, name) for name in call}
 
 
 def _tool_call(call: JSON) -> JSON:

@@ -10,6 +10,7 @@ counters, a ledger row saying what it saved), an answer kept once delivered whol
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,6 +32,7 @@ from gateway.upstream.charging import Delivery
 __all__ = ["cacheable", "look_up", "serve_hit", "hit_headers", "hit_body", "file_hit", "capture_for", "keep_answer", "cache_header",
            "STREAM_CAPTURE_FACTOR"]
 
+log = logging.getLogger("gateway.cache")
 STREAM_CAPTURE_FACTOR = 8   # a stream relays up to this many times its whole answer's bytes before it is given up
 _NOTHING = Usage()
 
@@ -111,7 +113,11 @@ def keep_answer(cache: ResponseCache, lookup: Lookup, config: CacheConfig, deliv
     if bill is None or bill.unknown is not None or bill.usage.estimated:   # charged on the gateway's bound
         cache.finish(lookup, config, None, _NOTHING, 0)
         return
-    answer = _answer(delivery, config) if lookup.write and record.downgraded_from is None else None
+    try:
+        answer = _answer(delivery, config) if lookup.write and record.downgraded_from is None else None
+    except Exception:     # a fault putting the answer together must not leave its flight's followers waiting
+        log.exception("response cache: the answer could not be put together; not kept")
+        answer = None
     cache.finish(lookup, config, answer, bill.usage, bill.charge.usd_nano)
 
 
