@@ -11,25 +11,26 @@ import orjson
 from gateway.cache.assemble import usage_block
 from gateway.domain.pricing import Usage
 
-__all__ = ["PIECE_CHARS", "pieces", "replay_events"]
+__all__ = ["PIECE_CHARS", "MAX_PIECES", "pieces", "replay_events"]
 
 JSON = dict[str, Any]
-PIECE_CHARS = 16    # words are joined into events of about this many characters
-_WORDS = re.compile(r"\s*\S+\s*|\s+")
+PIECE_CHARS = 16    # text is cut between words into events of about this many characters,
+MAX_PIECES = 1024   # or into about this many longer ones (a long answer's replay stays a few times its bytes)
+_NEXT_WORD = re.compile(r"\s+(?=\S)")
 _DONE = b"data: [DONE]\n\n"
 
 
 def pieces(text: str) -> list[str]:
-    """`text` split between words into pieces of about PIECE_CHARS characters (joined, they are `text`)."""
+    """`text` cut between words into pieces of at least PIECE_CHARS characters (or 1/MAX_PIECES of it, when
+    longer), each ending with the spaces after its last word; joined, they are `text`."""
+    size = max(PIECE_CHARS, len(text) // MAX_PIECES)
     out: list[str] = []
-    current = ""
-    for word in _WORDS.findall(text):
-        current += word
-        if len(current) >= PIECE_CHARS:
-            out.append(current)
-            current = ""
-    if current:
-        out.append(current)
+    start = 0
+    while start < len(text):
+        found = _NEXT_WORD.search(text, start + size - 1)   # the spaces before the next word, from `size` on
+        end = len(text) if found is None else found.end()
+        out.append(text[start:end])
+        start = end
     return out
 
 
