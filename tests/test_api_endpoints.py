@@ -20,6 +20,7 @@ import pytest
 
 from gateway import cli
 from gateway.config.model import CacheConfig, ModelPrice, Route, RouteTarget, Settings, StoreConfig
+from gateway.domain.api_requests import MESSAGES, api_prompt_bound, parse_api_request
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
@@ -181,6 +182,59 @@ async def test_bad_input_comes_in_each_apis_own_shape(gateway, upstream, sdk, an
         await anthropic_sdk(gateway).messages.create(model="no-such-model", max_tokens=5, messages=ASK)
     assert stateful.value.body["param"] == "previous_response_id"
     assert unknown.value.body["error"]["type"] == "not_found_error" and upstream.hits == 0
+
+
+# A file sent by id or URL, or an input item kept at the provider, adds input the gateway cannot see: refused in
+# the API's own shape before anything is reserved or sent, as `previous_response_id` is; inline data is served.
+CHAT_FILE = {"type": "file", "file": {"file_id": "file-abc123"}}
+BY_REFERENCE = {
+    "chat_file_id": ("chat", [{"role": "user", "content": [{"type": "text", "text": "sum up"}, CHAT_FILE]}]),
+    "responses_file_id": ("responses", [{"role": "user", "content": [
+        {"type": "input_text", "text": "sum up"}, {"type": "input_file", "file_id": "file-abc123"}]}]),
+    "responses_file_url": ("responses", [{"role": "user", "content": [
+        {"type": "input_file", "file_url": "https://example.invalid/report.pdf"}]}]),
+    "responses_item_reference": ("responses", [{"type": "item_reference", "id": "msg_abc123"}]),
+    "messages_document_url": ("messages", [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "url", "url": "https://example.invalid/report.pdf"}}]}]),
+    "messages_document_file": ("messages", [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": "file_abc123"}}]}]),
+}
+
+
+@pytest.mark.parametrize("api, prompt", BY_REFERENCE.values(), ids=BY_REFERENCE.keys())
+async def test_input_the_gateway_cannot_see_is_refused_in_each_apis_own_shape(gateway, upstream, sdk,
+                                                                              anthropic_sdk, http, api, prompt):
+    error: openai.BadRequestError | anthropic.BadRequestError
+    if api == "messages":
+        with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+            await anthropic_sdk(gateway).messages.create(model=CLAUDE, max_tokens=5, messages=prompt)
+        error = anthropic_error.value
+        assert error.body["type"] == "error" and error.body["error"]["type"] == "invalid_request_error"
+    else:
+        with pytest.raises(openai.BadRequestError) as openai_error:
+            if api == "chat":
+                await sdk(gateway).chat.completions.create(model="gpt-4.1", messages=prompt)
+            else:
+                await sdk(gateway).responses.create(model="gpt-4.1", input=prompt)
+        error = openai_error.value
+    assert "cannot be bounded before the call" in error.message
+    assert upstream.hits == 0
+    windows = await budget(http, gateway)
+    assert windows[("global", "usd")]["reserved"] in (0, "0") and Decimal(windows[("global", "usd")]["spent"]) == 0
+
+
+def test_a_tool_inputs_own_type_keys_never_shrink_the_messages_prompt_bound():
+    text = "a" * 50_000
+    call = {"type": "tool_use", "id": "toolu_1", "name": "draw", "input": {"type": "image", "text": text}}
+    body = {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "assistant", "content": [call]}]}
+    assert api_prompt_bound(parse_api_request(MESSAGES, orjson.dumps(body))) >= len(text)
+
+
+async def test_a_file_sent_inline_is_served_and_bounded_by_its_data(gateway, upstream, sdk):
+    inline = {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,QUJD"}}
+    answer = await sdk(gateway).chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": [{"type": "text", "text": "sum up"}, inline]}])
+    assert answer.choices[0].message.content and upstream.hits == 1
 
 
 # -- 3. a truncated stream: the SDK raises, the partial usage is charged, nothing stays reserved -------------

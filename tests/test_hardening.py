@@ -90,6 +90,43 @@ def test_the_prompt_bound_counts_audio_and_file_data_bytes():
     assert 80_000 + NON_TEXT_PART_TOKENS <= bound < 81_000 + NON_TEXT_PART_TOKENS
 
 
+TEXT = "a" * 50_000      # 50,000 bytes: at least 50,000 prompt tokens' worth of bound
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "type": "made_up", "content": TEXT},
+    {"role": "user", "content": [{"type": "made_up", "text": TEXT}]},
+    {"role": "user", "content": [{"type": ["not", "a", "name"], "text": TEXT}]},
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": TEXT}]},
+    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": TEXT, "format": "wav"}}]},
+], ids=["message_type", "part_type", "type_no_name", "refusal_part", "audio_data"])
+def test_a_type_on_a_message_or_part_never_shrinks_the_prompt_bound_below_its_text(message):
+    assert prompt_upper_bound({"model": "m", "messages": [message]}) >= len(TEXT)
+
+
+def test_a_part_of_a_kind_the_gateway_does_not_know_counts_at_least_the_media_allowance():
+    video = {"type": "video_url", "video_url": {"url": "https://example.invalid/v.mp4"}}
+    assert prompt_upper_bound({"model": "m", "messages": [{"role": "user", "content": [video]}]}) \
+        >= NON_TEXT_PART_TOKENS
+
+
+@pytest.fixture
+async def token_capped_gateway(upstream, start_gateway):
+    """One provider under a 10,000-token daily policy."""
+    return await start_gateway(make_settings({"primary": upstream.url}, policies=(make_policy("cap", tokens=10_000),)))
+
+
+async def test_a_made_up_type_on_a_long_message_does_not_slip_it_under_a_token_budget(token_capped_gateway,
+                                                                                      upstream, http):
+    # a provider that ignores the unknown field would bill all 50,000 bytes; the bound was a flat 2,000 tokens
+    body = {**GOOD, "max_tokens": 10, "messages": [{"role": "user", "type": "made_up", "content": TEXT}]}
+    refused = await http(token_capped_gateway, "POST", CHAT, json=body)
+    assert refused.status == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+    assert upstream.hits == 0
+    served = await http(token_capped_gateway, "POST", CHAT, json={**GOOD, "max_tokens": 10})
+    assert served.status == 200 and upstream.hits == 1
+
+
 # -- B: request fields of the wrong type, out of range, or nested too deeply -------------------------------
 
 @pytest.mark.parametrize("extra", [

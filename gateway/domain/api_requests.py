@@ -5,9 +5,9 @@ them alike; what differs is checked here:
 
     responses   `max_output_tokens` bounds the output (else the policy or model cap); `input` (a string or a
                 list of items) and `instructions` are the prompt. Refused, because the input or the cost
-                they add cannot be bounded before the call: `previous_response_id`, `conversation` and
-                `prompt` (state kept at the provider), `background` (answered before its usage exists),
-                hosted tools (web search, file search, code interpreter, MCP, ...: fees the price table
+                they add cannot be bounded before the call: `previous_response_id`, `conversation`,
+                `prompt` and `item_reference` input items (state kept at the provider), `background`
+                (answered before its usage exists), hosted tools (web search, file search, code interpreter, MCP, ...: fees the price table
                 does not hold, results added to the input).
     messages    `max_tokens` is required (as Anthropic requires it) and bounds the output; `system` and
                 `messages` are the prompt; a request with tools adds TOOLS_OVERHEAD_TOKENS (Anthropic's
@@ -16,7 +16,8 @@ them alike; what differs is checked here:
 
 The prompt bound follows gateway.domain.tokens: UTF-8 bytes of every string (a token covers at least one
 byte), MESSAGE_OVERHEAD_TOKENS per item, a fixed allowance per image, the bytes of a file's or document's
-data (never less than that allowance), and the JSON bytes of tool definitions and output formats.
+data (never less than that allowance; one sent by file id or URL is refused), and the JSON bytes of tool
+definitions and output formats.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gateway.domain.request import (
     MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, checked_payload, forwarded_body, optional_int,
 )
 from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
-from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS
+from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, PartKinds, parts_bound
 from gateway.errors import InvalidRequest
 
 __all__ = ["RESPONSES", "MESSAGES", "API_ENDPOINTS", "parse_api_request", "api_prompt_bound",
@@ -40,8 +41,11 @@ MESSAGES = Endpoint("messages", "/messages", True, "anthropic-messages")
 API_ENDPOINTS = {"responses": RESPONSES, "messages": MESSAGES}
 TOOLS_OVERHEAD_TOKENS = 1_000    # Anthropic's tool-use system prompt is a few hundred tokens
 HOSTED_TOOL_FIELDS = ("previous_response_id", "conversation", "prompt", "background", "mcp_servers")
-_IMAGE_KINDS = frozenset(("input_image", "image"))
-_DATA_KINDS = frozenset(("input_file", "input_audio", "document", "file"))
+# any kind not named here is bounded by its strings (these APIs' items and blocks are many)
+_PARTS = PartKinds(media=frozenset(("input_image", "image")),
+                   data=frozenset(("input_file", "input_audio", "document", "file")), text=None,
+                   stateful=frozenset(("item_reference",)),
+                   json=frozenset(("tool_use", "server_tool_use", "mcp_tool_use")))
 _RESPONSES_TOOLS = frozenset(("function", "custom", "local_shell", "shell", "apply_patch"))
 _MESSAGES_TOOLS = ("custom", "bash_", "text_editor_", "computer_", "memory_")   # client tools (type prefixes)
 _EXTRA_FIELDS = ("tools", "tool_choice", "text", "output_format")
@@ -92,21 +96,6 @@ def _client_tool(endpoint: Endpoint, kind: Any) -> bool:
     return kind in _RESPONSES_TOOLS
 
 
-def _bytes(value: Any) -> int:
-    """Upper bound of the tokens in a JSON value of either API (see the module docstring)."""
-    if isinstance(value, str):
-        return len(value) if value.isascii() else len(value.encode())
-    if isinstance(value, list):
-        return sum(_bytes(item) for item in value)
-    if isinstance(value, dict):
-        kind = value.get("type")
-        if kind in _IMAGE_KINDS:
-            return NON_TEXT_PART_TOKENS
-        strings = sum(_bytes(item) for item in value.values())
-        return max(NON_TEXT_PART_TOKENS, strings) if kind in _DATA_KINDS else strings
-    return 1 if value is not None else 0
-
-
 def _items(value: Any) -> int:
     """Items of a prompt list (each gets MESSAGE_OVERHEAD_TOKENS); a string or object is one."""
     return len(value) if isinstance(value, list) else 1
@@ -118,7 +107,8 @@ def api_prompt_bound(req: ProxyRequest) -> int:
     prompt_field, system_field = ("messages", "system") if req.endpoint is MESSAGES else ("input", "instructions")
     prompt, system = payload.get(prompt_field), payload.get(system_field)
     try:
-        total = _bytes(prompt) + _bytes(system) + MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
+        total = parts_bound(prompt, _PARTS) + parts_bound(system, _PARTS)
+        total += MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
         for name in _EXTRA_FIELDS:
             if name in payload:
                 total += len(orjson.dumps(payload[name]))

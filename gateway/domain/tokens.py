@@ -3,7 +3,10 @@
 Prompt upper bound (for reservations): a BPE token always covers at least one byte of text, so the
 UTF-8 byte length of every string in the prompt, plus a per-message overhead, bounds the real
 token count from above. Image parts are bounded by a fixed allowance each; `file` and `input_audio`
-parts by the byte length of their data (base64 or text), and never less than that allowance. The
+parts by the byte length of their data (base64 or text), and never less than that allowance; a part
+of a kind the gateway does not know (or a `type` a client made up) by the bytes of its strings, and
+never less than that allowance either. A file part that points at its data (a file id or URL) is an
+InvalidRequest: what it adds cannot be seen before the call. The
 fields that reach the model beside the prompt (`response_format`, `prediction`, `tools`,
 `functions`, `tool_choice`) count with the byte length of their JSON. A body nested too deeply to
 walk is an InvalidRequest.
@@ -15,40 +18,75 @@ marked `estimated`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from gateway.errors import InvalidRequest
 
-__all__ = ["prompt_upper_bound", "MESSAGE_OVERHEAD_TOKENS", "NON_TEXT_PART_TOKENS", "EXTRA_PROMPT_FIELDS"]
+__all__ = ["prompt_upper_bound", "PartKinds", "CHAT_PARTS", "parts_bound", "MESSAGE_OVERHEAD_TOKENS",
+           "NON_TEXT_PART_TOKENS", "EXTRA_PROMPT_FIELDS"]
 
 MESSAGE_OVERHEAD_TOKENS = 8
 NON_TEXT_PART_TOKENS = 2_000
 EXTRA_PROMPT_FIELDS = ("response_format", "prediction", "tools", "functions", "tool_choice")
-_TEXT_KINDS = ("text", "input_text", "function")
-_DATA_KINDS = ("file", "input_audio")     # bounded by the bytes of their data
+_REFERENCES = ("file_id", "file_url", "url")   # a data part that names one of these points at its data
 
 
-def _text_bytes(value: Any) -> int:
-    """Upper bound of tokens in any JSON value: bytes of its strings, allowances for media parts."""
+class PartKinds(NamedTuple):
+    """How one API's typed parts (objects with a string `type`) bound their tokens."""
+
+    media: frozenset[str]               # a fixed allowance each: an image's data is no text
+    data: frozenset[str]                # the bytes of their data, never less than the allowance
+    text: frozenset[str] | None         # the bytes of their strings; None: every kind not named above too
+    stateful: frozenset[str] = frozenset()   # refused: they stand for input kept at the provider
+    json: frozenset[str] = frozenset()       # the bytes of their JSON: they hold a client's objects (tool
+                                             # inputs), whose `type` keys name no parts
+    # With `text` set, any other kind counts the bytes of its strings but never less than the allowance: it
+    # may be media the gateway does not know, and a `type` a client made up must not shrink the bound.
+
+
+CHAT_PARTS = PartKinds(media=frozenset(("image_url",)), data=frozenset(("file", "input_audio")),
+                       text=frozenset(("text", "input_text", "refusal", "function", "custom")))
+
+
+def parts_bound(value: Any, kinds: PartKinds) -> int:
+    """Upper bound of tokens in any JSON value: bytes of its strings, allowances for media parts (InvalidRequest for
+    a part whose input the gateway cannot see: data sent by reference, or input kept at the provider)."""
     if isinstance(value, str):
         return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, list):
-        return sum(_text_bytes(item) for item in value)
-    if isinstance(value, dict):
-        kind = value.get("type")
-        if kind in _DATA_KINDS:
-            return max(NON_TEXT_PART_TOKENS, _strings_bytes(value))
-        if kind is not None and kind not in _TEXT_KINDS:
+        return sum(parts_bound(item, kinds) for item in value)
+    if not isinstance(value, dict):
+        return 1 if value is not None else 0
+    kind = value.get("type")
+    if type(kind) is str:
+        if kind in kinds.media:
             return NON_TEXT_PART_TOKENS
-        return _strings_bytes(value)
-    return 1 if value is not None else 0
+        if kind in kinds.json:
+            return len(orjson.dumps(value))
+        if kind in kinds.stateful:
+            raise InvalidRequest(f"Input items of type '{kind}' are not supported through the gateway: the input "
+                                 "they stand for is kept at the provider and cannot be bounded before the call.")
+    elif kind is not None:
+        kind = ""                                 # a `type` that is no name: a kind the gateway does not know
+    strings = sum(parts_bound(item, kinds) for item in value.values())
+    if kind in kinds.data:
+        if _by_reference(value):
+            raise InvalidRequest(f"A '{kind}' part sent by reference (a file id or URL) is not supported through "
+                                 "the gateway: its input cannot be bounded before the call. Send its data inline.")
+        return max(NON_TEXT_PART_TOKENS, strings)
+    if kind is None or kinds.text is None or kind in kinds.text:
+        return strings
+    return max(NON_TEXT_PART_TOKENS, strings)
 
 
-def _strings_bytes(part: dict[str, Any]) -> int:
-    """The bound of every value of a dict."""
-    return sum(_text_bytes(item) for item in part.values())
+def _by_reference(part: dict[str, Any]) -> bool:
+    """Whether a data part points at its data (a file id or URL, on it or on an object in it) instead of holding it."""
+    for holder in (part, *(value for value in part.values() if type(value) is dict)):
+        if any(holder.get(name) for name in _REFERENCES):
+            return True
+    return False
 
 
 def _json_bytes(payload: dict[str, Any]) -> int:
@@ -61,17 +99,17 @@ def _json_bytes(payload: dict[str, Any]) -> int:
 
 
 def _messages_bytes(messages: list[Any]) -> int:
-    """`_text_bytes` of a chat message list, with the usual message (text fields only) counted inline."""
+    """`parts_bound` of a chat message list, with the usual message (text fields only) counted inline."""
     total = 0
     for message in messages:
         if type(message) is not dict or "type" in message:
-            total += _text_bytes(message)
+            total += parts_bound(message, CHAT_PARTS)
             continue
         for item in message.values():
             if type(item) is str:
                 total += len(item) if item.isascii() else len(item.encode())
             else:
-                total += _text_bytes(item)
+                total += parts_bound(item, CHAT_PARTS)
     return total
 
 
@@ -82,7 +120,7 @@ def _prompt_bytes(payload: dict[str, Any]) -> int:
         return _messages_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
     for field in ("prompt", "input"):
         if field in payload:
-            return _text_bytes(payload[field]) + MESSAGE_OVERHEAD_TOKENS
+            return parts_bound(payload[field], CHAT_PARTS) + MESSAGE_OVERHEAD_TOKENS
     return MESSAGE_OVERHEAD_TOKENS
 
 
