@@ -189,6 +189,9 @@ async def test_bad_input_comes_in_each_apis_own_shape(gateway, upstream, sdk, an
 CHAT_FILE = {"type": "file", "file": {"file_id": "file-abc123"}}
 BY_REFERENCE = {
     "chat_file_id": ("chat", [{"role": "user", "content": [{"type": "text", "text": "sum up"}, CHAT_FILE]}]),
+    "chat_audio_by_id": ("chat", [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "audio": {"id": "audio_abc123"}},
+                                  {"role": "user", "content": "say it again, slower"}]),
     "responses_file_id": ("responses", [{"role": "user", "content": [
         {"type": "input_text", "text": "sum up"}, {"type": "input_file", "file_id": "file-abc123"}]}]),
     "responses_file_url": ("responses", [{"role": "user", "content": [

@@ -6,10 +6,10 @@ token count from above. Image parts are bounded by a fixed allowance each; `file
 parts by the byte length of their data (base64 or text), and never less than that allowance; a part
 of a kind the gateway does not know (or a `type` a client made up) by the bytes of its strings, and
 never less than that allowance either. A file part that points at its data (a file id or URL) is an
-InvalidRequest: what it adds cannot be seen before the call. The
-fields that reach the model beside the prompt (`response_format`, `prediction`, `tools`,
-`functions`, `tool_choice`) count with the byte length of their JSON. A body nested too deeply to
-walk is an InvalidRequest.
+InvalidRequest: what it adds cannot be seen before the call; so is an assistant message's `audio`
+(an earlier answer's audio, by its id, kept at the provider). The fields that reach the model
+beside the prompt (`response_format`, `prediction`, `tools`, `functions`, `tool_choice`) count with
+the byte length of their JSON. A body nested too deeply to walk is an InvalidRequest.
 
 Completion estimate (for a stream that ended without usage): providers stream about one token per
 content event, so the number of events that carried choices is the estimate; such records are
@@ -102,6 +102,10 @@ def _messages_bytes(messages: list[Any]) -> int:
     """`parts_bound` of a chat message list, with the usual message (text fields only) counted inline."""
     total = 0
     for message in messages:
+        if type(message) is dict and message.get("audio") is not None:
+            raise InvalidRequest("An assistant message's 'audio' (an earlier answer's audio, by its id) is not "
+                                 "supported through the gateway: the input it stands for is kept at the provider "
+                                 "and cannot be bounded before the call.", param="messages")
         if type(message) is not dict or "type" in message:
             total += parts_bound(message, CHAT_PARTS)
             continue
