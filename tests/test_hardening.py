@@ -127,6 +127,14 @@ async def test_a_made_up_type_on_a_long_message_does_not_slip_it_under_a_token_b
     assert served.status == 200 and upstream.hits == 1
 
 
+async def test_a_chat_web_search_is_refused_as_the_responses_apis_hosted_tools_are(gateway, upstream, http):
+    reply = await http(gateway, "POST", CHAT, json={**GOOD, "web_search_options": {}})
+    assert_invalid_request(reply)
+    error = reply.json()["error"]
+    assert error["param"] == "web_search_options" and "cannot be bounded before the call" in error["message"]
+    assert upstream.hits == 0
+
+
 # -- B: request fields of the wrong type, out of range, or nested too deeply -------------------------------
 
 @pytest.mark.parametrize("extra", [

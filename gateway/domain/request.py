@@ -125,6 +125,10 @@ def parse_request(endpoint: Endpoint, body: bytes, user_header: str | None = Non
     stream = payload.get("stream") is True
     if stream and not endpoint.streams:
         raise InvalidRequest(f"Streaming is not supported on {endpoint.path}.", param="stream")
+    if payload.get("web_search_options") is not None:   # as the Responses API's hosted tools are
+        raise InvalidRequest("'web_search_options' is not supported through the gateway: a search's per-call fee "
+                             "is not in the price table and its results are added to the input, so its cost "
+                             "cannot be bounded before the call.", param="web_search_options")
     options = payload.get("stream_options")
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     max_tokens = optional_int(payload, "max_completion_tokens", "max_tokens")
