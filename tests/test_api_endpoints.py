@@ -233,6 +233,19 @@ def test_a_tool_inputs_own_type_keys_never_shrink_the_messages_prompt_bound():
     assert api_prompt_bound(parse_api_request(MESSAGES, orjson.dumps(body))) >= len(text)
 
 
+async def test_priority_processing_is_refused_and_the_other_service_tiers_pass(gateway, upstream, sdk):
+    client = sdk(gateway)
+    for create in (lambda tier: client.chat.completions.create(model="gpt-4.1", messages=ASK, service_tier=tier),
+                   lambda tier: client.responses.create(model="gpt-4.1", input="hi", service_tier=tier)):
+        with pytest.raises(openai.BadRequestError) as refused:    # billed above the table's standard rates
+            await create("priority")
+        assert refused.value.body["param"] == "service_tier" and upstream.hits == 0
+        for tier in ("auto", "default", "flex"):
+            await create(tier)
+        assert upstream.requests[-1].json["service_tier"] == "flex"   # passed on as it came
+        upstream.hits = 0
+
+
 async def test_a_file_sent_inline_is_served_and_bounded_by_its_data(gateway, upstream, sdk):
     inline = {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,QUJD"}}
     answer = await sdk(gateway).chat.completions.create(

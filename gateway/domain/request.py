@@ -108,12 +108,17 @@ def check_types(payload: dict[str, Any]) -> None:
 
 
 def checked_payload(body: bytes) -> tuple[dict[str, Any], str]:
-    """A client's JSON body with its model, its fields' types checked; InvalidRequest when it is not one."""
+    """A client's JSON body with its model, its fields' types checked; InvalidRequest when it is not one, or when it
+    asks for priority processing (billed above the price table's rates)."""
     payload = parse_payload(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     check_types(payload)
+    if payload.get("service_tier") == "priority":
+        raise InvalidRequest("'service_tier': 'priority' is not supported through the gateway: priority processing "
+                             "is billed above the standard rates its price table holds, so budgets would count it "
+                             "short.", param="service_tier")
     return payload, model
 
 
