@@ -19,11 +19,12 @@ import orjson
 import pytest
 
 from gateway import cli
-from gateway.config.model import CacheConfig, ModelPrice, Route, RouteTarget, Settings, StoreConfig
+from gateway.config.model import CacheConfig, CallerIdentity, ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.domain.api_requests import MESSAGES, api_prompt_bound, parse_api_request
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
+from gateway.routing.rules import Traits
 from gateway.upstream.api_usage import messages_usage_block
 from gateway.upstream.usage import UNREADABLE
 from tests.support.canary import CANARY_KEY
@@ -197,6 +198,7 @@ BY_REFERENCE = {
     "responses_file_url": ("responses", [{"role": "user", "content": [
         {"type": "input_file", "file_url": "https://example.invalid/report.pdf"}]}]),
     "responses_item_reference": ("responses", [{"type": "item_reference", "id": "msg_abc123"}]),
+    "responses_item_reference_untyped": ("responses", [{"id": "msg_abc123"}]),
     "messages_document_url": ("messages", [{"role": "user", "content": [
         {"type": "document", "source": {"type": "url", "url": "https://example.invalid/report.pdf"}}]}]),
     "messages_document_file": ("messages", [{"role": "user", "content": [
@@ -244,6 +246,29 @@ async def test_priority_processing_is_refused_and_the_other_service_tiers_pass(g
             await create(tier)
         assert upstream.requests[-1].json["service_tier"] == "flex"   # passed on as it came
         upstream.hits = 0
+
+
+@pytest.mark.parametrize("tool, refused", [
+    ({"type": "shell", "environment": {"type": "container_auto"}}, True),   # OpenAI runs it: container fees
+    ({"type": "shell", "environment": {"type": "local"}}, False),
+    ({"type": "shell"}, False),
+    ({"type": ["function"]}, True),                                          # was a 500 (unhashable)
+], ids=["hosted_shell", "local_shell", "shell_without_environment", "type_no_name"])
+async def test_a_shell_the_provider_runs_is_refused_and_one_the_client_runs_is_served(gateway, upstream, http,
+                                                                                      tool, refused):
+    reply = await http(gateway, "POST", "/v1/responses", json={"model": "gpt-4.1", "input": "hi", "tools": [tool]})
+    assert (reply.status, upstream.hits) == ((400, 0) if refused else (200, 1)), reply.body
+    if refused:
+        assert reply.json()["error"]["param"] == "tools"
+
+
+def test_auto_rules_read_the_prompt_bound_the_reservation_uses_on_every_api():
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 300_000}}
+    by_id = {"type": "image", "source": {"type": "file", "file_id": "file_011abc"}}
+    for content in ([image], [by_id]):
+        body = {"model": CLAUDE, "max_tokens": 5, "messages": [{"role": "user", "content": content}]}
+        req = parse_api_request(MESSAGES, orjson.dumps(body))
+        assert Traits(req, CallerIdentity("k"), {}).prompt_tokens == api_prompt_bound(req) < 3_000
 
 
 async def test_a_file_sent_inline_is_served_and_bounded_by_its_data(gateway, upstream, sdk):

@@ -99,9 +99,23 @@ TEXT = "a" * 50_000      # 50,000 bytes: at least 50,000 prompt tokens' worth of
     {"role": "user", "content": [{"type": ["not", "a", "name"], "text": TEXT}]},
     {"role": "assistant", "content": [{"type": "refusal", "refusal": TEXT}]},
     {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": TEXT, "format": "wav"}}]},
-], ids=["message_type", "part_type", "type_no_name", "refusal_part", "audio_data"])
+    {"role": "user", "type": "image_url", "content": TEXT},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "image_url", "function": {"name": "f", "arguments": TEXT}}]},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}, "text": TEXT}]},
+], ids=["message_type", "part_type", "type_no_name", "refusal_part", "audio_data", "message_typed_as_image",
+        "tool_call_typed_as_image", "text_beside_an_image"])
 def test_a_type_on_a_message_or_part_never_shrinks_the_prompt_bound_below_its_text(message):
     assert prompt_upper_bound({"model": "m", "messages": [message]}) >= len(TEXT)
+
+
+@pytest.mark.parametrize("payload", [
+    {"model": "m", "prompt": TEXT, "messages": []},                                    # completions
+    {"model": "m", "prompt": "x", "suffix": TEXT},
+    {"model": "m", "input": [TEXT], "messages": [{"role": "user", "content": "x"}]},   # embeddings
+    {"model": "m", "messages": {"role": "user", "content": TEXT}},                     # no list: no matter
+], ids=["prompt_beside_empty_messages", "suffix", "input_beside_messages", "messages_not_a_list"])
+def test_every_prompt_field_a_request_carries_is_counted_whichever_the_endpoint_reads(payload):
+    assert prompt_upper_bound(payload) >= len(TEXT)
 
 
 def test_a_part_of_a_kind_the_gateway_does_not_know_counts_at_least_the_media_allowance():

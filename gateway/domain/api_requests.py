@@ -7,8 +7,9 @@ them alike; what differs is checked here:
                 list of items) and `instructions` are the prompt. Refused, because the input or the cost
                 they add cannot be bounded before the call: `previous_response_id`, `conversation`,
                 `prompt` and `item_reference` input items (state kept at the provider), `background`
-                (answered before its usage exists), hosted tools (web search, file search, code interpreter, MCP, ...: fees the price table
-                does not hold, results added to the input).
+                (answered before its usage exists), hosted tools (web search, file search, code
+                interpreter, MCP, a shell in a provider's container, ...: fees the price table does not
+                hold, results added to the input).
     messages    `max_tokens` is required (as Anthropic requires it) and bounds the output; `system` and
                 `messages` are the prompt; a request with tools adds TOOLS_OVERHEAD_TOKENS (Anthropic's
                 own tool-use system prompt). Server tools (web search, web fetch, code execution) and
@@ -41,11 +42,11 @@ MESSAGES = Endpoint("messages", "/messages", True, "anthropic-messages")
 API_ENDPOINTS = {"responses": RESPONSES, "messages": MESSAGES}
 TOOLS_OVERHEAD_TOKENS = 1_000    # Anthropic's tool-use system prompt is a few hundred tokens
 HOSTED_TOOL_FIELDS = ("previous_response_id", "conversation", "prompt", "background", "mcp_servers")
-# any kind not named here is bounded by its strings (these APIs' items and blocks are many)
-_PARTS = PartKinds(media=frozenset(("input_image", "image")),
-                   data=frozenset(("input_file", "input_audio", "document", "file")), text=None,
-                   stateful=frozenset(("item_reference",)),
-                   json=frozenset(("tool_use", "server_tool_use", "mcp_tool_use")))
+# a kind not named here is bounded by its strings (these APIs' items and blocks are many)
+_RESPONSES_PARTS = PartKinds(media=frozenset(("input_image",)), data=frozenset(("input_file", "input_audio")),
+                             stateful=frozenset(("item_reference",)))
+_MESSAGES_PARTS = PartKinds(media=frozenset(("image",)), data=frozenset(("document",)),
+                            json=frozenset(("tool_use", "server_tool_use", "mcp_tool_use")))
 _RESPONSES_TOOLS = frozenset(("function", "custom", "local_shell", "shell", "apply_patch"))
 _MESSAGES_TOOLS = ("custom", "bash_", "text_editor_", "computer_", "memory_")   # client tools (type prefixes)
 _EXTRA_FIELDS = ("tools", "tool_choice", "text", "output_format")
@@ -83,17 +84,30 @@ def _refuse_unbounded(endpoint: Endpoint, payload: dict[str, Any]) -> None:
                                  "cannot be bounded before the call.", param=name)
     tools = payload.get("tools")
     for tool in tools if isinstance(tools, list) else ():
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if not _client_tool(endpoint, kind):
-            raise InvalidRequest(f"Tool type '{kind}' runs at the provider, with fees and results the gateway "
-                                 "cannot bound before the call; only client tools are supported.", param="tools")
+        tool = tool if isinstance(tool, dict) else {}
+        if not _client_tool(endpoint, tool):
+            raise InvalidRequest(f"Tool type '{tool.get('type')}' runs at the provider, with fees and results the "
+                                 "gateway cannot bound before the call; only client tools are supported.",
+                                 param="tools")
+    if endpoint is RESPONSES:
+        for field in ("input", "instructions"):
+            items = payload.get(field)
+            for item in items if isinstance(items, list) else ():
+                if isinstance(item, dict) and item.get("type") is None and "role" not in item:
+                    raise InvalidRequest("An input item with neither a type nor a role is an item reference: the "
+                                         "input it stands for is kept at the provider and cannot be bounded before "
+                                         "the call.", param=field)
 
 
-def _client_tool(endpoint: Endpoint, kind: Any) -> bool:
-    """Whether a tool of type `kind` runs at the client (its cost is the tokens of its definition and results)."""
+def _client_tool(endpoint: Endpoint, tool: dict[str, Any]) -> bool:
+    """Whether a tool runs at the client (its cost is the tokens of its definition and results)."""
+    kind = tool.get("type")
     if endpoint is MESSAGES:
         return kind is None or (isinstance(kind, str) and kind.startswith(_MESSAGES_TOOLS))
-    return kind in _RESPONSES_TOOLS
+    if kind == "shell":                       # a shell with an environment other than the local one is hosted
+        environment = tool.get("environment")
+        return environment is None or isinstance(environment, dict) and environment.get("type") == "local"
+    return isinstance(kind, str) and kind in _RESPONSES_TOOLS
 
 
 def _items(value: Any) -> int:
@@ -107,7 +121,8 @@ def api_prompt_bound(req: ProxyRequest) -> int:
     prompt_field, system_field = ("messages", "system") if req.endpoint is MESSAGES else ("input", "instructions")
     prompt, system = payload.get(prompt_field), payload.get(system_field)
     try:
-        total = parts_bound(prompt, _PARTS) + parts_bound(system, _PARTS)
+        kinds = _MESSAGES_PARTS if req.endpoint is MESSAGES else _RESPONSES_PARTS
+        total = parts_bound(prompt, kinds) + parts_bound(system, kinds)
         total += MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
         for name in _EXTRA_FIELDS:
             if name in payload:

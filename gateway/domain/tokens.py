@@ -30,29 +30,35 @@ __all__ = ["prompt_upper_bound", "PartKinds", "CHAT_PARTS", "parts_bound", "MESS
 MESSAGE_OVERHEAD_TOKENS = 8
 NON_TEXT_PART_TOKENS = 2_000
 EXTRA_PROMPT_FIELDS = ("response_format", "prediction", "tools", "functions", "tool_choice")
-_REFERENCES = ("file_id", "file_url", "url")   # a data part that names one of these points at its data
+_PROMPT_FIELDS = ("prompt", "suffix", "input")   # beside chat's messages: completions' and embeddings'
+_REFERENCES = ("file_id", "file_url", "url")     # a data part that names one of these points at its data
+_IMAGE = frozenset(("image_url", "source", "file_id"))   # where a media part holds its image (no text)
 
 
 class PartKinds(NamedTuple):
-    """How one API's typed parts (objects with a string `type`) bound their tokens."""
+    """How one API's typed parts (objects with a string `type`) bound their tokens.
 
-    media: frozenset[str]               # a fixed allowance each: an image's data is no text
-    data: frozenset[str]                # the bytes of their data, never less than the allowance
-    text: frozenset[str] | None         # the bytes of their strings; None: every kind not named above too
+    A kind not named counts the bytes of its strings, and with `floor_unknown` never less than the allowance:
+    it may be media the gateway does not know, and a `type` a client made up must not shrink the bound.
+    """
+
+    media: frozenset[str]                    # the allowance each, plus their fields beside the image itself
+    data: frozenset[str]                     # the bytes of their data, never less than the allowance
+    text: frozenset[str] = frozenset()       # the bytes of their strings
+    floor_unknown: bool = False
     stateful: frozenset[str] = frozenset()   # refused: they stand for input kept at the provider
-    json: frozenset[str] = frozenset()       # the bytes of their JSON: they hold a client's objects (tool
-                                             # inputs), whose `type` keys name no parts
-    # With `text` set, any other kind counts the bytes of its strings but never less than the allowance: it
-    # may be media the gateway does not know, and a `type` a client made up must not shrink the bound.
+    json: frozenset[str] = frozenset()       # the bytes of their JSON: a client's objects (tool inputs), whose
+                                             # `type` keys name no parts
 
 
 CHAT_PARTS = PartKinds(media=frozenset(("image_url",)), data=frozenset(("file", "input_audio")),
-                       text=frozenset(("text", "input_text", "refusal", "function", "custom")))
+                       text=frozenset(("text", "refusal", "function", "custom")), floor_unknown=True)
 
 
 def parts_bound(value: Any, kinds: PartKinds) -> int:
-    """Upper bound of tokens in any JSON value: bytes of its strings, allowances for media parts (InvalidRequest for
-    a part whose input the gateway cannot see: data sent by reference, or input kept at the provider)."""
+    """Upper bound of tokens in any JSON value: bytes of its strings, allowances for media parts. InvalidRequest
+    for a part whose input the gateway cannot see (data sent by reference, input kept at the provider);
+    RecursionError or orjson.JSONEncodeError for a value nested too deeply."""
     if isinstance(value, str):
         return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, list):
@@ -60,25 +66,35 @@ def parts_bound(value: Any, kinds: PartKinds) -> int:
     if not isinstance(value, dict):
         return 1 if value is not None else 0
     kind = value.get("type")
-    if type(kind) is str:
-        if kind in kinds.media:
-            return NON_TEXT_PART_TOKENS
-        if kind in kinds.json:
-            return len(orjson.dumps(value))
-        if kind in kinds.stateful:
-            raise InvalidRequest(f"Input items of type '{kind}' are not supported through the gateway: the input "
-                                 "they stand for is kept at the provider and cannot be bounded before the call.")
-    elif kind is not None:
-        kind = ""                                 # a `type` that is no name: a kind the gateway does not know
-    strings = sum(parts_bound(item, kinds) for item in value.values())
+    if kind is None:
+        return _strings(value, kinds)
+    if type(kind) is not str:                    # a `type` that is no name: a kind the gateway does not know
+        return _other(value, kinds)
+    if kind in kinds.media:
+        return NON_TEXT_PART_TOKENS + sum(parts_bound(item, kinds) for name, item in value.items()
+                                          if name not in _IMAGE)
+    if kind in kinds.json:
+        return len(orjson.dumps(value))
+    if kind in kinds.stateful:
+        raise InvalidRequest(f"Input items of type '{kind}' are not supported through the gateway: the input they "
+                             "stand for is kept at the provider and cannot be bounded before the call.")
     if kind in kinds.data:
         if _by_reference(value):
             raise InvalidRequest(f"A '{kind}' part sent by reference (a file id or URL) is not supported through "
                                  "the gateway: its input cannot be bounded before the call. Send its data inline.")
-        return max(NON_TEXT_PART_TOKENS, strings)
-    if kind is None or kinds.text is None or kind in kinds.text:
-        return strings
-    return max(NON_TEXT_PART_TOKENS, strings)
+        return max(NON_TEXT_PART_TOKENS, _strings(value, kinds))
+    return _strings(value, kinds) if kind in kinds.text else _other(value, kinds)
+
+
+def _strings(part: dict[str, Any], kinds: PartKinds) -> int:
+    """The bound of every value of a dict."""
+    return sum(parts_bound(item, kinds) for item in part.values())
+
+
+def _other(part: dict[str, Any], kinds: PartKinds) -> int:
+    """The bound of a part of a kind not named in `kinds`."""
+    strings = _strings(part, kinds)
+    return max(NON_TEXT_PART_TOKENS, strings) if kinds.floor_unknown else strings
 
 
 def _by_reference(part: dict[str, Any]) -> bool:
@@ -102,7 +118,7 @@ def _messages_bytes(messages: list[Any]) -> int:
     """`parts_bound` of a chat message list, with the usual message (text fields only) counted inline."""
     total = 0
     for message in messages:
-        if type(message) is dict and message.get("audio") is not None:
+        if type(message) is dict and message.get("audio"):
             raise InvalidRequest("An assistant message's 'audio' (an earlier answer's audio, by its id) is not "
                                  "supported through the gateway: the input it stands for is kept at the provider "
                                  "and cannot be bounded before the call.", param="messages")
@@ -118,14 +134,17 @@ def _messages_bytes(messages: list[Any]) -> int:
 
 
 def _prompt_bytes(payload: dict[str, Any]) -> int:
-    """The bound of the messages, prompt or input, with their per-message overhead."""
+    """The bound of the messages, prompt, suffix and input, with their per-message overhead: each one present is
+    counted, whichever the endpoint reads (a server may read one another endpoint's request would carry)."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        return _messages_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
-    for field in ("prompt", "input"):
+        total = _messages_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
+    else:
+        total = MESSAGE_OVERHEAD_TOKENS + parts_bound(messages, CHAT_PARTS)
+    for field in _PROMPT_FIELDS:
         if field in payload:
-            return parts_bound(payload[field], CHAT_PARTS) + MESSAGE_OVERHEAD_TOKENS
-    return MESSAGE_OVERHEAD_TOKENS
+            total += parts_bound(payload[field], CHAT_PARTS)
+    return total
 
 
 def prompt_upper_bound(payload: dict[str, Any]) -> int:

@@ -20,7 +20,7 @@ from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
 from gateway.domain.request import ProxyRequest
 from gateway.domain.tokens import prompt_upper_bound
 
-__all__ = ["WorstCase", "worst_case", "completions_per_request"]
+__all__ = ["WorstCase", "worst_case", "completions_per_request", "prompt_bound"]
 
 
 class WorstCase(NamedTuple):
@@ -61,13 +61,18 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
     return min(caps) if caps else max(t.price.max_output_tokens for t in plan.targets)
 
 
+def prompt_bound(req: ProxyRequest) -> int:
+    """The request's prompt token bound, by its API: the one budgets reserve and `auto` route rules read."""
+    return prompt_upper_bound(req.payload) if req.endpoint.api == "openai-chat" else api_prompt_bound(req)
+
+
 def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
     """The request's bound on any provider of the plan (failover may pick a dearer one).
 
     On /v1/messages every prompt token may be written to the provider's cache, which may cost more than input.
     """
     chat = req.endpoint.api == "openai-chat"
-    prompt = prompt_upper_bound(req.payload) if chat else api_prompt_bound(req)
+    prompt = prompt_bound(req)
     completion = output_cap(req, plan, policies)
     usage = Usage(prompt, completion, 0, True)   # estimated
     prices = plan.prices

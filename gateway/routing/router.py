@@ -133,7 +133,7 @@ class _Rules:
 
     def choose(self, caller: CallerIdentity, req: ProxyRequest, headers: Mapping[str, str]) -> RouteChoice:
         """The choice of the first matching rule's model."""
-        rule = first_match(self.route.rules, Traits(req.payload, caller, headers))
+        rule = first_match(self.route.rules, Traits(req, caller, headers))
         key = (self.route.pattern, rule.model)
         self.counts[key] = self.counts.get(key, 0) + 1
         return self.router.chooser(self.settings, rule.model).choose(caller, req, headers)

@@ -1,8 +1,8 @@
 """Rules of an `auto` route: what a request has (prompt bound, tools, images, caller, tier header), and the
 first rule whose conditions all hold.
 
-The prompt bound is the one budgets reserve (`gateway.domain.tokens.prompt_upper_bound`): an upper bound of the
-prompt's tokens, worked out only when a rule asks for it.
+The prompt bound is the one budgets reserve (`gateway.domain.worst_case.prompt_bound`, by the request's API): an
+upper bound of the prompt's tokens, worked out only when a rule asks for it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 from gateway.config.model import CallerIdentity
 from gateway.config.routes import Rule, RuleWhen
-from gateway.domain.tokens import prompt_upper_bound
+from gateway.domain.request import ProxyRequest
+from gateway.domain.worst_case import prompt_bound
 
 __all__ = ["TIER_HEADER", "Traits", "first_match", "has_tools", "has_images"]
 
@@ -41,8 +42,8 @@ def has_images(payload: Mapping[str, Any]) -> bool:
 class Traits:
     """What the rules may ask of one request, each worked out once, when first asked."""
 
-    def __init__(self, payload: dict[str, Any], caller: CallerIdentity, headers: Mapping[str, str]) -> None:
-        self.payload, self.caller, self.headers = payload, caller, headers
+    def __init__(self, req: ProxyRequest, caller: CallerIdentity, headers: Mapping[str, str]) -> None:
+        self.req, self.payload, self.caller, self.headers = req, req.payload, caller, headers
         self._prompt: int | None = None
         self._tools: bool | None = None
         self._images: bool | None = None
@@ -51,7 +52,7 @@ class Traits:
     def prompt_tokens(self) -> int:
         """The prompt's token bound."""
         if self._prompt is None:
-            self._prompt = prompt_upper_bound(self.payload)
+            self._prompt = prompt_bound(self.req)
         return self._prompt
 
     @property
