@@ -4,17 +4,23 @@ bounded usage times, reload races, header secrets and failover on every 5xx."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from decimal import Decimal
 from typing import Any
 
 import orjson
 import pytest
 
-from gateway.config.model import ProviderConfig, RetryConfig
+from gateway.config.model import ModelPrice, ProviderConfig, RetryConfig
+from gateway.domain.plan import Plan, Target
+from gateway.domain.pricing import Usage, cost_nano
+from gateway.domain.request import ENDPOINTS, parse_request
 from gateway.domain.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
+from gateway.domain.worst_case import worst_case
 from gateway.http.appkeys import PROVIDERS
 from gateway.mock_upstream import Action
 from tests.support.gateway import Reply
-from tests.support.settings import ADMIN_KEY, make_policy, make_settings
+from tests.support.settings import ADMIN_KEY, PRICES, make_policy, make_settings
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
@@ -147,6 +153,42 @@ async def test_a_chat_web_search_is_refused_as_the_responses_apis_hosted_tools_a
     error = reply.json()["error"]
     assert error["param"] == "web_search_options" and "cannot be bounded before the call" in error["message"]
     assert upstream.hits == 0
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.invalid/photo.png", "detail": "high"}}
+TWO_IMAGES = {"model": "gpt-4o-mini", "max_tokens": 10,
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "compare"}, IMAGE, IMAGE]}]}
+
+
+@pytest.fixture
+async def image_priced_gateway(upstream, start_gateway):
+    """gpt-4o-mini priced with the 48,169 tokens one image may cost on it, under a 50,000-token daily policy."""
+    pricing = {**PRICES, "gpt-4o-mini": dataclasses.replace(PRICES["gpt-4o-mini"], image_tokens=48_169)}
+    return await start_gateway(make_settings({"primary": upstream.url}, pricing=pricing,
+                                             policies=(make_policy("cap", tokens=50_000),)))
+
+
+async def test_each_image_reserves_what_one_image_may_cost_on_the_model_that_serves_it(image_priced_gateway,
+                                                                                      upstream, http):
+    refused = await http(image_priced_gateway, "POST", CHAT, json=TWO_IMAGES)   # 2 x 48,169: past 50,000
+    assert refused.status == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+    assert upstream.hits == 0
+    one = {**TWO_IMAGES, "messages": [{"role": "user", "content": [IMAGE]}]}
+    assert (await http(image_priced_gateway, "POST", CHAT, json=one)).status == 200
+    default = await http(image_priced_gateway, "POST", CHAT, json={**TWO_IMAGES, "model": "gpt-4.1"})
+    assert default.status == 200 and upstream.hits == 2                        # 2 x 2,000 on gpt-4.1
+
+
+def test_a_plan_reserves_each_prices_images_at_that_prices_own_allowance():
+    dear, many = ModelPrice(Decimal("10"), Decimal("10")), ModelPrice(Decimal("0.15"), Decimal("0.60"),
+                                                                        image_tokens=48_169)
+    req = parse_request(ENDPOINTS["chat"], orjson.dumps(TWO_IMAGES))
+    plan = Plan("m", "m", (Target("a", "m", dear), Target("b", "m", many)))
+    worst = worst_case(req, plan, ())
+    assert worst.usage.prompt_tokens >= 2 * 48_169
+    expected = max(cost_nano(dear, Usage(prompt_upper_bound(TWO_IMAGES), 10)),
+                   cost_nano(many, Usage(prompt_upper_bound(TWO_IMAGES, 48_169), 10)))
+    assert worst.amount.usd_nano == expected          # not the dearest price times the largest allowance
 
 
 # -- B: request fields of the wrong type, out of range, or nested too deeply -------------------------------

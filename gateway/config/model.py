@@ -33,7 +33,7 @@ __all__ = [
     "ModelPrice", "CallerIdentity", "ApiKey", "PolicyMatch", "BudgetLimit", "RateLimit", "AlertConfig", "Downgrade",
     "Policy",
     "PolicyList", "PricingFile", "RetryConfig", "BreakerConfig", "Providers", "Routes", "Keys", "Settings",
-    "LOCAL_CALLER", "ADMIN_CALLER", "Api", "DEFAULT_APIS",
+    "LOCAL_CALLER", "ADMIN_CALLER", "Api", "DEFAULT_APIS", "IMAGE_TOKENS",
 ]
 
 Handler = Callable[[Any], Any]
@@ -196,6 +196,11 @@ class ProviderConfig:
         return handler(data) if fields is None else checked(handler, fields, problems)
 
 
+IMAGE_TOKENS = 2_000
+"""A price's default `image_tokens`: above what most models bill for one image (OpenAI's tiles: at most 1,445;
+Anthropic: about 1,600), not all (gpt-4o-mini: up to 48,169; the patch-counted minis: up to 3,779)."""
+
+
 @dataclass(frozen=True, config=STRICT)
 class ModelPrice:
     """USD per 1M tokens, exact Decimals as written in the pricing file."""
@@ -209,6 +214,8 @@ class ModelPrice:
     cache_write: Money | None = None
     """Prompt tokens written to a provider's prompt cache (Anthropic's cache_creation_input_tokens); None: the
     input price."""
+    image_tokens: int = Field(default=IMAGE_TOKENS, ge=0)
+    """The most input tokens one image may cost on this model: reserved for each image a request sends."""
 
     @cached_property
     def whole_nano_per_token(self) -> tuple[int, int, int, int] | None:

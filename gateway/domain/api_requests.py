@@ -31,7 +31,7 @@ from gateway.domain.request import (
     MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, checked_payload, forwarded_body, optional_int,
 )
 from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
-from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, PartKinds, parts_bound
+from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS, PartKinds, parts_bound
 from gateway.errors import InvalidRequest
 
 __all__ = ["RESPONSES", "MESSAGES", "API_ENDPOINTS", "parse_api_request", "api_prompt_bound",
@@ -115,13 +115,13 @@ def _items(value: Any) -> int:
     return len(value) if isinstance(value, list) else 1
 
 
-def api_prompt_bound(req: ProxyRequest) -> int:
-    """An upper bound of the input tokens of a Responses or Messages request."""
+def api_prompt_bound(req: ProxyRequest, image_tokens: int = NON_TEXT_PART_TOKENS) -> int:
+    """An upper bound of the input tokens of a Responses or Messages request, each image counted `image_tokens`."""
     payload = req.payload
     prompt_field, system_field = ("messages", "system") if req.endpoint is MESSAGES else ("input", "instructions")
     prompt, system = payload.get(prompt_field), payload.get(system_field)
     try:
-        kinds = _MESSAGES_PARTS if req.endpoint is MESSAGES else _RESPONSES_PARTS
+        kinds = (_MESSAGES_PARTS if req.endpoint is MESSAGES else _RESPONSES_PARTS).for_images(image_tokens)
         total = parts_bound(prompt, kinds) + parts_bound(system, kinds)
         total += MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
         for name in _EXTRA_FIELDS:

@@ -22,13 +22,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from gateway.config.model import IMAGE_TOKENS
 from gateway.errors import InvalidRequest
 
 __all__ = ["prompt_upper_bound", "PartKinds", "CHAT_PARTS", "parts_bound", "MESSAGE_OVERHEAD_TOKENS",
            "NON_TEXT_PART_TOKENS", "EXTRA_PROMPT_FIELDS"]
 
 MESSAGE_OVERHEAD_TOKENS = 8
-NON_TEXT_PART_TOKENS = 2_000
+NON_TEXT_PART_TOKENS = IMAGE_TOKENS   # an image's allowance unless its model's price says more
 EXTRA_PROMPT_FIELDS = ("response_format", "prediction", "tools", "functions", "tool_choice")
 _PROMPT_FIELDS = ("prompt", "suffix", "input")   # beside chat's messages: completions' and embeddings'
 _REFERENCES = ("file_id", "file_url", "url")     # a data part that names one of these points at its data
@@ -49,6 +50,11 @@ class PartKinds(NamedTuple):
     stateful: frozenset[str] = frozenset()   # refused: they stand for input kept at the provider
     json: frozenset[str] = frozenset()       # the bytes of their JSON: a client's objects (tool inputs), whose
                                              # `type` keys name no parts
+    image_tokens: int = NON_TEXT_PART_TOKENS   # the allowance of a media part (the model's price may say more)
+
+    def for_images(self, image_tokens: int) -> PartKinds:
+        """These kinds with `image_tokens` as each media part's allowance."""
+        return self if image_tokens == self.image_tokens else self._replace(image_tokens=image_tokens)
 
 
 CHAT_PARTS = PartKinds(media=frozenset(("image_url",)), data=frozenset(("file", "input_audio")),
@@ -71,7 +77,7 @@ def parts_bound(value: Any, kinds: PartKinds) -> int:
     if type(kind) is not str:                    # a `type` that is no name: a kind the gateway does not know
         return _other(value, kinds)
     if kind in kinds.media:
-        return NON_TEXT_PART_TOKENS + sum(parts_bound(item, kinds) for name, item in value.items()
+        return kinds.image_tokens + sum(parts_bound(item, kinds) for name, item in value.items()
                                           if name not in _IMAGE)
     if kind in kinds.json:
         return len(orjson.dumps(value))
@@ -114,7 +120,7 @@ def _json_bytes(payload: dict[str, Any]) -> int:
     return total
 
 
-def _messages_bytes(messages: list[Any]) -> int:
+def _messages_bytes(messages: list[Any], kinds: PartKinds) -> int:
     """`parts_bound` of a chat message list, with the usual message (text fields only) counted inline."""
     total = 0
     for message in messages:
@@ -123,33 +129,34 @@ def _messages_bytes(messages: list[Any]) -> int:
                                  "supported through the gateway: the input it stands for is kept at the provider "
                                  "and cannot be bounded before the call.", param="messages")
         if type(message) is not dict or "type" in message:
-            total += parts_bound(message, CHAT_PARTS)
+            total += parts_bound(message, kinds)
             continue
         for item in message.values():
             if type(item) is str:
                 total += len(item) if item.isascii() else len(item.encode())
             else:
-                total += parts_bound(item, CHAT_PARTS)
+                total += parts_bound(item, kinds)
     return total
 
 
-def _prompt_bytes(payload: dict[str, Any]) -> int:
+def _prompt_bytes(payload: dict[str, Any], kinds: PartKinds) -> int:
     """The bound of the messages, prompt, suffix and input, with their per-message overhead: each one present is
     counted, whichever the endpoint reads (a server may read one another endpoint's request would carry)."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        total = _messages_bytes(messages) + MESSAGE_OVERHEAD_TOKENS * len(messages)
+        total = _messages_bytes(messages, kinds) + MESSAGE_OVERHEAD_TOKENS * len(messages)
     else:
-        total = MESSAGE_OVERHEAD_TOKENS + parts_bound(messages, CHAT_PARTS)
+        total = MESSAGE_OVERHEAD_TOKENS + parts_bound(messages, kinds)
     for field in _PROMPT_FIELDS:
         if field in payload:
-            total += parts_bound(payload[field], CHAT_PARTS)
+            total += parts_bound(payload[field], kinds)
     return total
 
 
-def prompt_upper_bound(payload: dict[str, Any]) -> int:
-    """An upper bound of the prompt tokens of a chat, completion or embedding request."""
+def prompt_upper_bound(payload: dict[str, Any], image_tokens: int = NON_TEXT_PART_TOKENS) -> int:
+    """An upper bound of the prompt tokens of a chat, completion or embedding request, each image counted
+    `image_tokens`."""
     try:
-        return _prompt_bytes(payload) + _json_bytes(payload)
+        return _prompt_bytes(payload, CHAT_PARTS.for_images(image_tokens)) + _json_bytes(payload)
     except (RecursionError, orjson.JSONEncodeError):
         raise InvalidRequest("The request body is nested too deeply.") from None

@@ -18,7 +18,7 @@ from gateway.domain.api_requests import MESSAGES, api_prompt_bound
 from gateway.domain.plan import Plan
 from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
 from gateway.domain.request import ProxyRequest
-from gateway.domain.tokens import prompt_upper_bound
+from gateway.domain.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
 
 __all__ = ["WorstCase", "worst_case", "completions_per_request", "prompt_bound"]
 
@@ -61,9 +61,12 @@ def completion_cap(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) ->
     return min(caps) if caps else max(t.price.max_output_tokens for t in plan.targets)
 
 
-def prompt_bound(req: ProxyRequest) -> int:
-    """The request's prompt token bound, by its API: the one budgets reserve and `auto` route rules read."""
-    return prompt_upper_bound(req.payload) if req.endpoint.api == "openai-chat" else api_prompt_bound(req)
+def prompt_bound(req: ProxyRequest, image_tokens: int = NON_TEXT_PART_TOKENS) -> int:
+    """The request's prompt token bound, by its API, each image counted `image_tokens` (a model's price may say
+    more than the default, which `auto` route rules read)."""
+    if req.endpoint.api == "openai-chat":
+        return prompt_upper_bound(req.payload, image_tokens)
+    return api_prompt_bound(req, image_tokens)
 
 
 def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> WorstCase:
@@ -71,14 +74,21 @@ def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Wor
 
     On /v1/messages every prompt token may be written to the provider's cache, which may cost more than input.
     """
-    chat = req.endpoint.api == "openai-chat"
-    prompt = prompt_bound(req)
     completion = output_cap(req, plan, policies)
-    usage = Usage(prompt, completion, 0, True)   # estimated
     prices = plan.prices
-    if chat and len(prices) == 1:
+    if len(prices) == 1 and req.endpoint.api == "openai-chat":
+        prompt = prompt_bound(req, prices[0].image_tokens)
+        usage = Usage(prompt, completion, 0, True)   # estimated
         dearest = cost_nano(prices[0], usage)
     else:
-        usages = (usage, usage._replace(cache_write_tokens=prompt)) if req.endpoint is MESSAGES else (usage,)
-        dearest = max(cost_nano(price, each) for price in prices for each in usages)
+        prompts = {tokens: prompt_bound(req, tokens) for tokens in {price.image_tokens for price in prices}}
+        prompt = max(prompts.values())
+        usage = Usage(prompt, completion, 0, True)
+        dearest = max(cost_nano(price, each) for price in prices
+                      for each in _usages(req, Usage(prompts[price.image_tokens], completion, 0, True)))
     return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))
+
+
+def _usages(req: ProxyRequest, usage: Usage) -> tuple[Usage, ...]:
+    """The usages a request may be billed: on /v1/messages every prompt token may be a cache write too."""
+    return (usage, usage._replace(cache_write_tokens=usage.prompt_tokens)) if req.endpoint is MESSAGES else (usage,)

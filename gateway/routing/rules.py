@@ -1,8 +1,9 @@
 """Rules of an `auto` route: what a request has (prompt bound, tools, images, caller, tier header), and the
 first rule whose conditions all hold.
 
-The prompt bound is the one budgets reserve (`gateway.domain.worst_case.prompt_bound`, by the request's API): an
-upper bound of the prompt's tokens, worked out only when a rule asks for it.
+The prompt bound is the one budgets reserve (`gateway.domain.worst_case.prompt_bound`, by the request's API, each
+image at the default allowance: the model is what the rules choose): an upper bound of the prompt's tokens,
+worked out only when a rule asks for it.
 """
 
 from __future__ import annotations
