@@ -20,7 +20,7 @@ import pytest
 
 from gateway import cli
 from gateway.config.model import CacheConfig, CallerIdentity, ModelPrice, Route, RouteTarget, Settings, StoreConfig
-from gateway.domain.api_requests import MESSAGES, api_prompt_bound, parse_api_request
+from gateway.domain.api_requests import MESSAGES, RESPONSES, api_prompt_bound, parse_api_request
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
@@ -226,6 +226,13 @@ async def test_input_the_gateway_cannot_see_is_refused_in_each_apis_own_shape(ga
     assert upstream.hits == 0
     windows = await budget(http, gateway)
     assert windows[("global", "usd")]["reserved"] in (0, "0") and Decimal(windows[("global", "usd")]["spent"]) == 0
+
+
+def test_the_keys_of_an_input_item_count_as_its_values_do():
+    action = {"type": "exec", "command": ["ls"], "env": {"a" * 50_000: "1"}}
+    body = {"model": "gpt-4.1", "input": [{"type": "local_shell_call", "id": "lsh_1", "call_id": "c1",
+                                           "status": "completed", "action": action}]}
+    assert api_prompt_bound(parse_api_request(RESPONSES, orjson.dumps(body))) >= 50_000
 
 
 def test_a_tool_inputs_own_type_keys_never_shrink_the_messages_prompt_bound():

@@ -93,8 +93,8 @@ def parts_bound(value: Any, kinds: PartKinds) -> int:
 
 
 def _strings(part: dict[str, Any], kinds: PartKinds) -> int:
-    """The bound of every value of a dict."""
-    return sum(parts_bound(item, kinds) for item in part.values())
+    """The bound of every key and value of a dict (a model may read the keys too: a tool call's action, say)."""
+    return sum(parts_bound(name, kinds) + parts_bound(item, kinds) for name, item in part.items())
 
 
 def _other(part: dict[str, Any], kinds: PartKinds) -> int:
@@ -157,6 +157,7 @@ def prompt_upper_bound(payload: dict[str, Any], image_tokens: int = NON_TEXT_PAR
     """An upper bound of the prompt tokens of a chat, completion or embedding request, each image counted
     `image_tokens`."""
     try:
-        return _prompt_bytes(payload, CHAT_PARTS.for_images(image_tokens)) + _json_bytes(payload)
+        kinds = CHAT_PARTS if image_tokens == NON_TEXT_PART_TOKENS else CHAT_PARTS.for_images(image_tokens)
+        return _prompt_bytes(payload, kinds) + _json_bytes(payload)
     except (RecursionError, orjson.JSONEncodeError):
         raise InvalidRequest("The request body is nested too deeply.") from None

@@ -77,7 +77,7 @@ def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Wor
     completion = output_cap(req, plan, policies)
     prices = plan.prices
     if len(prices) == 1 and req.endpoint.api == "openai-chat":
-        prompt = prompt_bound(req, prices[0].image_tokens)
+        prompt = prompt_upper_bound(req.payload, prices[0].image_tokens)
         usage = Usage(prompt, completion, 0, True)   # estimated
         dearest = cost_nano(prices[0], usage)
     else:
