@@ -22,6 +22,7 @@ from gateway import cli
 from gateway.config.model import CacheConfig, CallerIdentity, ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.domain.api_requests import MESSAGES, RESPONSES, api_prompt_bound, parse_api_request
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
+from gateway.domain.tokens import NON_TEXT_PART_TOKENS
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
 from gateway.routing.rules import Traits
@@ -199,6 +200,7 @@ BY_REFERENCE = {
         {"type": "input_file", "file_url": "https://example.invalid/report.pdf"}]}]),
     "responses_item_reference": ("responses", [{"type": "item_reference", "id": "msg_abc123"}]),
     "responses_item_reference_untyped": ("responses", [{"id": "msg_abc123"}]),
+    "responses_item_reference_null_role": ("responses", [{"id": "msg_abc123", "role": None}]),
     "messages_document_url": ("messages", [{"role": "user", "content": [
         {"type": "document", "source": {"type": "url", "url": "https://example.invalid/report.pdf"}}]}]),
     "messages_document_file": ("messages", [{"role": "user", "content": [
@@ -226,6 +228,12 @@ async def test_input_the_gateway_cannot_see_is_refused_in_each_apis_own_shape(ga
     assert upstream.hits == 0
     windows = await budget(http, gateway)
     assert windows[("global", "usd")]["reserved"] in (0, "0") and Decimal(windows[("global", "usd")]["spent"]) == 0
+
+
+def test_a_screenshot_given_back_counts_as_an_image():
+    screenshot = {"type": "computer_screenshot", "image_url": "https://example.invalid/s.png"}
+    body = {"model": "gpt-4.1", "input": [{"type": "computer_call_output", "call_id": "c", "output": screenshot}]}
+    assert api_prompt_bound(parse_api_request(RESPONSES, orjson.dumps(body))) >= NON_TEXT_PART_TOKENS
 
 
 def test_the_keys_of_an_input_item_count_as_its_values_do():
@@ -261,12 +269,18 @@ async def test_priority_processing_is_refused_and_the_other_service_tiers_pass(g
     ({"type": "shell"}, False),
     ({"type": ["function"]}, True),                                          # was a 500 (unhashable)
 ], ids=["hosted_shell", "local_shell", "shell_without_environment", "type_no_name"])
+@pytest.mark.parametrize("where", ["tools", "additional_tools_item", "tool_search_output_item"])
 async def test_a_shell_the_provider_runs_is_refused_and_one_the_client_runs_is_served(gateway, upstream, http,
-                                                                                      tool, refused):
-    reply = await http(gateway, "POST", "/v1/responses", json={"model": "gpt-4.1", "input": "hi", "tools": [tool]})
+                                                                                      tool, refused, where):
+    body: dict[str, Any] = {"model": "gpt-4.1", "input": "hi", "tools": [tool]}
+    if where != "tools":      # input items that bring tools of their own
+        item = {"type": "additional_tools", "role": "developer", "tools": [tool]} if where == "additional_tools_item" \
+            else {"type": "tool_search_output", "call_id": "c1", "status": "completed", "tools": [tool]}
+        body = {"model": "gpt-4.1", "input": [{"role": "user", "content": "hi"}, item]}
+    reply = await http(gateway, "POST", "/v1/responses", json=body)
     assert (reply.status, upstream.hits) == ((400, 0) if refused else (200, 1)), reply.body
     if refused:
-        assert reply.json()["error"]["param"] == "tools"
+        assert reply.json()["error"]["param"] == ("tools" if where == "tools" else "input")
 
 
 def test_auto_rules_read_the_prompt_bound_the_reservation_uses_on_every_api():

@@ -179,6 +179,15 @@ async def test_each_image_reserves_what_one_image_may_cost_on_the_model_that_ser
     assert default.status == 200 and upstream.hits == 2                        # 2 x 2,000 on gpt-4.1
 
 
+@pytest.mark.parametrize("part", [
+    {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,QUJD"}},
+    {"type": "image", "image": "https://example.invalid/y.png"},          # a kind chat does not know
+], ids=["small_file", "unknown_kind"])
+def test_a_part_that_may_hold_images_counts_at_least_the_models_image_allowance(part):
+    payload = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    assert prompt_upper_bound(payload, 48_169) >= 48_169
+
+
 def test_a_plan_reserves_each_prices_images_at_that_prices_own_allowance():
     dear, many = ModelPrice(Decimal("10"), Decimal("10")), ModelPrice(Decimal("0.15"), Decimal("0.60"),
                                                                         image_tokens=48_169)

@@ -43,7 +43,7 @@ API_ENDPOINTS = {"responses": RESPONSES, "messages": MESSAGES}
 TOOLS_OVERHEAD_TOKENS = 1_000    # Anthropic's tool-use system prompt is a few hundred tokens
 HOSTED_TOOL_FIELDS = ("previous_response_id", "conversation", "prompt", "background", "mcp_servers")
 # a kind not named here is bounded by its strings (these APIs' items and blocks are many)
-_RESPONSES_PARTS = PartKinds(media=frozenset(("input_image",)), data=frozenset(("input_file", "input_audio")),
+_RESPONSES_PARTS = PartKinds(media=frozenset(("input_image", "computer_screenshot")), data=frozenset(("input_file", "input_audio")),
                              stateful=frozenset(("item_reference",)))
 _MESSAGES_PARTS = PartKinds(media=frozenset(("image",)), data=frozenset(("document",)),
                             json=frozenset(("tool_use", "server_tool_use", "mcp_tool_use")))
@@ -82,21 +82,28 @@ def _refuse_unbounded(endpoint: Endpoint, payload: dict[str, Any]) -> None:
         if payload.get(name) not in (None, False):
             raise InvalidRequest(f"'{name}' is not supported through the gateway: the input or cost it adds "
                                  "cannot be bounded before the call.", param=name)
-    tools = payload.get("tools")
+    _refuse_hosted_tools(endpoint, payload.get("tools"), "tools")
+    if endpoint is RESPONSES:
+        for field in ("input", "instructions"):
+            items = payload.get(field)
+            for item in items if isinstance(items, list) else ():
+                if not isinstance(item, dict):
+                    continue
+                if item.get("type") is None and item.get("role") is None:
+                    raise InvalidRequest("An input item with neither a type nor a role is an item reference: the "
+                                         "input it stands for is kept at the provider and cannot be bounded before "
+                                         "the call.", param=field)
+                _refuse_hosted_tools(endpoint, item.get("tools"), field)   # additional_tools, tool_search_output
+
+
+def _refuse_hosted_tools(endpoint: Endpoint, tools: Any, param: str) -> None:
+    """400 for a tool among `tools` that runs at the provider."""
     for tool in tools if isinstance(tools, list) else ():
         tool = tool if isinstance(tool, dict) else {}
         if not _client_tool(endpoint, tool):
             raise InvalidRequest(f"Tool type '{tool.get('type')}' runs at the provider, with fees and results the "
                                  "gateway cannot bound before the call; only client tools are supported.",
-                                 param="tools")
-    if endpoint is RESPONSES:
-        for field in ("input", "instructions"):
-            items = payload.get(field)
-            for item in items if isinstance(items, list) else ():
-                if isinstance(item, dict) and item.get("type") is None and "role" not in item:
-                    raise InvalidRequest("An input item with neither a type nor a role is an item reference: the "
-                                         "input it stands for is kept at the provider and cannot be bounded before "
-                                         "the call.", param=field)
+                                 param=param)
 
 
 def _client_tool(endpoint: Endpoint, tool: dict[str, Any]) -> bool:

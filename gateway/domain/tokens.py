@@ -44,7 +44,8 @@ class PartKinds(NamedTuple):
     """
 
     media: frozenset[str]                    # the allowance each, plus their fields beside the image itself
-    data: frozenset[str]                     # the bytes of their data, never less than the allowance
+    data: frozenset[str]                     # the bytes of their data, never less than the allowance (a PDF's
+                                             # pages are images too)
     text: frozenset[str] = frozenset()       # the bytes of their strings
     floor_unknown: bool = False
     stateful: frozenset[str] = frozenset()   # refused: they stand for input kept at the provider
@@ -88,7 +89,7 @@ def parts_bound(value: Any, kinds: PartKinds) -> int:
         if _by_reference(value):
             raise InvalidRequest(f"A '{kind}' part sent by reference (a file id or URL) is not supported through "
                                  "the gateway: its input cannot be bounded before the call. Send its data inline.")
-        return max(NON_TEXT_PART_TOKENS, _strings(value, kinds))
+        return max(kinds.image_tokens, _strings(value, kinds))
     return _strings(value, kinds) if kind in kinds.text else _other(value, kinds)
 
 
@@ -100,7 +101,7 @@ def _strings(part: dict[str, Any], kinds: PartKinds) -> int:
 def _other(part: dict[str, Any], kinds: PartKinds) -> int:
     """The bound of a part of a kind not named in `kinds`."""
     strings = _strings(part, kinds)
-    return max(NON_TEXT_PART_TOKENS, strings) if kinds.floor_unknown else strings
+    return max(kinds.image_tokens, strings) if kinds.floor_unknown else strings
 
 
 def _by_reference(part: dict[str, Any]) -> bool:
