@@ -75,6 +75,18 @@ def _cache_prefix(body: JSON) -> str | None:
     return "\x00".join(str(block.get("text", "")) if isinstance(block, dict) else "" for block in blocks[:marked[-1] + 1])
 
 
+def _writes_for_an_hour(body: JSON) -> bool:
+    """Whether the last block marked `cache_control` asks a time to live of an hour (`ttl: "1h"`)."""
+    blocks: list[Any] = []
+    system = body.get("system")
+    blocks += system if isinstance(system, list) else []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks += content if isinstance(content, list) else []
+    marks = [block["cache_control"] for block in blocks if isinstance(block, dict) and block.get("cache_control")]
+    return bool(marks) and isinstance(marks[-1], dict) and marks[-1].get("ttl") == "1h"
+
+
 class ApiAnswers:
     """Answers /v1/responses and /v1/messages for a MockUpstream."""
 
@@ -163,8 +175,10 @@ class ApiAnswers:
                 written = cached
                 self.cached_prefixes.add(prefix)
         output = self.mock.completion(_limit(body, "max_tokens")).tokens
+        hour = written if _writes_for_an_hour(body) else 0
         return {"input_tokens": prompt - read - written, "cache_creation_input_tokens": written,
-                "cache_read_input_tokens": read, "output_tokens": output}
+                "cache_read_input_tokens": read, "output_tokens": output,
+                "cache_creation": {"ephemeral_5m_input_tokens": written - hour, "ephemeral_1h_input_tokens": hour}}
 
     async def answer_messages(self, request: web.Request, body: Any, action: Action | None) -> web.StreamResponse:
         """Answer a Messages request, streaming when asked."""
@@ -179,7 +193,8 @@ class ApiAnswers:
         billed = {"prompt_tokens": usage["input_tokens"] + usage["cache_read_input_tokens"]
                   + usage["cache_creation_input_tokens"], "completion_tokens": usage["output_tokens"],
                   "prompt_tokens_details": {"cached_tokens": usage["cache_read_input_tokens"]},
-                  "cache_write_tokens": usage["cache_creation_input_tokens"]}
+                  "cache_write_tokens": usage["cache_creation_input_tokens"],
+                  "cache_write_1h_tokens": usage["cache_creation"]["ephemeral_1h_input_tokens"]}
         if body.get("stream"):
             return await self.stream(request, action, body["model"], billed, self.messages_events(message, done.pieces))
         return self.whole(body["model"], message, billed, action)

@@ -146,6 +146,7 @@ class ModelUsage:
     cached_tokens: int = 0
     requests: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
 
 @dataclass
@@ -161,6 +162,7 @@ class BilledUsage:
         totals.completion_tokens += usage.get("completion_tokens", 0)
         totals.cached_tokens += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         totals.cache_write_tokens += usage.get("cache_write_tokens", 0)
+        totals.cache_write_1h_tokens += usage.get("cache_write_1h_tokens", 0)
         totals.requests += 1
 
     @property

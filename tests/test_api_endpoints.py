@@ -21,12 +21,16 @@ import pytest
 from gateway import cli
 from gateway.config.model import CacheConfig, CallerIdentity, ModelPrice, Route, RouteTarget, Settings, StoreConfig
 from gateway.domain.api_requests import MESSAGES, RESPONSES, api_prompt_bound, parse_api_request
+from gateway.domain.plan import Plan, Target
 from gateway.domain.pricing import Usage, cost_nano, nano_to_usd
 from gateway.domain.tokens import NON_TEXT_PART_TOKENS
+from gateway.domain.worst_case import worst_case
 from gateway.http.appkeys import BUDGET, CACHE
 from gateway.mock_upstream import Action
 from gateway.routing.rules import Traits
+from gateway.upstream.api_streams import DIALECTS
 from gateway.upstream.api_usage import messages_usage_block
+from gateway.upstream.stream_meter import StreamOutcome
 from gateway.upstream.usage import UNREADABLE
 from tests.support.canary import CANARY_KEY
 from tests.support.settings import ADMIN_KEY, CLIENT_KEY, PRICES, make_policy, make_settings
@@ -134,6 +138,68 @@ async def test_messages_create_plain_and_streamed_price_cache_writes_and_reads(g
     assert [(r.endpoint, r.prompt_tokens, r.cached_tokens, r.cache_write_tokens, r.cost_nano) for r in rows] == [
         ("messages", 108, 0, 100, 474_000), ("messages", 108, 100, 0, 129_000)]
     assert upstream.billed.models[CLAUDE].cache_write_tokens == 100
+
+
+def system_for_an_hour(text: str) -> list[dict[str, Any]]:
+    """A system prompt of 20 times `text` (5 words: 100 in all) cached for an hour."""
+    return [{"type": "text", "text": text * 20, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+
+
+async def test_messages_one_hour_cache_writes_are_charged_at_their_own_rate_plain_and_streamed(
+        gateway, upstream, anthropic_sdk, http):
+    client = anthropic_sdk(gateway)
+    plain = await client.messages.create(model=CLAUDE, max_tokens=100,
+                                         system=system_for_an_hour("Be careful and be kind. "), messages=ASK)
+    assert plain.usage.cache_creation.ephemeral_1h_input_tokens == 100
+    async with client.messages.stream(model=CLAUDE, max_tokens=100, system=system_for_an_hour("Be brief and be exact. "),
+                                      messages=ASK) as stream:
+        await stream.get_final_message()
+    # 8 x 3.00 + 100 x 6.00 (the 1-hour writes: twice the input price when the table names none) + 5 x 15.00
+    rows = sorted(await ledger(gateway), key=lambda row: row.time)
+    assert [(r.prompt_tokens, r.cache_write_tokens, r.cost_nano) for r in rows] == [(108, 100, 699_000)] * 2
+    assert upstream.billed.models[CLAUDE].cache_write_1h_tokens == 200
+    windows = await budget(http, gateway)
+    assert Decimal(windows[("global", "usd")]["spent"]) == Decimal("0.001398")
+
+
+@pytest.mark.parametrize("block, expected", [
+    ({"input_tokens": 8, "output_tokens": 5, "cache_creation_input_tokens": 100,
+      "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 60}},
+     Usage(108, 5, 0, False, 100, 60)),
+    ({"input_tokens": 8, "output_tokens": 5, "cache_creation": {"ephemeral_1h_input_tokens": 60}},   # no total
+     Usage(68, 5, 0, False, 60, 60)),
+    ({"input_tokens": 8, "output_tokens": 5, "cache_creation_input_tokens": 10,
+      "cache_creation": {"ephemeral_1h_input_tokens": 60}}, Usage(68, 5, 0, False, 60, 60)),
+    ({"input_tokens": 8, "output_tokens": 5, "cache_creation": [60]}, UNREADABLE),
+    ({"input_tokens": 8, "output_tokens": 5, "cache_creation": {"ephemeral_1h_input_tokens": -1}}, UNREADABLE),
+], ids=["split", "breakdown_only", "breakdown_larger", "breakdown_not_an_object", "negative"])
+def test_one_hour_cache_writes_are_read_exactly_or_the_usage_is_unknown(block, expected):
+    assert messages_usage_block(block) == expected
+
+
+def test_a_message_delta_that_repeats_the_input_side_keeps_the_one_hour_writes_message_start_told():
+    start = {"type": "message_start", "message": {"usage": {
+        "input_tokens": 8, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 0, "output_tokens": 1,
+        "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 60}}}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {    # the newer form
+        "input_tokens": 8, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 0, "output_tokens": 5}}
+    events = [b"event: %s\ndata: %s\n\n" % (event["type"].encode(), orjson.dumps(event)) for event in (start, delta)]
+    req = parse_api_request(MESSAGES, orjson.dumps({"model": CLAUDE, "max_tokens": 10, "messages": ASK}))
+    worst = worst_case(req, Plan(CLAUDE, CLAUDE, (Target("p", CLAUDE, CLAUDE_PRICE),)), ())
+    outcome = StreamOutcome(worst, CLAUDE_PRICE)
+    DIALECTS["anthropic-messages"].admit(events, outcome, True)
+    assert outcome.usage == Usage(108, 5, 0, False, 100, 60)
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
+def test_a_messages_worst_case_prices_every_prompt_token_as_the_dearest_write_the_body_may_ask(ttl):
+    system = [{"type": "text", "text": "x" * 1000, "cache_control": {"type": "ephemeral", "ttl": ttl}}]
+    req = parse_api_request(MESSAGES, orjson.dumps({"model": CLAUDE, "max_tokens": 10, "system": system,
+                                                    "messages": ASK}))
+    worst = worst_case(req, Plan(CLAUDE, CLAUDE, (Target("p", CLAUDE, CLAUDE_PRICE),)), ())
+    prompt = worst.usage.prompt_tokens
+    writes = Usage(prompt, 10, 0, True, prompt, prompt if ttl == "1h" else 0)
+    assert worst.amount.usd_nano == cost_nano(CLAUDE_PRICE, writes) > cost_nano(CLAUDE_PRICE, Usage(prompt, 10))
 
 
 async def test_messages_stream_raw_events_with_stream_true(gateway, upstream, anthropic_sdk, http):

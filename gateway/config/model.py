@@ -214,16 +214,21 @@ class ModelPrice:
     cache_write: Money | None = None
     """Prompt tokens written to a provider's prompt cache (Anthropic's cache_creation_input_tokens); None: the
     input price."""
+    cache_write_1h: Money | None = None
+    """Prompt tokens written to a provider's prompt cache for an hour (Anthropic's `cache_control.ttl: 1h`);
+    None: twice the input price (Anthropic's rate)."""
     image_tokens: int = Field(default=IMAGE_TOKENS, ge=0)
     """The most input tokens one image may cost on this model: reserved for each image a request sends."""
 
     @cached_property
-    def whole_nano_per_token(self) -> tuple[int, int, int, int] | None:
-        """(input, cached input, output, cache write) in nano-USD per token when all four are whole numbers."""
-        rates = [rate * 1000 for rate in (self.input, self.cached_rate, self.output, self.cache_write_rate)]
+    def whole_nano_per_token(self) -> tuple[int, int, int, int, int] | None:
+        """(input, cached input, output, cache write, 1-hour cache write) in nano-USD per token when all five are
+        whole numbers."""
+        rates = [rate * 1000 for rate in (self.input, self.cached_rate, self.output, self.cache_write_rate,
+                                          self.cache_write_1h_rate)]
         if any(rate != rate.to_integral_value() for rate in rates):   # (USD/1M tokens -> nano-USD/token)
             return None
-        return int(rates[0]), int(rates[1]), int(rates[2]), int(rates[3])
+        return int(rates[0]), int(rates[1]), int(rates[2]), int(rates[3]), int(rates[4])
 
     @property
     def cached_rate(self) -> Decimal:
@@ -234,6 +239,11 @@ class ModelPrice:
     def cache_write_rate(self) -> Decimal:
         """USD per 1M prompt tokens written to the provider's cache."""
         return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def cache_write_1h_rate(self) -> Decimal:
+        """USD per 1M prompt tokens written to the provider's cache for an hour."""
+        return 2 * self.input if self.cache_write_1h is None else self.cache_write_1h
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -26,7 +26,8 @@ class Usage(NamedTuple):
     """Tokens used by one response; `estimated` when the gateway counted them itself.
 
     `prompt_tokens` counts every input token: `cached_tokens` (read from the provider's prompt cache) and
-    `cache_write_tokens` (written to it, Anthropic) are parts of it, priced at their own rates.
+    `cache_write_tokens` (written to it, Anthropic) are parts of it, priced at their own rates, and
+    `cache_write_1h_tokens` (written for an hour) are a part of the writes, at theirs.
     """
 
     prompt_tokens: int = 0
@@ -34,6 +35,7 @@ class Usage(NamedTuple):
     cached_tokens: int = 0
     estimated: bool = False
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -74,23 +76,27 @@ def format_usd(nano: int) -> str:
 
 def cost_nano(price: ModelPrice, usage: Usage) -> int:
     """Cost of `usage` at `price` in nano-USD; cached prompt tokens are billed at the cached price, prompt
-    tokens written to the provider's cache at the cache-write price.
+    tokens written to the provider's cache at the cache-write price (for an hour: the 1-hour one).
 
     Prices of at most three decimals per 1M tokens (nearly all) cost whole nano-USD per token, so
     integers give the exact cost; finer prices take the Decimal path and round up.
     """
     cached = min(usage.cached_tokens, usage.prompt_tokens)
-    written = usage.cache_write_tokens
+    written = written_1h = usage.cache_write_tokens
     if written:
         written = min(written, usage.prompt_tokens - cached)
+        written_1h = min(usage.cache_write_1h_tokens, written)
     rates = price.whole_nano_per_token
     if rates is not None:
         cost = (usage.prompt_tokens - cached) * rates[0] + cached * rates[1] + usage.completion_tokens * rates[2]
-        return cost + written * (rates[3] - rates[0]) if written else cost
+        if written:
+            cost += written * (rates[3] - rates[0]) + written_1h * (rates[4] - rates[3])
+        return cost
     per_million = (
         (usage.prompt_tokens - cached - written) * price.input
         + cached * price.cached_rate
-        + written * price.cache_write_rate
+        + (written - written_1h) * price.cache_write_rate
+        + written_1h * price.cache_write_1h_rate
         + usage.completion_tokens * price.output
     )
     return int((per_million * _NANO_PER_MTOK_UNIT).to_integral_value(rounding=ROUND_CEILING))

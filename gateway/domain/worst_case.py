@@ -22,6 +22,8 @@ from gateway.domain.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
 
 __all__ = ["WorstCase", "worst_case", "completions_per_request", "prompt_bound"]
 
+_ONE_HOUR = b'"1h"'     # a cache_control's ttl in the body's JSON (a quote inside a string is escaped)
+
 
 class WorstCase(NamedTuple):
     """A request's bound: its prompt bound and output cap (estimated usage), and their cost at the dearest target."""
@@ -90,5 +92,11 @@ def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Wor
 
 
 def _usages(req: ProxyRequest, usage: Usage) -> tuple[Usage, ...]:
-    """The usages a request may be billed: on /v1/messages every prompt token may be a cache write too."""
-    return (usage, usage._replace(cache_write_tokens=usage.prompt_tokens)) if req.endpoint is MESSAGES else (usage,)
+    """The usages a request may be billed: on /v1/messages every prompt token may be a cache write too, and a
+    write for an hour when the body names that time to live ("1h" as a JSON string: any, to be safe)."""
+    if req.endpoint is not MESSAGES:
+        return (usage,)
+    written = usage._replace(cache_write_tokens=usage.prompt_tokens)
+    if _ONE_HOUR not in req.body:
+        return usage, written
+    return usage, written, written._replace(cache_write_1h_tokens=usage.prompt_tokens)

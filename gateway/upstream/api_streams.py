@@ -121,18 +121,23 @@ def _started(event: bytes, outcome: StreamOutcome) -> None:
 
 
 def _delta_usage(event: bytes, outcome: StreamOutcome) -> None:
-    """message_delta: the final output count (cumulative); the input side from message_start unless it repeats it."""
+    """message_delta: the final output count (cumulative); the input side from message_start unless it repeats it
+    (the 1-hour writes from message_start unless it tells them)."""
     data = _data(event)
     block = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(block, dict):
         _keep_usage(outcome, UNREADABLE if block is not None or data is None else None)
         return
     start = outcome.partial
-    if block.get("input_tokens") is None and start is not None:
-        start_block = {"input_tokens": start.prompt_tokens - start.cached_tokens - start.cache_write_tokens,
-                       "cache_read_input_tokens": start.cached_tokens,
-                       "cache_creation_input_tokens": start.cache_write_tokens}
-        block = {**start_block, **{name: value for name, value in block.items() if value is not None}}
+    if start is not None:
+        by_ttl = {"ephemeral_1h_input_tokens": start.cache_write_1h_tokens}
+        if block.get("input_tokens") is None:
+            start_block = {"input_tokens": start.prompt_tokens - start.cached_tokens - start.cache_write_tokens,
+                           "cache_read_input_tokens": start.cached_tokens,
+                           "cache_creation_input_tokens": start.cache_write_tokens, "cache_creation": by_ttl}
+            block = {**start_block, **{name: value for name, value in block.items() if value is not None}}
+        elif block.get("cache_creation") is None and start.cache_write_1h_tokens:
+            block = {**block, "cache_creation": by_ttl}      # the writes' times to live, told at the start
     _keep_usage(outcome, messages_usage_block(block))
 
 

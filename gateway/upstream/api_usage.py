@@ -7,7 +7,9 @@ field the charge needs makes the usage UNREADABLE, and so does a block of zero t
                 usage.input_tokens_details.cached_tokens (absent or null: none)
     messages    usage.input_tokens (required; excludes cache reads and writes), usage.output_tokens
                 (required), usage.cache_read_input_tokens and usage.cache_creation_input_tokens (absent
-                or null: none). The prompt charged is input + cache reads + cache writes.
+                or null: none), usage.cache_creation.ephemeral_5m/1h_input_tokens (the writes by time
+                to live: the 1-hour ones cost more; their sum, when larger, is the writes). The prompt
+                charged is input + cache reads + cache writes.
 """
 
 from __future__ import annotations
@@ -49,8 +51,15 @@ def messages_usage_block(usage: Any) -> ReadUsage:
     try:
         read = optional_count(usage.get("cache_read_input_tokens"))
         written = optional_count(usage.get("cache_creation_input_tokens"))
+        written_1h = 0
+        creation = usage.get("cache_creation")
+        if creation is not None:          # the writes by time to live: a count on its own may leave some out
+            if not isinstance(creation, dict):
+                raise ValueError
+            written_1h = optional_count(creation.get("ephemeral_1h_input_tokens"))
+            written = max(written, optional_count(creation.get("ephemeral_5m_input_tokens")) + written_1h)
         prompt = count(usage.get("input_tokens")) + read + written
-        return known(Usage(prompt, count(usage.get("output_tokens")), read, False, written))
+        return known(Usage(prompt, count(usage.get("output_tokens")), read, False, written, written_1h))
     except ValueError:
         return UNREADABLE
 

@@ -83,7 +83,7 @@ def _stream_bill(target: Target, outcome: StreamOutcome, worst: WorstCase) -> Bi
         estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
     else:   # the input side as the upstream counted it
         estimate = Usage(partial.prompt_tokens, max(partial.completion_tokens, outcome.content_events),
-                         partial.cached_tokens, True, partial.cache_write_tokens)
+                         partial.cached_tokens, True, partial.cache_write_tokens, partial.cache_write_1h_tokens)
     unknown: UsageUnknown | None = "unreadable" if outcome.usage_unreadable else \
         "missing" if outcome.complete else None   # a stream cut short has its own error
     return _bounded(target, estimate, worst, unknown)
