@@ -61,14 +61,20 @@ def _sse(name: str, data: JSON) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
 
 
-def _cache_prefix(body: JSON) -> str | None:
-    """The text of every block up to the last one marked `cache_control`, or None when none is."""
+def _blocks(body: JSON) -> list[Any]:
+    """The system's and the messages' content blocks in order (a text given as a string: one block)."""
     blocks: list[Any] = []
     system = body.get("system")
     blocks += system if isinstance(system, list) else [{"text": system}] if system else []
     for message in body.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
         blocks += content if isinstance(content, list) else [{"text": content}]
+    return blocks
+
+
+def _cache_prefix(body: JSON) -> str | None:
+    """The text of every block up to the last one marked `cache_control`, or None when none is."""
+    blocks = _blocks(body)
     marked = [i for i, block in enumerate(blocks) if isinstance(block, dict) and block.get("cache_control")]
     if not marked:
         return None
@@ -77,13 +83,7 @@ def _cache_prefix(body: JSON) -> str | None:
 
 def _writes_for_an_hour(body: JSON) -> bool:
     """Whether the last block marked `cache_control` asks a time to live of an hour (`ttl: "1h"`)."""
-    blocks: list[Any] = []
-    system = body.get("system")
-    blocks += system if isinstance(system, list) else []
-    for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        blocks += content if isinstance(content, list) else []
-    marks = [block["cache_control"] for block in blocks if isinstance(block, dict) and block.get("cache_control")]
+    marks = [block["cache_control"] for block in _blocks(body) if isinstance(block, dict) and block.get("cache_control")]
     return bool(marks) and isinstance(marks[-1], dict) and marks[-1].get("ttl") == "1h"
 
 
