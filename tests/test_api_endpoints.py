@@ -192,6 +192,20 @@ def test_a_message_delta_that_repeats_the_input_side_keeps_the_one_hour_writes_m
 
 
 @pytest.mark.parametrize("ttl", ["5m", "1h"])
+async def test_messages_usage_left_out_is_charged_all_it_reserved_with_its_writes(gateway, upstream, anthropic_sdk,
+                                                                                  ttl):
+    system = [{"type": "text", "text": "Be careful and be kind. " * 20, "cache_control": {"type": "ephemeral",
+                                                                                         "ttl": ttl}}]
+    upstream.script(Action(omit_usage=True))
+    await anthropic_sdk(gateway).messages.create(model=CLAUDE, max_tokens=10, system=system, messages=ASK)
+    body = {"model": CLAUDE, "max_tokens": 10, "system": system, "messages": ASK}
+    req = parse_api_request(MESSAGES, orjson.dumps(body))
+    worst = worst_case(req, Plan(CLAUDE, CLAUDE, (Target("primary", CLAUDE, CLAUDE_PRICE),)), ())
+    [row] = await ledger(gateway)
+    assert row.usage_estimated and row.cost_nano == worst.amount.usd_nano        # not the prompt at `input`
+
+
+@pytest.mark.parametrize("ttl", ["5m", "1h"])
 def test_a_messages_worst_case_prices_every_prompt_token_as_the_dearest_write_the_body_may_ask(ttl):
     system = [{"type": "text", "text": "x" * 1000, "cache_control": {"type": "ephemeral", "ttl": ttl}}]
     req = parse_api_request(MESSAGES, orjson.dumps({"model": CLAUDE, "max_tokens": 10, "system": system,

@@ -26,7 +26,8 @@ _ONE_HOUR = b'"1h"'     # a cache_control's ttl in the body's JSON (a quote insi
 
 
 class WorstCase(NamedTuple):
-    """A request's bound: its prompt bound and output cap (estimated usage), and their cost at the dearest target."""
+    """A request's bound: its prompt bound and output cap (estimated usage; on /v1/messages every prompt token
+    written to the cache, for an hour if the body may ask it), and their cost at the dearest target."""
 
     usage: Usage
     amount: Charge
@@ -88,6 +89,7 @@ def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Wor
         usage = Usage(prompt, completion, 0, True)
         dearest = max(cost_nano(price, each) for price in prices
                       for each in _usages(req, Usage(prompts[price.image_tokens], completion, 0, True)))
+        usage = _usages(req, usage)[-1]   # on /v1/messages: every prompt token written (what unknown usage costs)
     return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))
 
 

@@ -80,7 +80,7 @@ def _stream_bill(target: Target, outcome: StreamOutcome, worst: WorstCase) -> Bi
         return _bounded(target, outcome.usage, worst, None)
     partial = outcome.partial
     if partial is None:
-        estimate = Usage(worst.usage.prompt_tokens, outcome.content_events, estimated=True)
+        estimate = worst.usage._replace(completion_tokens=outcome.content_events)   # (estimated already)
     else:   # the input side as the upstream counted it
         estimate = Usage(partial.prompt_tokens, max(partial.completion_tokens, outcome.content_events),
                          partial.cached_tokens, True, partial.cache_write_tokens, partial.cache_write_1h_tokens)
@@ -99,5 +99,7 @@ def _bounded(target: Target, usage: Usage, worst: WorstCase, unknown: UsageUnkno
     if charge.usd_nano <= amount.usd_nano and charge.tokens <= amount.tokens:
         return Bill(target, usage, charge, unknown)
     held = charge_for(target.price, worst.usage)
+    if worst.usage.cache_write_tokens:   # /v1/messages: its prompt written to the cache, or not: the dearer
+        held = max(held, charge_for(target.price, worst.usage._replace(cache_write_tokens=0, cache_write_1h_tokens=0)))
     held = Charge(min(held.usd_nano, amount.usd_nano), min(held.tokens, amount.tokens), 1)
     return Bill(target, worst.usage, held, unknown or (None if usage.estimated else "over_reserved"))
