@@ -31,7 +31,7 @@ from gateway.domain.request import (
     MAX_TOKENS_LIMIT, Endpoint, ProxyRequest, checked_payload, forwarded_body, optional_int,
 )
 from gateway.domain.end_user import SESSION_HEADER, checked_id, end_user
-from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS, PartKinds, parts_bound
+from gateway.domain.tokens import MESSAGE_OVERHEAD_TOKENS, NON_TEXT_PART_TOKENS, PartKinds, json_bytes, parts_bound
 from gateway.errors import InvalidRequest
 
 __all__ = ["RESPONSES", "MESSAGES", "API_ENDPOINTS", "parse_api_request", "api_prompt_bound",
@@ -131,9 +131,7 @@ def api_prompt_bound(req: ProxyRequest, image_tokens: int = NON_TEXT_PART_TOKENS
         kinds = (_MESSAGES_PARTS if req.endpoint is MESSAGES else _RESPONSES_PARTS).for_images(image_tokens)
         total = parts_bound(prompt, kinds) + parts_bound(system, kinds)
         total += MESSAGE_OVERHEAD_TOKENS * (_items(prompt) + 1)
-        for name in _EXTRA_FIELDS:
-            if name in payload:
-                total += len(orjson.dumps(payload[name]))
+        total += json_bytes(payload, _EXTRA_FIELDS)
     except (RecursionError, orjson.JSONEncodeError):
         raise InvalidRequest("The request body is nested too deeply.") from None
     if req.endpoint is MESSAGES and payload.get("tools"):

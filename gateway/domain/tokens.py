@@ -25,7 +25,7 @@ import orjson
 from gateway.config.model import IMAGE_TOKENS
 from gateway.errors import InvalidRequest
 
-__all__ = ["prompt_upper_bound", "PartKinds", "CHAT_PARTS", "parts_bound", "MESSAGE_OVERHEAD_TOKENS",
+__all__ = ["prompt_upper_bound", "PartKinds", "CHAT_PARTS", "parts_bound", "json_bytes", "MESSAGE_OVERHEAD_TOKENS",
            "NON_TEXT_PART_TOKENS", "EXTRA_PROMPT_FIELDS"]
 
 MESSAGE_OVERHEAD_TOKENS = 8
@@ -112,10 +112,10 @@ def _by_reference(part: dict[str, Any]) -> bool:
     return False
 
 
-def _json_bytes(payload: dict[str, Any]) -> int:
-    """Bytes of the JSON of the fields sent to the model beside the prompt."""
+def json_bytes(payload: dict[str, Any], names: tuple[str, ...] = EXTRA_PROMPT_FIELDS) -> int:
+    """Bytes of the JSON of the fields `names` (sent to the model beside the prompt)."""
     total = 0
-    for name in EXTRA_PROMPT_FIELDS:
+    for name in names:
         if name in payload:
             total += len(orjson.dumps(payload[name]))
     return total
@@ -158,7 +158,6 @@ def prompt_upper_bound(payload: dict[str, Any], image_tokens: int = NON_TEXT_PAR
     """An upper bound of the prompt tokens of a chat, completion or embedding request, each image counted
     `image_tokens`."""
     try:
-        kinds = CHAT_PARTS if image_tokens == NON_TEXT_PART_TOKENS else CHAT_PARTS.for_images(image_tokens)
-        return _prompt_bytes(payload, kinds) + _json_bytes(payload)
+        return _prompt_bytes(payload, CHAT_PARTS.for_images(image_tokens)) + json_bytes(payload)
     except (RecursionError, orjson.JSONEncodeError):
         raise InvalidRequest("The request body is nested too deeply.") from None

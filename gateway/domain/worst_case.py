@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from gateway.config.model import Policy
+from gateway.config.model import ModelPrice, Policy
 from gateway.domain.api_requests import MESSAGES, api_prompt_bound
 from gateway.domain.plan import Plan
-from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, cost_nano
+from gateway.domain.pricing import MAX_AMOUNT, Charge, Usage, charge_for, cost_nano
 from gateway.domain.request import ProxyRequest
 from gateway.domain.tokens import NON_TEXT_PART_TOKENS, prompt_upper_bound
 
-__all__ = ["WorstCase", "worst_case", "completions_per_request", "prompt_bound"]
+__all__ = ["WorstCase", "worst_case", "worst_charge", "completions_per_request", "prompt_bound"]
 
 _ONE_HOUR = b'"1h"'     # a cache_control's ttl in the body's JSON (a quote inside a string is escaped)
 
@@ -86,19 +86,33 @@ def worst_case(req: ProxyRequest, plan: Plan, policies: Sequence[Policy]) -> Wor
     else:
         prompts = {tokens: prompt_bound(req, tokens) for tokens in {price.image_tokens for price in prices}}
         prompt = max(prompts.values())
-        usage = Usage(prompt, completion, 0, True)
+        usage = _worst_usage(req, prompt, completion)
         dearest = max(cost_nano(price, each) for price in prices
-                      for each in _usages(req, Usage(prompts[price.image_tokens], completion, 0, True)))
-        usage = _usages(req, usage)[-1]   # on /v1/messages: every prompt token written (what unknown usage costs)
+                      for each in _variants(_worst_usage(req, prompts[price.image_tokens], completion)))
     return WorstCase(usage, Charge(min(dearest, MAX_AMOUNT), min(prompt + completion, MAX_AMOUNT), 1))
 
 
-def _usages(req: ProxyRequest, usage: Usage) -> tuple[Usage, ...]:
-    """The usages a request may be billed: on /v1/messages every prompt token may be a cache write too, and a
-    write for an hour when the body names that time to live ("1h" as a JSON string: any, to be safe)."""
+def worst_charge(price: ModelPrice, worst: WorstCase) -> Charge:
+    """The worst case at `price`: the dearest of the usages it stands for (what usage that is unknown, or above
+    the reservation, is charged before the reservation caps it)."""
+    return max(charge_for(price, usage) for usage in _variants(worst.usage))
+
+
+def _worst_usage(req: ProxyRequest, prompt: int, completion: int) -> Usage:
+    """The worst usage of a prompt and a completion: on /v1/messages every prompt token written to the cache, for
+    an hour when the body names that time to live ("1h" as a JSON string: any, to be safe)."""
+    usage = Usage(prompt, completion, 0, True)   # estimated
     if req.endpoint is not MESSAGES:
+        return usage
+    return usage._replace(cache_write_tokens=prompt, cache_write_1h_tokens=prompt if _ONE_HOUR in req.body else 0)
+
+
+def _variants(usage: Usage) -> tuple[Usage, ...]:
+    """The usages a worst usage stands for: its cache writes as they are, for five minutes, or none (which costs
+    most depends on the price)."""
+    if not usage.cache_write_tokens:
         return (usage,)
-    written = usage._replace(cache_write_tokens=usage.prompt_tokens)
-    if _ONE_HOUR not in req.body:
-        return usage, written
-    return usage, written, written._replace(cache_write_1h_tokens=usage.prompt_tokens)
+    plain = usage._replace(cache_write_tokens=0, cache_write_1h_tokens=0)
+    if not usage.cache_write_1h_tokens:
+        return plain, usage
+    return plain, usage._replace(cache_write_1h_tokens=0), usage

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 
 from gateway.domain.plan import Plan, Target
 from gateway.domain.pricing import Charge, Usage, charge_for, cost_nano
-from gateway.domain.worst_case import WorstCase
+from gateway.domain.worst_case import WorstCase, worst_charge
 from gateway.upstream.dispatch import UpstreamReply
 from gateway.upstream.stream_meter import Capture, StreamOutcome
 from gateway.upstream.usage import ReadUsage
@@ -98,8 +98,6 @@ def _bounded(target: Target, usage: Usage, worst: WorstCase, unknown: UsageUnkno
     charge, amount = charge_for(target.price, usage), worst.amount
     if charge.usd_nano <= amount.usd_nano and charge.tokens <= amount.tokens:
         return Bill(target, usage, charge, unknown)
-    held = charge_for(target.price, worst.usage)
-    if worst.usage.cache_write_tokens:   # /v1/messages: its prompt written to the cache, or not: the dearer
-        held = max(held, charge_for(target.price, worst.usage._replace(cache_write_tokens=0, cache_write_1h_tokens=0)))
+    held = worst_charge(target.price, worst)
     held = Charge(min(held.usd_nano, amount.usd_nano), min(held.tokens, amount.tokens), 1)
     return Bill(target, worst.usage, held, unknown or (None if usage.estimated else "over_reserved"))
